@@ -1,0 +1,224 @@
+"""Command line: parse, resolve settings (flags > autoft.yaml > defaults), dispatch. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from .config import Config, load_yaml
+from .exceptions import AutoftError, ConfigError
+
+log = logging.getLogger("autoft")
+PROJECT_FILE = "autoft.yaml"
+
+
+def _scalar(text: str) -> Any:
+    """A flag's value read as a YAML scalar, so `--epochs 3` is an int and `--t-max none` is null."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Every Config key as a flag (`image_size` -> `--image-size`); the dataclass stays the one source of truth."""
+    p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
+    g = p.add_argument_group("config keys (override the file)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "") + f" (default: {f.default})"
+        if str(f.type).startswith("bool"):
+            g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=helptext)
+        else:
+            g.add_argument(flag, dest=f.name, type=_scalar, default=argparse.SUPPRESS, metavar=f.name.upper(), help=helptext)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
+    """Config from flags, then the config file (or ./autoft.yaml), then defaults; plus the file's `search:` block."""
+    path = args.config or (PROJECT_FILE if os.path.isfile(PROJECT_FILE) else None)
+    values = load_yaml(path) if path else {}
+    values.pop("result", None)  # an exported best.yaml carries its score here
+    search = values.pop("search", None) or {}
+    if not isinstance(search, dict):
+        raise ConfigError(f"{path}: 'search' must be a mapping of search settings")
+    for f in dataclasses.fields(Config):
+        if f.name in vars(args):
+            values[f.name] = getattr(args, f.name)
+    return Config.from_dict(values), search
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runs import train
+
+    config, _ = resolve_config(args)
+    metrics = train(config, args.out, full=args.full, report=_print_epoch)
+    best = metrics["best"]
+    print(f"best val_accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']}) in {metrics['wall_time_s']:.1f} s on {metrics['device']}")
+    if "test_accuracy" in metrics:
+        print(f"test_accuracy {metrics['test_accuracy']:.4f}")
+    print(f"wrote {args.out}/model.pt, config.yaml, metrics.json")
+    return 0
+
+
+def _print_epoch(epoch: int, m: dict[str, float]) -> None:
+    print(f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+          f"val_accuracy {m['val_accuracy']:.4f}  {m['images_per_s']:.0f} img/s", flush=True)
+
+
+def search_options(args: argparse.Namespace, from_file: dict[str, Any]):
+    from .search import SearchOptions
+
+    known = {f.name for f in dataclasses.fields(SearchOptions)}
+    unknown = sorted(set(from_file) - known)
+    if unknown:
+        raise ConfigError(f"unknown search setting {unknown[0]!r} in {PROJECT_FILE}; known: {', '.join(sorted(known))}")
+    values = dict(from_file)
+    for name in known:
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    return SearchOptions(**values)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_search
+
+    config, from_file = resolve_config(args)
+    run_search(config, search_options(args, from_file))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    import optuna
+
+    from ._private.storage import make_storage
+    from .runs import config_yaml
+    from .search import best_trial
+
+    try:
+        study = optuna.load_study(study_name=args.study, storage=make_storage(args.storage))
+    except KeyError:
+        raise ConfigError(f"no study named {args.study!r} in {args.storage}") from None
+    best = best_trial(study)
+    if best is None:
+        raise AutoftError(f"study {args.study!r} has no completed trial yet")
+    print(f"# study {args.study}, trial {best.number}: val_accuracy {best.value:.4f}, "
+          f"val_loss {best.user_attrs.get('val_loss', float('nan')):.4f}")
+    print(config_yaml(Config.from_dict(best.user_attrs["config"])), end="")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    serve(args.storage, args.study, args.host, args.port, args.artifacts)
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+
+    specs = list_backbones()
+    width = max(len(s.name) for s in specs)
+    print(f"{'name':<{width}}  stages  description")
+    for s in specs:
+        print(f"{s.name:<{width}}  {s.num_stages:>6}  {s.description}")
+    print(f"{'timm/NAME':<{width}}  {'-':>6}  any timm model, e.g. timm/resnet18 (pretrained weights downloaded on first use)")
+    return 0
+
+
+def _study_flags(p: argparse.ArgumentParser) -> None:
+    from ._private.storage import DEFAULT_STORAGE
+
+    p.add_argument("--study", default="autoft", help="study name (default: autoft)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoft", description="Find the best way to fine-tune a pretrained image classifier.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune once from a config")
+    add_config_flags(p)
+    p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    p.add_argument("--full", action="store_true", help="train on train+val and keep the last epoch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="run (or resume) an Optuna search over fine-tuning recipes")
+    add_config_flags(p)
+    p.add_argument("--trials", type=int, help="trials to add to the study (default: 10)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--study", help="study name; an existing one is resumed (default: autoft)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/autoft.db)")
+    p.add_argument("--space", metavar="FILE", help="YAML search space that fixes or reshapes parameters")
+    p.add_argument("--sampler", help="tpe (default), random, cmaes or gp")
+    p.add_argument("--pruner", help="hyperband (default), median or none")
+    p.add_argument("--out", help="export folder (default: studies/<study>)")
+    p.add_argument("--min-epochs", dest="min_epochs", type=int, help="never prune before this many epochs (default: 1)")
+    p.add_argument("--startup-trials", dest="startup_trials", type=int, help="never prune before this many trials finished (default: 3)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("best", help="print the best config and score of a study")
+    _study_flags(p)
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study's storage")
+    _study_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("backbones", help="list backbones and their stage counts")
+    p.set_defaults(func=cmd_backbones)
+    return parser
+
+
+class _MaskSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ._private.storage import mask_url
+
+        record.msg = mask_url(record.getMessage())
+        record.args = ()
+        return True
+
+
+def setup_logging(quiet: bool) -> None:
+    import optuna
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("autoft: %(message)s"))
+    handler.addFilter(_MaskSecrets())
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler], force=True)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ._private.storage import mask_url
+    from .search import Terminated
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        return args.func(args)
+    except AutoftError as exc:
+        print(f"autoft: error: {mask_url(str(exc))}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("autoft: terminated; finished trials and exports are kept, run again to resume", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("autoft: interrupted; finished trials and exports are kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The one typed config: CLI flags and YAML files become a `Config`; exports write it back unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from .exceptions import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _rng(lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+
+
+@dataclass
+class Config:
+    """Everything one fine-tune needs. Every key has a default, so `data:` alone is a valid file."""
+
+    data: str | None = field(default=None, metadata={"help": "dataset root (train/<class>/...); none = built-in digits demo"})
+    backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
+    weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
+    image_size: int = field(default=128, metadata=_rng(16, 1024))
+    batch_size: int = field(default=32, metadata=_rng(1, 4096))
+    epochs: int = field(default=5, metadata=_rng(1, 10000))
+    freeze_depth: int = field(default=0, metadata=_rng(0, 1000) | {"help": "leading backbone stages kept frozen"})
+    head_only_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"})
+    head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True))
+    base_lr: float = field(default=1e-3, metadata=_rng(0, 10, lo_open=True))
+    optimizer: str = field(default="adamw", metadata=_rng(choices=OPTIMIZERS))
+    momentum: float = field(default=0.9, metadata=_rng(0, 1, hi_open=True))
+    weight_decay: float = field(default=1e-4, metadata=_rng(0, 1))
+    t_max: int | None = field(default=None, metadata=_rng(1, 10000) | {"help": "cosine period in epochs; none = epochs"})
+    warmup_epochs: int = field(default=0, metadata=_rng(0, 10000))
+    aug_strength: float = field(default=0.5, metadata=_rng(0, 1))
+    label_smoothing: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True))
+    patience: int = field(default=0, metadata=_rng(0, 10000) | {"help": "stop after this many epochs without improvement; 0 = never"})
+    seed: int = field(default=0, metadata=_rng(0, 2**32 - 1))
+    device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"})
+    skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images instead of stopping"})
+    val_fraction: float = field(default=0.2, metadata=_rng(0, 1, lo_open=True, hi_open=True) | {"help": "share of train held out when there is no val/"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _check(f, getattr(self, f.name)))
+        if self.head_only_epochs > self.epochs:
+            raise ConfigError(f"config key 'head_only_epochs': {self.head_only_epochs} is more than epochs ({self.epochs})")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"config key 'device': {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
+
+    @property
+    def cosine_t_max(self) -> int:
+        return self.t_max or self.epochs
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "Config":
+        """Read a config (or an exported best.yaml, whose extra `result:` block is ignored)."""
+        values = load_yaml(path)
+        values.pop("result", None)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return Config.from_dict({**self.to_dict(), **changes})
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """safe_load a YAML mapping, turning every failure into a one-line ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{os.fspath(path)} must hold a mapping of keys to values, not a {type(values).__name__}")
+    return values
+
+
+def _check(f: dataclasses.Field, value: Any) -> Any:
+    """Coerce and range-check one field; the message names the key so the user knows what to fix."""
+    name, typ = f.name, str(f.type)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise ConfigError(f"config key {name!r}: a value is required")
+    if isinstance(value, str) and value.lower() in ("none", "null", "~") and "None" in typ:
+        return None
+    if typ.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {name!r}: expected true or false, got {value!r}")
+        return value
+    if typ.startswith("int"):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key {name!r}: expected an integer, got {value!r}")
+        value = int(value)
+    elif typ.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {name!r}: expected a number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"config key {name!r}: expected a string, got {value!r}")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"config key {name!r}: {value!r} is not one of {', '.join(m['choices'])}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (value < lo or (m["lo_open"] and value == lo)):
+        raise ConfigError(f"config key {name!r}: {value} is out of range ({'>' if m['lo_open'] else '>='} {lo})")
+    if hi is not None and (value > hi or (m["hi_open"] and value == hi)):
+        raise ConfigError(f"config key {name!r}: {value} is out of range ({'<' if m['hi_open'] else '<='} {hi})")
+    return value

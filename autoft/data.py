@@ -1,0 +1,311 @@
+"""Data: find images, decode each once into a uint8 tensor cache, and augment whole batches on the device.
+
+Images are stored at `store_size = image_size / crop_pct` (square, centre-cropped) so that the eval
+transform is the pretraining one (resize, centre crop) and training crops have room to move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .exceptions import DataError
+
+log = logging.getLogger("autoft")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MIN_SIDE = 8
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    labels: torch.Tensor  # (N,) int64
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split | None
+    image_size: int
+    store_size: int
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it could not be read
+
+
+def store_size_for(image_size: int, crop_pct: float) -> int:
+    """The stored side: image_size / crop_pct, rounded so the centre crop lands on whole pixels."""
+    return image_size + 2 * round((image_size / crop_pct - image_size) / 2)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTOFT_CACHE", Path.home() / ".cache" / "autoft"))
+
+
+# --- discovery --------------------------------------------------------------------------------------------
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
+    """Classes and (paths, labels) per split found under ROOT/{train,val,test}/<class>/.
+
+    A root holding class folders directly (no train/) is read as the train split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist; expected {root}/train/<class>/*.jpg")
+    train = root / "train"
+    if not train.is_dir():
+        if any((root / s).is_dir() for s in ("val", "test")):
+            raise DataError(f"{root} has no train/ folder; expected {root}/train/<class>/*.jpg")
+        train = root
+    classes = [d.name for d in _class_dirs(train)]
+    if len(classes) < 2:
+        raise DataError(f"{train} has {len(classes)} class folder(s); a classifier needs at least two (train/<class>/...)")
+    splits = {}
+    for split, folder in (("train", train), ("val", root / "val"), ("test", root / "test")):
+        if not folder.is_dir() or (split != "train" and folder == train):
+            continue
+        paths, labels = [], []
+        for d in _class_dirs(folder):
+            if d.name not in classes:
+                raise DataError(f"{d} is a class that train/ does not have; add {train / d.name} or remove it")
+            found = _images_in(d)
+            if not found and split == "train":
+                raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            paths += found
+            labels += [classes.index(d.name)] * len(found)
+        if paths:
+            splits[split] = (paths, labels)
+    return classes, splits
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+def decode(path: str, size: int) -> np.ndarray:
+    """One image as (size, size, 3) uint8: any mode to RGB, shorter side resized to size, centre square."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            if min(im.size) < MIN_SIDE:
+                raise ValueError(f"image is {im.size[0]}x{im.size[1]}, smaller than {MIN_SIDE}x{MIN_SIDE}")
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, (255, 255, 255))
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _try_decode(path: str, size: int):
+    try:
+        return decode(path, size)
+    except Image.DecompressionBombError as exc:
+        return f"too large ({exc})".split(" could be")[0]
+    except Image.DecompressionBombWarning:
+        return "too large (over PIL's MAX_IMAGE_PIXELS; possible decompression bomb)"
+    except Exception as exc:  # unreadable, truncated, not an image
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _decode_all(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]]:
+    n_jobs = min(8, os.cpu_count() or 1)
+    results = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(joblib.delayed(_try_decode)(p, size) for p in paths)
+    bad = {p: r for p, r in zip(paths, results) if isinstance(r, str)}
+    good = [r for r in results if not isinstance(r, str)]
+    arr = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+    return arr, bad
+
+
+def _cache_key(paths: list[str], size: int) -> str:
+    h = hashlib.sha1(f"v1:{size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+_MEMORY: dict[str, tuple[np.ndarray, dict[str, str]]] = {}
+decode_count = 0  # images decoded by this process; lets tests see that a cache hit decodes nothing
+
+
+def load_images(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]]:
+    """Decoded images for `paths` (bad ones left out and returned with their reasons), cached on disk and in memory."""
+    global decode_count
+    key = _cache_key(paths, size)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    file = cache_dir() / "images" / f"{key}.joblib"
+    try:
+        cached = joblib.load(file)
+    except Exception:  # missing or damaged cache: decode again
+        cached = _decode_all(paths, size)
+        decode_count += len(paths)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+        os.close(fd)
+        joblib.dump(cached, tmp)
+        os.replace(tmp, file)
+    _MEMORY[key] = cached
+    return cached
+
+
+def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
+                 val_fraction: float = 0.2, skip_bad_images: bool = False) -> Dataset:
+    """Scan, decode (or reuse the cache) and split. `root=None` uses the built-in digits demo."""
+    from sklearn.model_selection import train_test_split
+
+    root = demo_digits() if root is None else root
+    classes, found = scan(root)
+    size = store_size_for(image_size, crop_pct)
+    all_paths = [p for paths, _ in found.values() for p in paths]
+    arr, bad = load_images(all_paths, size)
+    if bad and not skip_bad_images:
+        listed = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} unreadable image(s): {listed}{more}; fix or remove them, or pass --skip-bad-images")
+    if bad:
+        log.warning("skipped %d unreadable image(s)", len(bad))
+    index = {p: i for i, p in enumerate(p for p in all_paths if p not in bad)}
+
+    def split(paths: list[str], labels: list[int]) -> Split:
+        keep = [(p, y) for p, y in zip(paths, labels) if p not in bad]
+        rows = [index[p] for p, _ in keep]
+        images = torch.from_numpy(arr[rows]).permute(0, 3, 1, 2).contiguous()
+        return Split(images, torch.tensor([y for _, y in keep], dtype=torch.long), [p for p, _ in keep])
+
+    train = split(*found["train"])
+    counts = torch.bincount(train.labels, minlength=len(classes))
+    for c, n in zip(classes, counts.tolist()):
+        if n == 0:
+            raise DataError(f"class {c!r} has no readable training images")
+    if "val" in found:
+        val = split(*found["val"])
+    else:
+        if counts.min() < 2:
+            raise DataError(f"class {classes[int(counts.argmin())]!r} has one training image; a validation split needs "
+                            "at least two per class (or add a val/ folder)")
+        n_val = max(len(classes), round(len(train) * val_fraction))
+        idx_train, idx_val = train_test_split(np.arange(len(train)), test_size=n_val, random_state=seed,
+                                              stratify=train.labels.numpy())
+        train, val = _subset(train, idx_train), _subset(train, idx_val)
+    test = split(*found["test"]) if "test" in found else None
+    return Dataset(classes, train, val, test, image_size, size, bad)
+
+
+def _subset(s: Split, idx: np.ndarray) -> Split:
+    idx = np.sort(idx)
+    t = torch.from_numpy(idx)
+    return Split(s.images[t], s.labels[t], [s.paths[i] for i in idx])
+
+
+# --- demo data ----------------------------------------------------------------------------------------------
+
+def demo_digits(per_class: int = 30, val_per_class: int = 10) -> Path:
+    """scikit-learn's bundled handwritten digits written out as PNGs, so the default run needs no download."""
+    from sklearn.datasets import load_digits
+
+    root = cache_dir() / f"demo_digits_{per_class}_{val_per_class}"
+    if (root / "val").is_dir():
+        return root
+    digits = load_digits()
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir().mkdir(parents=True, exist_ok=True) or cache_dir()))
+    seen = [0] * 10
+    for img, y in zip(digits.images, digits.target):
+        i = seen[y]
+        if i >= per_class + val_per_class:
+            continue
+        seen[y] += 1
+        folder = tmp / ("train" if i < per_class else "val") / str(y)
+        folder.mkdir(parents=True, exist_ok=True)
+        pix = (255 - img * 255 / 16).astype(np.uint8)  # dark ink on white, like a scan
+        Image.fromarray(pix).resize((32, 32), Image.BILINEAR).save(folder / f"{i:04d}.png")
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process wrote it first
+        pass
+    return root
+
+
+# --- batched augmentation on the compute device ----------------------------------------------------------
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The eval transform on stored images: the central size x size square, as float in [0, 1]."""
+    off = (x.shape[-1] - size) // 2
+    return x[..., off:off + size, off:off + size].float().div_(255)
+
+
+def augment(x: torch.Tensor, size: int, strength: float, generator: torch.Generator | None = None,
+            force: bool = False) -> torch.Tensor:
+    """Per-sample random-resized crop, flip, rotation and colour jitter, all scaled by one dial.
+
+    strength 0 is the eval transform exactly (`force` runs the general path anyway, for tests);
+    strength 1 is torchvision's RandomResizedCrop range (scale 0.08-1, ratio 3/4-4/3), flip p=0.5,
+    rotation +-30 degrees and brightness/contrast/saturation jitter 0.4. One affine grid_sample does
+    crop, flip and rotation for the whole batch.
+    """
+    if strength == 0 and not force:
+        return center_crop(x, size)
+    b, dev, s = x.shape[0], x.device, float(strength)
+
+    def u(lo, hi):
+        return torch.rand(b, device=dev, generator=generator) * (hi - lo) + lo
+
+    a0 = (size / x.shape[-1]) ** 2
+    area = u(a0 - s * (a0 - 0.08), a0 + s * (1 - a0))
+    log_r = u(-s * math.log(4 / 3), s * math.log(4 / 3)).exp()
+    w = (area * log_r).sqrt().clamp(max=1.0)
+    h = (area / log_r).sqrt().clamp(max=1.0)
+    cx, cy = s * (1 - w) * u(-1, 1), s * (1 - h) * u(-1, 1)
+    flip = torch.where(u(0, 1) < 0.5 * s, -1.0, 1.0)
+    angle = u(-30 * s, 30 * s) * (math.pi / 180)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([w * flip * cos, -h * sin, cx], 1),
+                         torch.stack([w * flip * sin, h * cos, cy], 1)], 1)
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    out = F.grid_sample(x.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if s > 0:
+        j = 0.4 * s
+        out = out * u(1 - j, 1 + j).view(b, 1, 1, 1)
+        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        mean = gray.mean((2, 3), keepdim=True)
+        out = (out - mean) * u(1 - j, 1 + j).view(b, 1, 1, 1) + mean
+        gray = (out * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        out = (out - gray) * u(1 - j, 1 + j).view(b, 1, 1, 1) + gray
+    return out.clamp_(0, 1)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / sd

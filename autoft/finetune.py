@@ -1,0 +1,289 @@
+"""One fine-tune from one config, top to bottom. No optuna here: the search hooks in through `report`.
+
+The recipe: a new head trained from scratch at `head_lr` while the unfrozen pretrained stages move at
+`base_lr`; the first `freeze_depth` stages stay frozen (eval mode, no_grad, their output cached when it
+cannot change); `head_only_epochs` train only the head before the rest unfreezes; the rate follows a
+linear warmup and a cosine of period `t_max` epochs; training batches are augmented on the device;
+validation after every epoch keeps the best weights and may stop early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import BackboneSpec, Net, build_model
+from .config import Config
+from .data import Dataset, Split, augment, center_crop, load_dataset, normalize
+from .exceptions import ConfigError, TrialFailure
+
+Report = Callable[[int, dict[str, float]], Any]
+
+
+@dataclass
+class Result:
+    """What a fine-tune hands back: metrics of the best and last epoch, the history and the best weights."""
+
+    best: dict[str, float]
+    final: dict[str, float]
+    history: list[dict[str, float]]
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]
+    config: Config
+    device: str
+    wall_time: float
+    peak_memory_mb: float
+    last_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is a config error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} asked for, but CUDA is not available here; use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("config key 'device': 'mps' asked for, but MPS is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only: on CPU it is ~10x slower than fp32 for these convnets."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(epoch: float, warmup: int, t_max: int) -> float:
+    """Linear warmup over `warmup` epochs, then torch's CosineAnnealingLR curve (eta_min=0, period t_max)."""
+    if epoch < warmup:
+        return (epoch + 1e-3) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / t_max))
+
+
+def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None) -> Result:
+    """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given).
+
+    `report(epoch, metrics)` runs after each epoch; raising from it stops the run (the search prunes
+    this way). A non-finite loss raises TrialFailure.
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        data = load_data(cfg)
+    model, spec = build_model(cfg.backbone, len(data.classes), cfg.weights, cfg.seed)
+    n_stages = len(model.stages)
+    if cfg.freeze_depth > n_stages:
+        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
+    model = model.to(device, memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # Parameter groups: the new head learns at head_lr, unfrozen pretrained stages at base_lr.
+    base_params = [p for s in model.stages[cfg.freeze_depth:] for p in s.parameters()]
+    for p in (p for s in model.stages[:cfg.freeze_depth] for p in s.parameters()):
+        p.requires_grad_(False)
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr, "name": "head"}]
+    if base_params:
+        groups.append({"params": base_params, "lr": cfg.base_lr, "name": "base"})
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    n_train = len(data.train)
+    batch = min(cfg.batch_size, n_train)
+    drop_last = n_train % batch == 1  # a lone sample would break BatchNorm in train mode
+    steps = n_train // batch if drop_last else math.ceil(n_train / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step / steps, cfg.warmup_epochs, cfg.cosine_t_max))
+
+    gen_cpu = torch.Generator().manual_seed(cfg.seed)
+    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed)
+    train_images = to_device(data.train.images, device)
+    train_labels = data.train.labels.to(device)
+    val_labels = data.val.labels.to(device)
+    history: list[dict[str, float]] = []
+    best, best_key, best_state, stale = None, (-1.0, -math.inf), None, 0
+    try:
+        for epoch in range(cfg.epochs):
+            # Freeze, then unfreeze: during head-only epochs every stage is frozen.
+            depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
+            _set_trainable(model, depth)
+            cached_train = None
+            if cfg.aug_strength == 0 and depth > 0:
+                cached_train = frozen_features(model, spec, cfg, data.train, depth, device)
+
+            t_epoch = time.perf_counter()
+            perm = torch.randperm(n_train, generator=gen_cpu)
+            total_loss, seen = torch.zeros((), device=device), 0
+            for i in range(steps):
+                idx = perm[i * batch:(i + 1) * batch]
+                if cached_train is not None:
+                    x = cached_train[idx.to(cached_train.device)].to(device, non_blocking=True)
+                else:
+                    x = augment(train_images[idx.to(device)], cfg.image_size, cfg.aug_strength, gen_dev)
+                    x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
+                    if depth:
+                        with torch.no_grad(), autocast(device):
+                            x = model.features(x, depth)
+                y = train_labels[idx.to(device)]
+                with autocast(device):
+                    loss = F.cross_entropy(model(x, start=depth).float(), y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += loss.detach() * len(idx)
+                seen += len(idx)
+            train_loss = (total_loss / seen).item()  # one sync per epoch, not per step
+            train_time = time.perf_counter() - t_epoch
+            if not math.isfinite(train_loss):
+                raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
+
+            val_loss, val_acc = evaluate_split(model, spec, cfg, data.val, depth, device, val_labels)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                       "images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
+                       "lr_head": opt.param_groups[0]["lr"]}
+            history.append(metrics)
+            key = (val_acc, -val_loss)  # best on accuracy, ties broken by the lower loss
+            if key > best_key:
+                best, best_key, stale = metrics, key, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            if report is not None:
+                report(epoch, metrics)
+            if cfg.patience and stale >= cfg.patience:
+                break
+        stopped_early = len(history) < cfg.epochs
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        last_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return Result(best, history[-1], history, best_state, data.classes, cfg, str(device),
+                      time.perf_counter() - t0, peak, last_state, stopped_early)
+    finally:
+        del model, opt, train_images
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_data(cfg: Config) -> Dataset:
+    """The dataset a config names, decoded at the size its backbone's crop needs."""
+    from .backbones import get_backbone
+
+    return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct, seed=cfg.seed,
+                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
+
+
+def _set_trainable(model: Net, depth: int) -> None:
+    """Stages before `depth`: no gradients and BatchNorm in eval mode; the rest train."""
+    model.train()
+    for i, stage in enumerate(model.stages):
+        frozen = i < depth
+        stage.train(not frozen)
+        for p in stage.parameters():
+            p.requires_grad_(not frozen)
+
+
+@torch.no_grad()
+def evaluate_split(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device,
+                   labels: torch.Tensor | None = None) -> tuple[float, float]:
+    """Validation loss and accuracy; the frozen prefix's output comes from the feature cache."""
+    logits = predict_logits(model, spec, cfg, split, depth, device)
+    labels = split.labels.to(device) if labels is None else labels
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def predict_logits(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    feats = frozen_features(model, spec, cfg, split, depth, device) if depth else None
+    out = []
+    step = max(1, cfg.batch_size * 2)
+    for i in range(0, len(split), step):
+        if feats is not None:
+            x = feats[i:i + step].to(device, non_blocking=True)
+        else:
+            x = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size)
+        with autocast(device):
+            out.append(model(x, start=depth).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.head.out_features, device=device)
+
+
+def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int) -> torch.Tensor:
+    return normalize(center_crop(images, size), spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
+
+
+# --- process-wide caches --------------------------------------------------------------------------------------
+
+FEATURE_CACHE_BYTES = 2 * 2**30  # bound on cached frozen-prefix features; over it entries are dropped, never OOM
+_features: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_device_images: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 image cache on the compute device, moved once per process rather than once per trial."""
+    if device.type == "cpu":
+        return images
+    key = (id(images), str(device))
+    if key not in _device_images or _device_images[key][0] is not images:
+        _device_images[key] = (images, images.to(device))
+    return _device_images[key][1]
+
+
+@torch.no_grad()
+def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device) -> torch.Tensor:
+    """Output of the frozen stages[:depth] for every image of `split` (eval transform), computed once.
+
+    Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights,
+    image size and depth share the result. Entries are evicted oldest-first to stay under the bound.
+    """
+    key = (spec.name, cfg.weights, cfg.image_size, depth, id(split.images), str(device))
+    hit = _features.get(key)
+    if hit is not None and hit[0] is split.images:
+        _features.move_to_end(key)
+        return hit[1]
+    was_training = [s.training for s in model.stages[:depth]]
+    for s in model.stages[:depth]:
+        s.eval()
+    parts = []
+    step = max(1, cfg.batch_size * 2)
+    with autocast(device):
+        for i in range(0, len(split), step):
+            x = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size)
+            parts.append(model.features(x, depth))
+    for s, t in zip(model.stages[:depth], was_training):
+        s.train(t)
+    feats = torch.cat(parts)
+    size = feats.numel() * feats.element_size()
+    if size <= FEATURE_CACHE_BYTES:
+        while _features and sum(f.numel() * f.element_size() for _, f in _features.values()) + size > FEATURE_CACHE_BYTES:
+            _features.popitem(last=False)
+        _features[key] = (split.images, feats)
+    return feats
+
+
+def clear_caches() -> None:
+    """Drop device copies and cached features (between studies, or after an out-of-memory error)."""
+    _features.clear()
+    _device_images.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
