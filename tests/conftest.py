@@ -1,0 +1,52 @@
+"""Shared fixtures: every test gets its own image cache and tiny, learnable image folders made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import autoft.data
+import autoft.finetune
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    autoft.data._MEMORY.clear()
+    autoft.finetune.clear_caches()
+    yield
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 12, splits=("train", "val"),
+                      size: int = 24, seed: int = 0, ext: str = ".png") -> Path:
+    """Learnable classes: class i is a bright square in quadrant i on noise, so a tiny CNN separates them."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        n = per_class if split == "train" else max(2, per_class // 2)
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                q = size // 2
+                y0, x0 = (ci // 2 % 2) * q, (ci % 2) * q
+                img[y0:y0 + q, x0:x0 + q] = rng.integers(180, 255, 3, dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_config(image_folder):
+    """A Config for fast CPU runs: tiny_cnn backbone at 32 px."""
+    from autoft.config import Config
+
+    return Config(data=str(image_folder), backbone="tiny_cnn", image_size=32, batch_size=8, epochs=3,
+                  head_lr=0.05, base_lr=0.01, device="cpu", aug_strength=0.0)
