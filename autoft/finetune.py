@@ -93,19 +93,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # Parameter groups: the new head learns at head_lr, unfrozen pretrained stages at base_lr.
-    base_params = [p for s in model.stages[cfg.freeze_depth:] for p in s.parameters()]
-    for p in (p for s in model.stages[:cfg.freeze_depth] for p in s.parameters()):
-        p.requires_grad_(False)
-    groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr, "name": "head"}]
-    if base_params:
-        groups.append({"params": base_params, "lr": cfg.base_lr, "name": "base"})
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     n_train = len(data.train)
     batch = min(cfg.batch_size, n_train)
     drop_last = n_train % batch == 1  # a lone sample would break BatchNorm in train mode
@@ -180,6 +168,25 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
         del model, opt, train_images
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
+    """Two parameter groups: the new head at head_lr, the unfrozen pretrained stages at base_lr.
+
+    Frozen stages get no group at all; stages that only wait out head_only_epochs are in the base
+    group but receive no gradient until they unfreeze, so the optimizer skips them until then.
+    """
+    for p in (p for s in model.stages[:cfg.freeze_depth] for p in s.parameters()):
+        p.requires_grad_(False)
+    base_params = [p for s in model.stages[cfg.freeze_depth:] for p in s.parameters()]
+    groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr, "name": "head"}]
+    if base_params:
+        groups.append({"params": base_params, "lr": cfg.base_lr, "name": "base"})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
 def load_data(cfg: Config) -> Dataset:
