@@ -3,7 +3,7 @@
 from .backbones import get_backbone, list_backbones, register_backbone
 from .config import Config
 from .exceptions import AutoftError
-from .finetune import Result, finetune
+from .finetune import Result
 
 __version__ = "0.1.0"
 
@@ -11,7 +11,6 @@ __all__ = [
     "AutoftError",
     "Config",
     "Result",
-    "finetune",
     "get_backbone",
     "list_backbones",
     "register_backbone",

@@ -72,7 +72,7 @@ def _print_epoch(epoch: int, m: dict[str, float]) -> None:
 
 
 def search_options(args: argparse.Namespace, from_file: dict[str, Any]):
-    from .search import SearchOptions
+    from .study import SearchOptions
 
     known = {f.name for f in dataclasses.fields(SearchOptions)}
     unknown = sorted(set(from_file) - known)
@@ -86,7 +86,7 @@ def search_options(args: argparse.Namespace, from_file: dict[str, Any]):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import run_search
+    from .study import run_search
 
     config, from_file = resolve_config(args)
     run_search(config, search_options(args, from_file))
@@ -98,7 +98,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
     from ._private.storage import make_storage
     from .runs import config_yaml
-    from .search import best_trial
+    from .study import best_trial
 
     try:
         study = optuna.load_study(study_name=args.study, storage=make_storage(args.storage))
@@ -203,7 +203,7 @@ def setup_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from ._private.storage import mask_url
-    from .search import Terminated
+    from .study import Terminated
 
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)

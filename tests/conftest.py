@@ -9,14 +9,14 @@ import pytest
 from PIL import Image
 
 import autoft.data
-import autoft.finetune
+import importlib
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path_factory.mktemp("cache")))
     autoft.data._MEMORY.clear()
-    autoft.finetune.clear_caches()
+    importlib.import_module("autoft.finetune").clear_caches()
     yield
 
 
