@@ -1,0 +1,268 @@
+"""Use a trained model: score it on a labelled split, predict new images, export it for deployment.
+
+Every path goes through the training code's own eval transform (`data.decode` at the stored size, then
+`data.center_crop` + `data.normalize` inside `finetune.predict_logits`), so a prediction here is exactly
+what validation measured during training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ._private.io import atomic_write_text
+from .backbones import Net, get_backbone
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import Config
+from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, load_dataset, normalize, store_size_for
+from .exceptions import AutoftError, DataError
+from .finetune import predict_logits, resolve_device
+
+PNG_SIZE = (800, 640)  # pixels of every confusion-matrix PNG
+PNG_DPI = 100
+SPLITS = ("train", "val", "test")
+FORMATS = ("torchscript", "onnx")
+ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
+
+
+class Predictor:
+    """A checkpoint ready to classify images: `predict`, `predict_proba`, `top_k`.
+
+    Images may be file paths, PIL images, or uint8 arrays/tensors (3,H,W or H,W,3); each is decoded by
+    `data.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data.
+    """
+
+    def __init__(self, model: Net, config: Config, classes: Sequence[str], device: str = "auto"):
+        self.config, self.classes = config, list(classes)
+        self.spec = get_backbone(config.backbone)
+        self.store_size = store_size_for(config.image_size, self.spec.crop_pct)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+
+    def preprocess(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
+        """uint8 (N, 3, S, S) at the stored size: what the dataset cache holds for a training image."""
+        arrays = [_decode(im, self.store_size) for im in _as_list(images)]
+        if not arrays:
+            return torch.zeros(0, 3, self.store_size, self.store_size, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def logits(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
+        x = self.preprocess(images)
+        split = Split(x, torch.zeros(len(x), dtype=torch.long), [""] * len(x))
+        return predict_logits(self.model, self.spec, self.config, split, 0, self.device).float().cpu()
+
+    def predict_proba(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
+        """(N, num_classes) probabilities, columns in the order of `classes`."""
+        return self.logits(images).softmax(1)
+
+    def predict(self, images: ImageLike | Iterable[ImageLike]) -> list[str]:
+        """The most likely class name per image."""
+        return [self.classes[i] for i in self.predict_proba(images).argmax(1).tolist()]
+
+    def top_k(self, images: ImageLike | Iterable[ImageLike], k: int = 1) -> list[list[tuple[str, float]]]:
+        """Per image, the k most likely (class, probability) pairs, most likely first."""
+        p, idx = self.predict_proba(images).topk(min(k, len(self.classes)), dim=1)
+        return [[(self.classes[i], float(v)) for v, i in zip(pr, ix)] for pr, ix in zip(p.tolist(), idx.tolist())]
+
+
+def _as_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
+    """One image (path, PIL image, 3-d array) becomes a batch of one; a 4-d array is a batch."""
+    single = isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3)
+    return [images] if single else list(images)
+
+
+def _decode(image: ImageLike, size: int) -> np.ndarray:
+    try:
+        return decode(_as_file(image), size)
+    except (OSError, ValueError) as exc:
+        name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"a {type(image).__name__}"
+        raise DataError(f"cannot read {name} as an image: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _as_file(image: ImageLike) -> str | io.BytesIO:
+    """A path for `data.decode`; in-memory images are handed over as lossless PNG bytes."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or 3 not in (image.shape[0], image.shape[-1]):
+            raise DataError(f"an image array must be uint8 with shape (3,H,W) or (H,W,3), got {image.dtype} {image.shape}")
+        image = Image.fromarray(image.transpose(1, 2, 0) if image.shape[-1] != 3 else image)
+    if not isinstance(image, Image.Image):
+        raise DataError(f"cannot read an image from a {type(image).__name__}; pass a path, a PIL image or a uint8 array")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    buf.seek(0)
+    return buf
+
+
+def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
+    """A Predictor for a checkpoint written by `autoft train` (model.pt) or `autoft search` (best.pt)."""
+    ckpt = load_checkpoint(path)
+    model, config = model_from_checkpoint(ckpt)
+    return Predictor(model, config, ckpt["classes"], device)
+
+
+def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
+    """Files as given, folders expanded to the images under them (sorted); a missing path is an error."""
+    out: list[str] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            out += sorted(str(p) for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif item.is_file():
+            out.append(str(item))
+        else:
+            raise DataError(f"{item} is neither an image file nor a folder")
+    if not out:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, items))}")
+    return out
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+
+def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str = "val",
+             out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
+    """Score a checkpoint on one split of a labelled folder (default: the data it was trained on).
+
+    Returns accuracy, balanced accuracy, per-class precision/recall/F1/support, the confusion matrix and
+    sklearn's text report; the confusion matrix PNG goes to `out` (default: next to the model,
+    `<model>_<split>_confusion.png`). A val split carved out of train/ is re-drawn with the config's seed.
+    """
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
+
+    if split not in SPLITS:
+        raise AutoftError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    predictor = load_model(model_path, device)
+    cfg = predictor.config
+    data_dir = data_dir if data_dir is not None else cfg.data
+    data = load_dataset(data_dir, cfg.image_size, predictor.spec.crop_pct, seed=cfg.seed,
+                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
+    if data.classes != predictor.classes:
+        raise DataError(f"{data_dir} has classes {data.classes}, the model was trained on {predictor.classes}")
+    part = getattr(data, split)
+    if part is None or len(part) == 0:
+        raise DataError(f"{data_dir} has no {split}/ images to evaluate on")
+    y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
+    y_true = part.labels.numpy()
+    labels = list(range(len(data.classes)))
+    per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    png = Path(out) if out else Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png")
+    save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}", png)
+    return {
+        "model": os.fspath(model_path), "data": os.fspath(data_dir) if data_dir else None, "split": split, "n": len(part),
+        "accuracy": float(per_class["accuracy"]), "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
+                          "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in data.classes},
+        "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+        "report": classification_report(y_true, y_pred, labels=labels, target_names=data.classes, digits=4, zero_division=0),
+    }
+
+
+def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path: str | os.PathLike) -> Path:
+    """scikit-learn's ConfusionMatrixDisplay, PNG_SIZE pixels; cell counts shown while they stay legible."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig = Figure(figsize=(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI), dpi=PNG_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
+        ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, xticks_rotation="vertical")
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=PNG_DPI)
+    return path
+
+
+# --- export --------------------------------------------------------------------------------------------------
+
+class Deployable(nn.Module):
+    """The network with its input normalization built in.
+
+    Input: float32 (N, 3, image_size, image_size) RGB in [0, 1], made like training's eval transform:
+    shorter side resized to store_size (bicubic), centre square, then the centre image_size crop.
+    Output: logits (N, num_classes); softmax gives probabilities in the order of the exported classes.
+    """
+
+    def __init__(self, net: Net, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.net = net
+        # buffers, not data.normalize: torch.tensor() inside forward would be traced as an untracked constant
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@dataclass
+class Exported:
+    path: Path
+    metadata_path: Path
+    format: str
+    max_abs_diff: float  # between the exported model's and PyTorch's logits on the check batch
+
+
+def export(model_path: str | os.PathLike, format: str = "torchscript", out: str | os.PathLike | None = None,
+           tolerance: float = 1e-4) -> Exported:
+    """Write a deployable model (see `Deployable` for its input) plus `<out>.json` with classes and preprocessing.
+
+    The file is loaded back and run on a sample batch; it must reproduce the PyTorch logits within `tolerance`.
+    """
+    if format not in FORMATS:
+        raise AutoftError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
+    predictor = load_model(model_path, device="cpu")
+    cfg, spec = predictor.config, predictor.spec
+    module = Deployable(predictor.model, spec.mean, spec.std).eval()
+    out = Path(out) if out else Path(model_path).with_suffix(".torchscript.pt" if format == "torchscript" else ".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    stored = torch.randint(0, 256, (4, 3, predictor.store_size, predictor.store_size), dtype=torch.uint8, generator=gen)
+    sample = center_crop(stored, cfg.image_size)
+    with torch.no_grad():
+        reference = predictor.model(normalize(sample, spec.mean, spec.std))
+        got = _export_torchscript(module, sample, out) if format == "torchscript" else _export_onnx(module, sample, out)
+    diff = float((got - reference).abs().max())
+    if not diff <= tolerance:
+        raise AutoftError(f"exported {format} model differs from PyTorch by {diff:.3g} (> {tolerance}); not usable as is")
+    meta = {"format": format, "file": out.name, "classes": predictor.classes, "backbone": cfg.backbone,
+            "input": {"shape": ["N", 3, cfg.image_size, cfg.image_size], "dtype": "float32", "range": [0, 1],
+                      "color": "RGB", "normalization": "inside the model",
+                      "preprocessing": f"resize shorter side to {predictor.store_size} px (bicubic), centre-crop "
+                                       f"{predictor.store_size}x{predictor.store_size}, then centre-crop {cfg.image_size}x{cfg.image_size}"},
+            "output": "logits (N, num_classes); softmax for probabilities", "check_max_abs_diff": diff}
+    meta_path = out.with_name(out.name + ".json")
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    return Exported(out, meta_path, format, diff)
+
+
+def _export_torchscript(module: nn.Module, sample: torch.Tensor, out: Path) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream, yet still the format every runtime loads
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module, sample)
+        torch.jit.save(traced, str(out))
+        return torch.jit.load(str(out))(sample)
+
+
+def _export_onnx(module: nn.Module, sample: torch.Tensor, out: Path) -> torch.Tensor:
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime
+    except ImportError:
+        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime onnxscript") from None
+    torch.onnx.export(module, (sample,), str(out), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"image": sample.numpy()})[0])
