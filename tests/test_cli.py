@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoft.cli import main
+from autoft.config import Config
+from conftest import make_image_folder
+
+TINY = ["--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
+        "--head-lr", "0.05", "--base-lr", "0.01", "--aug-strength", "0"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_train_writes_model_config_metrics_and_test_accuracy(in_tmp, capsys):
+    data = make_image_folder(in_tmp / "data", splits=("train", "val", "test"))
+    assert main(["train", "--data", str(data), "--out", "run", "--epochs", "3", *TINY]) == 0
+    metrics = json.loads((in_tmp / "run" / "metrics.json").read_text())
+    assert len(metrics["history"]) == 3 and 0 <= metrics["test_accuracy"] <= 1
+    assert "test_accuracy" in capsys.readouterr().out
+    cfg = Config.from_yaml(in_tmp / "run" / "config.yaml")
+    assert cfg.epochs == 3 and cfg.backbone == "tiny_cnn" and cfg.data == str(data)
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(in_tmp):
+    data = make_image_folder(in_tmp / "data")
+    (in_tmp / "autoft.yaml").write_text(yaml.safe_dump({"data": str(data), "epochs": 2, "batch_size": 4}))
+    assert main(["train", "--out", "run", "--epochs", "1", *TINY[:2], "--image-size", "32", "--device", "cpu"]) == 0
+    cfg = Config.from_yaml(in_tmp / "run" / "config.yaml")
+    assert cfg.epochs == 1 and cfg.batch_size == 4 and cfg.image_size == 32
+
+
+def test_full_retrains_on_train_plus_val(in_tmp):
+    data = make_image_folder(in_tmp / "data")
+    assert main(["train", "--data", str(data), "--out", "run", "--epochs", "1", "--full", *TINY]) == 0
+    assert json.loads((in_tmp / "run" / "metrics.json").read_text())["full"] is True
+
+
+def test_best_yaml_round_trips_into_train(in_tmp, capsys):
+    data = make_image_folder(in_tmp / "data")
+    assert main(["search", "--data", str(data), "--trials", "2", "--epochs", "2", "--sampler", "random", *TINY]) == 0
+    best_yaml = in_tmp / "studies" / "autoft" / "best.yaml"
+    exported = Config.from_yaml(best_yaml)
+    assert main(["train", "--config", str(best_yaml), "--out", "again"]) == 0
+    assert Config.from_yaml(in_tmp / "again" / "config.yaml") == exported
+    capsys.readouterr()
+    assert main(["best", "--study", "autoft"]) == 0
+    printed = capsys.readouterr().out
+    assert Config.from_dict(yaml.safe_load(printed)) == exported
+
+
+def test_errors_are_one_line_and_exit_2(in_tmp, capsys):
+    assert main(["train", "--data", str(in_tmp / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("autoft: error:") and "nope" in err and "\n" not in err
+    assert main(["train", "--epochs", "many"]) == 2
+    assert "epochs" in capsys.readouterr().err
+    assert main(["search", "--backbone", "nonesuch", "--trials", "1"]) == 2
+    assert "unknown backbone" in capsys.readouterr().err
+    assert not (in_tmp / "studies" / "autoft.db").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
+    data = make_image_folder(in_tmp / "data")
+    assert main(["search", "--data", str(data), "--trials", "1", "--epochs", "1", "--study", "dash", *TINY]) == 0
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", "dashboard", "--study", "dash", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        body = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None, "dashboard did not answer"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["dash"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert f"http://127.0.0.1:{port}/dashboard/studies/" in out
+
+
+def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
+    data = make_image_folder(in_tmp / "data", per_class=40)
+    cmd = [sys.executable, "-m", "autoft.cli", "search", "--data", str(data), "--trials", "50", "--epochs", "4",
+           "--sampler", "random", "--pruner", "none", *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    best_yaml = in_tmp / "studies" / "autoft" / "best.yaml"
+    deadline = time.time() + 120
+    while not best_yaml.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # now inside a later trial
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    import optuna
+
+    study = optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")
+    states = [t.state.name for t in study.trials]
+    assert "COMPLETE" in states and "RUNNING" not in states and len(states) < 50
+    cfg = Config.from_yaml(best_yaml)
+    assert cfg.backbone == "tiny_cnn"
+    assert yaml.safe_load(best_yaml.read_text())["result"]["trial"] in [t.number for t in study.trials if t.state.name == "COMPLETE"]
