@@ -116,6 +116,8 @@ class Objective:
             raise optuna.TrialPruned(str(exc)) from None
         except optuna.TrialPruned as exc:
             trial.set_user_attr("prune_reason", str(exc))
+            from .report import publish_trial  # learning curve + config note on the dashboard (report imports study)
+            publish_trial(trial, cfg, history, self.exporter.artifacts)
             raise
         finally:
             trial.set_user_attr("device", str(cfg.device))
@@ -126,6 +128,9 @@ class Objective:
         trial.set_user_attr("peak_memory_mb", result.peak_memory_mb)
         trial.set_user_attr("device", result.device)
         self.exporter.export_weights(trial, cfg, result)
+        from .report import publish_trial
+
+        publish_trial(trial, cfg, history, self.exporter.artifacts)
         return result.best["val_accuracy"]
 
     def _run(self, trial: optuna.Trial, cfg: Config, report) -> Result:
