@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -93,6 +94,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import join
+
+    if not args.storage:
+        raise ConfigError("autoft worker needs --storage URL (or AUTOFT_STORAGE set to it)")
+    join(args.storage, args.study, data=args.data, device=args.device, out=args.out, artifacts=args.artifacts,
+         threads=args.threads, timeout=args.timeout, progress=not args.quiet)
+    return 0
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     import optuna
 
@@ -162,7 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder (default: studies/<study>)")
     p.add_argument("--min-epochs", dest="min_epochs", type=int, help="never prune before this many epochs (default: 1)")
     p.add_argument("--startup-trials", dest="startup_trials", type=int, help="never prune before this many trials finished (default: 3)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the study: one per GPU, else a share of the CPU cores (default: 1)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("worker", help="join an existing study as one more worker, from any machine that reaches its storage")
+    p.add_argument("--storage", default=os.environ.get("AUTOFT_STORAGE"),
+                   help="the study's storage URL (default: $AUTOFT_STORAGE, which keeps a password off the command line)")
+    p.add_argument("--study", required=True, help="name of the study to join")
+    p.add_argument("--data", help="dataset root on this machine, when not at the path the study was started with")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", help="export folder (default: studies/<study>)")
+    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
+    p.add_argument("--threads", type=int, help="CPU threads for this worker (default: all cores)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("best", help="print the best config and score of a study")
     _study_flags(p)
@@ -199,6 +223,7 @@ def setup_logging(quiet: bool) -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat etc. are stable enough
 
 
 def main(argv: list[str] | None = None) -> int:
