@@ -190,10 +190,14 @@ def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
 
 
 def load_data(cfg: Config) -> Dataset:
-    """The dataset a config names, decoded at the size its backbone's crop needs."""
+    """The dataset a config names, decoded at the size its backbone's crop needs.
+
+    A held-out validation split does not follow `cfg.seed`: every trial, seed and retrain of a
+    search must validate on the same images, or their scores would not compare.
+    """
     from .backbones import get_backbone
 
-    return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct, seed=cfg.seed,
+    return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
                         val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
 
 
