@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ._private.io import atomic_write_text, versions
 from ._private.storage import DEFAULT_STORAGE, make_storage, mask_url
-from .backbones import get_backbone
+from .backbones import build_model, get_backbone
 from .checkpoint import save_checkpoint
 from .config import Config
 from .data import Dataset
@@ -55,6 +55,12 @@ class SearchOptions:
     min_epochs: int = 1  # no pruning before this many epochs
     startup_trials: int = 3  # nor before this many trials have finished
     progress: bool = True
+    workers: int = 1  # processes on this machine sharing the study through its storage
+
+    def settings(self) -> dict[str, Any]:
+        """What a joining worker must share with this search (kept in the study's user attrs)."""
+        return {"sampler": self.sampler, "pruner": self.pruner, "min_epochs": self.min_epochs,
+                "startup_trials": self.startup_trials}
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -65,6 +71,8 @@ class SearchOptions:
             raise ConfigError(f"--pruner {self.pruner!r} is not one of {', '.join(PRUNERS)}")
         if not self.study or "/" in self.study:
             raise ConfigError(f"--study {self.study!r}: a study name must be non-empty and contain no '/'")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
 
     @property
     def out_dir(self) -> Path:
@@ -283,22 +291,44 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (so Optuna marks the running trial) but exiting 143."""
 
 
-def run_search(base: Config, opts: SearchOptions) -> optuna.Study:
-    """Run `opts.trials` more trials (resuming the study if it exists) and export the best."""
+def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = None, join: bool = False) -> optuna.Study:
+    """Run `opts.trials` more trials (resuming the study if it exists) and export the best.
+
+    The study's goal becomes its finished trials now plus `opts.trials`, met exactly by this process or,
+    with `opts.workers` > 1, by that many worker processes; `join` adds this process as one more worker
+    to an existing study's goal instead (`autoft worker`).
+    """
+    from . import workers
+
     spec = get_backbone(base.backbone)
-    space = SearchSpace.from_yaml(opts.space, spec.num_stages, base.epochs)
+    if space is None:
+        space = SearchSpace.from_yaml(opts.space, spec.num_stages, base.epochs)
+    else:
+        space.validate(spec.num_stages, base.epochs)
+    if base.weights not in (None, "random"):
+        build_model(base.backbone, 2, base.weights)  # a bad weights file stops here, before the study is touched
     exporter = Exporter(opts.out_dir, opts.artifacts)
     objective = Objective(base, space, base.seed, opts.min_epochs, exporter)
     objective.data(base)  # bad data stops here, before any trial exists
     study = open_study(base, opts, space, base.seed)
-    log.info("study %r on %s: %d trial(s), exports in %s", study.study_name, mask_url(opts.storage), opts.trials, opts.out_dir)
-    progress = _Progress(opts.trials, study) if opts.progress else None
+    if join:
+        study.sampler.reseed_rng()  # workers started together must not sample the same points
+        target = study.user_attrs["target"]
+    else:
+        target = workers.set_goal(study, opts.trials, opts.settings())
+    todo = max(0, target - workers.finished_count(study.get_trials(deepcopy=False)))
+    log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
+             todo, target, opts.out_dir)
+    progress = _Progress(todo, study) if opts.progress else None
     callbacks = [exporter] + ([progress] if progress else [])
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     t0 = time.perf_counter()
     try:
-        study.optimize(objective, n_trials=opts.trials, timeout=opts.timeout, callbacks=callbacks,
-                       catch=(TrialFailure,), gc_after_trial=False)
+        if opts.workers > 1 and not join:
+            workers.spawn(opts.workers, opts.storage, opts.study, base.device, str(opts.out_dir), opts.artifacts,
+                          opts.timeout, progress=progress)
+        else:
+            workers.work(study, objective, callbacks, opts.timeout)
     finally:
         if progress:
             progress.close()
@@ -321,20 +351,27 @@ def _raise_terminated(signum, frame):
 
 
 class _Progress:
-    """A bar with trial i/N, best so far and pruned/failed counts."""
+    """A bar with finished trials i/N, best so far and pruned/failed counts, redrawn from the storage."""
 
     def __init__(self, total: int, study: optuna.Study):
         from tqdm.auto import tqdm
 
+        self.study = study
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-        self.n0 = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in (TrialState.PRUNED, TrialState.FAIL)}
+        self.n0 = self._counts()
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        best = best_trial(study)
-        counts = {s: len(study.get_trials(deepcopy=False, states=(s,))) - self.n0[s] for s in self.n0}
+    def _counts(self) -> dict[TrialState, int]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+
+    def __call__(self, study: optuna.Study | None = None, trial: FrozenTrial | None = None) -> None:
+        """An Optuna callback, and what `--workers` polls while the trials finish in other processes."""
+        best = best_trial(self.study)
+        counts = {s: n - self.n0[s] for s, n in self._counts().items()}
         self.bar.set_postfix_str(f"best={best.value:.4f} (#{best.number})" if best else "best=-", refresh=False)
         self.bar.set_description(f"trials (pruned {counts[TrialState.PRUNED]}, failed {counts[TrialState.FAIL]})")
-        self.bar.update(1)
+        self.bar.n = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

@@ -1,20 +1,37 @@
-"""Optuna storages from one URL, with heartbeats, lock-tolerant SQLite, and passwords kept out of logs."""
+"""Optuna storages from one URL, with heartbeats, lock-tolerant SQLite, and passwords kept out of logs.
+
+Every storage autoft opens has a heartbeat: a worker records one every HEARTBEAT_S seconds while its
+trial runs, and a RUNNING trial whose last beat is older than GRACE_S (its worker was killed, or its
+machine lost) is failed by the next worker that looks and re-queued once by
+RetryHeartbeatStaleTrialCallback. Optuna's RDB storages (SQLite, PostgreSQL, MySQL) have this built in;
+for journal files, which have none, `HeartbeatJournalStorage` adds the same through trial system attrs.
+AUTOFT_HEARTBEAT_S / AUTOFT_GRACE_S override the periods (tests and the fault benchmark shrink them).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
 
 from ..exceptions import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
 HEARTBEAT_S = 20
 GRACE_S = 60
+SQLITE_BUSY_TIMEOUT_S = 300  # several workers on one SQLite file wait for its lock instead of failing
 _SECRET = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+_BEAT = "autoft:heartbeat"
 
 
 def mask_url(text: str) -> str:
@@ -22,29 +39,88 @@ def mask_url(text: str) -> str:
     return _SECRET.sub(lambda m: f"{m['head']}***{m['tail']}", str(text))
 
 
+def heartbeat_periods() -> tuple[int, int]:
+    """(interval, grace) in seconds, from the environment when set, so spawned workers agree."""
+    beat = int(os.environ.get("AUTOFT_HEARTBEAT_S", HEARTBEAT_S))
+    grace = int(os.environ.get("AUTOFT_GRACE_S", GRACE_S))
+    if beat < 1 or grace <= beat:
+        raise ConfigError(f"AUTOFT_HEARTBEAT_S ({beat}) must be >= 1 and AUTOFT_GRACE_S ({grace}) larger than it")
+    return beat, grace
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl"))
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal file with Optuna's heartbeat protocol, so killed workers' trials are failed and retried.
+
+    The beat is a trial system attr holding the wall-clock time; workers on several machines sharing
+    one journal file therefore need roughly synchronised clocks (well within GRACE_S).
+    """
+
+    def __init__(self, path: str, heartbeat_interval: int, grace_period: int,
+                 stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None):
+        super().__init__(JournalFileBackend(path))
+        self._beat, self._grace, self._stale_callback = heartbeat_interval, grace_period, stale_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, _BEAT, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker already declared this trial dead; its own thread ends with the trial
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            last = t.system_attrs.get(_BEAT)
+            if last is None:  # not beating yet (just popped): measure from its start
+                last = (t.datetime_start or datetime.now()).timestamp()
+            if now - last > self._grace:
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._beat
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self._stale_callback
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`; `journal:PATH` (or a *.log/*.journal path) is a journal file.
 
-    RDB storages get a heartbeat so a trial whose worker died is failed and re-queued once; SQLite gets
+    Every storage gets a heartbeat so a trial whose worker died is failed and re-queued once; SQLite gets
     a long busy timeout so several workers wait for the lock instead of crashing on "database is locked".
     """
-    if url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl")):
+    with warnings.catch_warnings():  # heartbeats have been "experimental" in Optuna since 2.9; they work
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _make_storage(url)
+
+
+def _make_storage(url: str) -> optuna.storages.BaseStorage:
+    beat, grace = heartbeat_periods()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    if is_journal(url):
         path = Path(url.split("journal:", 1)[-1].removeprefix("///").removeprefix("//")) if url.startswith("journal:") else Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return HeartbeatJournalStorage(str(path), beat, grace, retry)
+        except OSError as exc:
+            raise ConfigError(f"cannot open journal storage {path}: {exc.strerror or exc}") from None
     if "://" not in url:
         raise ConfigError(f"storage {mask_url(url)!r} is not a URL; use sqlite:///path.db, postgresql://..., mysql://... or journal:PATH")
-    engine_kwargs = {}
     if url.startswith("sqlite:"):
         db = url.split("sqlite:///", 1)[-1]
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 120}}
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=grace,
+                          heartbeat_stale_trial_callback=retry)
     except ImportError as exc:
         raise ConfigError(f"storage {mask_url(url)}: a database driver is missing ({exc.name}); pip install it") from None
     except Exception as exc:
