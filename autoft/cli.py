@@ -143,6 +143,65 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    report = write_report(args.study, args.storage, args.out, args.artifacts)
+    for name, png in report.pngs.items():
+        print(f"  {name}: {png}")
+    for name, why in report.skipped.items():
+        print(f"  {name}: left out ({why})")
+    print(f"wrote {report.html}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import evaluate
+
+    ev = evaluate(args.model, args.data, args.split, args.out, args.device)
+    if args.json:
+        print(json.dumps({k: v for k, v in ev.items() if k != "report"}, indent=2))
+        return 0
+    print(f"{ev['split']}: {ev['n']} images from {ev['data'] or 'the built-in demo'}")
+    print(f"accuracy {ev['accuracy']:.4f}  balanced accuracy {ev['balanced_accuracy']:.4f}")
+    print(ev["report"], end="")
+    print(f"confusion matrix: {ev['confusion_png']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import image_paths, load_model
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    predictor = load_model(args.model, args.device)
+    paths = image_paths(args.images)
+    rows = []
+    for i in range(0, len(paths), 256):  # bounded memory for large folders
+        chunk = paths[i:i + 256]
+        for path, top in zip(chunk, predictor.top_k(chunk, args.top_k)):
+            if args.json:
+                rows.append({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]})
+            else:
+                print(f"{path}\t" + "  ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .predict import export
+
+    ex = export(args.model, args.format, args.out)
+    print(f"wrote {ex.path} ({ex.format}); reproduces the PyTorch logits on a sample batch within {ex.max_abs_diff:.1e}")
+    print(f"input, preprocessing and class names: {ex.metadata_path}")
+    return 0
+
+
 def _study_flags(p: argparse.ArgumentParser) -> None:
     from ._private.storage import DEFAULT_STORAGE
 
@@ -201,6 +260,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list backbones and their stage counts")
     p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("report", help="write studies/<study>/report.html and PNGs of the search")
+    _study_flags(p)
+    p.add_argument("--out", help="report folder (default: studies/<study>, where best.pt is)")
+    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a model on labelled data")
+    p.add_argument("--model", required=True, help="best.pt or model.pt")
+    p.add_argument("--data", help="dataset root (default: the data the model was trained on)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score (default: val)")
+    p.add_argument("--out", help="confusion matrix PNG (default: <model>_<split>_confusion.png)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify images with a trained model")
+    p.add_argument("--model", required=True, help="best.pt or model.pt")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=1, help="classes to show per image (default: 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a deployable TorchScript or ONNX model, checked against PyTorch")
+    p.add_argument("--model", required=True, help="best.pt or model.pt")
+    p.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"), help="default: torchscript")
+    p.add_argument("--out", help="output file (default: next to the model, .torchscript.pt or .onnx)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
