@@ -1,17 +1,65 @@
-"""autoft: find the best way to fine-tune a pretrained image classifier on your own images."""
+"""autoft: find the best way to fine-tune a pretrained image classifier on your own images.
+
+Python API: `search(...)` runs a study, `train(config)` fine-tunes once, `load_model(path)` gives a
+Predictor with `.predict(images)`.
+"""
+
+import dataclasses
+import os
+from typing import Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
 from .config import Config
-from .exceptions import AutoftError
+from .exceptions import AutoftError, ConfigError
 from .finetune import Result
+from .predict import Predictor, load_model
 
 __version__ = "0.1.0"
+
+
+def search(config: Config | None = None, options=None, **settings: Any):
+    """Run (or resume) a search from Python: `autoft.search(data="photos", trials=20, epochs=3)`.
+
+    Each keyword is a Config key (the base every trial starts from: data, backbone, epochs, image_size, ...)
+    or a SearchOptions field (trials, study, storage, sampler, pruner, space, ...); keywords override
+    `config` and `options`. Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
+    """
+    from .study import SearchOptions, run_search
+
+    config_keys = {f.name for f in dataclasses.fields(Config)}
+    option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
+    unknown = sorted(set(settings) - config_keys - option_keys)
+    if unknown:
+        raise ConfigError(f"autoft.search: unknown setting {unknown[0]!r}; use a Config key or one of {', '.join(sorted(option_keys))}")
+    base = (config or Config()).replace(**{k: v for k, v in settings.items() if k in config_keys})
+    opts = dataclasses.replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in option_keys})
+    return run_search(base, opts)
+
+
+def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/train", full: bool = False,
+          **overrides: Any) -> dict[str, Any]:
+    """Fine-tune once, like `autoft train`: `config` is a Config or a YAML file (an exported best.yaml works).
+
+    Writes model.pt, config.yaml and metrics.json to `out` and returns the metrics (test_accuracy when the
+    data has test/).
+    """
+    from .runs import train as run_train
+
+    if isinstance(config, Config):
+        config = config.replace(**overrides)
+    else:
+        config = Config.from_yaml(config, **overrides)
+    return run_train(config, out, full=full)
 
 __all__ = [
     "AutoftError",
     "Config",
+    "Predictor",
     "Result",
     "get_backbone",
     "list_backbones",
+    "load_model",
     "register_backbone",
+    "search",
+    "train",
 ]
