@@ -88,6 +88,16 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_callback
 
 
+def with_driver(url: str) -> str:
+    """`postgresql://` means psycopg (3) to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`; `journal:PATH` (or a *.log/*.journal path) is a journal file.
 
@@ -119,10 +129,11 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=grace,
+        return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=grace,
                           heartbeat_stale_trial_callback=retry)
-    except ImportError as exc:
-        raise ConfigError(f"storage {mask_url(url)}: a database driver is missing ({exc.name}); pip install it") from None
+    except ImportError:
+        driver = "psycopg2-binary (pip install 'autoft[postgres]')" if url.startswith("postgresql") else "its database driver"
+        raise ConfigError(f"storage {mask_url(url)}: the database driver is not installed; install {driver}") from None
     except Exception as exc:
         reason = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise ConfigError(f"cannot open storage {mask_url(url)}: {reason[:300]}") from None
