@@ -92,6 +92,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat every step: pick the fastest kernels once
 
     opt = make_optimizer(model, cfg)
     n_train = len(data.train)
@@ -117,19 +118,19 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                 cached_train = frozen_features(model, spec, cfg, data.train, depth, device)
 
             t_epoch = time.perf_counter()
-            perm = torch.randperm(n_train, generator=gen_cpu)
+            perm = torch.randperm(n_train, generator=gen_cpu).to(device)  # one copy per epoch, not one per step
             total_loss, seen = torch.zeros((), device=device), 0
             for i in range(steps):
                 idx = perm[i * batch:(i + 1) * batch]
                 if cached_train is not None:
-                    x = cached_train[idx.to(cached_train.device)].to(device, non_blocking=True)
+                    x = cached_train[idx]
                 else:
-                    x = augment(train_images[idx.to(device)], cfg.image_size, cfg.aug_strength, gen_dev)
+                    x = augment(train_images[idx], cfg.image_size, cfg.aug_strength, gen_dev)
                     x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
                     if depth:
                         with torch.no_grad(), autocast(device):
                             x = model.features(x, depth)
-                y = train_labels[idx.to(device)]
+                y = train_labels[idx]
                 with autocast(device):
                     loss = F.cross_entropy(model(x, start=depth).float(), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -230,11 +231,11 @@ def predict_logits(model: Net, spec: BackboneSpec, cfg: Config, split: Split, de
     step = max(1, cfg.batch_size * 2)
     for i in range(0, len(split), step):
         if feats is not None:
-            x = feats[i:i + step].to(device, non_blocking=True)
-        else:
-            x = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size)
+            x, start = feats[i:i + step], depth
+        else:  # no depth, or features too big to keep: the whole model from the images
+            x, start = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size), 0
         with autocast(device):
-            out.append(model(x, start=depth).float())
+            out.append(model(x, start=start).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.head.out_features, device=device)
 
@@ -261,11 +262,14 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device) -> torch.Tensor:
+def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
+                    device: torch.device) -> torch.Tensor | None:
     """Output of the frozen stages[:depth] for every image of `split` (eval transform), computed once.
 
     Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights,
-    image size and depth share the result. Entries are evicted oldest-first to stay under the bound.
+    image size and depth share the result. Entries are evicted oldest-first to stay under
+    FEATURE_CACHE_BYTES; features that would not fit even alone are never materialised: None tells
+    the caller to run the prefix per batch, so a huge split costs time, never memory.
     """
     key = (spec.name, cfg.weights, cfg.image_size, depth, id(split.images), str(device))
     hit = _features.get(key)
@@ -275,21 +279,33 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, d
     was_training = [s.training for s in model.stages[:depth]]
     for s in model.stages[:depth]:
         s.eval()
-    parts = []
+    feats = None
     step = max(1, cfg.batch_size * 2)
-    with autocast(device):
-        for i in range(0, len(split), step):
-            x = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size)
-            parts.append(model.features(x, depth))
-    for s, t in zip(model.stages[:depth], was_training):
-        s.train(t)
-    feats = torch.cat(parts)
-    size = feats.numel() * feats.element_size()
-    if size <= FEATURE_CACHE_BYTES:
-        while _features and sum(f.numel() * f.element_size() for _, f in _features.values()) + size > FEATURE_CACHE_BYTES:
-            _features.popitem(last=False)
+    try:
+        with autocast(device):
+            for i in range(0, len(split), step):
+                part = model.features(_eval_input(split.images[i:i + step].to(device, non_blocking=True), spec,
+                                                  cfg.image_size), depth)
+                if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
+                    nbytes = part[0].numel() * part.element_size() * len(split)
+                    if nbytes > FEATURE_CACHE_BYTES:
+                        return None
+                    while _features and _cached_bytes() + nbytes > FEATURE_CACHE_BYTES:
+                        _features.popitem(last=False)
+                    fmt = torch.channels_last if part.dim() == 4 else torch.contiguous_format
+                    feats = torch.empty((len(split), *part.shape[1:]), dtype=part.dtype, device=part.device,
+                                        memory_format=fmt)
+                feats[i:i + len(part)] = part
+    finally:
+        for s, t in zip(model.stages[:depth], was_training):
+            s.train(t)
+    if feats is not None:
         _features[key] = (split.images, feats)
     return feats
+
+
+def _cached_bytes() -> int:
+    return sum(f.numel() * f.element_size() for _, f in _features.values())
 
 
 def clear_caches() -> None:
