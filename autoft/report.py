@@ -32,6 +32,7 @@ from .study import best_trial
 log = logging.getLogger("autoft")
 SLICE_PARAMS = ("freeze_depth", "head_lr", "base_lr")
 METRIC = "val_accuracy"
+MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA on fewer finished trials splits importance evenly: it would look like an answer
 LEARNING_CURVES_ID = "learning-curves"  # the dashboard's study-level figure, rewritten after every trial
 
 # name -> (heading, function in optuna.visualization and optuna.visualization.matplotlib)
@@ -131,6 +132,9 @@ def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path):
 
     kwargs: dict[str, Any] = {} if name == "intermediate_values" else {"target_name": METRIC}
     if name == "param_importances":
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if done < MIN_TRIALS_FOR_IMPORTANCE:
+            raise AutoftError(f"{done} finished trial(s); importances need at least {MIN_TRIALS_FOR_IMPORTANCE}")
         kwargs["evaluator"] = optuna.importance.FanovaImportanceEvaluator(seed=0)
     if name == "slice":
         searched = {p for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for p in t.params}
