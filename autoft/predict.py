@@ -28,7 +28,7 @@ from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, load_dataset, no
 from .exceptions import AutoftError, DataError
 from .finetune import predict_logits, resolve_device
 
-PNG_SIZE = (800, 640)  # pixels of every confusion-matrix PNG
+PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes (confusion matrices here, report plots)
 PNG_DPI = 100
 SPLITS = ("train", "val", "test")
 FORMATS = ("torchscript", "onnx")
@@ -181,6 +181,7 @@ def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path:
     ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
         ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, xticks_rotation="vertical")
     ax.set_title(title)
+    ax.grid(False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PNG_DPI)
@@ -262,7 +263,7 @@ def _export_onnx(module: nn.Module, sample: torch.Tensor, out: Path) -> torch.Te
         import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime
     except ImportError:
-        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime onnxscript") from None
+        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime") from None
     torch.onnx.export(module, (sample,), str(out), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

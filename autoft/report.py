@@ -125,6 +125,7 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
 
 def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path):
     """The interactive figure and the PNG of one optuna plot, from the same arguments."""
+    import matplotlib
     import matplotlib.pyplot as plt
     import numpy as np
     import optuna.visualization as vis
@@ -146,13 +147,15 @@ def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path):
         figure = getattr(vis, fn)(study, **kwargs)
         if not figure.data:
             raise AutoftError("optuna drew an empty plot (not enough finished trials with this data)")
-        axes = getattr(vis_mpl, fn)(study, **kwargs)
-    fig = np.asarray(axes).flat[0].figure
-    try:
-        fig.set_size_inches(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI)
-        fig.savefig(png, dpi=PNG_DPI)  # optuna's own layout: layout engines squash its colorbars
-    finally:
-        plt.close(fig)
+        with matplotlib.rc_context():  # optuna switches pyplot to its ggplot style; keep that from leaking out
+            fig = np.asarray(getattr(vis_mpl, fn)(study, **kwargs)).flat[0].figure
+            try:
+                fig.set_size_inches(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI)
+                if len(fig.axes) == 1:  # with a colorbar axis, tight layout squashes it: keep optuna's layout
+                    fig.tight_layout()
+                fig.savefig(png, dpi=PNG_DPI)
+            finally:
+                plt.close(fig)
     return figure, png
 
 
@@ -220,24 +223,22 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
     from optuna_dashboard import save_note, save_plotly_graph_object
 
-    if history:
-        best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
-        summary = (f"best {METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run "
-                   f"({cfg.epochs} planned)")
-    else:
-        summary = "no epoch finished"
-    save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n```yaml\n{config_yaml(cfg)}```\n")
     if not history:
+        save_note(trial, f"### Trial {trial.number}\n\nno epoch finished\n\n```yaml\n{config_yaml(cfg)}```\n")
         return
+    best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    summary = f"best {METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run ({cfg.epochs} planned)"
     artifacts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         png = save_learning_curves_png(history, f"trial {trial.number}: {summary}", Path(tmp) / f"learning_curves_trial_{trial.number}.png")
-        upload_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(png), study_or_trial=trial,
-                        mimetype="image/png")
-    curves = {f"trial {t.number}": t.user_attrs["history"] for t in trial.study.get_trials(deepcopy=False)
-              if t.user_attrs.get("history") and t.number != trial.number}
-    curves[f"trial {trial.number}"] = list(history)
-    save_plotly_graph_object(trial.study, learning_curves_figure(dict(sorted(curves.items(), key=lambda kv: int(kv[0].split()[1])))),
+        artifact_id = upload_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(png),
+                                      study_or_trial=trial, mimetype="image/png")
+    # the dashboard serves trial artifacts at this path, so the note shows the curve full size above the config
+    image = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+    save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{config_yaml(cfg)}```\n")
+    runs = {t.number: t.user_attrs["history"] for t in trial.study.get_trials(deepcopy=False) if t.user_attrs.get("history")}
+    runs[trial.number] = list(history)
+    save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}),
                              graph_object_id=LEARNING_CURVES_ID)
 
 

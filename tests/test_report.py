@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import wsgiref.util
@@ -135,16 +136,22 @@ def test_report_needs_a_finished_trial(tmp_path, monkeypatch):
     assert main(["report", "--study", "nope"]) == 2
 
 
-def _dashboard_get(storage, path: str) -> dict:
+def _dashboard_get(storage, path: str, artifacts: Path | None = None) -> bytes:
     """GET on optuna-dashboard's own WSGI app: what its pages show."""
+    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import wsgi
 
     environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
     wsgiref.util.setup_testing_defaults(environ)
     status: list[str] = []
-    body = b"".join(wsgi(storage)(environ, lambda s, h, exc_info=None: status.append(s)))
-    assert status[0].startswith("200"), status
-    return json.loads(body)
+    app = wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)) if artifacts else None)
+    body = b"".join(app(environ, lambda s, h, exc_info=None: status.append(s)))
+    assert status[0].startswith("200"), (path, status)
+    return body
+
+
+def _study_page(study: optuna.Study) -> dict:
+    return json.loads(_dashboard_get(study._storage, f"/api/studies/{study._study_id}"))
 
 
 def test_publish_trial_puts_curve_config_and_figure_on_the_dashboard(tmp_path):
@@ -158,12 +165,15 @@ def test_publish_trial_puts_curve_config_and_figure_on_the_dashboard(tmp_path):
         publish_trial(trial, cfg, history, tmp_path / "artifacts")
         study.tell(trial, acc)
 
-    detail = _dashboard_get(storage, f"/api/studies/{study._study_id}")
+    detail = _study_page(study)
     for t in detail["trials"]:
-        assert "backbone: tiny_cnn" in t["note"]["body"] and f"### Trial {t['number']}" in t["note"]["body"]
+        note = t["note"]["body"]
+        assert "backbone: tiny_cnn" in note and f"### Trial {t['number']}" in note
         (png,) = [a for a in t["artifacts"] if a["mimetype"] == "image/png"]
         assert png["filename"] == f"learning_curves_trial_{t['number']}.png"
-        with Image.open(tmp_path / "artifacts" / png["artifact_id"]) as im:
+        url = f"/artifacts/{study._study_id}/{t['trial_id']}/{png['artifact_id']}"
+        assert f"![learning curves]({url})" in note  # the note shows the curve, served by the dashboard
+        with Image.open(io.BytesIO(_dashboard_get(storage, url, tmp_path / "artifacts"))) as im:
             assert im.size == PNG_SIZE
     (figure,) = [g for g in detail["plotly_graph_objects"] if g["id"] == LEARNING_CURVES_ID]
     names = {trace["name"] for trace in json.loads(figure["graph_object"])["data"]}
@@ -184,7 +194,7 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=2, study="p", progress=False))
-    detail = _dashboard_get(study._storage, f"/api/studies/{study._study_id}")
+    detail = _study_page(study)
     assert len(detail["trials"]) == 2
     for t in detail["trials"]:
         assert "```yaml" in t["note"]["body"]
