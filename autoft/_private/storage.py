@@ -129,8 +129,14 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat, grace_period=grace,
-                          heartbeat_stale_trial_callback=retry)
+        for attempt in range(5):
+            try:
+                return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+                                  grace_period=grace, heartbeat_stale_trial_callback=retry)
+            except Exception as exc:  # several workers creating a new database's tables at once: the loser retries
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except ImportError:
         driver = "psycopg2-binary (pip install 'autoft[postgres]')" if url.startswith("postgresql") else "its database driver"
         raise ConfigError(f"storage {mask_url(url)}: the database driver is not installed; install {driver}") from None
