@@ -193,7 +193,8 @@ def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, pa
     for ax, label in ((ax_loss, "loss"), (ax_acc, METRIC)):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -228,6 +229,9 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
         return
     best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
     summary = f"best {METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run ({cfg.epochs} planned)"
+    reason = trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason")
+    if reason:
+        summary += f"; {reason}"
     artifacts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         png = save_learning_curves_png(history, f"trial {trial.number}: {summary}", Path(tmp) / f"learning_curves_trial_{trial.number}.png")
@@ -256,7 +260,7 @@ def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: R
                         f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"),
              ("best", f"trial {best.number}, {METRIC} {best.value:.4f}, val_loss {best.user_attrs.get('val_loss', math.nan):.4f}"),
              ("hand recipe", f"trial {hand.number}, {METRIC} {hand.value:.4f}" if hand else "not completed"),
-             ("training time", f"{wall:.0f} s over all trials")]
+             ("training time", f"{wall:.0f} s in finished trials")]
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report.skipped.items())
     config = html.escape(config_yaml(Config.from_dict(best.user_attrs["config"])))

@@ -193,10 +193,13 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
     from autoft.study import SearchOptions, run_search
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
     study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=2, study="p", progress=False))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     detail = _study_page(study)
     assert len(detail["trials"]) == 2
     for t in detail["trials"]:
         assert "```yaml" in t["note"]["body"]
+        assert ("pruned after epoch" in t["note"]["body"]) == (t["state"] == "Pruned")
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
     assert [g["id"] for g in detail["plotly_graph_objects"]] == [LEARNING_CURVES_ID]
