@@ -17,7 +17,7 @@ from .predict import Predictor, load_model
 __version__ = "0.1.0"
 
 
-def search(config: Config | None = None, options=None, **settings: Any):
+def search(config: Config | None = None, options: "SearchOptions | None" = None, **settings: Any) -> "optuna.Study":  # noqa: F821
     """Run (or resume) a search from Python: `autoft.search(data="photos", trials=20, epochs=3)`.
 
     Each keyword is a Config key (the base every trial starts from: data, backbone, epochs, image_size, ...)
