@@ -24,9 +24,9 @@ from ._private.io import atomic_write_text
 from .backbones import Net, get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
-from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, load_dataset, normalize, store_size_for
+from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
-from .finetune import predict_logits, resolve_device
+from .finetune import load_data, predict_logits, resolve_device
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes (confusion matrices here, report plots)
 PNG_DPI = 100
@@ -132,13 +132,13 @@ def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
 # --- evaluate ------------------------------------------------------------------------------------------------
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str = "val",
-             out: str | os.PathLike | None = None, device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+             out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
     """Score a checkpoint on one split of a labelled folder (default: the data it was trained on).
 
     Returns accuracy, balanced accuracy, per-class precision/recall/F1/support, the confusion matrix and
     sklearn's text report; the confusion matrix PNG goes to `out` (default: next to the model,
-    `<model>_<split>_confusion.png`). A val split carved out of train/ (no val/ folder) is re-drawn
-    with `seed` (default: the config's), so pass the seed that drew it during training.
+    `<model>_<split>_confusion.png`). A val split carved out of train/ (no val/ folder) is the same
+    fixed split that training and the search validated on.
     """
     from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
@@ -147,8 +147,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     predictor = load_model(model_path, device)
     cfg = predictor.config
     data_dir = data_dir if data_dir is not None else cfg.data
-    data = load_dataset(data_dir, cfg.image_size, predictor.spec.crop_pct, seed=cfg.seed if seed is None else seed,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
+    data = load_data(cfg.replace(data=str(data_dir) if data_dir is not None else None))
     if data.classes != predictor.classes:
         raise DataError(f"{data_dir} has classes {data.classes}, the model was trained on {predictor.classes}")
     part = getattr(data, split)

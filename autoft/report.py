@@ -104,7 +104,7 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
             continue
         try:
             ev = evaluate(model, Config.from_dict(best.user_attrs["config"]).data, split, out / f"{name}.png",
-                          device="auto", seed=study.user_attrs.get("seed"))
+                          device="auto")
         except (AutoftError, OSError) as exc:
             report.skipped[name] = _one_line(exc)
             continue
