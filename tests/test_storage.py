@@ -115,10 +115,10 @@ def _search_args(data, storage, study, *more):
             "--device", "cpu", "--storage", storage, "--study", study, *more]
 
 
-def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, capfd):
+def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, monkeypatch, capfd):
     """`autoft search --workers 2` on a real PostgreSQL server: exactly the trials asked for, password never shown."""
-    os.chdir(tmp_path)
-    assert main(_search_args(image_folder, postgres_url, "pg2", "--trials", "3", "--workers", "2")) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(_search_args(image_folder, postgres_url, "pg2", "--trials", "3", "--workers", "2")[1:]) == 0  # not -q
     study = optuna.load_study(study_name="pg2", storage=make_storage(postgres_url))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 3
@@ -126,6 +126,7 @@ def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, capfd):
     out, err = capfd.readouterr()
     exports = [p.read_text(errors="replace") for p in (tmp_path / "studies" / "pg2").glob("*") if p.suffix != ".pt"]
     assert exports and "secret" not in out + err + "".join(exports)
+    assert "postgresql://autoft:***@127.0.0.1" in err  # the log line naming the storage, masked
 
 
 def test_worker_joins_postgresql_study_from_its_attrs(postgres_url, image_folder, tmp_path, monkeypatch):
