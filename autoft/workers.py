@@ -51,14 +51,17 @@ class Surplus(Exception):
     """The study's goal was already taken by other workers' trials when this one started."""
 
 
-class _QuietSurplus(logging.Filter):
-    """A given-up slot is bookkeeping, not a failure worth a traceback in the log."""
+class _QuietTrialEnds(logging.Filter):
+    """A given-up slot is bookkeeping, and an interrupt is the user's doing: neither is worth a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], Surplus))
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KeyboardInterrupt):
+            record.exc_info = None
+        return not isinstance(exc, Surplus)
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
+logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
 
 
 def finished_count(trials: Sequence[FrozenTrial]) -> int:
