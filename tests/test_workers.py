@@ -279,7 +279,7 @@ def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_fo
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
-        assert main(search_args(image_folder, "--trials", "3", "--seed", str(seed), "--pruner", "none")) == 0
+        assert main(search_args(image_folder, "--trials", "2", "--seed", str(seed), "--pruner", "none")) == 0
         runs[name] = [(t.params, t.value) for t in load().trials]
     assert runs["a"] == runs["b"]
     assert runs["a"][1][0] != runs["c"][1][0]  # trial 0 is the hand recipe; the sampled ones follow the seed
