@@ -310,11 +310,13 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     exporter = Exporter(opts.out_dir, opts.artifacts)
     objective = Objective(base, space, base.seed, opts.min_epochs, exporter)
     objective.data(base)  # bad data stops here, before any trial exists
-    study = open_study(base, opts, space, base.seed)
-    if join:
-        study.sampler.reseed_rng()  # workers started together must not sample the same points
+    if join:  # settings come from the study itself; the sampler is seeded at random so workers differ
+        study = optuna.load_study(study_name=opts.study, storage=make_storage(opts.storage),
+                                  sampler=make_sampler(opts.sampler, None),
+                                  pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials))
         target = study.user_attrs["target"]
     else:
+        study = open_study(base, opts, space, base.seed)
         target = workers.set_goal(study, opts.trials, opts.settings())
     todo = max(0, target - workers.finished_count(study.get_trials(deepcopy=False)))
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),

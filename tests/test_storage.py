@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import time
 
 import optuna
@@ -122,6 +123,7 @@ def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, monkeyp
     study = optuna.load_study(study_name="pg2", storage=make_storage(postgres_url))
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 3
+    assert study.trials[-1].user_attrs["config"]["data"] == str(elsewhere)
     assert TrialState.RUNNING not in states
     out, err = capfd.readouterr()
     exports = [p.read_text(errors="replace") for p in (tmp_path / "studies" / "pg2").glob("*") if p.suffix != ".pt"]
@@ -136,6 +138,8 @@ def test_worker_joins_postgresql_study_from_its_attrs(postgres_url, image_folder
     study = optuna.load_study(study_name="join", storage=make_storage(postgres_url))
     study.set_user_attr("target", 3)  # as if another `autoft search --trials` had raised the goal
     monkeypatch.setenv("AUTOFT_STORAGE", postgres_url)
-    assert main(["-q", "worker", "--study", "join", "--device", "cpu"]) == 0
+    elsewhere = shutil.copytree(image_folder, tmp_path / "elsewhere")  # the images at another path on "this machine"
+    assert main(["-q", "worker", "--study", "join", "--device", "cpu", "--data", str(elsewhere)]) == 0
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 3
+    assert study.trials[-1].user_attrs["config"]["data"] == str(elsewhere)
