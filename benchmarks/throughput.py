@@ -9,9 +9,10 @@
 (c) limit: the same model and optimizer on synthetic tensors already on the device (bf16 autocast +
     channels_last on CUDA, fp32 channels_last on CPU).
 All three train every parameter (freeze_depth 0) with Adam. The small dataset is repeated to about
---images per epoch; each loop is warmed up first, and with --rounds K the three are interleaved K
-times and the best of each is kept (other processes sharing the CPU only ever slow a round down).
-Prints ONE JSON line on stdout; per-round figures go to stderr.
+--images per epoch and each loop runs --epochs epochs (with --rounds K, the three loops take turns
+K times); each figure is a loop's best epoch, because other processes sharing the machine only ever
+slow an epoch down and the first epoch pays one-off set-up. Prints ONE JSON line on stdout; every
+epoch's figure and the medians go to stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,38 +45,41 @@ def tiled(data: Dataset, n_train: int, n_val: int | None = None) -> Dataset:
     return Dataset(data.classes, tile(data.train, n_train), val, None, data.image_size, data.store_size)
 
 
-def autoft_loop(data: Dataset, cfg: Config) -> float:
-    """One real fine-tune epoch; finetune times its training steps alone (validation excluded)."""
-    return finetune(cfg, data).history[-1]["images_per_s"]
+def autoft_loop(data: Dataset, cfg: Config) -> list[float]:
+    """A real fine-tune; finetune times each epoch's training steps alone (validation excluded)."""
+    return [h["images_per_s"] for h in finetune(cfg, data).history]
 
 
-def tutorial_loop(root: Path, cfg: Config, times: int, workers: int, device: torch.device, warmup: bool = False) -> float:
+def tutorial_loop(root: Path, cfg: Config, times: int, workers: int, device: torch.device) -> list[float]:
     """The loop most tutorials write: decode and augment JPEGs with PIL in DataLoader workers, fp32."""
-    from torch.utils.data import ConcatDataset, DataLoader, Subset
+    from torch.utils.data import ConcatDataset, DataLoader
     from torchvision import datasets, transforms as T
 
     spec = get_backbone(cfg.backbone)
     tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
     folder = datasets.ImageFolder(str(root / "train" if (root / "train").is_dir() else root), tf)
-    ds = Subset(folder, range(2 * cfg.batch_size)) if warmup else ConcatDataset([folder] * times)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(ConcatDataset([folder] * times), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     model, _ = build_model(cfg.backbone, len(folder.classes), cfg.weights, cfg.seed)
     model = model.to(device).train()
     opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.head_lr},
                             {"params": model.stages.parameters(), "lr": cfg.base_lr}])
-    t0, seen = time.perf_counter(), 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += len(y)
-    loss.item()  # wait for the device
-    return seen / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(cfg.epochs):
+        t0, seen = time.perf_counter(), 0  # worker start-up included: a tutorial loop pays it every epoch
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+        loss.item()  # wait for the device
+        rates.append(seen / (time.perf_counter() - t0))
+    return rates
 
 
-def limit_loop(cfg: Config, n_images: int, n_classes: int, device: torch.device) -> float:
+def limit_loop(cfg: Config, n_images: int, n_classes: int, device: torch.device) -> list[float]:
     """The same model and optimizer on tensors already on the device: no data loading at all."""
     model, _ = build_model(cfg.backbone, n_classes, cfg.weights, cfg.seed)
     model = model.to(device, memory_format=torch.channels_last).train()
@@ -91,13 +96,15 @@ def limit_loop(cfg: Config, n_images: int, n_classes: int, device: torch.device)
         opt.step()
         return loss
 
-    step().item()  # warm-up: kernel selection, allocator
     steps = max(1, math.ceil(n_images / cfg.batch_size))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss.item()
-    return steps * cfg.batch_size / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss.item()
+        rates.append(steps * cfg.batch_size / (time.perf_counter() - t0))
+    return rates
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,32 +115,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorial loop")
-    p.add_argument("--images", type=int, default=None, help="images per timed epoch (default 512 on CPU, 4096 on CUDA)")
+    p.add_argument("--images", type=int, default=None, help="images per timed epoch (default 400 on CPU, 4096 on CUDA)")
     p.add_argument("--repeat", type=int, default=None, help="repeat the train split R times (overrides --images)")
-    p.add_argument("--rounds", type=int, default=1, help="interleave the three loops this many times, keep each one's best")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per loop and round")
+    p.add_argument("--rounds", type=int, default=1, help="the three loops take turns this many times")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
     spec = get_backbone(args.backbone)
     data = load_dataset(args.data, args.image_size, spec.crop_pct)
-    target = args.images or (512 if device.type == "cpu" else 4096)
+    target = args.images or (400 if device.type == "cpu" else 4096)
     times = args.repeat or max(1, round(target / len(data.train)))
     n_images = times * len(data.train)
     big = tiled(data, n_images)
-    cfg = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, epochs=1,
+    cfg = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
                  freeze_depth=0, optimizer="adam", head_lr=1e-2, base_lr=1e-3, aug_strength=1.0, device=str(device))
 
-    # Warm-up: first-use costs (weights from disk, kernel selection, worker start-up code paths) are paid once here.
-    autoft_loop(tiled(data, 2 * args.batch_size, 8), cfg)
-    tutorial_loop(Path(args.data), cfg, 1, args.workers, device, warmup=True)
-    best = {"autoft": 0.0, "tutorial": 0.0, "limit": 0.0}
+    epochs = {"autoft": [], "tutorial": [], "limit": []}
     for r in range(args.rounds):
-        figures = {"autoft": autoft_loop(big, cfg),
-                   "tutorial": tutorial_loop(Path(args.data), cfg, times, args.workers, device),
-                   "limit": limit_loop(cfg, n_images, len(data.classes), device)}
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in figures.items())
-              + f" ({n_images} images/epoch)", file=sys.stderr, flush=True)
-        best = {k: max(best[k], v) for k, v in figures.items()}
+        epochs["autoft"] += autoft_loop(big, cfg)
+        epochs["tutorial"] += tutorial_loop(Path(args.data), cfg, times, args.workers, device)
+        epochs["limit"] += limit_loop(cfg, n_images, len(data.classes), device)
+        print(f"round {r + 1}/{args.rounds}, {n_images} images/epoch, img/s per epoch: "
+              + "; ".join(f"{k} {' '.join(f'{v:.1f}' for v in vs)}" for k, vs in epochs.items()), file=sys.stderr, flush=True)
+    print("medians: " + ", ".join(f"{k} {statistics.median(vs):.1f}" for k, vs in epochs.items()), file=sys.stderr, flush=True)
+    best = {k: max(vs) for k, vs in epochs.items()}
     out = {"backbone": args.backbone, "device": device.type, "image_size": args.image_size, "batch_size": args.batch_size,
            "autoft_img_s": round(best["autoft"], 1), "tutorial_img_s": round(best["tutorial"], 1),
            "limit_img_s": round(best["limit"], 1), "vs_tutorial": round(best["autoft"] / best["tutorial"], 2),
