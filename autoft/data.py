@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,35 +105,37 @@ def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str],
 # --- decoding ---------------------------------------------------------------------------------------------
 
 def decode(path: str, size: int) -> np.ndarray:
-    """One image as (size, size, 3) uint8: any mode to RGB, shorter side resized to size, centre square."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            if min(im.size) < MIN_SIDE:
-                raise ValueError(f"image is {im.size[0]}x{im.size[1]}, smaller than {MIN_SIDE}x{MIN_SIDE}")
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """One image as (size, size, 3) uint8: any mode to RGB, shorter side resized to size, centre square.
+
+    Sizes are checked before decoding (an explicit check: warning filters are not thread-safe, and
+    decoding runs in threads): tiny images carry no signal, huge ones may be decompression bombs.
+    """
+    with Image.open(path) as im:
+        w, h = im.size
+        if min(w, h) < MIN_SIDE:
+            raise ValueError(f"too small: {w}x{h}, under {MIN_SIDE}x{MIN_SIDE}")
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"too large: {w}x{h}, over {Image.MAX_IMAGE_PIXELS:,} pixels (possible decompression bomb)")
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.getchannel("A"))
+        else:
+            im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def _try_decode(path: str, size: int):
+def _try_decode(path: str, size: int) -> np.ndarray | str:
+    """The decoded image, or a one-line reason it cannot be used."""
     try:
         return decode(path, size)
-    except Image.DecompressionBombError as exc:
-        return f"too large ({exc})".split(" could be")[0]
-    except Image.DecompressionBombWarning:
-        return "too large (over PIL's MAX_IMAGE_PIXELS; possible decompression bomb)"
-    except Exception as exc:  # unreadable, truncated, not an image
+    except Exception as exc:  # unreadable, truncated, not an image, too small or too large
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
