@@ -102,7 +102,7 @@ CASES = {
     "corrupt JPEG": (_with_bad_image("x.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))), "x.jpg"),
     "truncated PNG": (_with_bad_image("x.png", _truncated_png), "x.png"),
     "text file named .jpg": (_with_bad_image("x.jpg", lambda p: p.write_text("not an image")), "x.jpg"),
-    "1x1 image": (_with_bad_image("x.png", lambda p: Image.new("RGB", (1, 1)).save(p)), "smaller than"),
+    "1x1 image": (_with_bad_image("x.png", lambda p: Image.new("RGB", (1, 1)).save(p)), "too small"),
     "10000x10000 image": (_with_bad_image("x.png", _png_10k), "too large"),
     "invalid YAML": (_file("c.yaml", "epochs: [1, 2\n", "--config"), "not valid YAML"),
     "unknown key": (_file("c.yaml", "learning_rate: 0.1\n", "--config"), "unknown config key 'learning_rate'"),
