@@ -11,7 +11,6 @@ import gc
 import io
 import logging
 import math
-import os
 import signal
 import time
 import warnings
@@ -283,7 +282,10 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int)
         for key, value in fingerprint.items():
             study.set_user_attr(key, value)
         study.set_user_attr("seed", seed)
-        study.enqueue_trial(space.hand_recipe(), user_attrs={"hand_recipe": True}, skip_if_exists=True)
+    # The hand recipe runs first, and again if its trial was interrupted or crashed before finishing.
+    alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    if not any(t.user_attrs.get("hand_recipe") for t in study.get_trials(deepcopy=False, states=alive)):
+        study.enqueue_trial(space.hand_recipe(), user_attrs={"hand_recipe": True})
     return study
 
 

@@ -122,3 +122,14 @@ def test_hyperband_is_the_default_and_guarded():
     t = study.ask()
     t.report(0.0, 1)
     assert not t.should_prune()  # before min_epochs, and before any trial has finished
+
+
+def test_hand_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_config):
+    space = SearchSpace.default(3, tiny_config.epochs)
+    study = open_study(tiny_config, _opts(), space, tiny_config.seed)
+    interrupted = study.ask()  # takes the enqueued hand recipe
+    assert interrupted.user_attrs["hand_recipe"]
+    study.tell(interrupted, state=TrialState.FAIL)
+    study = run_search(tiny_config, _opts(trials=1))
+    assert study.trials[1].user_attrs.get("hand_recipe") and study.trials[1].state == TrialState.COMPLETE
+    assert study.trials[1].params == space.hand_recipe()
