@@ -42,6 +42,10 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
     seconds = time.perf_counter() - t0
     best = best_trial(study)
     states = [t.state for t in study.trials]
+    for t in study.trials:
+        h = t.user_attrs.get("history", [])
+        print(f"autoft trial {t.number}: {t.state.name.lower()}, {len(h)} epochs, {t.user_attrs.get('wall_time_s', 0):.1f} s, "
+              f"val_accuracy {max((e['val_accuracy'] for e in h), default=0):.3f}, {_params(t.params)}", file=sys.stderr)
     return {"seconds": seconds, "best": best.value if best else float("nan"),
             "pruned": states.count(optuna.trial.TrialState.PRUNED),
             "epochs_run": sum(len(t.user_attrs.get("history", [])) for t in study.trials)}
@@ -79,6 +83,7 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
                           T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
     def objective(trial: optuna.Trial) -> float:
+        t_trial = time.perf_counter()
         cfg = space.suggest(trial, base)
         torch.manual_seed(trial_seed(args.seed, trial.number))
         stages, n_features = spec.build(cfg.weights)  # pretrained weights read from disk, as a tutorial does
@@ -115,6 +120,8 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
                 for x, y in val_dl:
                     correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             best = max(best, correct / len(val_ds))
+        print(f"plain trial {trial.number}: {cfg.epochs} epochs, {time.perf_counter() - t_trial:.1f} s, "
+              f"val_accuracy {best:.3f}, {_params(trial.params)}", file=sys.stderr)
         return best
 
     study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", trial_seed(args.seed, 0)),
@@ -123,6 +130,10 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     study.optimize(objective, n_trials=args.trials)
     return {"seconds": time.perf_counter() - t0, "best": study.best_value, "pruned": 0,
             "epochs_run": args.trials * args.epochs}
+
+
+def _params(params: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
