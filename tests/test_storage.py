@@ -77,7 +77,7 @@ def test_stale_trial_is_failed_and_requeued_once(tmp_path, fast_heartbeat, kind)
     zombie.suggest_float("lr", 1e-4, 1e-1, log=True)
     storage.record_heartbeat(zombie._trial_id)  # then its worker "dies": no more beats
     alive = study.ask()
-    time.sleep(2.5)
+    time.sleep(3.5)  # > grace (2 s) + SQLite CURRENT_TIMESTAMP's one-second resolution
     storage.record_heartbeat(alive._trial_id)  # this one's worker is still beating
     optuna.storages.fail_stale_trials(study)
     optuna.storages.fail_stale_trials(study)  # a second sweep (another worker) must not retry it twice
