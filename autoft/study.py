@@ -113,7 +113,8 @@ class Objective:
             history.append(metrics)
             trial.set_user_attr("history", history)
             trial.report(metrics["val_accuracy"], epoch + 1)
-            if epoch + 1 >= self.min_epochs and trial.should_prune():
+            last = epoch + 1 == cfg.epochs  # its cost is paid: a finished trial is worth keeping, never pruned
+            if not last and epoch + 1 >= self.min_epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy {metrics['val_accuracy']:.4f}")
 
         try:

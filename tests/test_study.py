@@ -133,3 +133,12 @@ def test_hand_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_confi
     study = run_search(tiny_config, _opts(trials=1))
     assert study.trials[1].user_attrs.get("hand_recipe") and study.trials[1].state == TrialState.COMPLETE
     assert study.trials[1].params == space.hand_recipe()
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config):
+    cfg = tiny_config.replace(epochs=1)
+    opts = _opts(trials=2, pruner="median", startup_trials=1)
+    study = open_study(cfg, opts, SearchSpace.default(3, 1), cfg.seed)
+    study.enqueue_trial({"head_lr": 1e-4, "base_lr": 1e-5, "optimizer": "sgd"})  # far worse than the hand recipe
+    study = run_search(cfg, opts)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
