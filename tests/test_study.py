@@ -135,10 +135,33 @@ def test_hand_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_confi
     assert study.trials[1].params == space.hand_recipe()
 
 
-def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config):
-    cfg = tiny_config.replace(epochs=1)
-    opts = _opts(trials=2, pruner="median", startup_trials=1)
-    study = open_study(cfg, opts, SearchSpace.default(3, 1), cfg.seed)
-    study.enqueue_trial({"head_lr": 1e-4, "base_lr": 1e-5, "optimizer": "sgd"})  # far worse than the hand recipe
-    study = run_search(cfg, opts)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monkeypatch):
+    import importlib
+
+    from autoft.finetune import Result
+
+    def fake_finetune(cfg, data, report):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
+        m = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
+             "images_per_s": 1.0}
+        for epoch in range(cfg.epochs):
+            report(epoch, {**m, "epoch": epoch + 1})
+        return Result(m, m, [m], {}, data.classes, cfg, "cpu", 0.1, 1.0)
+
+    study_module = importlib.import_module("autoft.study")
+    monkeypatch.setattr(study_module, "finetune", fake_finetune)
+    monkeypatch.setattr(study_module.Exporter, "export_weights", lambda *a: None)
+    opts = _opts(trials=3, pruner="median", startup_trials=1)
+    cfg = tiny_config.replace(epochs=2)
+    study = open_study(cfg, opts, SearchSpace.default(3, 2), cfg.seed)
+    bad = {"head_lr": 1e-4, "base_lr": 1e-5}
+    study.enqueue_trial({**bad, "t_max": 1})
+    study.enqueue_trial({**bad, "t_max": 2})
+    study = run_search(cfg.replace(epochs=2), opts)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    assert [len(t.user_attrs["history"]) for t in study.trials[1:]] == [1, 1]  # pruned after epoch 1 of 2
+
+    one = _opts(trials=2, pruner="median", startup_trials=1, study="one")
+    cfg1 = cfg.replace(epochs=1)
+    open_study(cfg1, one, SearchSpace.default(3, 1), cfg.seed).enqueue_trial({**bad, "t_max": 1})
+    study = run_search(cfg1, one)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # its only epoch was its last
