@@ -6,7 +6,7 @@ Predictor with `.predict(images)`.
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
 from .config import Config
@@ -14,10 +14,15 @@ from .exceptions import AutoftError, ConfigError
 from .finetune import Result
 from .predict import Predictor, load_model
 
+if TYPE_CHECKING:
+    import optuna
+
+    from .study import SearchOptions
+
 __version__ = "0.1.0"
 
 
-def search(config: Config | None = None, options: "SearchOptions | None" = None, **settings: Any) -> "optuna.Study":  # noqa: F821
+def search(config: Config | None = None, options: "SearchOptions | None" = None, **settings: Any) -> "optuna.Study":
     """Run (or resume) a search from Python: `autoft.search(data="photos", trials=20, epochs=3)`.
 
     Each keyword is a Config key (the base every trial starts from: data, backbone, epochs, image_size, ...)
@@ -50,6 +55,7 @@ def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/tra
     else:
         config = Config.from_yaml(config, **overrides)
     return run_train(config, out, full=full)
+
 
 __all__ = [
     "AutoftError",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
-
 from ._private.storage import make_storage, mask_url
 from .exceptions import ConfigError
 

@@ -10,6 +10,7 @@ validation after every epoch keeps the best weights and may stop early.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import resource
 import time
@@ -309,8 +310,9 @@ def _cached_bytes() -> int:
 
 
 def clear_caches() -> None:
-    """Drop device copies and cached features (between studies, or after an out-of-memory error)."""
+    """Drop device copies and cached features and collect garbage (between studies, after an out-of-memory error)."""
     _features.clear()
     _device_images.clear()
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -7,7 +7,6 @@ study around it: storage, sampler, pruner, warm start, per-trial records, export
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import logging
 import math
@@ -29,7 +28,7 @@ from .checkpoint import save_checkpoint
 from .config import Config
 from .data import Dataset
 from .exceptions import ConfigError, TrialFailure
-from .finetune import Result, clear_caches, finetune, load_data
+from .finetune import Result, clear_caches, finetune, load_data, resolve_device
 from .runs import config_yaml
 from .space import SearchSpace
 
@@ -117,6 +116,7 @@ class Objective:
             if not last and epoch + 1 >= self.min_epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy {metrics['val_accuracy']:.4f}")
 
+        trial.set_user_attr("device", str(resolve_device(cfg.device)))
         try:
             result = self._run(trial, cfg, report)
         except TrialFailure as exc:  # a diverged trial is a bad region of the space: prune it, keep going
@@ -127,14 +127,11 @@ class Objective:
             from .report import publish_trial  # learning curve + config note on the dashboard (report imports study)
             publish_trial(trial, cfg, history, self.exporter.artifacts)
             raise
-        finally:
-            trial.set_user_attr("device", str(cfg.device))
         trial.set_user_attr("val_loss", result.best["val_loss"])
         trial.set_user_attr("best_epoch", result.best["epoch"])
         trial.set_user_attr("wall_time_s", result.wall_time)
         trial.set_user_attr("images_per_s", sum(h["images_per_s"] for h in history) / len(history))
         trial.set_user_attr("peak_memory_mb", result.peak_memory_mb)
-        trial.set_user_attr("device", result.device)
         self.exporter.export_weights(trial, cfg, result)
         from .report import publish_trial
 
@@ -146,7 +143,7 @@ class Objective:
         try:
             return finetune(cfg, self.data(cfg), report)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            _release()
+            clear_caches()
             smaller = max(1, cfg.batch_size // 2)
             log.warning("trial %d ran out of memory at batch size %d; retrying at %d", trial.number, cfg.batch_size, smaller)
             trial.set_user_attr("oom_retry", f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}")
@@ -154,14 +151,9 @@ class Objective:
             try:
                 return finetune(cfg.replace(batch_size=smaller), self.data(cfg), report)
             except (torch.OutOfMemoryError, MemoryError) as again:
-                _release()
+                clear_caches()
                 trial.set_user_attr("fail_reason", f"out of memory at batch size {smaller}: {str(again).splitlines()[0][:200]}")
                 raise TrialFailure(f"out of memory at batch size {smaller}") from None
-
-
-def _release() -> None:
-    clear_caches()
-    gc.collect()
 
 
 class Exporter:

@@ -18,7 +18,6 @@ same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ._private.storage import make_storage, mask_url
 from .exceptions import AutoftError, ConfigError
+from .finetune import clear_caches as release_memory  # after a crashed trial
 
 log = logging.getLogger("autoft")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -121,13 +121,6 @@ class _Slot:
                 study._storage.set_trial_state_values(self.trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
-
-
-def release_memory() -> None:
-    from .finetune import clear_caches
-
-    clear_caches()
-    gc.collect()
 
 
 def fail_stale(study: optuna.Study) -> None:
