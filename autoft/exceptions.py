@@ -1,4 +1,7 @@
-"""One exception base, so the CLI can turn every user-facing failure into one line and exit 2; plus the trial and signal ones."""
+"""One exception base, so the CLI can turn every user-facing failure into one line and exit 2.
+
+Also the exceptions that are not the user's to fix: a trial's own failure, and SIGTERM.
+"""
 
 
 class AutoftError(Exception):

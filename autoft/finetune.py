@@ -111,7 +111,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             # Freeze, then unfreeze: during head-only epochs every stage is frozen.
             depth = len(model.stages) if epoch < cfg.head_only_epochs else cfg.freeze_depth
             _set_trainable(model, depth)
-            features = frozen_features(model, spec, cfg, data.train, depth, device) if cfg.aug_strength == 0 and depth else None
+            features = None  # without augmentation, the frozen stages' output for the training images never changes
+            if cfg.aug_strength == 0 and depth:
+                features = frozen_features(model, spec, cfg, data.train, depth, device)
 
             t_epoch = time.perf_counter()
             order = torch.randperm(len(data.train), generator=gen_cpu).to(device)  # one copy per epoch, not one per step
@@ -142,8 +144,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
 def build_on_device(cfg: Config, num_classes: int, device: torch.device) -> tuple[Net, BackboneSpec]:
     """The backbone with a new head, channels_last on `device`; a freeze depth past its stages is a config error."""
     model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed)
-    if cfg.freeze_depth > len(model.stages):
-        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {len(model.stages)} stages")
+    n_stages = len(model.stages)
+    if cfg.freeze_depth > n_stages:
+        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

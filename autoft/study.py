@@ -65,9 +65,9 @@ class SearchOptions:
         if self.trials < 1:
             raise ConfigError(f"--trials must be at least 1, got {self.trials}")
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
         if not self.study or "/" in self.study:
             raise ConfigError(f"--study {self.study!r}: a study name must be non-empty and contain no '/'")
         if self.workers < 1:
