@@ -96,16 +96,16 @@ def goal(study: optuna.Study) -> int:
 class StudyMeta:
     base: Config  # with the study's seed
     space: SearchSpace
-    target: int
-    settings: dict[str, Any]
+    settings: dict[str, Any]  # SearchOptions fields
 
 
 def read_study_meta(study: optuna.Study) -> StudyMeta:
+    """What a joining worker takes from the study; one without a goal was not started by `autoft search`."""
     attrs = study.user_attrs
     if not {BASE, SPACE, TARGET, SEARCH} <= set(attrs):
         raise ConfigError(f"study {study.study_name!r} was not started by this autoft version's search; it cannot be joined")
     return StudyMeta(Config.from_dict({**attrs[BASE], "seed": attrs.get(SEED, 0)}), SearchSpace.from_dict(attrs[SPACE]),
-                     attrs[TARGET], attrs[SEARCH])
+                     attrs[SEARCH])
 
 
 def enqueue_hand_recipe(study: optuna.Study, params: dict[str, Any]) -> None:
@@ -134,7 +134,8 @@ def record_history(trial: optuna.Trial, history: list[dict[str, float]]) -> None
 
 
 def record_result(trial: optuna.Trial, result: Result, history: Sequence[dict[str, float]]) -> None:
-    """What a finished fine-tune adds; `history` is every epoch the trial reported (a retry's included)."""
+    """What a finished fine-tune adds. `history` is every epoch the trial reported: after an out-of-memory
+    retry, the first attempt's epochs too, as `HISTORY` holds them."""
     trial.set_user_attr(VAL_LOSS, result.best["val_loss"])
     trial.set_user_attr(BEST_EPOCH, result.best["epoch"])
     trial.set_user_attr(WALL_TIME, result.wall_time)
