@@ -137,8 +137,8 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
             try:
                 return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat,
                                   grace_period=grace, heartbeat_stale_trial_callback=retry)
-            except Exception as exc:  # several workers creating a new database's tables at once: the loser retries
-                if "already exists" not in str(exc) or attempt == 4:
+            except Exception as exc:  # several processes creating a new database's tables at once: the loser retries
+                if not any(clash in str(exc) for clash in ("already exists", "alembic_version")) or attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except ImportError:
