@@ -9,8 +9,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
-from .config import Config
-from .exceptions import AutoftError, ConfigError
+from .config import Config, check_keys
+from .exceptions import AutoftError, ConfigError  # noqa: F401  (autoft.ConfigError, as before)
 from .finetune import Result
 from .predict import Predictor, load_model
 
@@ -33,9 +33,7 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
 
     config_keys = {f.name for f in dataclasses.fields(Config)}
     option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
-    unknown = sorted(set(settings) - config_keys - option_keys)
-    if unknown:
-        raise ConfigError(f"autoft.search: unknown setting {unknown[0]!r}; use a Config key or one of {', '.join(sorted(option_keys))}")
+    check_keys(settings, config_keys | option_keys, "setting", where="autoft.search: ")
     base = (config or Config()).replace(**{k: v for k, v in settings.items() if k in config_keys})
     opts = dataclasses.replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in option_keys})
     return run_search(base, opts)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._private.io import atomic_torch_save, versions
+from .files import atomic_torch_save, versions
 from .backbones import Net, build_model
 from .config import Config
 from .exceptions import AutoftError, ConfigError

@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from .config import Config, load_yaml
-from .exceptions import AutoftError, ConfigError
+from .config import Config, check_keys, load_yaml
+from .exceptions import AutoftError, ConfigError, Terminated
+from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
+from .study import SearchOptions
 
 log = logging.getLogger("autoft")
 PROJECT_FILE = "autoft.yaml"
@@ -27,17 +30,34 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """Every Config key as a flag (`image_size` -> `--image-size`); the dataclass stays the one source of truth."""
-    p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
-    g = p.add_argument_group("config keys (override the file)")
-    for f in dataclasses.fields(Config):
+def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[dataclasses.Field], Callable[[str], Any]]) -> None:
+    """Each field of a settings dataclass that has metadata as a flag (`image_size` -> `--image-size`), so the
+    dataclass stays the one source of names, help, choices and defaults. `value(field)` parses the flag's text."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata:
+            continue
+        helptext = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            helptext += (": " if helptext else "") + ", ".join(f.metadata["choices"])
+        if "(default:" not in helptext:
+            helptext += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", "") + f" (default: {f.default})"
         if str(f.type).startswith("bool"):
-            g.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=helptext)
+            group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=helptext)
         else:
-            g.add_argument(flag, dest=f.name, type=_scalar, default=argparse.SUPPRESS, metavar=f.name.upper(), help=helptext)
+            group.add_argument(flag, dest=f.name, type=value(f), default=argparse.SUPPRESS,
+                               metavar=f.metadata.get("metavar", f.name.upper()), help=helptext)
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Every Config key as a flag, its value read as YAML like the config file's."""
+    p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
+    add_flags(p.add_argument_group("config keys (override the file)"), Config, lambda f: _scalar)
+
+
+def _typed(f: dataclasses.Field) -> Callable[[str], Any]:
+    """int or float as the field is annotated (`float | None` is float), else the text."""
+    return {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -72,18 +92,11 @@ def _print_epoch(epoch: int, m: dict[str, float]) -> None:
           f"val_accuracy {m['val_accuracy']:.4f}  {m['images_per_s']:.0f} img/s", flush=True)
 
 
-def search_options(args: argparse.Namespace, from_file: dict[str, Any]):
-    from .study import SearchOptions
-
-    known = {f.name for f in dataclasses.fields(SearchOptions)}
-    unknown = sorted(set(from_file) - known)
-    if unknown:
-        raise ConfigError(f"unknown search setting {unknown[0]!r} in {PROJECT_FILE}; known: {', '.join(sorted(known))}")
-    values = dict(from_file)
-    for name in known:
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    return SearchOptions(**values)
+def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:
+    """Search settings from flags, then the config file's `search:` block, then SearchOptions' defaults."""
+    known = [f.name for f in dataclasses.fields(SearchOptions)]
+    check_keys(from_file, known, "search setting")
+    return SearchOptions(**(from_file | {name: getattr(args, name) for name in known if name in vars(args)}))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -95,7 +108,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .workers import join
+    from .study import join
 
     if not args.storage:
         raise ConfigError("autoft worker needs --storage URL (or AUTOFT_STORAGE set to it)")
@@ -105,22 +118,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    import optuna
+    from . import records
+    from .storage import load_study
 
-    from ._private.storage import make_storage
-    from .runs import config_yaml
-    from .study import best_trial
-
-    try:
-        study = optuna.load_study(study_name=args.study, storage=make_storage(args.storage))
-    except KeyError:
-        raise ConfigError(f"no study named {args.study!r} in {args.storage}") from None
-    best = best_trial(study)
+    best = records.best_trial(load_study(args.storage, args.study))
     if best is None:
         raise AutoftError(f"study {args.study!r} has no completed trial yet")
-    print(f"# study {args.study}, trial {best.number}: val_accuracy {best.value:.4f}, "
-          f"val_loss {best.user_attrs.get('val_loss', float('nan')):.4f}")
-    print(config_yaml(Config.from_dict(best.user_attrs["config"])), end="")
+    print(f"# study {args.study}, {records.describe(best)}")
+    print(records.config(best).to_yaml(), end="")
     return 0
 
 
@@ -202,11 +207,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_flags(p: argparse.ArgumentParser) -> None:
-    from ._private.storage import DEFAULT_STORAGE
-
+def _study_flags(p: argparse.ArgumentParser, artifacts: bool = False) -> None:
     p.add_argument("--study", default="autoft", help="study name (default: autoft)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
+    if artifacts:
+        _artifacts_flag(p)
+
+
+def _artifacts_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help=f"artifact folder (default: {DEFAULT_ARTIFACTS})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,17 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run (or resume) an Optuna search over fine-tuning recipes")
     add_config_flags(p)
-    p.add_argument("--trials", type=int, help="trials to add to the study (default: 10)")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--study", help="study name; an existing one is resumed (default: autoft)")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/autoft.db)")
-    p.add_argument("--space", metavar="FILE", help="YAML search space that fixes or reshapes parameters")
-    p.add_argument("--sampler", help="tpe (default), random, cmaes or gp")
-    p.add_argument("--pruner", help="hyperband (default), median or none")
-    p.add_argument("--out", help="export folder (default: studies/<study>)")
-    p.add_argument("--min-epochs", dest="min_epochs", type=int, help="never prune before this many epochs (default: 1)")
-    p.add_argument("--startup-trials", dest="startup_trials", type=int, help="never prune before this many trials finished (default: 3)")
-    p.add_argument("--workers", type=int, help="worker processes sharing the study: one per GPU, else a share of the CPU cores (default: 1)")
+    add_flags(p.add_argument_group("search settings (override the file's search: block)"), SearchOptions, _typed)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join an existing study as one more worker, from any machine that reaches its storage")
@@ -242,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root on this machine, when not at the path the study was started with")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--out", help="export folder (default: studies/<study>)")
-    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
+    _artifacts_flag(p)
     p.add_argument("--threads", type=int, help="CPU threads for this worker (default: all cores)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     p.set_defaults(func=cmd_worker)
@@ -252,19 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_best)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study's storage")
-    _study_flags(p)
+    _study_flags(p, artifacts=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("backbones", help="list backbones and their stage counts")
     p.set_defaults(func=cmd_backbones)
 
     p = sub.add_parser("report", help="write studies/<study>/report.html and PNGs of the search")
-    _study_flags(p)
+    _study_flags(p, artifacts=True)
     p.add_argument("--out", help="report folder (default: studies/<study>, where best.pt is)")
-    p.add_argument("--artifacts", default="studies/artifacts", help="artifact folder (default: studies/artifacts)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a model on labelled data")
@@ -294,8 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _MaskSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        from ._private.storage import mask_url
-
         record.msg = mask_url(record.getMessage())
         record.args = ()
         return True
@@ -315,9 +310,6 @@ def setup_logging(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._private.storage import mask_url
-    from .study import Terminated
-
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -63,10 +64,7 @@ class Config:
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        check_keys(values, [f.name for f in fields(cls)], "config key")
         return cls(**values)
 
     @classmethod
@@ -82,6 +80,22 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return Config.from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self, result: dict[str, Any] | None = None) -> str:
+        """YAML that `autoft train --config` reads back; `result` goes under a key it ignores."""
+        doc = self.to_dict()
+        if result is not None:
+            doc["result"] = result
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def check_keys(keys: Iterable[str], known: Iterable[str], what: str, where: str = "") -> None:
+    """The one rule for every mapping a user writes (config, search settings, search space): an unknown
+    key is an error naming it and the known ones, never silently ignored."""
+    known = sorted(set(known))
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,27 +1,39 @@
-"""`autoft dashboard`: optuna-dashboard on the study's storage and artifact folder, on loopback by default."""
+"""optuna-dashboard: `autoft dashboard` serves it on loopback by default; `publish_trial` makes each trial readable there."""
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from ._private.storage import make_storage, mask_url
-from .exceptions import ConfigError
+import optuna
+
+from . import records
+from .config import Config
+from .exceptions import ConfigError, one_line
+from .finetune import score_key
+from .plots import learning_curves_figure, save_learning_curves_png
+from .storage import DEFAULT_ARTIFACTS, attach_file, load_study, make_storage, mask_url
+
+log = logging.getLogger("autoft")
+LEARNING_CURVES_ID = "learning-curves"  # the study page's figure, rewritten after every trial
 
 
 def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: int = 8080,
-          artifacts: str = "studies/artifacts") -> None:
+          artifacts: str = DEFAULT_ARTIFACTS) -> None:
     """Blocks until Ctrl-C. Prints the URL of the study's page when the study exists."""
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    storage = make_storage(storage_url)
     url = f"http://{host}:{port}/dashboard"
     if study:
-        try:
-            study_id = storage.get_study_id_from_name(study)
-        except KeyError:
-            raise ConfigError(f"no study named {study!r} in {mask_url(storage_url)}; run autoft search first") from None
-        url += f"/studies/{study_id}"
+        found = load_study(storage_url, study)
+        storage = found._storage
+        url += f"/studies/{found._study_id}"
+    else:
+        storage = make_storage(storage_url)
     Path(artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard for {mask_url(storage_url)}: {url}  (Ctrl-C to stop)", flush=True)
     try:
@@ -30,3 +42,40 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
     except KeyboardInterrupt:
         pass
+
+
+def publish_trial(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float]],
+                  artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS) -> None:
+    """Make a finished (or pruned) trial readable on optuna-dashboard; never fails the trial.
+
+    The trial page gets a note with the trial's config and its learning-curve PNG as an image artifact
+    (optuna-dashboard draws plotly figures only per study); the study page gets one plotly figure with
+    every trial's learning curve, rewritten in place.
+    """
+    try:
+        _publish(trial, cfg, history, Path(artifacts_dir))
+    except Exception as exc:  # the dashboard is a view; the trial's result matters more
+        log.warning("trial %d: could not publish to the dashboard: %s", trial.number, one_line(exc))
+
+
+def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float]], artifacts: Path) -> None:
+    from optuna_dashboard import save_note, save_plotly_graph_object
+
+    if not history:
+        save_note(trial, f"### Trial {trial.number}\n\nno epoch finished\n\n```yaml\n{cfg.to_yaml()}```\n")
+        return
+    best = max(history, key=score_key)
+    summary = (f"best {records.METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run "
+               f"({cfg.epochs} planned)")
+    if records.reason(trial):
+        summary += f"; {records.reason(trial)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        png = save_learning_curves_png(history, f"trial {trial.number}: {summary}", Path(tmp) / f"learning_curves_trial_{trial.number}.png")
+        artifact_id = attach_file(trial, png, "image/png", artifacts)
+    # the dashboard serves trial artifacts at this path, so the note shows the curve full size above the config
+    image = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+    save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n")
+    runs = {t.number: records.history(t) for t in trial.study.get_trials(deepcopy=False) if records.history(t)}
+    runs[trial.number] = list(history)
+    save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}),
+                             graph_object_id=LEARNING_CURVES_ID)

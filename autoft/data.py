@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .exceptions import DataError
+from .files import atomic_joblib_dump
 
 log = logging.getLogger("autoft")
 
@@ -172,11 +173,7 @@ def load_images(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]
     except Exception:  # missing or damaged cache: decode again
         cached = _decode_all(paths, size)
         decode_count += len(paths)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-        os.close(fd)
-        joblib.dump(cached, tmp)
-        os.replace(tmp, file)
+        atomic_joblib_dump(file, cached)  # another process may be reading this cache right now
     _MEMORY[key] = cached
     return cached
 

@@ -1,4 +1,7 @@
-"""One exception base, so the CLI can turn every user-facing failure into one line and exit 2."""
+"""One exception base, so the CLI can turn every user-facing failure into one line and exit 2.
+
+Also the exceptions that are not the user's to fix: a trial's own failure, and SIGTERM.
+"""
 
 
 class AutoftError(Exception):
@@ -18,3 +21,13 @@ class TrialFailure(Exception):
 
     Deliberately not an AutoftError: it is not the user's input that is wrong.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (so Optuna marks the running trial) but exiting 143."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line (or its type's name), short enough for a log line, a trial attr or a report note."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]

@@ -15,8 +15,9 @@ import math
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,14 @@ def lr_factor(epoch: float, warmup: int, t_max: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / t_max))
 
 
+def score_key(metrics: Mapping[str, float]) -> tuple[float, float]:
+    """The one ranking of results: higher val_accuracy, ties broken by the lower val_loss.
+
+    It picks a run's best epoch here; the search ranks its trials by it too (`records.rank_key`).
+    """
+    return metrics["val_accuracy"], -metrics["val_loss"]
+
+
 def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None) -> Result:
     """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given).
 
@@ -86,61 +95,30 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_data(cfg)
-    model, spec = build_model(cfg.backbone, len(data.classes), cfg.weights, cfg.seed)
-    n_stages = len(model.stages)
-    if cfg.freeze_depth > n_stages:
-        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
-    model = model.to(device, memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.backends.cudnn.benchmark = True  # batch shapes repeat every step: pick the fastest kernels once
-
+    model, spec = build_on_device(cfg, len(data.classes), device)
     opt = make_optimizer(model, cfg)
-    n_train = len(data.train)
-    batch = min(cfg.batch_size, n_train)
-    drop_last = n_train % batch == 1  # a lone sample would break BatchNorm in train mode
-    steps = n_train // batch if drop_last else math.ceil(n_train / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step / steps, cfg.warmup_epochs, cfg.cosine_t_max))
-
-    gen_cpu = torch.Generator().manual_seed(cfg.seed)
-    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed)
+    batch, steps = batch_plan(len(data.train), cfg.batch_size)
+    sched = make_scheduler(opt, cfg, steps)
+    gen_cpu = torch.Generator().manual_seed(cfg.seed)  # the order of training images
+    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed)  # their augmentation
     train_images = to_device(data.train.images, device)
     train_labels = data.train.labels.to(device)
     val_labels = data.val.labels.to(device)
     history: list[dict[str, float]] = []
-    best, best_key, best_state, stale = None, (-1.0, -math.inf), None, 0
+    best = _Best()
     try:
         for epoch in range(cfg.epochs):
             # Freeze, then unfreeze: during head-only epochs every stage is frozen.
-            depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
+            depth = len(model.stages) if epoch < cfg.head_only_epochs else cfg.freeze_depth
             _set_trainable(model, depth)
-            cached_train = None
-            if cfg.aug_strength == 0 and depth > 0:
-                cached_train = frozen_features(model, spec, cfg, data.train, depth, device)
+            features = None  # without augmentation, the frozen stages' output for the training images never changes
+            if cfg.aug_strength == 0 and depth:
+                features = frozen_features(model, spec, cfg, data.train, depth, device)
 
             t_epoch = time.perf_counter()
-            perm = torch.randperm(n_train, generator=gen_cpu).to(device)  # one copy per epoch, not one per step
-            total_loss, seen = torch.zeros((), device=device), 0
-            for i in range(steps):
-                idx = perm[i * batch:(i + 1) * batch]
-                if cached_train is not None:
-                    x = cached_train[idx]
-                else:
-                    x = augment(train_images[idx], cfg.image_size, cfg.aug_strength, gen_dev)
-                    x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
-                    if depth:
-                        with torch.no_grad(), autocast(device):
-                            x = model.features(x, depth)
-                y = train_labels[idx]
-                with autocast(device):
-                    loss = F.cross_entropy(model(x, start=depth).float(), y, label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total_loss += loss.detach() * len(idx)
-                seen += len(idx)
-            train_loss = (total_loss / seen).item()  # one sync per epoch, not per step
+            order = torch.randperm(len(data.train), generator=gen_cpu).to(device)  # one copy per epoch, not one per step
+            train_loss, seen = train_one_epoch(model, spec, cfg, opt, sched, order.split(batch)[:steps], train_images,
+                                               train_labels, depth, gen_dev, features)
             train_time = time.perf_counter() - t_epoch
             if not math.isfinite(train_loss):
                 raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
@@ -150,26 +128,99 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                        "images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
                        "lr_head": opt.param_groups[0]["lr"]}
             history.append(metrics)
-            key = (val_acc, -val_loss)  # best on accuracy, ties broken by the lower loss
-            if key > best_key:
-                best, best_key, stale = metrics, key, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            else:
-                stale += 1
+            best.update(metrics, model)
             if report is not None:
                 report(epoch, metrics)
-            if cfg.patience and stale >= cfg.patience:
+            if cfg.patience and best.stale >= cfg.patience:
                 break
-        stopped_early = len(history) < cfg.epochs
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-        last_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return Result(best, history[-1], history, best_state, data.classes, cfg, str(device),
-                      time.perf_counter() - t0, peak, last_state, stopped_early)
+        return Result(best.metrics, history[-1], history, best.state_dict, data.classes, cfg, str(device),
+                      time.perf_counter() - t0, peak_memory_mb(device), _cpu_copy(model), len(history) < cfg.epochs)
     finally:
         del model, opt, train_images
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def build_on_device(cfg: Config, num_classes: int, device: torch.device) -> tuple[Net, BackboneSpec]:
+    """The backbone with a new head, channels_last on `device`; a freeze depth past its stages is a config error."""
+    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed)
+    n_stages = len(model.stages)
+    if cfg.freeze_depth > n_stages:
+        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
+    model = model.to(device, memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat every step: pick the fastest kernels once
+    return model, spec
+
+
+def batch_plan(n_train: int, batch_size: int) -> tuple[int, int]:
+    """(batch, steps per epoch). A last batch of one sample is dropped: it would break BatchNorm in train mode."""
+    batch = min(batch_size, n_train)
+    drop_last = n_train % batch == 1
+    return batch, n_train // batch if drop_last else math.ceil(n_train / batch)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped every batch, so warmup and cosine move smoothly within epochs (`lr_factor` of fractional epochs)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step / steps, cfg.warmup_epochs, cfg.cosine_t_max))
+
+
+def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.optim.Optimizer,
+                    sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: torch.Tensor,
+                    labels: torch.Tensor, depth: int, generator: torch.Generator,
+                    features: torch.Tensor | None = None) -> tuple[float, int]:
+    """One optimizer step per batch of indices into `images`/`labels`; returns the mean loss and the images seen.
+
+    Stages before `depth` are frozen: their output comes from `features` (cached, when there is no
+    augmentation) or is computed under no_grad; images are augmented on the device with `generator`.
+    """
+    device = labels.device
+    total_loss, seen = torch.zeros((), device=device), 0
+    for idx in batches:
+        if features is not None:
+            x = features[idx]
+        else:
+            x = augment(images[idx], cfg.image_size, cfg.aug_strength, generator)
+            x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
+            if depth:
+                with torch.no_grad(), autocast(device):
+                    x = model.features(x, depth)
+        with autocast(device):
+            loss = F.cross_entropy(model(x, start=depth).float(), labels[idx], label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total_loss += loss.detach() * len(idx)
+        seen += len(idx)
+    return (total_loss / seen).item(), seen  # one sync per epoch, not per step
+
+
+class _Best:
+    """The best epoch so far by `score_key`, a CPU copy of its weights, and the epochs since it (for patience)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] | None = None
+        self.state_dict: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+
+    def update(self, metrics: dict[str, float], model: Net) -> None:
+        if self.metrics is None or score_key(metrics) > score_key(self.metrics):
+            self.metrics, self.state_dict, self.stale = metrics, _cpu_copy(model), 0
+        else:
+            self.stale += 1
+
+
+def _cpu_copy(model: Net) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU; the process's peak resident memory elsewhere."""
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return peak / 2**20
 
 
 def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:

@@ -20,16 +20,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ._private.io import atomic_write_text
 from .backbones import Net, get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
 from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
+from .files import atomic_write_text
 from .finetune import load_data, predict_logits, resolve_device
+from .plots import save_confusion_png
 
-PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes (confusion matrices here, report plots)
-PNG_DPI = 100
 SPLITS = ("train", "val", "test")
 FORMATS = ("torchscript", "onnx")
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
@@ -168,23 +167,6 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
         "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
         "report": classification_report(y_true, y_pred, labels=labels, target_names=data.classes, digits=4, zero_division=0),
     }
-
-
-def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path: str | os.PathLike) -> Path:
-    """scikit-learn's ConfusionMatrixDisplay, PNG_SIZE pixels; cell counts shown while they stay legible."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    fig = Figure(figsize=(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI), dpi=PNG_DPI, layout="constrained")
-    ax = fig.add_subplot()
-    ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
-        ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, xticks_rotation="vertical")
-    ax.set_title(title)
-    ax.grid(False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=PNG_DPI)
-    return path
 
 
 # --- export --------------------------------------------------------------------------------------------------

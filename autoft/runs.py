@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from ._private.io import atomic_write_text, versions
 from .backbones import build_model
 from .checkpoint import save_checkpoint
 from .config import Config
 from .data import Dataset, Split
+from .files import atomic_write_text, versions
 from .finetune import evaluate_split, finetune, load_data, resolve_device
 
 log = logging.getLogger("autoft")
@@ -46,19 +46,9 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
         log.info("test accuracy %.4f on %d images", acc, len(data.test))
     out = Path(out)
     save_checkpoint(out / "model.pt", state, data.classes, config, metrics["best"] | {"test_accuracy": metrics.get("test_accuracy")})
-    atomic_write_text(out / "config.yaml", config_yaml(config))
+    atomic_write_text(out / "config.yaml", config.to_yaml())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-
-
-def config_yaml(config: Config, result: dict[str, Any] | None = None) -> str:
-    """The config as YAML that `autoft train --config` reads back; `result` goes under a key it ignores."""
-    import yaml
-
-    doc = config.to_dict()
-    if result is not None:
-        doc["result"] = result
-    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def _concat(a: Split, b: Split) -> Split:

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from .config import OPTIMIZERS, Config, load_yaml
+from .config import OPTIMIZERS, Config, check_keys, load_yaml
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -66,17 +66,19 @@ class SearchSpace:
         """The default space with the file's entries replacing or adding parameters, then validated."""
         space = cls.default(num_stages, epochs)
         if path is not None:
-            for name, spec in load_yaml(path).items():
-                space.params[name] = _parse(name, spec)
+            space.params.update(cls.from_dict(load_yaml(path)).params)
         space.validate(num_stages, epochs)
         return space
 
+    @classmethod
+    def from_dict(cls, specs: dict[str, Any]) -> "SearchSpace":
+        """Parameters as written in a space file or stored by `to_dict` (not validated: see `validate`)."""
+        return cls({name: _parse(name, spec) for name, spec in specs.items()})
+
     def validate(self, num_stages: int, epochs: int) -> None:
         """Every error a trial would hit, raised before any trial runs."""
+        check_keys(self.params, set(_CONFIG_FIELDS) - _NOT_SEARCHABLE, "parameter", where="search space: ")
         for name, p in self.params.items():
-            if name not in _CONFIG_FIELDS or name in _NOT_SEARCHABLE:
-                allowed = sorted(set(_CONFIG_FIELDS) - _NOT_SEARCHABLE)
-                raise ConfigError(f"search space: unknown parameter {name!r}; searchable: {', '.join(allowed)}")
             if p.kind in ("int", "float"):
                 if p.low > p.high:
                     raise ConfigError(f"search space: {name} low ({p.low}) is greater than high ({p.high})")

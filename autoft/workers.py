@@ -8,12 +8,13 @@ same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL
   lets two workers start the last slot at once, the trial with the higher number gives its slot up
   (it ends FAIL with a `surplus` reason, never COMPLETE or PRUNED). While the last trials run, idle
   workers wait instead of leaving, so a trial whose worker dies is retried and the goal is still met.
-* zombie trials: heartbeats (see _private/storage.py) fail the trial of a killed worker; idle workers
+* zombie trials: heartbeats (see storage.py) fail the trial of a killed worker; idle workers
   look for them every POLL_S seconds, and RetryHeartbeatStaleTrialCallback re-queues it once.
 * a trial's own crash (an unexpected exception) is recorded as FAIL with its reason and the study goes
   on; MAX_CRASHES crashes in a row stop the worker, since then it is not the trial that is broken.
-* a joining worker needs only the storage and the study name: the base config, search space, seed
-  and search settings are read from the study's user attrs.
+
+This module runs trials of the study and the objective it is given; what a trial is, and how a study is
+opened or joined, is the caller's (study.py).
 """
 
 from __future__ import annotations
@@ -21,26 +22,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from ._private.storage import make_storage, mask_url
-from .exceptions import AutoftError, ConfigError
+from . import records
+from .exceptions import AutoftError, ConfigError, Terminated
 from .finetune import clear_caches as release_memory  # after a crashed trial
 
 log = logging.getLogger("autoft")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 POLL_S = 1.0
 MAX_CRASHES = 3
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class TrialCrashed(Exception):
@@ -64,23 +61,11 @@ class _QuietTrialEnds(logging.Filter):
 logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
 
 
-def finished_count(trials: Sequence[FrozenTrial]) -> int:
-    return sum(t.state in FINISHED for t in trials)
-
-
-def set_goal(study: optuna.Study, trials: int, settings: dict[str, Any]) -> int:
-    """Raise the study's goal to `trials` more finished trials than it has now; record what joiners need."""
-    target = finished_count(study.get_trials(deepcopy=False)) + trials
-    study.set_user_attr("target", target)
-    study.set_user_attr("search", settings)
-    return target
-
-
 def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
     """Whether trial `number` may run: finished trials plus the unfinished ones numbered before it are
     below the goal. Numbers only grow, so of two trials racing for the last slot exactly one gets it."""
     ahead = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < number for t in trials)
-    return finished_count(trials) + ahead < target
+    return records.finished_count(trials) + ahead < target
 
 
 class _Slot:
@@ -92,23 +77,22 @@ class _Slot:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_id = trial._trial_id
-        target = trial.study.user_attrs["target"]
+        target = records.goal(trial.study)
         if not has_slot(trial.study.get_trials(deepcopy=False), trial.number, target):
-            trial.set_user_attr("fail_reason", f"surplus: the study's {target} trials were already finished or running")
+            records.record_surplus(trial, target)
             raise Surplus()
-        trial.set_user_attr("worker", WORKER_ID)
+        records.record_worker(trial)
         try:
             return self.objective(trial)
         except (optuna.TrialPruned, AutoftError):
             raise
         except KeyboardInterrupt as exc:
-            how = "SIGTERM" if type(exc).__name__ == "Terminated" else "Ctrl-C"
-            trial.set_user_attr("fail_reason", f"interrupted ({how})")
+            records.record_failure(trial, f"interrupted ({'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'})")
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
             release_memory()
-            trial.set_user_attr("fail_reason", reason)
+            records.record_failure(trial, reason)
             raise TrialCrashed(reason) from exc
 
     def abandon(self, study: optuna.Study) -> None:
@@ -117,7 +101,7 @@ class _Slot:
             return
         try:
             if study._storage.get_trial(self.trial_id).state == TrialState.RUNNING:
-                study._storage.set_trial_user_attr(self.trial_id, "fail_reason", "interrupted")
+                study._storage.set_trial_user_attr(self.trial_id, records.FAIL_REASON, "interrupted")
                 study._storage.set_trial_state_values(self.trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
@@ -141,10 +125,9 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
     try:
         while True:
             fail_stale(study)
-            target = study.user_attrs["target"]
+            target = records.goal(study)
             trials = study.get_trials(deepcopy=False)
-            done = finished_count(trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
+            done, running = records.finished_count(trials), records.state_counts(trials)[TrialState.RUNNING]
             if done >= target or (timeout is not None and time.monotonic() - t0 >= timeout):
                 return
             if done + running >= target:  # the last trials are running elsewhere; stay in case one dies
@@ -156,10 +139,9 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
             waiting = False
             study.optimize(slot, n_trials=1, callbacks=list(callbacks), catch=(TrialCrashed, Surplus), gc_after_trial=False)
             last = study._storage.get_trial(slot.trial_id)
-            reason = last.user_attrs.get("fail_reason", "")
-            crashes = crashes + 1 if last.state == TrialState.FAIL and not reason.startswith("surplus") else 0
+            crashes = crashes + 1 if last.state == TrialState.FAIL and not records.is_surplus(last) else 0
             if crashes >= MAX_CRASHES:
-                raise AutoftError(f"{crashes} trials in a row failed, the last with {reason or 'no reason'}; "
+                raise AutoftError(f"{crashes} trials in a row failed, the last with {records.reason(last) or 'no reason'}; "
                                   "see the trials' fail_reason (trials.csv) and fix the cause")
     finally:
         slot.abandon(study)
@@ -215,7 +197,7 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
                 progress()
             time.sleep(POLL_S)
     except KeyboardInterrupt as exc:
-        sig = signal.SIGTERM if type(exc).__name__ == "Terminated" else signal.SIGINT
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)
@@ -233,28 +215,3 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
     if 2 in codes:
         raise AutoftError(f"worker {codes.index(2) + 1} stopped on the error above")
 
-
-def join(storage: str, study: str, *, data: str | None = None, device: str = "auto", out: str | None = None,
-         artifacts: str = "studies/artifacts", threads: int | None = None, timeout: float | None = None,
-         progress: bool = True) -> optuna.Study:
-    """Run trials of an existing study until its goal is met, with the settings the study recorded."""
-    from .config import Config
-    from .study import SearchOptions, run_search
-    from .space import SearchSpace, _parse
-
-    if threads:
-        torch.set_num_threads(threads)
-    st = make_storage(storage)
-    try:
-        attrs = st.get_study_user_attrs(st.get_study_id_from_name(study))
-    except KeyError:
-        raise ConfigError(f"no study named {study!r} in {mask_url(storage)}; start it with autoft search --study {study} "
-                          "--storage ...") from None
-    if not {"base", "space", "target", "search"} <= set(attrs):
-        raise ConfigError(f"study {study!r} was not started by this autoft version's search; it cannot be joined")
-    base = Config.from_dict({**attrs["base"], "seed": attrs.get("seed", 0), "device": device}
-                            | ({"data": data} if data else {}))
-    space = SearchSpace({name: _parse(name, spec) for name, spec in attrs["space"].items()})
-    opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
-                         **attrs["search"])
-    return run_search(base, opts, space=space, join=True)

@@ -32,10 +32,11 @@ import optuna
 from optuna.trial import TrialState
 from PIL import Image
 
-from autoft._private import pgtest
-from autoft._private.storage import make_storage
+from autoft import records
+from autoft.storage import make_storage
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import pgtest  # noqa: E402  (test tooling: a throwaway PostgreSQL server)
 
 
 def make_data(root: Path, per_class: int = 24) -> Path:
@@ -55,7 +56,7 @@ def make_data(root: Path, per_class: int = 24) -> Path:
 def _load(url: str, name: str) -> optuna.Study | None:
     try:
         study = optuna.load_study(study_name=name, storage=make_storage(url))
-        return study if "target" in study.user_attrs else None
+        return study if records.TARGET in study.user_attrs else None
     except Exception:  # not created yet
         return None
 
@@ -72,26 +73,26 @@ def run(kind: str, url: str, work: Path, requested: int, workers: int, epochs: i
     while proc.poll() is None and killed is None:
         study = study or _load(url, "faults")
         if study is not None:
-            done = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+            done = records.finished_count(study.get_trials(deepcopy=False))
             victim = next((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING
-                           and t.intermediate_values and "worker" in t.user_attrs), None)
-            if victim is not None and len(done) >= workers:  # mid-study and mid-trial
-                os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+                           and t.intermediate_values and records.worker_pid(t)), None)
+            if victim is not None and done >= workers:  # mid-study and mid-trial
+                os.kill(records.worker_pid(victim), signal.SIGKILL)
                 killed = victim.number
         time.sleep(0.05)
     _, err = proc.communicate()
     study = study or _load(url, "faults")
     trials = study.get_trials(deepcopy=False)
-    origin = {t.number: t.system_attrs.get("failed_trial", t.number) for t in trials}
+    origin = {t.number: records.original_number(t) for t in trials}
     finished_by_origin: dict[int, int] = {}
     for t in trials:
-        if t.state in FINISHED:
+        if t.state in records.FINISHED:
             finished_by_origin[origin[t.number]] = finished_by_origin.get(origin[t.number], 0) + 1
-    stale = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason", "").startswith("surplus")]
-    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    stale = [t for t in trials if t.state == TrialState.FAIL and not records.is_surplus(t)]
+    count = records.state_counts(trials)
     return {"storage": kind, "requested": requested, "complete": count[TrialState.COMPLETE],
             "pruned": count[TrialState.PRUNED], "fail": count[TrialState.FAIL],
-            "retried": sum("failed_trial" in t.system_attrs for t in trials),
+            "retried": sum(records.original_number(t) != t.number for t in trials),
             "duplicates": sum(n - 1 for n in finished_by_origin.values() if n > 1),
             "lost": sum(origin[t.number] not in finished_by_origin for t in stale) + count[TrialState.RUNNING],
             "surplus": count[TrialState.FAIL] - len(stale), "killed_trial": killed, "exit": proc.returncode,

@@ -31,7 +31,8 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
     import optuna
 
     from autoft.config import Config
-    from autoft.study import SearchOptions, best_trial, run_search
+    from autoft.records import WALL_TIME, best_trial, history
+    from autoft.study import SearchOptions, run_search
 
     t0 = time.perf_counter()
     base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
@@ -43,12 +44,12 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
     best = best_trial(study)
     states = [t.state for t in study.trials]
     for t in study.trials:
-        h = t.user_attrs.get("history", [])
-        print(f"autoft trial {t.number}: {t.state.name.lower()}, {len(h)} epochs, {t.user_attrs.get('wall_time_s', 0):.1f} s, "
+        h = history(t)
+        print(f"autoft trial {t.number}: {t.state.name.lower()}, {len(h)} epochs, {t.user_attrs.get(WALL_TIME, 0):.1f} s, "
               f"val_accuracy {max((e['val_accuracy'] for e in h), default=0):.3f}, {_params(t.params)}", file=sys.stderr)
     return {"seconds": seconds, "best": best.value if best else float("nan"),
             "pruned": states.count(optuna.trial.TrialState.PRUNED),
-            "epochs_run": sum(len(t.user_attrs.get("history", [])) for t in study.trials)}
+            "epochs_run": sum(len(history(t)) for t in study.trials)}
 
 
 def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
@@ -62,7 +63,8 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     from autoft.config import Config
     from autoft.data import store_size_for
     from autoft.space import SearchSpace
-    from autoft.study import make_sampler, trial_seed
+    from autoft.objective import trial_seed
+    from autoft.study import make_sampler
 
     t0 = time.perf_counter()
     spec = get_backbone(args.backbone)

@@ -118,7 +118,7 @@ def _live_tensor_bytes() -> int:
 
 def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeypatch):
     """The CPU proxy for 'GPU memory is released between trials': live tensor bytes at each trial's start."""
-    import autoft.study as study_module
+    import autoft.objective as objective_module
 
     monkeypatch.chdir(tmp_path)
 
@@ -128,7 +128,7 @@ def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeyp
         at_start.append(_live_tensor_bytes())
         return ft.finetune(cfg, data, report)
 
-    monkeypatch.setattr(study_module, "finetune", measured)
+    monkeypatch.setattr(objective_module, "finetune", measured)
     run_search(tiny_config.replace(epochs=1), SearchOptions(trials=10, progress=False, sampler="random", pruner="none"))
     assert len(at_start) == 10
     # Trials hold a model, optimizer state and best weights: any of them kept past its trial would add up.

@@ -18,7 +18,8 @@ from autoft.config import Config
 from autoft.data import center_crop
 from autoft.exceptions import AutoftError, DataError
 from autoft.finetune import load_data, predict_logits
-from autoft.predict import PNG_SIZE, evaluate, export, image_paths, load_model
+from autoft.plots import PNG_SIZE
+from autoft.predict import evaluate, export, image_paths, load_model
 from autoft.runs import train
 from conftest import make_image_folder
 

@@ -15,14 +15,15 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from PIL import Image
 
-from autoft._private.storage import make_storage
+from autoft.storage import make_storage
 from autoft.backbones import build_model
 from autoft.checkpoint import save_checkpoint
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import AutoftError
-from autoft.predict import PNG_SIZE
-from autoft.report import LEARNING_CURVES_ID, publish_trial, write_report
+from autoft.dashboard import LEARNING_CURVES_ID, publish_trial
+from autoft.plots import PNG_SIZE
+from autoft.report import write_report
 from conftest import make_image_folder
 
 STORAGE = "sqlite:///studies/autoft.db"

@@ -11,8 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoft._private import pgtest
-from autoft._private.storage import HeartbeatJournalStorage, make_storage, mask_url, with_driver
+import pgtest
+from autoft.storage import HeartbeatJournalStorage, make_storage, mask_url, with_driver
 from autoft.cli import build_parser, main
 from autoft.exceptions import ConfigError
 

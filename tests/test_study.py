@@ -10,7 +10,9 @@ from autoft.checkpoint import load_checkpoint
 from autoft.config import Config
 from autoft.exceptions import ConfigError
 from autoft.space import SearchSpace
-from autoft.study import SearchOptions, best_trial, open_study, run_search, trial_seed
+from autoft.objective import trial_seed
+from autoft.records import best_trial
+from autoft.study import SearchOptions, open_study, run_search
 
 
 @pytest.fixture
@@ -147,9 +149,8 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
             report(epoch, {**m, "epoch": epoch + 1})
         return Result(m, m, [m], {}, data.classes, cfg, "cpu", 0.1, 1.0)
 
-    study_module = importlib.import_module("autoft.study")
-    monkeypatch.setattr(study_module, "finetune", fake_finetune)
-    monkeypatch.setattr(study_module.Exporter, "export_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "export_weights", lambda *a: None)
     opts = _opts(trials=3, pruner="median", startup_trials=1)
     cfg = tiny_config.replace(epochs=2)
     study = open_study(cfg, opts, SearchSpace.default(3, 2), cfg.seed)

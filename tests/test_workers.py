@@ -15,9 +15,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import autoft.study
+import autoft.objective
 import autoft.workers
-from autoft._private.storage import make_storage
+from autoft.storage import make_storage
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import TrialFailure
@@ -53,9 +53,9 @@ def n_finished(study: optuna.Study) -> int:
 @pytest.fixture(autouse=True)
 def _no_dashboard_notes(monkeypatch):
     """Per-trial dashboard plots are not what these tests are about; in this process, skip their cost."""
-    import autoft.report
+    import autoft.dashboard
 
-    monkeypatch.setattr(autoft.report, "publish_trial", lambda *a, **k: None)
+    monkeypatch.setattr(autoft.dashboard, "publish_trial", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -169,14 +169,14 @@ def test_worker_needs_an_existing_study(tmp_path, monkeypatch, capsys):
 
 def _patched_finetune(monkeypatch, fault):
     """Wrap the trainer: `fault(call_number, cfg)` may raise; otherwise train for real."""
-    real, calls = autoft.study.finetune, []
+    real, calls = autoft.objective.finetune, []
 
     def finetune(cfg, data=None, report=None):
         calls.append(cfg)
         fault(len(calls), cfg)
         return real(cfg, data, report)
 
-    monkeypatch.setattr(autoft.study, "finetune", finetune)
+    monkeypatch.setattr(autoft.objective, "finetune", finetune)
     return calls
 
 

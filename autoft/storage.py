@@ -1,5 +1,7 @@
 """Optuna storages from one URL, with heartbeats, lock-tolerant SQLite, and passwords kept out of logs.
 
+Also where a study's files live by default, and the one way to open a study that must already exist.
+
 Every storage autoft opens has a heartbeat: a worker records one every HEARTBEAT_S seconds while its
 trial runs, and a RUNNING trial whose last beat is older than GRACE_S (its worker was killed, or its
 machine lost) is failed by the next worker that looks and re-queued once by
@@ -24,9 +26,11 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from ..exceptions import ConfigError
+from .exceptions import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
+DEFAULT_ARTIFACTS = "studies/artifacts"  # weights and learning-curve PNGs uploaded by trials, served by the dashboard
+EXPORTS = Path("studies")  # studies/<study>/: best.yaml, best.pt, trials.csv, report.html
 HEARTBEAT_S = 20
 GRACE_S = 60
 SQLITE_BUSY_TIMEOUT_S = 300  # several workers on one SQLite file wait for its lock instead of failing
@@ -133,8 +137,8 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
             try:
                 return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat,
                                   grace_period=grace, heartbeat_stale_trial_callback=retry)
-            except Exception as exc:  # several workers creating a new database's tables at once: the loser retries
-                if "already exists" not in str(exc) or attempt == 4:
+            except Exception as exc:  # several processes creating a new database's tables at once: the loser retries
+                if not any(clash in str(exc) for clash in ("already exists", "alembic_version")) or attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except ImportError:
@@ -143,3 +147,26 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:
         reason = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise ConfigError(f"cannot open storage {mask_url(url)}: {reason[:300]}") from None
+
+
+def export_dir(study: str) -> Path:
+    """Where a study's exports and report go unless told otherwise."""
+    return EXPORTS / study
+
+
+def load_study(url: str, name: str, **kwargs) -> optuna.Study:
+    """An existing study (`kwargs` go to optuna.load_study); a missing one is a one-line error saying what to do."""
+    storage = make_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, **kwargs)
+    except KeyError:
+        raise ConfigError(f"no study named {name!r} in {mask_url(url)}; run autoft search first") from None
+
+
+def attach_file(trial: optuna.Trial, path: str | os.PathLike, mimetype: str, artifacts: str | os.PathLike) -> str:
+    """Upload `path` as an artifact of the running trial into the folder `artifacts`; returns the artifact id."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    Path(artifacts).mkdir(parents=True, exist_ok=True)
+    return upload_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
+                           study_or_trial=trial, mimetype=mimetype)

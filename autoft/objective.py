@@ -1,0 +1,86 @@
+"""The search's objective: suggest a config, fine-tune it, report every epoch so the pruner can stop it.
+
+Each trial is recorded through `records`, a new best's weights are exported before the trial is told,
+and every finished or pruned trial is published to the dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import optuna
+import torch
+
+from . import dashboard, records
+from .config import Config
+from .data import Dataset
+from .exceptions import TrialFailure, one_line
+from .exports import Exporter
+from .finetune import Result, clear_caches, finetune, load_data, resolve_device
+from .space import SearchSpace
+
+log = logging.getLogger("autoft")
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    """Each trial's seed derives from the study seed and the trial number: reruns reproduce."""
+    return (study_seed * 1_000_003 + number * 7919 + 17) % 2**32
+
+
+class Objective:
+    """Suggest, fine-tune, report; the pruner (see study.make_pruner) decides when a trial falls behind."""
+
+    def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter):
+        self.base, self.space, self.study_seed, self.exporter = base, space, study_seed, exporter
+        self._data: dict[int, Dataset] = {}
+
+    def data(self, cfg: Config) -> Dataset:
+        if cfg.image_size not in self._data:  # one decode per image size per process, reused by all trials
+            self._data[cfg.image_size] = load_data(cfg)
+        return self._data[cfg.image_size]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
+        records.record_config(trial, cfg)
+        history: list[dict[str, float]] = []
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            history.append(metrics)
+            records.record_history(trial, history)
+            trial.report(metrics[records.METRIC], epoch + 1)
+            last = epoch + 1 == cfg.epochs  # its cost is paid: a finished trial is worth keeping, never pruned
+            if not last and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy {metrics['val_accuracy']:.4f}")
+
+        records.record_device(trial, str(resolve_device(cfg.device)))
+        try:
+            result = self._run(trial, cfg, report)
+        except TrialFailure as exc:  # a diverged trial is a bad region of the space: prune it, keep going
+            records.record_failure(trial, str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        except optuna.TrialPruned as exc:
+            records.record_pruning(trial, str(exc))
+            dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
+            raise
+        records.record_result(trial, result, history)
+        self.exporter.export_weights(trial, cfg, result)
+        dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
+        return result.best[records.METRIC]
+
+    def _run(self, trial: optuna.Trial, cfg: Config, report: Callable[[int, dict[str, float]], None]) -> Result:
+        """One fine-tune; an out-of-memory error is retried once at half the batch size."""
+        try:
+            return finetune(cfg, self.data(cfg), report)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            clear_caches()
+            smaller = max(1, cfg.batch_size // 2)
+            log.warning("trial %d ran out of memory at batch size %d; retrying at %d", trial.number, cfg.batch_size, smaller)
+            records.record_oom_retry(trial, f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}")
+            records.record_config(trial, cfg.replace(batch_size=smaller))
+            try:
+                return finetune(cfg.replace(batch_size=smaller), self.data(cfg), report)
+            except (torch.OutOfMemoryError, MemoryError) as again:
+                clear_caches()
+                records.record_failure(trial, f"out of memory at batch size {smaller}: {one_line(again, 200)}")
+                raise TrialFailure(f"out of memory at batch size {smaller}") from None
