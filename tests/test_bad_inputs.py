@@ -114,6 +114,10 @@ CASES = {
                                         "different search space"),
     "weights not a state dict": (_weights([1, 2, 3]), "not a state dict"),
     "pickled code in checkpoint": (_weights({"state_dict": _Evil()}), "weights_only"),
+    "--head-lr .nan": (lambda root: ["--head-lr", ".nan"], "config key 'head_lr': nan is not a finite number"),
+    "--weight-decay .nan": (lambda root: ["--weight-decay", ".nan"], "config key 'weight_decay': nan is not a finite number"),
+    "--val-fraction .nan": (lambda root: ["--val-fraction", ".nan"], "config key 'val_fraction': nan is not a finite number"),
+    "space with .nan": (_file("s.yaml", "head_lr: .nan\n", "--space"), "search space: head_lr: nan is not a finite number"),
 }
 
 
