@@ -185,16 +185,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     predictor = load_model(args.model, args.device)
     paths = image_paths(args.images)
-    rows = []
-    for i in range(0, len(paths), 256):  # bounded memory for large folders
-        chunk = paths[i:i + 256]
-        for path, top in zip(chunk, predictor.top_k(chunk, args.top_k)):
+    rows, failed = [], 0
+    for path, top, error in predictor.top_k_files(paths, args.top_k):  # an unreadable file is reported, the rest go on
+        if error is not None:
+            failed += 1
+            print(f"autoft: cannot read {path}: {error}", file=sys.stderr, flush=True)
             if args.json:
-                rows.append({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]})
-            else:
-                print(f"{path}\t" + "  ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
+                rows.append({"image": path, "error": error})
+        elif args.json:
+            rows.append({"image": path, "predictions": [{"class": c, "probability": p} for c, p in top]})
+        else:
+            print(f"{path}\t" + "  ".join(f"{c} {p:.4f}" for c, p in top), flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
+    if failed:
+        print(f"autoft: {failed} of {len(paths)} image(s) could not be read", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import re
 from collections.abc import Iterable
@@ -129,14 +131,8 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"config key {name!r}: expected true or false, got {value!r}")
         return value
-    if typ.startswith("int"):
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"config key {name!r}: expected an integer, got {value!r}")
-        value = int(value)
-    elif typ.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {name!r}: expected a number, got {value!r}")
-        value = float(value)
+    if typ.startswith(("int", "float")):
+        value = parse_number(value, name, integer=typ.startswith("int"))
     elif not isinstance(value, str):
         raise ConfigError(f"config key {name!r}: expected a string, got {value!r}")
     m = f.metadata
@@ -148,3 +144,45 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
     if hi is not None and (value > hi or (m["hi_open"] and value == hi)):
         raise ConfigError(f"config key {name!r}: {value} is out of range ({'<' if m['hi_open'] else '<='} {hi})")
     return value
+
+
+_YAML_NON_FINITE = {".nan", ".inf", "+.inf", "-.inf"}  # YAML spellings, lower-cased; float() does not know them
+
+
+def parse_number(value: Any, key: str, integer: bool = False, *, label: str | None = None) -> int | float:
+    """The number a user meant, however it was spelled; a one-line ConfigError naming the key otherwise.
+
+    Accepts ints, floats and numeric strings in any common spelling (`1e-3`, `1E-3`, `.001`, `+5`, `1_000`):
+    YAML 1.1 reads `1e-3` (no dot) as a string, and so do CLI flags parsed as YAML scalars. Refuses bools and
+    every non-finite value (nan, inf, `.nan`, `.inf`), which would otherwise slip through range checks.
+    With `integer`, the value must be a whole number (`1e3` and `4.0` are 1000 and 4, `2.5` is refused).
+    `label` replaces "config key 'KEY'" at the start of the message (the search space names its parameters).
+    """
+    where = label or f"config key {key!r}"
+    number: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _YAML_NON_FINITE:
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        try:
+            number = int(text)  # exact for long integers; also takes '+5' and '1_000'
+        except ValueError:
+            try:
+                number = float(text)  # '1e-3', '1E-3', '.001', 'nan', 'inf'
+            except ValueError:
+                number = None
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise ConfigError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if not isinstance(number, numbers.Integral) or not integer:
+        try:
+            number = float(number)
+        except OverflowError:  # an int too large for a float
+            number = math.inf if number > 0 else -math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {number} is not a finite number")
+        if integer:
+            if not number.is_integer():
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    return int(number)

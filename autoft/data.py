@@ -6,6 +6,7 @@ transform is the pretraining one (resize, centre crop) and training crops have r
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -18,7 +19,7 @@ import joblib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .exceptions import DataError
 from .files import atomic_joblib_dump
@@ -66,7 +67,46 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _images_in(folder: Path) -> list[str]:
+    # rglob does not descend into symlinked subfolders (3.10-3.12, and 3.13+ by default), so a link cycle cannot loop;
+    # the folder itself may be a link (checked by _refuse_overlapping_links).
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[Path]) -> None:
+    """A class folder (through a link) must not hold a split folder or another class's folder.
+
+    A class linked back to train/ (or any ancestor) would hold every image of the split under one label;
+    one linked to (a parent of) another class folder would give that class's images a second label.
+    A link to an unrelated folder, or val/cat resolving to train/cat (same class), stays allowed.
+    """
+    resolved = sorted((str(d.resolve()), str(d), d) for d in class_dirs)
+    keys = [r for r, _, _ in resolved]
+    splits = {s: str(f.resolve()) for s, f in split_folders.items()}
+
+    def fix(d: Path) -> str:
+        return f"make {d} a folder of {d.name!r} images only, not a link"
+
+    for r, _, d in resolved:
+        for split, folder in splits.items():
+            if folder == r or folder.startswith(r + os.sep):
+                what = f"the {split}/ folder itself" if folder == r else f"which holds the {split}/ folder"
+                raise DataError(f"class folder {d} resolves to {r}, {what}: the class would take every image of "
+                                f"{split}/; {fix(d)}")
+        i = bisect.bisect_left(keys, r)
+        while i < len(keys) and (keys[i] == r or keys[i].startswith(r + os.sep)):  # class folders inside r
+            q, _, e = resolved[i]
+            i += 1
+            if e == d or (q == r and e.name == d.name):
+                continue
+            if q == r:  # blame the link, not the real folder it points at
+                x, y = (e, d) if e.is_symlink() and not d.is_symlink() else (d, e)
+                raise DataError(f"class folder {x} resolves to {r}, the folder of class {y.name!r} ({y}) too: its "
+                                f"images would carry both labels; {fix(x)}")
+            if e.is_symlink() and not d.is_symlink():
+                raise DataError(f"class folder {e} resolves to {q}, inside class folder {d}: its images would carry "
+                                f"both labels; {fix(e)}")
+            raise DataError(f"class folder {d} resolves to {r}, which holds class folder {e}: the class would take "
+                            f"{e.name!r} images; {fix(d)}")
 
 
 def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
@@ -85,12 +125,14 @@ def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str],
     classes = [d.name for d in _class_dirs(train)]
     if len(classes) < 2:
         raise DataError(f"{train} has {len(classes)} class folder(s); a classifier needs at least two (train/<class>/...)")
+    folders = {split: folder for split, folder in (("train", train), ("val", root / "val"), ("test", root / "test"))
+               if folder.is_dir() and (split == "train" or folder != train)}
+    dirs = {split: _class_dirs(folder) for split, folder in folders.items()}
+    _refuse_overlapping_links(folders, [d for ds in dirs.values() for d in ds])
     splits = {}
-    for split, folder in (("train", train), ("val", root / "val"), ("test", root / "test")):
-        if not folder.is_dir() or (split != "train" and folder == train):
-            continue
+    for split, folder in folders.items():
         paths, labels = [], []
-        for d in _class_dirs(folder):
+        for d in dirs[split]:
             if d.name not in classes:
                 raise DataError(f"{d} is a class that train/ does not have; add {train / d.name} or remove it")
             found = _images_in(d)
@@ -106,7 +148,8 @@ def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str],
 # --- decoding ---------------------------------------------------------------------------------------------
 
 def decode(path: str, size: int) -> np.ndarray:
-    """One image as (size, size, 3) uint8: any mode to RGB, shorter side resized to size, centre square.
+    """One image as (size, size, 3) uint8: upright by its EXIF orientation, any mode to RGB (16-bit over its
+    full range), shorter side resized to size, centre square.
 
     Sizes are checked before decoding (an explicit check: warning filters are not thread-safe, and
     decoding runs in threads): tiny images carry no signal, huge ones may be decompression bombs.
@@ -118,6 +161,10 @@ def decode(path: str, size: int) -> np.ndarray:
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"too large: {w}x{h}, over {Image.MAX_IMAGE_PIXELS:,} pixels (possible decompression bomb)")
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
+        im.load()  # decoding errors surface here, before EXIF is read
+        _exif_upright(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            im = _16bit_to_l(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -130,6 +177,33 @@ def decode(path: str, size: int) -> np.ndarray:
         im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
         return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _exif_upright(im: Image.Image) -> None:
+    """Turn a photo the way its EXIF Orientation says (phones store pixels sideways), in place.
+
+    A damaged EXIF block leaves the image as stored: the pixels themselves decoded fine.
+    """
+    try:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        ImageOps.exif_transpose(im, in_place=True)
+
+
+def _16bit_to_l(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (modes I;16*, and I holding 16-bit values) to 8-bit L over its full range.
+
+    Pillow's own conversion clips at 255, leaving a 16-bit image a few grey levels. The high byte is kept,
+    as Pillow does for 16-bit RGB PNGs. An I image whose values all fit in 0..255 is taken as 8-bit.
+    """
+    a = np.asarray(im)
+    if im.mode == "I":
+        a = a.clip(0, 255) if a.max(initial=0) <= 255 else a.clip(0, 65535) >> 8
+    else:
+        a = a >> 8
+    return Image.fromarray(a.astype(np.uint8))
 
 
 def _try_decode(path: str, size: int) -> np.ndarray | str:
@@ -150,7 +224,7 @@ def _decode_all(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]
 
 
 def _cache_key(paths: list[str], size: int) -> str:
-    h = hashlib.sha1(f"v1:{size}".encode())
+    h = hashlib.sha1(f"v2:{size}".encode())  # v2: EXIF orientation, 16-bit range
     for p in paths:
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())

@@ -13,17 +13,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch import nn
 
 from .backbones import Net, get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
-from .data import IMAGE_EXTENSIONS, Split, center_crop, decode, normalize, store_size_for
+from .data import IMAGE_EXTENSIONS, Split, _try_decode, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
 from .files import atomic_write_text
 from .finetune import load_data, predict_logits, resolve_device
@@ -50,13 +50,17 @@ class Predictor:
 
     def preprocess(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (N, 3, S, S) at the stored size: what the dataset cache holds for a training image."""
-        arrays = [_decode(im, self.store_size) for im in _as_list(images)]
+        return self._batch([_decode(im, self.store_size) for im in _as_list(images)])
+
+    def _batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
         if not arrays:
             return torch.zeros(0, 3, self.store_size, self.store_size, dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def logits(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
-        x = self.preprocess(images)
+        return self._logits(self.preprocess(images))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         split = Split(x, torch.zeros(len(x), dtype=torch.long), [""] * len(x))
         return predict_logits(self.model, self.spec, self.config, split, 0, self.device).float().cpu()
 
@@ -70,8 +74,26 @@ class Predictor:
 
     def top_k(self, images: ImageLike | Iterable[ImageLike], k: int = 1) -> list[list[tuple[str, float]]]:
         """Per image, the k most likely (class, probability) pairs, most likely first."""
-        p, idx = self.predict_proba(images).topk(min(k, len(self.classes)), dim=1)
+        return self._top_k(self.logits(images), k)
+
+    def _top_k(self, logits: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        p, idx = logits.softmax(1).topk(min(k, len(self.classes)), dim=1)
         return [[(self.classes[i], float(v)) for v, i in zip(pr, ix)] for pr, ix in zip(p.tolist(), idx.tolist())]
+
+    def top_k_files(self, paths: Sequence[str | os.PathLike], k: int = 1,
+                    chunk: int = 256) -> Iterator[tuple[str, list[tuple[str, float]] | None, str | None]]:
+        """Per file, in order: (path, top-k pairs, None), or (path, None, why) when it cannot be read.
+
+        One unreadable file does not stop the others (`top_k` raises instead); files are decoded and
+        classified `chunk` at a time, so memory stays bounded on large folders.
+        """
+        for i in range(0, len(paths), chunk):
+            part = [os.fspath(p) for p in paths[i:i + chunk]]
+            decoded = [_try_decode(p, self.store_size) for p in part]
+            good = [a for a in decoded if not isinstance(a, str)]
+            tops = iter(self._top_k(self._logits(self._batch(good)), k) if good else [])
+            for path, a in zip(part, decoded):
+                yield (path, None, a) if isinstance(a, str) else (path, next(tops), None)
 
 
 def _as_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
@@ -100,8 +122,13 @@ def _as_file(image: ImageLike) -> str | io.BytesIO:
         image = Image.fromarray(image.transpose(1, 2, 0) if image.shape[-1] != 3 else image)
     if not isinstance(image, Image.Image):
         raise DataError(f"cannot read an image from a {type(image).__name__}; pass a path, a PIL image or a uint8 array")
+    exif = Image.Exif()  # carry the EXIF orientation, so a photo opened in memory is turned like one read from its file
+    try:
+        exif[ExifTags.Base.Orientation] = image.getexif()[ExifTags.Base.Orientation]
+    except Exception:  # none, or a damaged EXIF block
+        pass
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", exif=exif)
     buf.seek(0)
     return buf
 

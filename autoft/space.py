@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
-from .config import OPTIMIZERS, Config, check_keys, load_yaml
+from .config import OPTIMIZERS, Config, check_keys, load_yaml, parse_number
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -134,28 +133,28 @@ def _parse(name: str, spec: Any) -> Param:
     if isinstance(spec, list):
         if not spec:
             raise ConfigError(f"search space: {name} has an empty list of choices")
-        return Param(choices=tuple(_num(v) for v in spec), kind="choice")
+        return Param(choices=tuple(_num(name, v) for v in spec), kind="choice")
     if isinstance(spec, dict):
         extra = set(spec) - {"low", "high", "log"}
         if extra or not {"low", "high"} <= set(spec):
             raise ConfigError(f"search space: {name} must be {{low: ..., high: ..., log: false}}, a list of choices or a value")
-        low, high = _num(spec["low"]), _num(spec["high"])
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
-            raise ConfigError(f"search space: {name} low and high must be numbers")
+        low, high = (parse_number(spec[end], name, label=f"search space: {name} {end}") for end in ("low", "high"))
         is_int = str(_CONFIG_FIELDS[name].type).startswith("int") if name in _CONFIG_FIELDS else False
         if is_int and not (float(low).is_integer() and float(high).is_integer()):
             raise ConfigError(f"search space: {name} takes whole numbers, got {low}..{high}")
         kind = "int" if is_int else "float"
         conv = int if is_int else float
         return Param(conv(low), conv(high), bool(spec.get("log", False)), kind=kind)
-    return Param(value=_num(spec), kind="fixed")
+    return Param(value=_num(name, spec), kind="fixed")
 
 
-def _num(v: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
+def _num(name: str, v: Any) -> Any:
+    """A choice or fixed value of a numeric key as the number the user meant (`1e-4`, a string to YAML 1.1, too);
+    a non-finite or non-numeric one is a one-line error naming the parameter. Other keys' values pass unchanged."""
+    f = _CONFIG_FIELDS.get(name)
+    typ = str(f.type) if f else ""
+    if not typ.startswith(("int", "float")) or v is None:
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("none", "null", "~") and "None" in typ:
+        return None
+    return parse_number(v, name, integer=typ.startswith("int"), label=f"search space: {name}")

@@ -95,6 +95,11 @@ def _empty_class(root: Path) -> None:
     (root / "train" / "dog").mkdir()
 
 
+def _class_linked_to_train(root: Path) -> None:
+    make_image_folder(root, per_class=4)
+    (root / "train" / "all").symlink_to("../train", target_is_directory=True)  # a class holding every image
+
+
 CASES = {
     "missing data folder": (lambda root: ["--data", "no/such/folder"], "does not exist"),
     "one class": (_data(lambda d: make_image_folder(d, classes=("cat",), per_class=4)), "at least two"),
@@ -114,6 +119,11 @@ CASES = {
                                         "different search space"),
     "weights not a state dict": (_weights([1, 2, 3]), "not a state dict"),
     "pickled code in checkpoint": (_weights({"state_dict": _Evil()}), "weights_only"),
+    "--head-lr .nan": (lambda root: ["--head-lr", ".nan"], "config key 'head_lr': nan is not a finite number"),
+    "--weight-decay .nan": (lambda root: ["--weight-decay", ".nan"], "config key 'weight_decay': nan is not a finite number"),
+    "--val-fraction .nan": (lambda root: ["--val-fraction", ".nan"], "config key 'val_fraction': nan is not a finite number"),
+    "space with .nan": (_file("s.yaml", "head_lr: .nan\n", "--space"), "search space: head_lr: nan is not a finite number"),
+    "class folder linked to train/": (_data(_class_linked_to_train), "bad/train/all resolves to"),
 }
 
 

@@ -65,3 +65,82 @@ def test_invalid_yaml_is_a_config_error(tmp_path, text):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         Config.from_yaml(tmp_path / "nope.yaml")
+
+
+# --- numbers as people write them ---------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+FLOAT_KEYS = [f.name for f in dataclasses.fields(Config) if str(f.type).startswith("float")]
+INT_KEYS = [f.name for f in dataclasses.fields(Config) if str(f.type).startswith("int")]
+SPELLINGS = ["1e-3", "1E-3", ".001", "0.001", "+1e-3", "1.0e-3"]
+NON_FINITE = [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-inf", ".nan", ".NaN", ".inf", "-.inf"]
+
+
+def test_every_float_and_int_key_is_covered():
+    assert sorted(FLOAT_KEYS) == sorted(["head_lr", "base_lr", "momentum", "weight_decay", "aug_strength",
+                                         "label_smoothing", "val_fraction"])
+    assert {"image_size", "batch_size", "epochs", "t_max", "seed"} <= set(INT_KEYS)
+
+
+def _cli_config(args, tmp_path, monkeypatch):
+    from autoft.cli import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # no ./autoft.yaml to pick up
+    return resolve_config(build_parser().parse_args(["train", *args]))[0]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_float_keys_take_every_common_spelling(key, tmp_path, monkeypatch):
+    for text in SPELLINGS:
+        assert getattr(Config.from_dict({key: text}), key) == pytest.approx(0.001), text
+        f = tmp_path / "c.yaml"
+        f.write_text(f"{key}: {text}\n")  # unquoted: YAML 1.1 reads 1e-3 (no dot) as a string
+        assert getattr(Config.from_yaml(f), key) == pytest.approx(0.001), text
+        cfg = _cli_config(["--" + key.replace("_", "-"), text], tmp_path, monkeypatch)
+        assert getattr(cfg, key) == pytest.approx(0.001) and isinstance(getattr(cfg, key), float), text
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_refused_naming_the_key(key):
+    for value in NON_FINITE:
+        with pytest.raises(ConfigError) as err:
+            Config.from_dict({key: value})
+        msg = str(err.value)
+        assert f"config key {key!r}" in msg and "not a finite number" in msg and "\n" not in msg, value
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS + INT_KEYS)
+def test_non_finite_from_yaml_and_flags_is_one_line_naming_the_key(key, tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{key}: .nan\n")
+    with pytest.raises(ConfigError, match=f"'{key}': nan is not a finite number") as err:
+        Config.from_yaml(f)
+    assert "\n" not in str(err.value)
+    for text in (".nan", "-.inf", "nan"):
+        with pytest.raises(ConfigError, match=f"'{key}'.*not a finite number"):
+            _cli_config(["--" + key.replace("_", "-") + "=" + text], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_int_keys_take_whole_numbers_in_any_spelling_only(key):
+    extra = {"epochs": 20} if key == "head_only_epochs" else {}
+    for text in ("2e1", "2.0E1", "+20", "20.0"):
+        value = getattr(Config.from_dict({key: text, **extra}), key)
+        assert value == 20 and isinstance(value, int)
+    with pytest.raises(ConfigError, match=f"'{key}': expected an integer, got '2.5'"):
+        Config.from_dict({key: "2.5"})
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_bools_are_not_numbers(key):
+    with pytest.raises(ConfigError, match=f"'{key}': expected a number"):
+        Config.from_dict({key: True})
+
+
+def test_parse_number_keeps_big_integers_exact():
+    from autoft.config import parse_number
+
+    assert parse_number("4294967295", "seed", integer=True) == 2**32 - 1
+    assert parse_number("1_000", "epochs", integer=True) == 1000
+    assert Config.from_dict({"seed": "4294967295"}).seed == 2**32 - 1

@@ -126,3 +126,113 @@ def test_demo_digits_is_built_offline():
     classes, splits = scan(root)
     assert classes == [str(i) for i in range(10)]
     assert len(splits["train"][0]) == 30 and len(splits["val"][0]) == 10
+
+
+# --- photos as people take them -----------------------------------------------------------------------------
+
+def _upright_portrait(w: int, h: int) -> np.ndarray:
+    """A portrait photo as it should look: red top half, blue bottom half."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2] = (255, 0, 0)
+    img[h // 2:] = (0, 0, 255)
+    return img
+
+
+@pytest.mark.parametrize("orientation, stored_as", [(6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270),
+                                                    (3, Image.Transpose.ROTATE_180)])
+@pytest.mark.parametrize("w, h", [(48, 64), (480, 640)])  # 480x640 also goes through JPEG draft (reduced-scale) decoding
+def test_exif_orientation_is_applied(tmp_path, orientation, stored_as, w, h):
+    """A phone stores the sensor's pixels sideways plus an EXIF Orientation tag; decode must show the photo upright."""
+    stored = Image.fromarray(_upright_portrait(w, h)).transpose(stored_as)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    f = tmp_path / "phone.jpg"
+    stored.save(f, quality=95, exif=exif)
+    out = data.decode(str(f), 32).astype(int)
+    assert out.shape == (32, 32, 3)
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    for x in (2, 16, 29):  # top rows red and bottom rows blue across the whole width, as the photo was taken
+        assert np.abs(out[2, x] - red).max() < 40, out[2, x]
+        assert np.abs(out[29, x] - blue).max() < 40, out[29, x]
+
+
+def test_exif_orientation_in_memory_matches_the_file(tmp_path):
+    from autoft.predict import _as_file
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    f = tmp_path / "phone.jpg"
+    Image.fromarray(_upright_portrait(48, 64)).transpose(Image.Transpose.ROTATE_90).save(f, quality=95, exif=exif)
+    with Image.open(f) as im:
+        in_memory = data.decode(_as_file(im), 32)
+    np.testing.assert_allclose(in_memory, data.decode(str(f), 32), atol=8)
+    assert in_memory[2, 16, 0] > 200 and in_memory[29, 16, 2] > 200  # upright: red on top, blue below
+
+
+def _gradient16(mode: str) -> Image.Image:
+    a = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    return Image.fromarray(a.astype(np.int32)) if mode == "I" else Image.fromarray(a.astype(np.uint16))
+
+
+@pytest.mark.parametrize("ext, mode", [(".png", "I;16"), (".tif", "I;16"), (".tif", "I")])
+def test_16_bit_greyscale_keeps_its_full_range(tmp_path, ext, mode):
+    f = tmp_path / f"g16{ext}"
+    _gradient16(mode).save(f)
+    with Image.open(f) as im:
+        assert im.mode == mode  # what Pillow opens such a file as
+    out = data.decode(str(f), 64)
+    assert out.min() <= 2 and out.max() >= 253  # 0..65535 spans 0..255, not clipped at 255/65535
+    assert len(np.unique(out)) > 200  # a gradient, not a few grey levels
+    assert (out[..., 0] == out[..., 2]).all()
+    assert out[0, 0, 0] < out[32, 32, 0] < out[63, 63, 0]
+
+
+def test_8_bit_values_in_an_I_image_are_kept():
+    im = Image.fromarray(np.arange(256, dtype=np.int32).reshape(16, 16))
+    assert im.mode == "I"
+    assert np.array_equal(np.asarray(data._16bit_to_l(im)), np.arange(256).reshape(16, 16))
+
+
+def test_decode_cache_key_version_changed():
+    """Caches decoded before EXIF orientation and 16-bit support hold wrong pixels; they must not be reused."""
+    import hashlib
+
+    assert data._cache_key([], 16) != hashlib.sha1(b"v1:16").hexdigest()
+
+
+def _link(link, target):
+    link.symlink_to(target, target_is_directory=True)
+
+
+@pytest.mark.parametrize("target", [".", "..", "../..", "cat", "../val", "../val/dog"])  # relative to train/
+def test_class_folder_linked_into_the_dataset_is_refused(tmp_path, target):
+    root = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    _link(root / "train" / "bird", target)  # a third class that is a link back into the dataset
+    with pytest.raises(DataError) as err:
+        scan(root)
+    msg = str(err.value)
+    assert "\n" not in msg and str(root / "train" / "bird") in msg and "not a link" in msg
+
+
+def test_class_folder_linked_to_train_itself_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=3)
+    _link(root / "train" / "all", root / "train")
+    with pytest.raises(DataError, match=r"class folder .*train/all resolves to .*train, the train/ folder itself") as err:
+        scan(root)
+    assert "\n" not in str(err.value)
+
+
+def test_links_to_unrelated_folders_and_link_cycles_are_fine(tmp_path):
+    root = make_image_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=("bird",), per_class=3, splits=("train",))
+    _link(root / "train" / "bird", elsewhere / "train" / "bird")
+    _link(root / "train" / "cat" / "loop", "..")  # a cycle inside a class folder: not followed, no endless walk
+    _link(root / "train" / "dog" / "self", ".")
+    import shutil
+    shutil.rmtree(root / "val" / "cat")
+    _link(root / "val" / "cat", root / "train" / "cat")  # same class in another split: labels agree, allowed
+    classes, splits = scan(root)
+    assert classes == ["bird", "cat", "dog"]
+    paths, labels = splits["train"]
+    assert len(paths) == 9 and labels.count(0) == 3
+    assert all("loop" not in p and "self" not in p for p in paths)

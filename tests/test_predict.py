@@ -193,3 +193,43 @@ def test_cli_evaluate_predict_export(trained, tmp_path, capsys):
 
     assert main(["predict", "--model", str(tmp_path / "missing.pt"), str(data)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_predict_reports_unreadable_files_and_goes_on(trained, tmp_path, capsys):
+    """One corrupt file among good ones: the others are predicted, one stderr line names it, exit 1 at the end."""
+    import shutil
+
+    model, data = trained
+    folder = tmp_path / "new"
+    shutil.copytree(data / "val", folder)
+    bad = folder / "cat" / "001b.jpg"  # sorts between good files, so the ones after it must still come out
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2)
+    good = [p for p in image_paths([folder]) if p != str(bad)]
+
+    assert main(["predict", "--model", str(model), str(folder), "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [r[0] for r in rows] == good
+    assert [r[1].split()[0] for r in rows] == _truth(good)
+    bad_lines = [line for line in err.splitlines() if str(bad) in line]
+    assert len(bad_lines) == 1 and bad_lines[0].startswith(f"autoft: cannot read {bad}: "), err
+    assert "Traceback" not in err
+
+    assert main(["predict", "--model", str(model), str(folder), "--json", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == image_paths([folder])  # every file, in order, the bad one included
+    (failed,) = [r for r in rows if "error" in r]
+    assert failed["image"] == str(bad) and "predictions" not in failed and failed["error"]
+    assert [r["predictions"][0]["class"] for r in rows if "error" not in r] == _truth(good)
+    assert sum(str(bad) in line for line in err.splitlines()) == 1
+
+
+def test_top_k_files_yields_every_file_in_order(trained, tmp_path):
+    model, data = trained
+    (tmp_path / "x.png").write_text("not an image")
+    paths = image_paths([data / "val" / "cat"])[:2] + [str(tmp_path / "x.png")] + image_paths([data / "val" / "dog"])[:1]
+    results = list(load_model(model, device="cpu").top_k_files(paths, k=1, chunk=2))
+    assert [p for p, _, _ in results] == paths
+    assert [top[0][0] if top else None for _, top, _ in results] == ["cat", "cat", None, "dog"]
+    assert results[2][2] and results[2][1] is None and all(e is None for i, (_, _, e) in enumerate(results) if i != 2)

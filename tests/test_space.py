@@ -59,3 +59,34 @@ def test_hand_recipe_is_clipped_into_the_space():
     narrow = SearchSpace.default(num_stages=9, epochs=3)
     narrow.params["t_max"] = narrow.params["t_max"].__class__(1, 4, kind="int")
     assert narrow.hand_recipe()["t_max"] == 4
+
+
+@pytest.mark.parametrize("text, match", [
+    ("head_lr: .nan\n", "search space: head_lr: nan is not a finite number"),
+    ("head_lr: {low: .nan, high: 1}\n", "search space: head_lr low: nan is not a finite number"),
+    ("head_lr: {low: 1e-4, high: .inf, log: true}\n", "search space: head_lr high: inf is not a finite number"),
+    ("weight_decay: [1e-4, .nan]\n", "search space: weight_decay: nan is not a finite number"),
+    ("label_smoothing: nan\n", "search space: label_smoothing: nan is not a finite number"),
+    ("epochs: .inf\n", "search space: epochs: inf is not a finite number"),
+    ("batch_size: [8, 2.5]\n", "search space: batch_size: expected an integer"),
+])
+def test_non_finite_space_values_are_refused_before_any_trial(tmp_path, text, match):
+    f = tmp_path / "space.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        SearchSpace.from_yaml(f, num_stages=5, epochs=4)
+    assert "\n" not in str(err.value)
+
+
+def test_space_numbers_in_every_spelling(tmp_path):
+    f = tmp_path / "space.yaml"
+    f.write_text("head_lr: 1e-3\nbase_lr: {low: 1E-5, high: .001, log: true}\nweight_decay: [1e-4, 1E-3, .001]\n"
+                 "batch_size: {low: 8, high: 1.6e1}\nfreeze_depth: [0, 2e0]\nwarmup_epochs: 1e0\n")
+    space = SearchSpace.from_yaml(f, num_stages=5, epochs=4)
+    p = space.params
+    assert p["head_lr"].value == 0.001 and p["warmup_epochs"].value == 1 and isinstance(p["warmup_epochs"].value, int)
+    assert (p["base_lr"].low, p["base_lr"].high) == (1e-5, 1e-3)
+    assert p["weight_decay"].choices == (1e-4, 1e-3, 1e-3) and p["freeze_depth"].choices == (0, 2)
+    assert (p["batch_size"].low, p["batch_size"].high, p["batch_size"].kind) == (8, 16, "int")
+    cfg = space.suggest(optuna.create_study().ask(), Config(epochs=4))
+    assert cfg.head_lr == 0.001 and 1e-5 <= cfg.base_lr <= 1e-3 and 8 <= cfg.batch_size <= 16
