@@ -301,8 +301,10 @@ def _split_regnet(m):
     return [m.stem, *m.trunk_output[:-1], nn.Sequential(m.trunk_output[-1], *_pool())], m.fc.in_features
 
 
-# Sizes, crops and parameter counts from each model's DEFAULT weights: `meta["num_params"]` and `transforms()`
-# (native_size = crop_size, crop_pct = crop_size / resize_size); tests/test_backbones.py checks them.
+# native_size (= transforms().crop_size) and params (= meta["num_params"]) of each model's DEFAULT weights; tests
+# check them. Their eval crop is crop_size / resize_size (the _resize column: 0.875 to 1.0), but crop_pct stays
+# 0.875: checkpoints do not record it (predict.py reads it from here), so changing it would silently change the
+# preprocessing of models already trained on these backbones.
 for _name, _split, _n, _size, _resize, _params in [
     ("resnet18", _split_resnet, 5, 224, 256, 11_689_512), ("resnet34", _split_resnet, 5, 224, 256, 21_797_672),
     ("resnet50", _split_resnet, 5, 224, 232, 25_557_032), ("resnet101", _split_resnet, 5, 224, 232, 44_549_160),
@@ -316,7 +318,7 @@ for _name, _split, _n, _size, _resize, _params in [
     ("convnext_small", _split_convnext, 8, 224, 230, 50_223_688),
     ("regnet_y_400mf", _split_regnet, 5, 224, 232, 4_344_144),
 ]:
-    register_backbone(_name, stages=_n, crop_pct=_size / _resize, native_size=_size, offline=False, params=_params,
+    register_backbone(_name, stages=_n, crop_pct=0.875, native_size=_size, offline=False, params=_params,
                       description=f"torchvision {_name}, ImageNet weights (downloaded on first use)")(_torchvision(_name, _split))
 
 
