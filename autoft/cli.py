@@ -137,14 +137,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
+    """One line per backbone: parameters of the pretrained model (its ImageNet classifier included), the input side
+    its weights were evaluated at, whether it builds without a download, stages, description."""
     from .backbones import list_backbones
+
+    def count(n: int | None) -> str:
+        return "-" if n is None else f"{n / 1e6:.1f}M" if n >= 50_000 else f"{n / 1e3:.1f}K"
 
     specs = list_backbones()
     width = max(len(s.name) for s in specs)
-    print(f"{'name':<{width}}  stages  description")
+    print(f"{'name':<{width}}  params  native  offline  stages  description")
     for s in specs:
-        print(f"{s.name:<{width}}  {s.num_stages:>6}  {s.description}")
-    print(f"{'timm/NAME':<{width}}  {'-':>6}  any timm model, e.g. timm/resnet18 (pretrained weights downloaded on first use)")
+        print(f"{s.name:<{width}}  {count(s.params):>6}  {s.native_size:>6}  {'yes' if s.offline else 'no':>7}  "
+              f"{s.num_stages:>6}  {s.description}")
+    print(f"{'timm/NAME':<{width}}  {'-':>6}  {'-':>6}  {'no':>7}  {'-':>6}  "
+          "any timm model, e.g. timm/resnet18 (pretrained weights downloaded on first use)")
     return 0
 
 

