@@ -82,6 +82,7 @@ class Net(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(num_features, num_classes)
+        self.num_classes = num_classes
 
     def features(self, x: torch.Tensor, end: int, start: int = 0) -> torch.Tensor:
         for stage in self.stages[start:end]:
@@ -90,6 +91,38 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.head(self.features(x, len(self.stages), start))
+
+
+class Ensemble(nn.Module):
+    """Several Nets averaged as one model: the cross-validation fold models a score validated.
+
+    Their first `shared` stages (frozen, so the same pretrained weights in every member) are the same
+    module objects and run once per batch. The output is the log of the mean of the members'
+    probabilities, so softmax of it is that mean: callers treat it as logits.
+    """
+
+    def __init__(self, members: list[Net], shared: int):
+        super().__init__()
+        for m in members[1:]:
+            for i in range(shared):
+                m.stages[i] = members[0].stages[i]
+        self.members = nn.ModuleList(members)
+        self.shared = shared
+        self.num_classes = members[0].num_classes
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The shared prefix, as far as callers that cache frozen features need it."""
+        return self.members[0].stages[:self.shared]
+
+    def features(self, x: torch.Tensor, end: int, start: int = 0) -> torch.Tensor:
+        return self.members[0].features(x, min(end, self.shared), start)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start < self.shared:
+            x, start = self.members[0].features(x, self.shared, start), self.shared
+        probs = torch.stack([m(x, start=start).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def build_model(name: str, num_classes: int, weights: str | None = None, seed: int = 0) -> tuple[Net, BackboneSpec]:

@@ -1,24 +1,36 @@
-"""Checkpoints carry weights, class names and the resolved config, so a result reproduces from its file alone."""
+"""Checkpoints carry weights, class names and the resolved config, so a result reproduces from its file alone.
+
+A checkpoint holds one model or an ensemble of fold models. `state_dict` is always one complete model
+(the only one, or the first member); the other members store only the tensors after their shared frozen
+stages, so a probe's ensemble costs a few heads, not k backbones.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from .files import atomic_torch_save, versions
-from .backbones import Net, build_model
+from .backbones import Ensemble, Net, build_model
 from .config import Config
 from .exceptions import AutoftError, ConfigError
+from .files import atomic_torch_save, versions
 
-FORMAT = "autoft-checkpoint/1"
+FORMAT = "autoft-checkpoint/2"
+READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], classes: list[str], config: Config,
-                    metrics: dict[str, Any] | None = None) -> None:
-    atomic_torch_save(path, {"format": FORMAT, "state_dict": state_dict, "classes": list(classes),
-                             "config": config.to_dict(), "metrics": dict(metrics or {}), "versions": versions()})
+def save_checkpoint(path: str | os.PathLike, members: Sequence[dict[str, torch.Tensor]], classes: list[str],
+                    config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0) -> None:
+    """One model (one member) or an ensemble whose members share their first `shared_stages` stages."""
+    shared = _prefixes(shared_stages)
+    rest = [{k: v for k, v in m.items() if not k.startswith(shared)} for m in members[1:]]
+    atomic_torch_save(path, {"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
+                             "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
+                             "metrics": dict(metrics or {}), "versions": versions()})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -29,17 +41,41 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AutoftError(f"{os.fspath(path)} is not a loadable autoft checkpoint (weights_only refused it: {type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
         raise AutoftError(f"{os.fspath(path)} is not an autoft checkpoint (write one with autoft train or autoft search)")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Net, Config]:
-    """Rebuild the network without reading pretrained weights: the checkpoint has all of them."""
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, Config]:
+    """Rebuild the network (a Net, or an Ensemble of them) without reading pretrained weights: the checkpoint
+    has all of them."""
     config = Config.from_dict(ckpt["config"])
-    model, _ = build_model(config.backbone, len(ckpt["classes"]), weights="random")
+    first = ckpt["state_dict"]
+    members = [first] + [{**first, **rest} for rest in ckpt.get("members", [])]
+    return assemble(config.backbone, len(ckpt["classes"]), members, ckpt.get("shared_stages", 0)).eval(), config
+
+
+def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.Tensor]], shared_stages: int) -> nn.Module:
+    """The model that `members` (complete state dicts) make: the Net itself for one, else their Ensemble."""
+    nets = []
+    for state in members:
+        net, _ = build_model(backbone, num_classes, weights="random")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(f"checkpoint weights do not fit backbone {backbone!r}: {str(exc).splitlines()[0]}") from None
+        nets.append(net)
+    return nets[0] if len(nets) == 1 else Ensemble(nets, shared_stages)
+
+
+def _prefixes(shared_stages: int) -> tuple[str, ...]:
+    return tuple(f"stages.{i}." for i in range(shared_stages))
+
+
+
+def shipped(path: str | os.PathLike) -> str:
+    """What a checkpoint holds, in words ("ensemble of 5 fold models", ...), for summaries."""
     try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise ConfigError(f"checkpoint weights do not fit backbone {config.backbone!r}: {str(exc).splitlines()[0]}") from None
-    return model.eval(), config
+        return load_checkpoint(path)["metrics"].get("shipped", "one model")
+    except AutoftError as exc:
+        return str(exc)

@@ -79,17 +79,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config, _ = resolve_config(args)
     metrics = train(config, args.out, full=args.full, report=_print_epoch)
-    best = metrics["best"]
-    print(f"best val_accuracy {best['val_accuracy']:.4f} (epoch {best['epoch']}) in {metrics['wall_time_s']:.1f} s on {metrics['device']}")
+    if metrics["estimate"]:
+        e = metrics["estimate"]
+        folds = f"{e['folds']}-fold cross-validation" if e["folds"] > 1 else "holdout"
+        print(f"estimate {e['accuracy']:.4f} (95 % interval {e['interval'][0]:.3f}-{e['interval'][1]:.3f}; "
+              f"{e['images']} images, {folds}) at epoch {metrics['best']['epoch']}")
+    print(f"shipped: {metrics['shipped']}; {metrics['seconds']:.1f} s on {metrics['device']}")
     if "test_accuracy" in metrics:
-        print(f"test_accuracy {metrics['test_accuracy']:.4f}")
+        lo, hi = metrics["test"]["interval"]
+        print(f"test_accuracy {metrics['test_accuracy']:.4f} (95 % interval {lo:.3f}-{hi:.3f}; "
+              f"{metrics['test']['images']} images)")
     print(f"wrote {args.out}/model.pt, config.yaml, metrics.json")
     return 0
 
 
-def _print_epoch(epoch: int, m: dict[str, float]) -> None:
-    print(f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-          f"val_accuracy {m['val_accuracy']:.4f}  {m['images_per_s']:.0f} img/s", flush=True)
+def _print_epoch(epoch: int, m: dict[str, Any]) -> None:
+    val = (f"  val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}"
+           + (f" ({len(m['fold_accuracy'])} folds)" if len(m.get("fold_accuracy", ())) > 1 else "")
+           if "val_accuracy" in m else "  (nothing held out)")
+    print(f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s", flush=True)
 
 
 def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:

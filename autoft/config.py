@@ -16,6 +16,7 @@ import yaml
 from .exceptions import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+FINALS = ("ensemble", "refit")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -37,6 +38,8 @@ class Config:
     head_only_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"})
     head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True))
     base_lr: float = field(default=1e-3, metadata=_rng(0, 10, lo_open=True))
+    layer_decay: float = field(default=1.0, metadata=_rng(0, 1, lo_open=True) | {
+        "help": "each earlier unfrozen stage trains at this times the rate of the stage after it (1 = all at base_lr)"})
     optimizer: str = field(default="adamw", metadata=_rng(choices=OPTIMIZERS))
     momentum: float = field(default=0.9, metadata=_rng(0, 1, hi_open=True))
     weight_decay: float = field(default=1e-4, metadata=_rng(0, 1))
@@ -49,6 +52,13 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images instead of stopping"})
     val_fraction: float = field(default=0.2, metadata=_rng(0, 1, lo_open=True, hi_open=True) | {"help": "share of train held out when there is no val/"})
+    cv_folds: int = field(default=5, metadata=_rng(1, 20) | {
+        "help": "score on every labelled image (train/ and val/) by stratified k-fold cross-validation; 1 = the holdout"})
+    cv_max_images: int = field(default=5000, metadata=_rng(0, 10**9) | {
+        "help": "from this many labelled images on, validate on the holdout instead: k folds cost k trainings"})
+    final: str = field(default="ensemble", metadata=_rng(choices=FINALS) | {
+        "help": "what is shipped: the validated fold models averaged as one model, or one model refit on every "
+                "labelled image for the epochs cross-validation chose"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -82,6 +92,14 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         return Config.from_dict({**self.to_dict(), **changes})
+
+    def portable(self) -> "Config":
+        """The config as exports store it: local paths (data, a weights file) made absolute, so an exported
+        best.yaml or checkpoint works from any folder."""
+        def absolute(path: str | None) -> str | None:
+            return path if path in (None, "random") else os.path.abspath(os.path.expanduser(path))
+
+        return self.replace(data=absolute(self.data), weights=absolute(self.weights))
 
     def to_yaml(self, result: dict[str, Any] | None = None) -> str:
         """YAML that `autoft train --config` reads back; `result` goes under a key it ignores."""

@@ -14,11 +14,12 @@ from . import records
 from .config import Config
 from .exceptions import ConfigError, one_line
 from .finetune import score_key
-from .plots import learning_curves_figure, save_learning_curves_png
+from .plots import estimates_figure, learning_curves_figure, points, save_learning_curves_png
 from .storage import DEFAULT_ARTIFACTS, attach_file, load_study, make_storage, mask_url
 
 log = logging.getLogger("autoft")
-LEARNING_CURVES_ID = "learning-curves"  # the study page's figure, rewritten after every trial
+LEARNING_CURVES_ID = "learning-curves"  # the study page's figures, rewritten after every trial
+ESTIMATES_ID = "estimates"
 
 
 def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: int = 8080,
@@ -67,6 +68,10 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     best = max(history, key=score_key)
     summary = (f"best {records.METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run "
                f"({cfg.epochs} planned)")
+    estimate = records.estimate(trial)
+    if estimate is not None:
+        folds = " ".join(f"{a:.3f}" for a in estimate.fold_accuracy)
+        summary += f"; estimate {estimate.describe()}" + (f"; per fold {folds}" if folds else "")
     if records.reason(trial):
         summary += f"; {records.reason(trial)}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,3 +84,8 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     runs[trial.number] = list(history)
     save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}),
                              graph_object_id=LEARNING_CURVES_ID)
+    trials = trial.study.get_trials(deepcopy=False)
+    winner = records.best_trial(trial.study)
+    shown = points(trials, winner.number if winner else None)
+    if shown:
+        save_plotly_graph_object(trial.study, estimates_figure(shown), graph_object_id=ESTIMATES_ID)

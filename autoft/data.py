@@ -7,6 +7,7 @@ transform is the pretraining one (resize, centre crop) and training crops have r
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import logging
 import math
@@ -28,6 +29,7 @@ log = logging.getLogger("autoft")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MIN_SIDE = 8
+DECODE_NOTICE = 100  # from this many images, decoding takes long enough to say so
 
 
 @dataclass
@@ -39,16 +41,54 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, index: torch.Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+
+
+@dataclass
+class Fold:
+    """Indices into `Dataset.labelled`: train on `train`, validate on `val` (empty for a refit: nothing is held out)."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+
 
 @dataclass
 class Dataset:
+    """Every labelled image (train/ then val/) in one tensor, so each fold, the holdout and a refit are index
+    sets into it and frozen features are computed once for all of them; test/ apart, only ever scored."""
+
     classes: list[str]
-    train: Split
-    val: Split
+    labelled: Split
+    holdout: Fold  # val/ when there is one, else a fixed stratified `val_fraction` of train/
     test: Split | None
     image_size: int
     store_size: int
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it could not be read
+
+    @functools.cached_property
+    def train(self) -> Split:
+        return self.labelled.subset(self.holdout.train)
+
+    @functools.cached_property
+    def val(self) -> Split:
+        return self.labelled.subset(self.holdout.val)
+
+    def everything(self) -> Fold:
+        """Train on every labelled image, validate on none: a refit."""
+        return Fold(torch.arange(len(self.labelled)), torch.zeros(0, dtype=torch.long))
+
+    def cv_folds(self, k: int) -> list[Fold]:
+        """Stratified k-fold over every labelled image, fixed (seed 0) for every trial, seed and resume of a study.
+
+        k shrinks to the smallest class's size (at least 2), so that every class is in every validation fold.
+        """
+        from sklearn.model_selection import StratifiedKFold
+
+        labels = self.labelled.labels.numpy()
+        k = max(2, min(k, int(np.bincount(labels).min())))
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
+        return [Fold(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
 
 
 def store_size_for(image_size: int, crop_pct: float) -> int:
@@ -231,24 +271,23 @@ def _cache_key(paths: list[str], size: int) -> str:
     return h.hexdigest()
 
 
-_MEMORY: dict[str, tuple[np.ndarray, dict[str, str]]] = {}
 decode_count = 0  # images decoded by this process; lets tests see that a cache hit decodes nothing
 
 
 def load_images(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]]:
-    """Decoded images for `paths` (bad ones left out and returned with their reasons), cached on disk and in memory."""
+    """Decoded images for `paths` (bad ones left out and returned with their reasons), cached on disk: decoded once
+    per size, ever (later trials, runs and processes read the cache)."""
     global decode_count
     key = _cache_key(paths, size)
-    if key in _MEMORY:
-        return _MEMORY[key]
     file = cache_dir() / "images" / f"{key}.joblib"
     try:
         cached = joblib.load(file)
     except Exception:  # missing or damaged cache: decode again
+        log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
+                "decoding %d images at %d px into the cache %s (once; later runs reuse it)", len(paths), size, file.parent)
         cached = _decode_all(paths, size)
         decode_count += len(paths)
         atomic_joblib_dump(file, cached)  # another process may be reading this cache right now
-    _MEMORY[key] = cached
     return cached
 
 
@@ -281,24 +320,20 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     for c, n in zip(classes, counts.tolist()):
         if n == 0:
             raise DataError(f"class {c!r} has no readable training images")
+    n = len(train)
     if "val" in found:
         val = split(*found["val"])
+        labelled = Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]), train.paths + val.paths)
+        holdout = Fold(torch.arange(n), torch.arange(n, len(labelled)))
     else:
         if counts.min() < 2:
             raise DataError(f"class {classes[int(counts.argmin())]!r} has one training image; a validation split needs "
                             "at least two per class (or add a val/ folder)")
-        n_val = max(len(classes), round(len(train) * val_fraction))
-        idx_train, idx_val = train_test_split(np.arange(len(train)), test_size=n_val, random_state=seed,
-                                              stratify=train.labels.numpy())
-        train, val = _subset(train, idx_train), _subset(train, idx_val)
+        n_val = max(len(classes), round(n * val_fraction))
+        idx_train, idx_val = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=train.labels.numpy())
+        labelled, holdout = train, Fold(torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val)))
     test = split(*found["test"]) if "test" in found else None
-    return Dataset(classes, train, val, test, image_size, size, bad)
-
-
-def _subset(s: Split, idx: np.ndarray) -> Split:
-    idx = np.sort(idx)
-    t = torch.from_numpy(idx)
-    return Split(s.images[t], s.labels[t], [s.paths[i] for i in idx])
+    return Dataset(classes, labelled, holdout, test, image_size, size, bad)
 
 
 # --- demo data ----------------------------------------------------------------------------------------------

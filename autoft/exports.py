@@ -1,56 +1,110 @@
 """What a search leaves in studies/<study>/: best.pt (and its artifact), best.yaml and trials.csv.
 
-All writes are atomic, so an interrupted run leaves the previous complete files.
+best.pt is the winner's shipped model: the fold models its estimate validated (one ensemble), or with
+`final: refit` that recipe retrained on every labelled image, made once the search ends. All writes
+are atomic, so an interrupted run leaves the previous complete files.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
+import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
 
 from . import records
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
+from .data import Dataset
+from .exceptions import AutoftError
 from .files import atomic_write_text, versions
-from .finetune import Result
+from .finetune import Result, finetune, refit_config, ship
 from .storage import attach_file
+
+log = logging.getLogger("autoft")
 
 
 class Exporter:
-    """Writes best.pt when a trial beats the study's best, best.yaml and trials.csv after every trial."""
+    """Writes best.pt when a trial becomes the winner, best.yaml and trials.csv after every trial, and at the
+    end of a search makes best.pt the final winner's shipped model."""
 
-    def __init__(self, out: Path, artifacts: str):
-        self.out, self.artifacts = out, artifacts
+    def __init__(self, out: Path, artifacts: str, data: Callable[[Config], Dataset]):
+        self.out, self.artifacts, self.data = out, artifacts, data
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.export(study)
 
-    def export(self, study: optuna.Study) -> FrozenTrial | None:
+    def export(self, study: optuna.Study, final: bool = False) -> FrozenTrial | None:
+        """trials.csv and best.yaml; with `final`, first the winner's shipped best.pt (which may train)."""
         self.write_trials_csv(study)
         best = records.best_trial(study)
-        if best is not None:
-            self.write_best_yaml(study, best)
+        if best is None:
+            return None
+        if final:
+            self.finalize(study, best)
+        self.write_best_yaml(study, best)
         return best
 
     def export_weights(self, trial: optuna.Trial, cfg: Config, result: Result) -> None:
         """Called while the trial still runs (artifacts can only be attached then)."""
-        if not records.is_new_best(trial.study, trial.number, result.best):
+        if not records.is_new_best(trial.study, trial.number, result):
             return
-        save_checkpoint(self.out / "best.pt", result.state_dict, result.classes, cfg,
-                        {**result.best, "trial": trial.number, "study": trial.study.study_name})
+        self._save(cfg, result, trial.number, trial.study.study_name, refit=False)
         records.record_weights(trial, attach_file(trial, self.out / "best.pt", "application/octet-stream", self.artifacts))
 
+    def finalize(self, study: optuna.Study, best: FrozenTrial) -> None:
+        """Make best.pt the winner's shipped model. Its fold models were saved when it won, unless the winner
+        changed afterwards (a later trial narrowed the ties): then it is trained again from its config, which
+        reproduces it. With `final: refit`, the recipe is retrained on every labelled image."""
+        cfg = records.config(best)
+        want_refit = cfg.final == "refit"
+        if self.saved() == (study.study_name, best.number, want_refit):
+            return
+        data = self.data(cfg)
+        if want_refit:
+            epochs = best.user_attrs[records.BEST_EPOCH]
+            log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
+            result = finetune(refit_config(cfg, epochs), data, folds=[data.everything()])
+        else:
+            log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
+                     best.number)
+            result = ship(cfg, data, finetune(cfg, data))
+        self._save(cfg, result, best.number, study.study_name, refit=want_refit)
+
+    def saved(self) -> tuple[str | None, int | None, bool]:
+        """(study, trial, refit?) of the model in best.pt, if there is one."""
+        try:
+            metrics = load_checkpoint(self.out / "best.pt")["metrics"]
+        except AutoftError:
+            return None, None, False
+        return metrics.get("study"), metrics.get("trial"), bool(metrics.get("refit"))
+
+    def _save(self, cfg: Config, result: Result, trial: int, study: str, refit: bool) -> None:
+        kind = (f"refit on every labelled image for {result.config.epochs} epoch(s)" if refit else
+                f"ensemble of {len(result.members)} fold models" if len(result.members) > 1 else "one model")
+        metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
+                                   "trial": trial, "study": study, "refit": refit, "shipped": kind}
+        save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages)
+
     def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
-        result = {"val_accuracy": best.value, "val_loss": records.val_loss(best),
-                  "best_epoch": best.user_attrs.get(records.BEST_EPOCH), "trial": best.number, "study": study.study_name,
+        trials = study.get_trials(deepcopy=False)
+        estimate = records.estimate(best)
+        result = {"estimate": estimate.to_dict() if estimate else {"accuracy": best.value},
+                  "val_loss": records.val_loss(best), "best_epoch": best.user_attrs.get(records.BEST_EPOCH),
+                  "trial": best.number, "recipe": records.portfolio_name(best), "study": study.study_name,
+                  "gain_over_portfolio": records.gain_over_portfolio(best, trials),
                   "weights_file": "best.pt", "versions": versions()}
-        header = (f"# autoft search result: study {study.study_name!r}, trial {best.number}, val_accuracy {best.value:.4f}\n"
-                  f"# reuse: autoft train --config {self.out / 'best.yaml'}\n")
-        atomic_write_text(self.out / "best.yaml", header + records.config(best).to_yaml(result))
+        path = (self.out / "best.yaml").absolute()
+        header = (f"# autoft search result: study {study.study_name!r}, {records.describe(best)}\n"
+                  f"# reuse: autoft train --config {shlex.quote(str(path))}\n"
+                  "# paths (data, weights) are stored absolute, so this file works from any folder\n")
+        atomic_write_text(self.out / "best.yaml", header + records.config(best).portable().to_yaml(result))
 
     def write_trials_csv(self, study: optuna.Study) -> None:
         header, rows = records.trial_rows(study.get_trials(deepcopy=False))

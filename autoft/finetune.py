@@ -1,10 +1,16 @@
 """One fine-tune from one config, top to bottom. No optuna here: the search hooks in through `report`.
 
 The recipe: a new head trained from scratch at `head_lr` while the unfrozen pretrained stages move at
-`base_lr`; the first `freeze_depth` stages stay frozen (eval mode, no_grad, their output cached when it
-cannot change); `head_only_epochs` train only the head before the rest unfreezes; the rate follows a
-linear warmup and a cosine of period `t_max` epochs; training batches are augmented on the device;
-validation after every epoch keeps the best weights and may stop early.
+`base_lr` (each earlier stage at `layer_decay` times the next); the first `freeze_depth` stages stay frozen
+(eval mode, no_grad, their output cached when it cannot change); `head_only_epochs` train only the head
+before the rest unfreezes; the rate follows a linear warmup and a cosine of period `t_max` epochs;
+training batches are augmented on the device.
+
+Validation: with fewer than `cv_max_images` labelled images, k models train side by side, one per
+stratified fold (`cv_folds`), so that each epoch's score is the out-of-fold accuracy over every labelled
+image, not over a small holdout; otherwise one model validates on the holdout. The best epoch by that
+pooled score is kept, with every fold's model at that epoch: shipped together they are the ensemble the
+score validated, or `refit_config` retrains the recipe on every image for that many epochs.
 """
 
 from __future__ import annotations
@@ -22,29 +28,40 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .backbones import BackboneSpec, Net, build_model
+from .backbones import BackboneSpec, Net, build_model, get_backbone
 from .config import Config
-from .data import Dataset, Split, augment, center_crop, load_dataset, normalize
+from .data import Dataset, Fold, Split, augment, center_crop, load_dataset, normalize
 from .exceptions import ConfigError, TrialFailure
 
-Report = Callable[[int, dict[str, float]], Any]
+Report = Callable[[int, dict[str, Any]], Any]
 
 
 @dataclass
 class Result:
-    """What a fine-tune hands back: metrics of the best and last epoch, the history and the best weights."""
+    """What a fine-tune hands back: the kept epoch's metrics, the history, and every fold's weights at it.
 
-    best: dict[str, float]
-    final: dict[str, float]
-    history: list[dict[str, float]]
-    state_dict: dict[str, torch.Tensor]
+    The kept epoch is the best by `score_key` of the pooled out-of-fold score, or the last when nothing is
+    validated (a refit). `members[i]` holds fold i's weights; their first `shared_stages` stages are the
+    frozen pretrained ones, the same tensors in every member.
+    """
+
+    best: dict[str, Any]
+    final: dict[str, Any]
+    history: list[dict[str, Any]]
+    members: list[dict[str, torch.Tensor]]
+    shared_stages: int
     classes: list[str]
     config: Config
     device: str
     wall_time: float
     peak_memory_mb: float
-    last_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     stopped_early: bool = False
+    validated: int = 0  # images behind the score: every labelled image under cross-validation, else the holdout
+    oof: list[int] = field(default_factory=list)  # per labelled image, its out-of-fold prediction (-1: not validated)
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.members[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,17 +93,33 @@ def lr_factor(epoch: float, warmup: int, t_max: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / t_max))
 
 
-def score_key(metrics: Mapping[str, float]) -> tuple[float, float]:
-    """The one ranking of results: higher val_accuracy, ties broken by the lower val_loss.
-
-    It picks a run's best epoch here; the search ranks its trials by it too (`records.rank_key`).
-    """
+def score_key(metrics: Mapping[str, Any]) -> tuple[float, float]:
+    """The one ranking of epochs: higher val_accuracy, ties broken by the lower val_loss."""
     return metrics["val_accuracy"], -metrics["val_loss"]
 
 
-def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None) -> Result:
-    """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given).
+def plan_folds(cfg: Config, data: Dataset) -> list[Fold]:
+    """Cross-validation folds while the labelled images are few enough to afford k trainings, else the holdout."""
+    if cfg.cv_folds > 1 and len(data.labelled) < cfg.cv_max_images:
+        return data.cv_folds(cfg.cv_folds)
+    return [data.holdout]
 
+
+def refit_config(cfg: Config, epochs: int) -> Config:
+    """The recipe for `epochs` epochs on every labelled image, along the validated learning-rate curve.
+
+    The schedule is a function of the epoch, not of the step, so the refit's last epoch ends where the
+    validated run's epoch `epochs` ended (same warmup, same cosine period), not at a re-stretched cosine.
+    """
+    return cfg.replace(epochs=epochs, t_max=cfg.cosine_t_max, head_only_epochs=min(cfg.head_only_epochs, epochs),
+                       patience=0)
+
+
+def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None,
+             folds: Sequence[Fold] | None = None) -> Result:
+    """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given), one model per fold.
+
+    `folds` defaults to `plan_folds`; `[data.everything()]` trains one model on every image (a refit).
     `report(epoch, metrics)` runs after each epoch; raising from it stops the run (the search prunes
     this way). A non-finite loss raises TrialFailure.
     """
@@ -95,55 +128,98 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_data(cfg)
-    model, spec = build_on_device(cfg, len(data.classes), device)
-    opt = make_optimizer(model, cfg)
-    batch, steps = batch_plan(len(data.train), cfg.batch_size)
-    sched = make_scheduler(opt, cfg, steps)
-    gen_cpu = torch.Generator().manual_seed(cfg.seed)  # the order of training images
-    gen_dev = torch.Generator(device=device).manual_seed(cfg.seed)  # their augmentation
-    train_images = to_device(data.train.images, device)
-    train_labels = data.train.labels.to(device)
-    val_labels = data.val.labels.to(device)
-    history: list[dict[str, float]] = []
-    best = _Best()
+    folds = plan_folds(cfg, data) if folds is None else folds
+    images = to_device(data.labelled.images, device)
+    labels = data.labelled.labels.to(device)
+    runs = [_FoldRun(cfg, fold, fold_seed(cfg.seed, i), len(data.classes), device) for i, fold in enumerate(folds)]
+    spec, n_stages = runs[0].spec, len(runs[0].model.stages)
+    history: list[dict[str, Any]] = []
+    best = _Best(cfg.freeze_depth)
     try:
         for epoch in range(cfg.epochs):
             # Freeze, then unfreeze: during head-only epochs every stage is frozen.
-            depth = len(model.stages) if epoch < cfg.head_only_epochs else cfg.freeze_depth
-            _set_trainable(model, depth)
+            depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
             features = None  # without augmentation, the frozen stages' output for the training images never changes
             if cfg.aug_strength == 0 and depth:
-                features = frozen_features(model, spec, cfg, data.train, depth, device)
+                features = frozen_features(runs[0].model, spec, cfg, data.labelled.images, depth, device)
 
             t_epoch = time.perf_counter()
-            order = torch.randperm(len(data.train), generator=gen_cpu).to(device)  # one copy per epoch, not one per step
-            train_loss, seen = train_one_epoch(model, spec, cfg, opt, sched, order.split(batch)[:steps], train_images,
-                                               train_labels, depth, gen_dev, features)
+            loss_sum, seen = 0.0, 0
+            for run in runs:
+                loss, n = run.train_epoch(images, labels, depth, features)
+                loss_sum, seen = loss_sum + loss * n, seen + n
             train_time = time.perf_counter() - t_epoch
+            train_loss = loss_sum / seen
             if not math.isfinite(train_loss):
                 raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
 
-            val_loss, val_acc = evaluate_split(model, spec, cfg, data.val, depth, device, val_labels)
-            metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                       "images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
-                       "lr_head": opt.param_groups[0]["lr"]}
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+            scores, oof = validate(runs, cfg, images, labels, depth, device)
+            metrics |= scores
+            metrics |= {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
+                        "lr_head": runs[0].opt.param_groups[0]["lr"]}
             history.append(metrics)
-            best.update(metrics, model)
+            best.update(metrics, runs, oof)
             if report is not None:
                 report(epoch, metrics)
             if cfg.patience and best.stale >= cfg.patience:
                 break
-        return Result(best.metrics, history[-1], history, best.state_dict, data.classes, cfg, str(device),
-                      time.perf_counter() - t0, peak_memory_mb(device), _cpu_copy(model), len(history) < cfg.epochs)
+        return Result(best.metrics, history[-1], history, best.members, cfg.freeze_depth, data.classes, cfg, str(device),
+                      time.perf_counter() - t0, peak_memory_mb(device), len(history) < cfg.epochs,
+                      sum(len(r.fold.val) for r in runs), best.oof)
     finally:
-        del model, opt, train_images
+        del runs, images
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def build_on_device(cfg: Config, num_classes: int, device: torch.device) -> tuple[Net, BackboneSpec]:
-    """The backbone with a new head, channels_last on `device`; a freeze depth past its stages is a config error."""
-    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed)
+def fold_seed(seed: int, fold: int) -> int:
+    """Fold 0 keeps the config's seed (a holdout run is one fold); the others derive theirs from it."""
+    return (seed + 1_000_003 * fold) % 2**32
+
+
+class _FoldRun:
+    """One fold's model, optimizer, schedule and random streams, trained an epoch at a time."""
+
+    def __init__(self, cfg: Config, fold: Fold, seed: int, num_classes: int, device: torch.device):
+        self.cfg, self.fold = cfg, Fold(fold.train.to(device), fold.val.to(device))
+        self.model, self.spec = build_on_device(cfg, num_classes, device, seed)
+        self.opt = make_optimizer(self.model, cfg)
+        self.batch, self.steps = batch_plan(len(fold.train), cfg.batch_size)
+        self.sched = make_scheduler(self.opt, cfg, self.steps)
+        self.gen_cpu = torch.Generator().manual_seed(seed)  # the order of training images
+        self.gen_dev = torch.Generator(device=device).manual_seed(seed)  # their augmentation
+
+    def train_epoch(self, images: torch.Tensor, labels: torch.Tensor, depth: int,
+                    features: torch.Tensor | None) -> tuple[float, int]:
+        _set_trainable(self.model, depth)
+        order = self.fold.train[torch.randperm(len(self.fold.train), generator=self.gen_cpu).to(images.device)]
+        return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
+                               images, labels, depth, self.gen_dev, features)
+
+
+@torch.no_grad()
+def validate(runs: Sequence[_FoldRun], cfg: Config, images: torch.Tensor, labels: torch.Tensor, depth: int,
+             device: torch.device) -> tuple[dict[str, Any], list[int]]:
+    """Every fold's model on its own held-out images, pooled: loss and accuracy over all of them, each
+    fold's accuracy, and the out-of-fold prediction per image. Nothing held out: no scores."""
+    held = [r for r in runs if len(r.fold.val)]
+    if not held:
+        return {}, []
+    logits = [predict_logits(r.model, r.spec, cfg, images, depth, device, r.fold.val) for r in held]
+    index = torch.cat([r.fold.val for r in held])
+    pooled, truth = torch.cat(logits), labels[index]
+    pred = pooled.argmax(1)
+    oof = torch.full((len(labels),), -1, dtype=torch.long, device=device)
+    oof[index] = pred
+    scores = {"val_loss": F.cross_entropy(pooled, truth).item(), "val_accuracy": (pred == truth).float().mean().item(),
+              "fold_accuracy": [(lg.argmax(1) == labels[r.fold.val]).float().mean().item() for lg, r in zip(logits, held)]}
+    return scores, oof.tolist()
+
+
+def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: int | None = None) -> tuple[Net, BackboneSpec]:
+    """The backbone with a new head (seeded), channels_last on `device`; a freeze depth past its stages is a config error."""
+    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed if seed is None else seed)
     n_stages = len(model.stages)
     if cfg.freeze_depth > n_stages:
         raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
@@ -198,16 +274,23 @@ def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.opti
 
 
 class _Best:
-    """The best epoch so far by `score_key`, a CPU copy of its weights, and the epochs since it (for patience)."""
+    """The kept epoch so far (best by `score_key`; the latest when nothing is validated), a CPU copy of every
+    fold's weights at it, and the epochs since it (for patience)."""
 
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] | None = None
-        self.state_dict: dict[str, torch.Tensor] | None = None
+    def __init__(self, shared_stages: int):
+        self.shared = tuple(f"stages.{i}." for i in range(shared_stages))
+        self.metrics: dict[str, Any] | None = None
+        self.members: list[dict[str, torch.Tensor]] = []
+        self.oof: list[int] = []
         self.stale = 0
 
-    def update(self, metrics: dict[str, float], model: Net) -> None:
-        if self.metrics is None or score_key(metrics) > score_key(self.metrics):
-            self.metrics, self.state_dict, self.stale = metrics, _cpu_copy(model), 0
+    def update(self, metrics: dict[str, Any], runs: Sequence[_FoldRun], oof: list[int]) -> None:
+        if self.metrics is None or "val_accuracy" not in metrics or score_key(metrics) > score_key(self.metrics):
+            first = _cpu_copy(runs[0].model)
+            # frozen stages are the same pretrained tensors in every fold: one copy, shared by reference
+            self.members = [first] + [{k: first[k] if k.startswith(self.shared) else v.detach().to("cpu", copy=True)
+                                       for k, v in r.model.state_dict().items()} for r in runs[1:]]
+            self.metrics, self.oof, self.stale = metrics, oof, 0
         else:
             self.stale += 1
 
@@ -224,22 +307,64 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
-    """Two parameter groups: the new head at head_lr, the unfrozen pretrained stages at base_lr.
+    """The new head at head_lr; the unfrozen pretrained stages at base_lr, each earlier one `layer_decay` times
+    the next (fastai's lower rates for early layers; one group when there is no decay).
 
-    Frozen stages get no group at all; stages that only wait out head_only_epochs are in the base
-    group but receive no gradient until they unfreeze, so the optimizer skips them until then.
+    Frozen stages get no group at all; stages that only wait out head_only_epochs are in a group but
+    receive no gradient until they unfreeze, so the optimizer skips them until then.
     """
     for p in (p for s in model.stages[:cfg.freeze_depth] for p in s.parameters()):
         p.requires_grad_(False)
-    base_params = [p for s in model.stages[cfg.freeze_depth:] for p in s.parameters()]
     groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr, "name": "head"}]
-    if base_params:
-        groups.append({"params": base_params, "lr": cfg.base_lr, "name": "base"})
+    trainable = list(enumerate(model.stages))[cfg.freeze_depth:]
+    if cfg.layer_decay == 1.0:
+        groups.append({"params": [p for _, s in trainable for p in s.parameters()], "lr": cfg.base_lr, "name": "base"})
+    else:
+        last = len(model.stages) - 1
+        groups += [{"params": list(s.parameters()), "lr": cfg.base_lr * cfg.layer_decay ** (last - i), "name": f"stage{i}"}
+                   for i, s in trainable]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None) -> Result:
+    """What a validated run ships: `result` itself (its fold models, the ensemble the score validated), or, when
+    `final` is refit and anything was validated, the recipe retrained on every labelled image for the epochs
+    the score chose."""
+    if cfg.final != "refit" or not result.validated:
+        return result
+    return finetune(refit_config(cfg, result.best["epoch"]), data, report, [data.everything()])
+
+
+class Datasets:
+    """Datasets as trials ask for them, loaded once per process: by data folder, decoded size and split settings.
+
+    Reusing the same Dataset object is what lets the frozen-feature cache (keyed by its image tensor) serve
+    every trial. Least recently used entries go first to stay under `max_bytes` when sizes and backbones
+    alternate; the one asked for is always kept.
+    """
+
+    def __init__(self, max_bytes: int = 4 * 2**30):
+        self.max_bytes = max_bytes
+        self._cache: OrderedDict[tuple, Dataset] = OrderedDict()
+
+    def __call__(self, cfg: Config) -> Dataset:
+        key = (cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction, cfg.skip_bad_images)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        data = self._cache[key] = load_data(cfg)
+        while len(self._cache) > 1 and sum(map(_dataset_bytes, self._cache.values())) > self.max_bytes:
+            self._cache.popitem(last=False)
+        return data
+
+
+def _dataset_bytes(data: Dataset) -> int:
+    return sum(s.images.numel() for s in (data.labelled, data.test) if s is not None)
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -248,8 +373,6 @@ def load_data(cfg: Config) -> Dataset:
     A held-out validation split does not follow `cfg.seed`: every trial, seed and retrain of a
     search must validate on the same images, or their scores would not compare.
     """
-    from .backbones import get_backbone
-
     return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
                         val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
 
@@ -265,31 +388,32 @@ def _set_trainable(model: Net, depth: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_split(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device,
-                   labels: torch.Tensor | None = None) -> tuple[float, float]:
-    """Validation loss and accuracy; the frozen prefix's output comes from the feature cache."""
-    logits = predict_logits(model, spec, cfg, split, depth, device)
-    labels = split.labels.to(device) if labels is None else labels
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+def evaluate_split(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
+                   device: torch.device) -> tuple[float, float]:
+    """Loss and accuracy on a split (test/, or new data); the frozen prefix's output comes from the feature cache."""
+    logits = predict_logits(model, spec, cfg, split.images, depth, device)
+    labels = split.labels.to(device)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
-def predict_logits(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int, device: torch.device) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor, depth: int,
+                   device: torch.device, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits for `images[index]` (all of them by default) through the eval transform, in batches."""
     was_training = model.training
     model.eval()
-    feats = frozen_features(model, spec, cfg, split, depth, device) if depth else None
+    feats = frozen_features(model, spec, cfg, images, depth, device) if depth else None
+    index = torch.arange(len(images), device=device) if index is None else index.to(device)
     out = []
-    step = max(1, cfg.batch_size * 2)
-    for i in range(0, len(split), step):
+    for chunk in index.split(max(1, cfg.batch_size * 2)):
         if feats is not None:
-            x, start = feats[i:i + step], depth
+            x, start = feats[chunk], depth
         else:  # no depth, or features too big to keep: the whole model from the images
-            x, start = _eval_input(split.images[i:i + step].to(device, non_blocking=True), spec, cfg.image_size), 0
+            x, start = _eval_input(images[chunk.to(images.device)].to(device, non_blocking=True), spec, cfg.image_size), 0
         with autocast(device):
             out.append(model(x, start=start).float())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.head.out_features, device=device)
+    return torch.cat(out) if out else torch.zeros(0, model.num_classes, device=device)
 
 
 def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int) -> torch.Tensor:
@@ -314,18 +438,18 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
+def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: torch.Tensor, depth: int,
                     device: torch.device) -> torch.Tensor | None:
-    """Output of the frozen stages[:depth] for every image of `split` (eval transform), computed once.
+    """Output of the frozen stages[:depth] for every one of `images` (eval transform), computed once.
 
     Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights,
     image size and depth share the result. Entries are evicted oldest-first to stay under
     FEATURE_CACHE_BYTES; features that would not fit even alone are never materialised: None tells
-    the caller to run the prefix per batch, so a huge split costs time, never memory.
+    the caller to run the prefix per batch, so a huge set costs time, never memory.
     """
-    key = (spec.name, cfg.weights, cfg.image_size, depth, id(split.images), str(device))
+    key = (spec.name, cfg.weights, cfg.image_size, depth, id(images), str(device))
     hit = _features.get(key)
-    if hit is not None and hit[0] is split.images:
+    if hit is not None and hit[0] is images:
         _features.move_to_end(key)
         return hit[1]
     was_training = [s.training for s in model.stages[:depth]]
@@ -335,24 +459,24 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, split: Split, d
     step = max(1, cfg.batch_size * 2)
     try:
         with autocast(device):
-            for i in range(0, len(split), step):
-                part = model.features(_eval_input(split.images[i:i + step].to(device, non_blocking=True), spec,
+            for i in range(0, len(images), step):
+                part = model.features(_eval_input(images[i:i + step].to(device, non_blocking=True), spec,
                                                   cfg.image_size), depth)
                 if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
-                    nbytes = part[0].numel() * part.element_size() * len(split)
+                    nbytes = part[0].numel() * part.element_size() * len(images)
                     if nbytes > FEATURE_CACHE_BYTES:
                         return None
                     while _features and _cached_bytes() + nbytes > FEATURE_CACHE_BYTES:
                         _features.popitem(last=False)
                     fmt = torch.channels_last if part.dim() == 4 else torch.contiguous_format
-                    feats = torch.empty((len(split), *part.shape[1:]), dtype=part.dtype, device=part.device,
+                    feats = torch.empty((len(images), *part.shape[1:]), dtype=part.dtype, device=part.device,
                                         memory_format=fmt)
                 feats[i:i + len(part)] = part
     finally:
         for s, t in zip(model.stages[:depth], was_training):
             s.train(t)
     if feats is not None:
-        _features[key] = (split.images, feats)
+        _features[key] = (images, feats)
     return feats
 
 

@@ -7,7 +7,9 @@ and every finished or pruned trial is published to the dashboard.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 import torch
@@ -17,7 +19,7 @@ from .config import Config
 from .data import Dataset
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
-from .finetune import Result, clear_caches, finetune, load_data, resolve_device
+from .finetune import Datasets, Result, clear_caches, finetune, plan_folds, resolve_device
 from .space import SearchSpace
 
 log = logging.getLogger("autoft")
@@ -28,29 +30,41 @@ def trial_seed(study_seed: int, number: int) -> int:
     return (study_seed * 1_000_003 + number * 7919 + 17) % 2**32
 
 
+EpochHook = Callable[[int, int, dict[str, Any]], None]  # (trial number, epochs planned, the epoch's metrics)
+
+
 class Objective:
-    """Suggest, fine-tune, report; the pruner (see study.make_pruner) decides when a trial falls behind."""
+    """Suggest, fine-tune, report; the pruner (see study.make_pruner) decides when a trial falls behind.
 
-    def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter):
-        self.base, self.space, self.study_seed, self.exporter = base, space, study_seed, exporter
-        self._data: dict[int, Dataset] = {}
+    `deadline` (time.monotonic) makes `--timeout` a budget: a trial still running then stops at its next
+    epoch, pruned, and no new one starts. `on_epoch` sees every epoch of every trial (the progress line).
+    """
 
-    def data(self, cfg: Config) -> Dataset:
-        if cfg.image_size not in self._data:  # one decode per image size per process, reused by all trials
-            self._data[cfg.image_size] = load_data(cfg)
-        return self._data[cfg.image_size]
+    def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter, data: Datasets):
+        self.base, self.space, self.study_seed, self.exporter, self.data = base, space, study_seed, exporter, data
+        self.deadline: float | None = None
+        self.on_epoch: EpochHook | None = None
+
+    def validated_images(self) -> int:
+        """How many images each epoch's score rests on (every labelled image under cross-validation)."""
+        return sum(len(f.val) for f in plan_folds(self.base, self.data(self.base)))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
         records.record_config(trial, cfg)
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
 
-        def report(epoch: int, metrics: dict[str, float]) -> None:
+        def report(epoch: int, metrics: dict[str, Any]) -> None:
             history.append(metrics)
             records.record_history(trial, history)
             trial.report(metrics[records.METRIC], epoch + 1)
-            last = epoch + 1 == cfg.epochs  # its cost is paid: a finished trial is worth keeping, never pruned
-            if not last and trial.should_prune():
+            if self.on_epoch is not None:
+                self.on_epoch(trial.number, cfg.epochs, metrics)
+            if epoch + 1 == cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
+                return
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise optuna.TrialPruned(f"the time budget (--timeout) ran out after epoch {epoch + 1}")
+            if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy {metrics['val_accuracy']:.4f}")
 
         records.record_device(trial, str(resolve_device(cfg.device)))

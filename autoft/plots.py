@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .exceptions import AutoftError
+from . import records
 from .records import METRIC
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
@@ -72,6 +74,79 @@ def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, pa
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One completed trial on the estimates plot."""
+
+    number: int
+    accuracy: float
+    low: float
+    high: float
+    seconds: float
+    backbone: str
+    winner: bool = False
+
+
+def points(trials: Sequence[Any], winner: int | None) -> list[Point]:
+    """The completed trials that recorded an estimate, as plot points."""
+    out = []
+    for t in trials:
+        e = records.estimate(t)
+        if e is None or t.value is None:
+            continue
+        low, high = e.interval
+        out.append(Point(t.number, e.accuracy, low, high, t.user_attrs.get(records.TRAIN_SECONDS) or 0.0,
+                         t.user_attrs.get(records.CONFIG, {}).get("backbone", "?"), t.number == winner))
+    return out
+
+
+def estimates_figure(points: Sequence[Point]):
+    """Plotly: every completed trial's estimate with its 95 % interval, by trial (left) and against its training
+    cost (right, log scale), one colour per backbone; the winner ringed."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("estimate by trial", "estimate against training cost"))
+    for i, backbone in enumerate(dict.fromkeys(p.backbone for p in points)):
+        mine = [p for p in points if p.backbone == backbone]
+        bars = {"type": "data", "symmetric": False, "array": [p.high - p.accuracy for p in mine],
+                "arrayminus": [p.accuracy - p.low for p in mine]}
+        marker = {"color": qualitative.Plotly[i % len(qualitative.Plotly)],
+                  "line": {"width": [3 if p.winner else 0 for p in mine], "color": "black"}, "size": 9}
+        text = [f"trial {p.number}" + (" (winner)" if p.winner else "") for p in mine]
+        for col, x in ((1, [p.number for p in mine]), (2, [p.seconds for p in mine])):
+            fig.add_trace(go.Scatter(x=x, y=[p.accuracy for p in mine], error_y=bars, mode="markers", marker=marker,
+                                     text=text, name=backbone, legendgroup=backbone, showlegend=col == 1), 1, col)
+    fig.update_xaxes(title_text="trial", row=1, col=1)
+    fig.update_xaxes(title_text="training seconds", type="log", row=1, col=2)
+    fig.update_yaxes(title_text=f"{METRIC} (95 % interval)")
+    fig.update_layout(title="Estimates with their intervals, and what they cost", height=460, margin={"t": 70})
+    return fig
+
+
+def save_estimates_png(points: Sequence[Point], path: str | os.PathLike) -> Path:
+    """Matplotlib twin of `estimates_figure`."""
+    fig = _figure()
+    by_trial, by_cost = fig.subplots(1, 2, sharey=True)
+    for backbone in dict.fromkeys(p.backbone for p in points):
+        mine = [p for p in points if p.backbone == backbone]
+        err = np.array([[p.accuracy - p.low for p in mine], [p.high - p.accuracy for p in mine]])
+        for ax, x in ((by_trial, [p.number for p in mine]), (by_cost, [p.seconds for p in mine])):
+            ax.errorbar(x, [p.accuracy for p in mine], yerr=err, fmt="o", capsize=3, label=backbone)
+            ax.scatter([xi for xi, p in zip(x, mine) if p.winner], [p.accuracy for p in mine if p.winner], s=160,
+                       facecolors="none", edgecolors="black", zorder=3)
+    by_trial.set_xlabel("trial")
+    by_trial.set_ylabel(f"{METRIC} (95 % interval)")
+    by_cost.set_xlabel("training seconds")
+    by_cost.set_xscale("log")
+    for ax in (by_trial, by_cost):
+        ax.grid(alpha=0.3)
+    by_trial.legend()
+    fig.suptitle("Estimates with their intervals (winner ringed), and what they cost")
     return _save(fig, path)
 
 

@@ -20,13 +20,13 @@ import torch
 from PIL import ExifTags, Image
 from torch import nn
 
-from .backbones import Net, get_backbone
+from .backbones import get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
-from .data import IMAGE_EXTENSIONS, Split, _try_decode, center_crop, decode, normalize, store_size_for
+from .data import IMAGE_EXTENSIONS, _try_decode, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
 from .files import atomic_write_text
-from .finetune import load_data, predict_logits, resolve_device
+from .finetune import load_data, plan_folds, predict_logits, resolve_device
 from .plots import save_confusion_png
 
 SPLITS = ("train", "val", "test")
@@ -41,7 +41,7 @@ class Predictor:
     `data.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data.
     """
 
-    def __init__(self, model: Net, config: Config, classes: Sequence[str], device: str = "auto"):
+    def __init__(self, model: nn.Module, config: Config, classes: Sequence[str], device: str = "auto"):
         self.config, self.classes = config, list(classes)
         self.spec = get_backbone(config.backbone)
         self.store_size = store_size_for(config.image_size, self.spec.crop_pct)
@@ -61,8 +61,7 @@ class Predictor:
         return self._logits(self.preprocess(images))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        split = Split(x, torch.zeros(len(x), dtype=torch.long), [""] * len(x))
-        return predict_logits(self.model, self.spec, self.config, split, 0, self.device).float().cpu()
+        return predict_logits(self.model, self.spec, self.config, x, 0, self.device).float().cpu()
 
     def predict_proba(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
         """(N, num_classes) probabilities, columns in the order of `classes`."""
@@ -179,8 +178,10 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     part = getattr(data, split)
     if part is None or len(part) == 0:
         raise DataError(f"{data_dir} has no {split}/ images to evaluate on")
-    y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
+    y_pred = predict_logits(predictor.model, predictor.spec, cfg, part.images, 0, predictor.device).argmax(1).cpu().numpy()
     y_true = part.labels.numpy()
+    # under cross-validation every labelled image trains some fold model, and a refit trains on them all
+    seen = split == "train" or (split == "val" and (cfg.final == "refit" or len(plan_folds(cfg, data)) > 1))
     labels = list(range(len(data.classes)))
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -191,7 +192,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
         "accuracy": float(per_class["accuracy"]), "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
                           "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in data.classes},
-        "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+        "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png), "seen_in_training": seen,
         "report": classification_report(y_true, y_pred, labels=labels, target_names=data.classes, digits=4, zero_division=0),
     }
 
@@ -206,7 +207,7 @@ class Deployable(nn.Module):
     Output: logits (N, num_classes); softmax gives probabilities in the order of the exported classes.
     """
 
-    def __init__(self, net: Net, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.net = net
         # buffers, not data.normalize: torch.tensor() inside forward would be traced as an untracked constant

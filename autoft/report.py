@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import records
 from .exceptions import AutoftError, one_line
 from .files import atomic_write_text
-from .plots import learning_curves_figure, optuna_plot, save_learning_curves_png
+from .plots import estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png, save_learning_curves_png
 from .predict import evaluate
 from .records import METRIC
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
@@ -74,6 +74,16 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
         report.pngs[name] = png
         sections.append(_section(title, interactive.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
                                  + _png_link(png)))
+
+    estimates = points(study.get_trials(deepcopy=False), best.number)
+    if estimates:
+        png = save_estimates_png(estimates, out / "estimates.png")
+        report.pngs["estimates"] = png
+        sections.insert(0, _section("Estimates with their 95 % intervals, by trial and against training cost",
+                                    estimates_figure(estimates).to_html(full_html=False, include_plotlyjs=False,
+                                                                        config={"displaylogo": False}) + _png_link(png)))
+    else:
+        report.skipped["estimates"] = "no completed trial recorded an estimate"
 
     history = records.history(best)
     if history:
@@ -129,13 +139,15 @@ def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: R
 
     trials = study.get_trials(deepcopy=False)
     counts = records.state_counts(trials)
-    hand = records.hand_recipe_result(trials)
+    recipes = records.portfolio_results(trials)
+    gain = records.gain_over_portfolio(best, trials)
     wall = sum(t.user_attrs.get(records.WALL_TIME) or 0 for t in trials)
     facts = [("study", study.study_name), ("storage", mask_url(storage_url)),
              ("trials", f"{len(trials)}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
                         f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"),
-             ("best", records.describe(best)),
-             ("hand recipe", f"trial {hand.number}, {METRIC} {hand.value:.4f}" if hand else "not completed"),
+             ("winner", records.describe(best)),
+             *((f"portfolio: {name}", records.describe(t)) for name, t in recipes.items()),
+             ("gain over the best portfolio recipe", f"{gain:+.4f}" if gain is not None else "no portfolio recipe completed"),
              ("training time", f"{wall:.0f} s in finished trials")]
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report.skipped.items())

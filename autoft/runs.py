@@ -1,55 +1,86 @@
-"""`autoft train`: one fine-tune from a config, saved with its config, and scored on test/ when there is one."""
+"""`autoft train`: one recipe from a config, validated, shipped as validated, and scored on test/ when there is one.
+
+The run validates as the search does (cross-validation on small data, else the holdout) and ships what
+`final` says: the fold models at the best pooled epoch as one ensemble, or a refit on every labelled image
+for that many epochs. So `autoft train --config best.yaml` rebuilds the model a search exported.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backbones import build_model
-from .checkpoint import save_checkpoint
+from .backbones import get_backbone
+from .checkpoint import assemble, save_checkpoint
 from .config import Config
-from .data import Dataset, Split
+from .data import Dataset
+from .estimate import Estimate, scored
 from .files import atomic_write_text, versions
-from .finetune import evaluate_split, finetune, load_data, resolve_device
+from .finetune import Report, Result, evaluate_split, finetune, load_data, plan_folds, resolve_device, ship
 
 log = logging.getLogger("autoft")
 
 
-def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = False, report=None) -> dict[str, Any]:
+def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = False,
+          report: Report | None = None) -> dict[str, Any]:
     """Fine-tune once and write model.pt, config.yaml and metrics.json to `out`.
 
-    `full` trains on train+val for the configured epochs and keeps the last weights (validation is then
-    seen data, so it cannot pick an epoch). test/ is only ever scored, never used to choose anything.
+    `full` trains one model on every labelled image for `epochs` and keeps the last (nothing is held
+    out, so nothing is validated). test/ is only ever scored, never used to choose anything.
     """
+    t0 = time.perf_counter()
     data = load_data(config)
-    if full:
-        data = Dataset(data.classes, _concat(data.train, data.val), data.val, data.test, data.image_size, data.store_size, data.skipped)
-    log.info("training %s on %d images (%d classes), validating on %d%s", config.backbone, len(data.train),
-             len(data.classes), len(data.val), " (seen: --full)" if full else "")
-    result = finetune(config, data, report=report)
-    metrics: dict[str, Any] = {"best": result.best, "final": result.final, "history": result.history,
-                               "wall_time_s": result.wall_time, "device": result.device, "full": full,
-                               "skipped_images": len(data.skipped), "versions": versions()}
-    state = result.last_state_dict if full else result.state_dict
+    folds = [data.everything()] if full else plan_folds(config, data)
+    log.info("training %s on %d labelled images (%d classes): %s", config.backbone, len(data.labelled),
+             len(data.classes), "every image, nothing held out (--full)" if full else
+             f"{len(folds)}-fold cross-validation" if len(folds) > 1 else f"holdout of {len(data.holdout.val)}")
+    result = finetune(config, data, report, folds)
+    if config.final == "refit" and result.validated:
+        log.info("refit on all %d labelled images for %d epoch(s), the best by validation", len(data.labelled),
+                 result.best["epoch"])
+    shipped = ship(config, data, result, report)
+    metrics = run_metrics(result, shipped, data, full)
+    metrics["seconds"] = time.perf_counter() - t0
     if data.test is not None:
-        model, spec = build_model(config.backbone, len(data.classes), weights="random")
-        model.load_state_dict(state)
         device = resolve_device(config.device)
-        model = model.to(device, memory_format=torch.channels_last)
-        loss, acc = evaluate_split(model, spec, config, data.test, 0, device)
-        metrics.update(test_accuracy=acc, test_loss=loss)
+        model = assemble(config.backbone, len(data.classes), shipped.members, shipped.shared_stages)
+        loss, acc = evaluate_split(model.to(device, memory_format=torch.channels_last), get_backbone(config.backbone), config,
+                                   data.test, 0, device)
+        metrics |= {"test_accuracy": acc, "test_loss": loss, "test": scored(acc, len(data.test))}
         log.info("test accuracy %.4f on %d images", acc, len(data.test))
     out = Path(out)
-    save_checkpoint(out / "model.pt", state, data.classes, config, metrics["best"] | {"test_accuracy": metrics.get("test_accuracy")})
-    atomic_write_text(out / "config.yaml", config.to_yaml())
+    save_checkpoint(out / "model.pt", shipped.members, data.classes, config,
+                    {k: metrics.get(k) for k in ("best_val_accuracy", "saved_epoch", "shipped", "test_accuracy")},
+                    shipped.shared_stages)
+    atomic_write_text(out / "config.yaml", config.portable().to_yaml())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
-def _concat(a: Split, b: Split) -> Split:
-    return Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.paths + b.paths)
+def shipped_kind(result: Result, shipped: Result) -> str:
+    if shipped is not result:
+        return f"refit on every labelled image for {shipped.config.epochs} epoch(s)"
+    if len(result.members) > 1:
+        return f"ensemble of {len(result.members)} fold models at epoch {result.best['epoch']}"
+    return f"one model at epoch {result.best['epoch']}" + ("" if result.validated else " (nothing validated)")
+
+
+def run_metrics(result: Result, shipped: Result, data: Dataset, full: bool) -> dict[str, Any]:
+    """metrics.json: flat keys for scripts, then the detail."""
+    validated = bool(result.validated)
+    estimate = Estimate.of(result.best, result.validated) if validated else None
+    return {"best_val_accuracy": result.best["val_accuracy"] if validated else None,
+            "final_val_accuracy": result.final.get("val_accuracy"),
+            "epochs_run": len(result.history), "saved_epoch": shipped.best["epoch"], "shipped": shipped_kind(result, shipped),
+            "estimate": estimate.to_dict() if estimate else None,
+            "best": result.best, "final": result.final, "history": result.history,
+            "refit_history": shipped.history if shipped is not result else None,
+            "wall_time_s": result.wall_time + (shipped.wall_time if shipped is not result else 0.0),
+            "device": result.device, "full": full, "skipped_images": len(data.skipped), "versions": versions()}
+

@@ -1,43 +1,94 @@
-"""The search space: which config keys a trial samples, over which ranges; a YAML file can fix or reshape any."""
+"""The search space: which config keys a trial samples, over which ranges; a YAML file can fix or reshape any.
+
+A range may name its backbone's own bounds, so one space fits every backbone a search compares:
+`stages` (its stage count: freeze_depth up to a linear probe), `native` (the resolution it was pretrained
+at) and `native/2`. When the backbone itself is searched, a parameter whose range differs between the
+backbones is sampled under a per-backbone name (`image_size@efficientnet_lite1`), so the sampler models
+each branch of the conditional space on its own and never proposes a value outside its branch; the
+trial's config holds the plain key.
+
+The portfolio: complementary recipes that run before any sampled trial, so the search starts from what
+an expert would try first and its gain over the best of them is measured.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
+from .backbones import BackboneSpec, get_backbone
 from .config import OPTIMIZERS, Config, check_keys, load_yaml, parse_number
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_NOT_SEARCHABLE = {"data", "device", "seed", "weights", "backbone", "skip_bad_images"}
+_NOT_SEARCHABLE = {"data", "device", "seed", "weights", "skip_bad_images", "cv_folds", "cv_max_images", "final",
+                   "val_fraction"}  # what a trial is scored on and shipped as must be the same for all of them
+SYMBOLS = ("stages", "native", "native/2")  # bounds that a backbone resolves
+RESOLUTION_STEP = 32
 
 
 @dataclass(frozen=True)
 class Param:
-    """One dimension: a number range (int or float, optionally log), a list of choices, or a fixed value."""
+    """One dimension: a number range (int or float, optionally log or stepped), a list of choices, or a fixed value.
 
-    low: float | None = None
-    high: float | None = None
+    Int bounds may be SYMBOLS, resolved per backbone by `resolve`.
+    """
+
+    low: float | str | None = None
+    high: float | str | None = None
     log: bool = False
     choices: tuple | None = None
     value: Any = None
     kind: str = "float"  # float | int | choice | fixed
+    step: int | None = None
+
+    def resolve(self, spec: BackboneSpec) -> "Param":
+        """This dimension for one backbone: symbolic bounds become numbers (`native/2` rounds up onto the step grid
+        that ends at `native`, so both ends are reachable)."""
+        if self.kind != "int" or not any(isinstance(b, str) for b in (self.low, self.high)):
+            return self
+        named = {"stages": spec.num_stages, "native": spec.native_size}
+        high = named.get(self.high, self.high)
+        low = named.get(self.low, self.low)
+        if self.low == "native/2":
+            half, step = spec.native_size / 2, self.step or 1
+            low = high - step * math.floor((high - half) / step)
+        return dataclasses.replace(self, low=int(low), high=int(high))
+
+    def symbolic(self) -> bool:
+        return any(isinstance(b, str) for b in (self.low, self.high))
 
     def to_dict(self) -> Any:
         if self.kind == "fixed":
             return self.value
         if self.kind == "choice":
             return list(self.choices)
-        return {"low": self.low, "high": self.high, "log": self.log}
+        return {"low": self.low, "high": self.high, "log": self.log} | ({"step": self.step} if self.step else {})
 
 
-# The classic hand recipe, enqueued as trial 0 so the search's gain over it is visible.
-HAND_RECIPE = {"freeze_depth": 0, "head_only_epochs": 0, "base_lr": 1e-3, "head_lr": 1e-2, "optimizer": "adam",
-               "t_max": 10, "aug_strength": 0.5, "weight_decay": 1e-4, "label_smoothing": 0.0}
+# Complementary first trials (the expert's shortlist); values may be SYMBOLS or "epochs", resolved per backbone
+# and clipped into the space. Fine-tunes run at the base config's image_size (cheap enough for a CPU); the probe
+# at the backbone's native resolution, where its frozen features are best and cost one pass.
+PORTFOLIO: dict[str, dict[str, Any]] = {
+    "linear_probe": {"freeze_depth": "stages", "image_size": "native", "aug_strength": 0.0, "head_only_epochs": 0,
+                     "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
+                     "weight_decay": 1e-4, "label_smoothing": 0.0},
+    "hand_recipe": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 0,
+                    "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adam", "t_max": 10,
+                    "weight_decay": 1e-4, "label_smoothing": 0.0},
+    "freeze_unfreeze": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 1,
+                        "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 0.6, "optimizer": "adamw", "t_max": "epochs",
+                        "weight_decay": 1e-4, "label_smoothing": 0.0},
+    "low_rate_full": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.3, "head_only_epochs": 0,
+                      "head_lr": 1e-2, "base_lr": 1e-4, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
+                      "weight_decay": 1e-2, "label_smoothing": 0.1},
+}
 
 
 class SearchSpace:
@@ -47,12 +98,16 @@ class SearchSpace:
         self.params = params
 
     @classmethod
-    def default(cls, num_stages: int, epochs: int) -> "SearchSpace":
-        return cls({
-            "freeze_depth": Param(0, num_stages, kind="int"),
+    def default(cls, epochs: int, backbones: Sequence[str] = ()) -> "SearchSpace":
+        """The built-in space; with several `backbones`, the backbone is a searched choice too."""
+        params = {"backbone": Param(choices=tuple(backbones), kind="choice")} if len(backbones) > 1 else {}
+        return cls(params | {
+            "image_size": Param("native/2", "native", kind="int", step=RESOLUTION_STEP),
+            "freeze_depth": Param(0, "stages", kind="int"),
             "head_only_epochs": Param(0, max(0, epochs - 1), kind="int") if epochs > 1 else Param(value=0, kind="fixed"),
             "head_lr": Param(1e-4, 1e-1, log=True),
             "base_lr": Param(1e-5, 1e-2, log=True),
+            "layer_decay": Param(0.5, 1.0),
             "t_max": Param(1, max(10, 2 * epochs), kind="int"),
             "aug_strength": Param(0.0, 1.0),
             "optimizer": Param(choices=OPTIMIZERS, kind="choice"),
@@ -61,12 +116,12 @@ class SearchSpace:
         })
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike | None, num_stages: int, epochs: int) -> "SearchSpace":
-        """The default space with the file's entries replacing or adding parameters, then validated."""
-        space = cls.default(num_stages, epochs)
+    def from_yaml(cls, path: str | os.PathLike | None, base: Config, backbones: Sequence[str] = ()) -> "SearchSpace":
+        """The default space with the file's entries replacing or adding parameters, then validated for `base`."""
+        space = cls.default(base.epochs, backbones)
         if path is not None:
             space.params.update(cls.from_dict(load_yaml(path)).params)
-        space.validate(num_stages, epochs)
+        space.validate(base)
         return space
 
     @classmethod
@@ -74,59 +129,107 @@ class SearchSpace:
         """Parameters as written in a space file or stored by `to_dict` (not validated: see `validate`)."""
         return cls({name: _parse(name, spec) for name, spec in specs.items()})
 
-    def validate(self, num_stages: int, epochs: int) -> None:
-        """Every error a trial would hit, raised before any trial runs."""
+    def backbones(self, base: Config) -> list[str]:
+        p = self.params.get("backbone")
+        if p is None:
+            return [base.backbone]
+        return list(p.choices) if p.kind == "choice" else [p.value]
+
+    def validate(self, base: Config) -> None:
+        """Every error a trial would hit, raised before any trial runs, for every backbone it may train."""
         check_keys(self.params, set(_CONFIG_FIELDS) - _NOT_SEARCHABLE, "parameter", where="search space: ")
-        for name, p in self.params.items():
-            if p.kind in ("int", "float"):
-                if p.low > p.high:
-                    raise ConfigError(f"search space: {name} low ({p.low}) is greater than high ({p.high})")
-                if p.log and p.low <= 0:
-                    raise ConfigError(f"search space: {name} is log-scaled, so low must be > 0 (got {p.low})")
-                values = [p.low, p.high]
-            else:
-                values = list(p.choices) if p.kind == "choice" else [p.value]
-            for v in values:
-                try:
-                    Config.from_dict({name: v} | ({"epochs": max(epochs, int(v))} if name == "head_only_epochs" else {}))
-                except ConfigError as exc:
-                    raise ConfigError(f"search space: {exc}") from None
-        fd = self.params.get("freeze_depth")
-        top = fd.high if fd and fd.kind == "int" else max(fd.choices) if fd and fd.kind == "choice" else fd.value if fd else 0
-        if top is not None and top > num_stages:
-            raise ConfigError(f"search space: freeze_depth goes up to {top}, but the backbone has {num_stages} stages")
-        ho = self.params.get("head_only_epochs")
-        if ho and ho.kind == "int" and ho.high > epochs:
-            raise ConfigError(f"search space: head_only_epochs goes up to {ho.high}, more than epochs ({epochs})")
+        specs = [get_backbone(b) for b in self.backbones(base)]  # an unknown backbone stops here, listing the known
+        for name, unresolved in self.params.items():
+            if name == "backbone":
+                continue
+            for spec in specs:
+                _validate(name, unresolved.resolve(spec), spec, base.epochs)
 
     def suggest(self, trial: optuna.Trial, base: Config) -> Config:
-        values = {}
-        for name, p in self.params.items():
-            if p.kind == "fixed":
-                values[name] = p.value
-            elif p.kind == "choice":
-                values[name] = trial.suggest_categorical(name, list(p.choices))
-            elif p.kind == "int":
-                values[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
-            else:
-                values[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
-        return base.replace(**values)
+        backbone = self._sample(trial, "backbone", self.params["backbone"]) if "backbone" in self.params else base.backbone
+        spec = get_backbone(backbone)
+        branching = self._branching(base)
+        values = {name: self._sample(trial, f"{name}@{backbone}" if name in branching else name, p.resolve(spec))
+                  for name, p in self.params.items() if name != "backbone"}
+        return base.replace(backbone=backbone, **values)
 
-    def hand_recipe(self) -> dict[str, Any]:
-        """The hand recipe restricted to searched parameters and clipped into their ranges."""
-        out = {}
-        for name, v in HAND_RECIPE.items():
+    def _branching(self, base: Config) -> set[str]:
+        """Parameters whose range differs between the searched backbones: each branch gets its own name."""
+        specs = [get_backbone(b) for b in self.backbones(base)]
+        return {name for name, p in self.params.items() if p.symbolic() and len({p.resolve(s) for s in specs}) > 1}
+
+    @staticmethod
+    def _sample(trial: optuna.Trial, key: str, p: Param) -> Any:
+        if p.kind == "fixed":
+            return p.value
+        if p.kind == "choice":
+            return trial.suggest_categorical(key, list(p.choices))
+        if p.kind == "int":
+            return trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=p.step or 1)
+        return trial.suggest_float(key, p.low, p.high, log=p.log)
+
+    def portfolio(self, base: Config) -> list[tuple[str, dict[str, Any]]]:
+        """The portfolio as (name, enqueue-able params): the linear probe on every searched backbone, the
+        fine-tune recipes on the first; each value clipped into the space, fixed parameters left out."""
+        out = []
+        backbones = self.backbones(base)
+        for name, recipe in PORTFOLIO.items():
+            for backbone in backbones if name == "linear_probe" else backbones[:1]:
+                label = f"{name}@{backbone}" if name == "linear_probe" and len(backbones) > 1 else name
+                out.append((label, self._params(recipe, backbone, base)))
+        return out
+
+    def _params(self, recipe: dict[str, Any], backbone: str, base: Config) -> dict[str, Any]:
+        spec = get_backbone(backbone)
+        branching = self._branching(base)
+        out = {"backbone": backbone} if self.params.get("backbone", Param(kind="fixed")).kind == "choice" else {}
+        for name, want in recipe.items():
             p = self.params.get(name)
             if p is None or p.kind == "fixed":
                 continue
-            if p.kind == "choice":
-                out[name] = v if v in p.choices else p.choices[0]
-            else:
-                out[name] = type(p.low)(min(max(v, p.low), p.high)) if p.kind == "float" else int(min(max(v, p.low), p.high))
+            p = p.resolve(spec)
+            named = {"stages": spec.num_stages, "native": spec.native_size, "epochs": base.epochs,
+                     "base": getattr(base, name)}
+            key = f"{name}@{backbone}" if name in branching else name
+            out[key] = _clip(named.get(want, want) if isinstance(want, str) else want, p)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {name: p.to_dict() for name, p in self.params.items()}
+
+
+def _clip(v: Any, p: Param) -> Any:
+    if p.kind == "choice":
+        return v if v in p.choices else p.choices[0]
+    v = min(max(v, p.low), p.high)
+    if p.kind == "int":
+        step = p.step or 1
+        return int(p.low + step * round((v - p.low) / step))
+    return float(v)
+
+
+def _validate(name: str, p: Param, spec: BackboneSpec, epochs: int) -> None:
+    if p.kind in ("int", "float"):
+        if p.symbolic():
+            raise ConfigError(f"search space: {name}: {', '.join(SYMBOLS)} only bound whole-number parameters")
+        if p.low > p.high:
+            raise ConfigError(f"search space: {name} low ({p.low}) is greater than high ({p.high})")
+        if p.log and p.low <= 0:
+            raise ConfigError(f"search space: {name} is log-scaled, so low must be > 0 (got {p.low})")
+        if p.step and (p.high - p.low) % p.step:
+            raise ConfigError(f"search space: {name} step {p.step} does not divide {p.low}..{p.high}")
+        values = [p.low, p.high]
+    else:
+        values = list(p.choices) if p.kind == "choice" else [p.value]
+    for v in values:
+        try:
+            Config.from_dict({name: v} | ({"epochs": max(epochs, int(v))} if name == "head_only_epochs" else {}))
+        except ConfigError as exc:
+            raise ConfigError(f"search space: {exc}") from None
+    if name == "freeze_depth" and max(values) > spec.num_stages:
+        raise ConfigError(f"search space: freeze_depth goes up to {max(values)}, but {spec.name} has {spec.num_stages} stages")
+    if name == "head_only_epochs" and max(values) > epochs:
+        raise ConfigError(f"search space: head_only_epochs goes up to {max(values)}, more than epochs ({epochs})")
 
 
 def _parse(name: str, spec: Any) -> Param:
@@ -135,16 +238,19 @@ def _parse(name: str, spec: Any) -> Param:
             raise ConfigError(f"search space: {name} has an empty list of choices")
         return Param(choices=tuple(_num(name, v) for v in spec), kind="choice")
     if isinstance(spec, dict):
-        extra = set(spec) - {"low", "high", "log"}
+        extra = set(spec) - {"low", "high", "log", "step"}
         if extra or not {"low", "high"} <= set(spec):
             raise ConfigError(f"search space: {name} must be {{low: ..., high: ..., log: false}}, a list of choices or a value")
-        low, high = (parse_number(spec[end], name, label=f"search space: {name} {end}") for end in ("low", "high"))
         is_int = str(_CONFIG_FIELDS[name].type).startswith("int") if name in _CONFIG_FIELDS else False
-        if is_int and not (float(low).is_integer() and float(high).is_integer()):
-            raise ConfigError(f"search space: {name} takes whole numbers, got {low}..{high}")
-        kind = "int" if is_int else "float"
-        conv = int if is_int else float
-        return Param(conv(low), conv(high), bool(spec.get("log", False)), kind=kind)
+        low, high = (spec[end] if is_int and spec[end] in SYMBOLS else
+                     parse_number(spec[end], name, integer=is_int, label=f"search space: {name} {end}")
+                     for end in ("low", "high"))
+        step = parse_number(spec["step"], name, integer=True, label=f"search space: {name} step") if "step" in spec else None
+        if step is not None and step < 1:
+            raise ConfigError(f"search space: {name} step must be at least 1, got {step}")
+        if not is_int:
+            return Param(float(low), float(high), bool(spec.get("log", False)), kind="float")
+        return Param(low, high, bool(spec.get("log", False)), kind="int", step=step)
     return Param(value=_num(name, spec), kind="fixed")
 
 

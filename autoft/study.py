@@ -20,10 +20,13 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records, workers
-from .backbones import build_model, get_backbone
+from .backbones import build_model
+from .checkpoint import shipped
 from .config import Config
+from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
+from .finetune import Datasets
 from .objective import Objective, trial_seed
 from .space import SearchSpace
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, make_storage, mask_url
@@ -43,7 +46,8 @@ class SearchOptions:
     """
 
     trials: int = _option(10, "trials to add to the study")
-    timeout: float | None = _option(None, "stop starting trials after this many seconds")
+    timeout: float | None = _option(None, "time budget in seconds: no trial starts after it, a running one stops at "
+                                          "its next epoch")
     study: str = _option("autoft", "study name; an existing one is resumed")
     storage: str = _option(DEFAULT_STORAGE, "Optuna storage URL")
     space: str | None = _option(None, "YAML search space that fixes or reshapes parameters", metavar="FILE")
@@ -80,7 +84,8 @@ class SearchOptions:
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5)
+        # group: a searched backbone makes the space conditional (see space.py); TPE models each branch apart
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -89,30 +94,44 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 class _Guarded(optuna.pruners.BasePruner):
-    """Never prune before `min_epochs` epochs or before `startup` trials have finished: around every pruner."""
+    """Around every pruner: never before `min_epochs` epochs or `startup` finished trials, and never a trial whose
+    score is within noise of the best score any finished trial had at the same epoch.
 
-    def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int):
-        self.inner, self.min_epochs, self.startup = inner, min_epochs, startup
+    "Within noise" is `z` standard errors of that best score over the `images` it rests on. In a study of a
+    few dozen trials a near-best trial is a candidate the winner is chosen among (see records.select);
+    pruning it saves little and loses a contender, as Hyperband did to a trial at 0.958 while the best was 0.965.
+    """
+
+    def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, z: float = 2.0):
+        self.inner, self.min_epochs, self.startup, self.images, self.z = inner, min_epochs, startup, images, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
         finished = study.get_trials(deepcopy=False, states=records.FINISHED)
-        return len(finished) >= self.startup and self.inner.prune(study, trial)
+        if len(finished) < self.startup:
+            return False
+        at_step = [t.intermediate_values[step] for t in finished if step in t.intermediate_values]
+        if at_step:
+            best = max(at_step)
+            if trial.intermediate_values[step] >= best - self.z * Estimate(best, self.images).binomial_se:
+                return False
+        return self.inner.prune(study, trial)
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int, startup: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: int) -> optuna.pruners.BasePruner:
+    """`images`: how many validation images each epoch's score rests on (the noise the guard allows for)."""
     if name == "none":
         inner = optuna.pruners.NopPruner()
     elif name == "median":
         inner = optuna.pruners.MedianPruner(n_startup_trials=startup)  # its median needs that many completed trials
     else:
         inner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs), reduction_factor=3)
-    return _Guarded(inner, min_epochs, startup)
+    return _Guarded(inner, min_epochs, startup, images)
 
 
-def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int) -> optuna.Study:
+def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int) -> optuna.Study:
     """Create or resume the study; a resumed study must have the same space and base config."""
     storage = make_storage(opts.storage)
     try:
@@ -127,10 +146,9 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int)
     # Sampler seeded past the trials already run, so a resumed study samples new points, not the same ones again.
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(opts.sampler, trial_seed(seed, n_before)),
-                                pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials))
+                                pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images))
     if n_before == 0:
         records.write_study_meta(study, base, space, seed)
-    records.enqueue_hand_recipe(study, space.hand_recipe())
     return study
 
 
@@ -142,7 +160,7 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     """
     space = _checked_space(base, opts, space)
     objective = _objective(base, opts, space)
-    study = open_study(base, opts, space, base.seed)
+    study = open_study(base, opts, space, base.seed, objective.validated_images())
     records.set_goal(study, opts.trials, opts.settings())
     return _run(study, objective, opts, spawn=opts.workers > 1)
 
@@ -160,15 +178,15 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
                          **meta.settings)
     objective = _objective(base, opts, _checked_space(base, opts, meta.space))
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
-    found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials)
+    found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
+                               objective.validated_images())
     return _run(found, objective, opts, spawn=False)
 
 
 def _checked_space(base: Config, opts: SearchOptions, space: SearchSpace | None) -> SearchSpace:
-    spec = get_backbone(base.backbone)
     if space is None:
-        return SearchSpace.from_yaml(opts.space, spec.num_stages, base.epochs)
-    space.validate(spec.num_stages, base.epochs)
+        return SearchSpace.from_yaml(opts.space, base)
+    space.validate(base)
     return space
 
 
@@ -177,34 +195,43 @@ def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objecti
     here, before the study is touched."""
     if base.weights not in (None, "random"):
         build_model(base.backbone, 2, base.weights)
-    objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts))
-    objective.data(base)
+    datasets = Datasets()
+    objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, datasets), datasets)
+    datasets(base)
     return objective
 
 
 def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: bool) -> optuna.Study:
-    """Trials until the study's goal is met, here or in `opts.workers` spawned processes; then the exports."""
+    """Trials until the study's goal is met (or the time budget is spent), here or in `opts.workers` spawned
+    processes; then the exports, the winner's shipped model included unless the run was interrupted."""
     target = records.goal(study)
     todo = max(0, target - records.finished_count(study.get_trials(deepcopy=False)))
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
              todo, target, opts.out_dir)
     exporter = objective.exporter
     progress = _Progress(todo, study) if opts.progress else None
+    objective.on_epoch = progress.epoch if progress else None
+    objective.deadline = time.monotonic() + opts.timeout if opts.timeout else None
     on_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     t0 = time.perf_counter()
+    finished = False
+    recipes = objective.space.portfolio(objective.base)
     try:
-        if spawn:
+        if spawn:  # queue a recipe per worker now, or they would all start on the first
+            records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
             workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir), opts.artifacts,
                           opts.timeout, progress=progress)
         else:
-            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout)
+            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout,
+                         before_trial=lambda s: records.enqueue_portfolio(s, recipes))
+        finished = True
     finally:
         if progress:
             progress.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        best = exporter.export(study)
+        best = exporter.export(study, final=finished)
         if opts.progress:
             print_summary(study, best, time.perf_counter() - t0, opts.out_dir)
     return study
@@ -215,7 +242,11 @@ def _raise_terminated(signum, frame):
 
 
 class _Progress:
-    """A bar with finished trials i/N, best so far and pruned/failed counts, redrawn from the storage."""
+    """A bar with finished trials i/N, best so far, pruned/failed counts and the running trial's last epoch.
+
+    Trial counts are redrawn from the storage when a trial ends (and when `--workers` polls), so the bar also
+    follows trials other processes run; an epoch only updates the text, without a storage round trip.
+    """
 
     def __init__(self, total: int, study: optuna.Study):
         from tqdm.auto import tqdm
@@ -223,31 +254,54 @@ class _Progress:
         self.study = study
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
         self.n0 = records.state_counts(study.get_trials(deepcopy=False))
+        self.best, self.running = "best=-", ""
+
+    def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
+        """The objective's per-epoch hook: where the running trial is."""
+        self.running = f"trial {number} epoch {metrics['epoch']}/{epochs} val {metrics['val_accuracy']:.3f}"
+        self._draw()
 
     def __call__(self, study: optuna.Study | None = None, trial: FrozenTrial | None = None) -> None:
-        """An Optuna callback, and what `--workers` polls while the trials finish in other processes."""
+        """An Optuna callback (a trial ended) and what `--workers` polls while other processes work."""
+        trials = self.study.get_trials(deepcopy=False)
         best = records.best_trial(self.study)
-        new = records.state_counts(self.study.get_trials(deepcopy=False)) - self.n0  # finished states only grow
-        self.bar.set_postfix_str(f"best={best.value:.4f} (#{best.number})" if best else "best=-", refresh=False)
-        self.bar.set_description(f"trials (pruned {new[TrialState.PRUNED]}, failed {new[TrialState.FAIL]})")
+        new = records.state_counts(trials) - self.n0  # finished states only grow
+        self.best = f"best={best.value:.4f} (#{best.number})" if best else "best=-"
+        if trial is not None:
+            self.running = ""
+        elif study is None:  # polled: what the workers' running trials last reported
+            self.running = ", ".join(f"trial {t.number} epoch {len(records.history(t))}" for t in trials
+                                     if t.state == TrialState.RUNNING and records.history(t))
+        self.bar.set_description(f"trials (pruned {new[TrialState.PRUNED]}, failed {new[TrialState.FAIL]})", refresh=False)
         self.bar.n = new[TrialState.COMPLETE] + new[TrialState.PRUNED]
-        self.bar.refresh()
+        self._draw()
+
+    def _draw(self) -> None:
+        self.bar.set_postfix_str(self.best + (f" | {self.running}" if self.running else ""))
 
     def close(self) -> None:
         self.bar.close()
 
 
 def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path) -> None:
+    """What the search found, what it is worth (the winner's estimate with its 95 % interval and the images
+    behind it), what it adds over the portfolio recipes, and where the exports are."""
     trials = study.get_trials(deepcopy=False)
     count = records.state_counts(trials)
     lines = [f"study {study.study_name}: {len(trials)} trials ({count[TrialState.COMPLETE]} complete, "
              f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s this run"]
     if best is not None:
-        lines.append(f"best: {records.describe(best)}")
-        hand = records.hand_recipe_result(trials)
-        if hand is not None:
-            lines.append(f"hand recipe (trial {hand.number}): val_accuracy {hand.value:.4f}")
-        width = max(len(k) for k in best.params) if best.params else 0
-        lines += [f"  {k:<{width}}  {records.fmt(v)}" for k, v in best.params.items()]
-        lines.append(f"exported: {out / 'best.yaml'}, {out / 'best.pt'}, {out / 'trials.csv'}")
+        lines.append(f"winner: {records.describe(best)}")
+        recipes = records.portfolio_results(trials)
+        for name, t in recipes.items():
+            lines.append(f"  portfolio {name:<28} trial {t.number:<3} {records.fmt(t.value)}")
+        gain = records.gain_over_portfolio(best, trials)
+        if gain is not None:
+            lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")
+        cfg = records.config(best)
+        shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in records.searched_keys(best)}}
+        width = max(map(len, shown))
+        lines += [f"  {k:<{width}}  {records.fmt(v)}" for k, v in shown.items()]
+        lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
+                     f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)

@@ -117,8 +117,12 @@ def fail_stale(study: optuna.Study) -> None:
 
 
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
-         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), timeout: float | None = None) -> None:
-    """Run trials until the study holds exactly its goal of finished trials (or `timeout` seconds pass)."""
+         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), timeout: float | None = None,
+         before_trial: Callable[[optuna.Study], None] | None = None) -> None:
+    """Run trials until the study holds exactly its goal of finished trials (or `timeout` seconds pass).
+
+    `before_trial(study)` runs once a slot is free, right before a trial starts (to queue the next one).
+    """
     slot = _Slot(objective)
     t0 = time.monotonic()
     crashes, waiting = 0, False
@@ -137,6 +141,8 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
                 time.sleep(POLL_S)
                 continue
             waiting = False
+            if before_trial is not None:
+                before_trial(study)
             study.optimize(slot, n_trials=1, callbacks=list(callbacks), catch=(TrialCrashed, Surplus), gc_after_trial=False)
             last = study._storage.get_trial(slot.trial_id)
             crashes = crashes + 1 if last.state == TrialState.FAIL and not records.is_surplus(last) else 0

@@ -15,7 +15,7 @@ import importlib
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    autoft.data._MEMORY.clear()
+
     importlib.import_module("autoft.finetune").clear_caches()
     yield
 

@@ -140,7 +140,7 @@ def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(root)
     extra = setup(root)
     before = _fingerprint(root / "studies")
-    autoft.data._MEMORY.clear()
+
     code = main([*BASE, *extra])
     out, err = capsys.readouterr()
     assert code == 2, out + err

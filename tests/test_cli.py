@@ -45,8 +45,10 @@ def test_flags_override_the_config_file_which_overrides_defaults(in_tmp):
 
 def test_full_retrains_on_train_plus_val(in_tmp):
     data = make_image_folder(in_tmp / "data")
-    assert main(["train", "--data", str(data), "--out", "run", "--epochs", "1", "--full", *TINY]) == 0
-    assert json.loads((in_tmp / "run" / "metrics.json").read_text())["full"] is True
+    assert main(["train", "--data", str(data), "--out", "run", "--epochs", "2", "--full", *TINY]) == 0
+    metrics = json.loads((in_tmp / "run" / "metrics.json").read_text())
+    assert metrics["full"] is True and metrics["saved_epoch"] == 2 and metrics["best_val_accuracy"] is None
+    assert metrics["shipped"] == "one model at epoch 2 (nothing validated)"
 
 
 def test_best_yaml_round_trips_into_train(in_tmp, capsys):

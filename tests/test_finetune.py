@@ -6,12 +6,12 @@ import torch
 from autoft.backbones import build_model
 from autoft.config import Config
 from autoft.exceptions import ConfigError, TrialFailure
-from autoft.finetune import finetune, load_data, lr_factor, make_optimizer
+from autoft.finetune import finetune, load_data, lr_factor, make_optimizer, plan_folds, refit_config
 
 
 def test_learnable_task_beats_chance_by_a_wide_margin(tiny_config):
-    result = finetune(tiny_config.replace(epochs=6, aug_strength=0.2, head_lr=0.02, base_lr=0.01))
-    assert result.best["val_accuracy"] >= 0.9  # chance is 0.5
+    result = finetune(tiny_config.replace(epochs=6, aug_strength=0.2, head_lr=0.05, base_lr=0.02))
+    assert result.best["val_accuracy"] >= 0.9  # chance is 0.5; out of fold, over every labelled image
     assert len(result.history) == 6 and result.classes == ["cat", "dog"]
 
 
@@ -19,12 +19,14 @@ def test_frozen_stages_stay_bit_identical_and_the_rest_change(tiny_config):
     cfg = tiny_config.replace(freeze_depth=1, epochs=2, aug_strength=0.3)
     start, _ = build_model(cfg.backbone, 2, seed=cfg.seed)
     result = finetune(cfg)
-    after = result.last_state_dict
     before = start.state_dict()
     frozen = [k for k in before if k.startswith("stages.0.")]
     trained = [k for k in before if k.startswith(("stages.1.", "stages.2.")) and before[k].is_floating_point()]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # BN running stats too
-    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+    assert len(result.members) == 5 and result.shared_stages == 1  # one model per fold
+    for after in result.members:
+        assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # BN running stats too
+        assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+    assert result.members[1]["stages.0.0.weight"] is result.members[0]["stages.0.0.weight"]  # kept once
 
 
 def test_optimizer_groups_carry_head_and_base_lrs():
@@ -62,10 +64,11 @@ def test_head_only_epochs_freeze_then_unfreeze(tiny_config):
     def report(epoch, metrics):
         seen[epoch] = True
 
-    result = finetune(cfg, report=report)
+    data = load_data(cfg)
+    result = finetune(cfg, data, report=report, folds=[data.everything()])  # nothing validated: the last epoch is kept
     assert seen == {0: True, 1: True}
     stem = "stages.0.0.weight"
-    assert not torch.equal(start.state_dict()[stem], result.last_state_dict[stem])  # unfrozen in epoch 2
+    assert not torch.equal(start.state_dict()[stem], result.state_dict[stem])  # unfrozen in epoch 2
 
 
 def test_report_can_stop_the_run_and_best_weights_are_kept(tiny_config):
@@ -131,3 +134,53 @@ def test_frozen_feature_cache_gives_the_same_result_as_recomputing(tiny_config):
     finally:
         ft.FEATURE_CACHE_BYTES = old
     assert [h["val_loss"] for h in cached.history] == pytest.approx([h["val_loss"] for h in fresh.history], abs=1e-6)
+
+
+def test_cross_validation_folds_are_stratified_fixed_and_cover_every_image(tiny_config):
+    data = load_data(tiny_config)
+    folds = plan_folds(tiny_config, data)
+    assert len(folds) == 5 and len(data.labelled) == 36  # train/ and val/ pooled: every labelled image
+    val = torch.cat([f.val for f in folds])
+    assert sorted(val.tolist()) == list(range(36))  # each image validated exactly once
+    for f in folds:
+        assert set(f.train.tolist()).isdisjoint(f.val.tolist())
+        counts = torch.bincount(data.labelled.labels[f.val], minlength=2)
+        assert counts.min() >= 3  # stratified: both classes in every fold
+    again = plan_folds(tiny_config.replace(seed=123), load_data(tiny_config))  # another trial, seed or process
+    assert all(torch.equal(a.val, b.val) for a, b in zip(folds, again))
+    assert plan_folds(tiny_config.replace(cv_folds=1), data) == [data.holdout]
+    assert plan_folds(tiny_config.replace(cv_max_images=36), data) == [data.holdout]  # too many images for k trainings
+
+
+def test_each_epoch_is_scored_out_of_fold_on_every_image(tiny_config):
+    result = finetune(tiny_config.replace(epochs=2))
+    best = result.best
+    assert result.validated == 36 and len(best["fold_accuracy"]) == 5
+    assert len(result.oof) == 36 and all(0 <= p < 2 for p in result.oof)
+    labels = load_data(tiny_config).labelled.labels.tolist()
+    assert best["val_accuracy"] == pytest.approx(sum(p == y for p, y in zip(result.oof, labels)) / 36)
+    assert all(len(h["fold_accuracy"]) == 5 for h in result.history)
+
+
+def test_holdout_run_is_one_fold_and_reproduces_the_single_model_run(tiny_config):
+    cfg = tiny_config.replace(cv_folds=1, epochs=2)
+    result = finetune(cfg)
+    data = load_data(cfg)
+    assert len(result.members) == 1 and result.validated == len(data.val) == 12
+    again = finetune(cfg, data, folds=[data.holdout])
+    assert [h["val_loss"] for h in result.history] == [h["val_loss"] for h in again.history]
+
+
+def test_refit_keeps_the_validated_learning_rate_curve():
+    cfg = Config(epochs=6, t_max=None, head_only_epochs=3, patience=2)
+    refit = refit_config(cfg, 2)
+    assert refit.epochs == 2 and refit.cosine_t_max == 6  # the validated curve, not one squeezed into 2 epochs
+    assert refit.head_only_epochs == 2 and refit.patience == 0
+    assert [lr_factor(e, 0, refit.cosine_t_max) for e in range(2)] == [lr_factor(e, 0, 6) for e in range(2)]
+
+
+def test_layer_decay_gives_earlier_stages_lower_rates():
+    model, _ = build_model("tiny_cnn", 2)
+    opt = make_optimizer(model, Config(head_lr=0.1, base_lr=0.01, layer_decay=0.5, freeze_depth=1))
+    rates = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert rates == {"head": 0.1, "stage1": pytest.approx(0.005), "stage2": pytest.approx(0.01)}

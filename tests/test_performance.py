@@ -57,8 +57,10 @@ def test_augmented_trials_still_reuse_validation_features(tiny_config, prefix_im
     data = load_data(cfg)
     finetune(cfg, data)
     finetune(cfg, data)
-    # Augmented training batches need the prefix every step; the validation images go through it once.
-    assert sum(prefix_images) == 2 * 3 * len(data.train) + len(data.val)
+    # Augmented training batches need the prefix every step (each fold its own training images); every
+    # labelled image goes through it once, for the validation of whichever fold holds it out.
+    folds = ft.plan_folds(cfg, data)
+    assert sum(prefix_images) == 2 * 3 * sum(len(f.train) for f in folds) + len(data.labelled)
 
 
 def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monkeypatch):
@@ -66,15 +68,15 @@ def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monk
     data = load_data(cfg)
     model, spec = build_model(cfg.backbone, 2)
     dev = torch.device("cpu")
-    one = ft.frozen_features(model, spec, cfg, data.val, 1, dev)  # (N, 8, 16, 16) floats
+    one = ft.frozen_features(model, spec, cfg, data.val.images, 1, dev)  # (N, 8, 16, 16) floats
     ft.clear_caches()
     bound = int(one.numel() * one.element_size() * 1.2)
     monkeypatch.setattr(ft, "FEATURE_CACHE_BYTES", bound)
-    ft.frozen_features(model, spec, cfg, data.val, 1, dev)
-    ft.frozen_features(model, spec, cfg, data.val, 2, dev)  # half the size: depth 1 must go to make room
+    ft.frozen_features(model, spec, cfg, data.val.images, 1, dev)
+    ft.frozen_features(model, spec, cfg, data.val.images, 2, dev)  # half the size: depth 1 must go to make room
     assert ft._cached_bytes() <= bound
     assert [k[3] for k in ft._features] == [2]
-    assert ft.frozen_features(model, spec, cfg, data.val, 2, dev) is ft._features[next(iter(ft._features))][1]
+    assert ft.frozen_features(model, spec, cfg, data.val.images, 2, dev) is ft._features[next(iter(ft._features))][1]
 
 
 def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monkeypatch):
@@ -85,7 +87,7 @@ def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monk
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or empty(*a, **k))
     monkeypatch.setattr(ft, "FEATURE_CACHE_BYTES", 1000)  # smaller than one split's features
-    assert ft.frozen_features(model, spec, cfg, data.train, 1, torch.device("cpu")) is None
+    assert ft.frozen_features(model, spec, cfg, data.train.images, 1, torch.device("cpu")) is None
     assert not allocated and not ft._features
     result = finetune(cfg, data)  # falls back to running the prefix per batch
     assert len(result.history) == 2 and not ft._features
@@ -98,7 +100,7 @@ def test_weights_are_read_once_per_process_and_each_trial_gets_its_own_copy(tiny
     second = finetune(cfg, data)
     assert counting_backbone == [None]  # built (weights read) once for both trials
     pristine, _ = _pretrained_stages("counting_cnn", None)
-    trained = first.last_state_dict
+    trained = first.state_dict
     # Training changed the trial's copy, never the process-wide pretrained stages the next trial copies.
     key = "stages.0.0.weight"
     assert not torch.equal(trained[key], pristine[0][0].weight)

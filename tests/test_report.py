@@ -21,7 +21,7 @@ from autoft.checkpoint import save_checkpoint
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import AutoftError
-from autoft.dashboard import LEARNING_CURVES_ID, publish_trial
+from autoft.dashboard import ESTIMATES_ID, LEARNING_CURVES_ID, publish_trial
 from autoft.plots import PNG_SIZE
 from autoft.report import write_report
 from conftest import make_image_folder
@@ -30,7 +30,7 @@ STORAGE = "sqlite:///studies/autoft.db"
 DISTRIBUTIONS = {"freeze_depth": IntDistribution(0, 3), "head_lr": FloatDistribution(1e-4, 1.0, log=True),
                  "base_lr": FloatDistribution(1e-5, 1e-1, log=True), "optimizer": CategoricalDistribution(["adam", "sgd"])}
 PLOTS = {"optimization_history", "param_importances", "parallel_coordinate", "intermediate_values", "slice",
-         "learning_curves", "confusion_val", "confusion_test"}
+         "learning_curves", "confusion_val", "confusion_test", "estimates"}
 
 
 def _history(acc: float, epochs: int) -> list[dict[str, float]]:
@@ -51,9 +51,13 @@ def fake_study(name: str, data: Path, n: int, best_pt: Path | None) -> optuna.St
         for h in history:
             trial.report(h["val_accuracy"], h["epoch"])
         cfg = Config(data=str(data), backbone="tiny_cnn", image_size=32, device="cpu", **trial.params)
+        score = history[-1]["val_accuracy"]
         for key, value in {"config": cfg.to_dict(), "history": history, "val_loss": history[-1]["val_loss"],
-                           "wall_time_s": 1.5, "hand_recipe": i == 0}.items():
+                           "wall_time_s": 1.5, "train_seconds": 1.0 + i,
+                           "estimate": {"accuracy": score, "images": 36, "fold_accuracy": [score] * 5}}.items():
             trial.set_user_attr(key, value)
+        if i == 0:
+            trial.set_user_attr("portfolio", "linear_probe")
         if pruned:
             trial.set_user_attr("prune_reason", "pruned after epoch 1")
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -61,7 +65,7 @@ def fake_study(name: str, data: Path, n: int, best_pt: Path | None) -> optuna.St
             study.tell(trial, history[-1]["val_accuracy"])
     if best_pt is not None:
         net, _ = build_model("tiny_cnn", 2, weights="random")
-        save_checkpoint(best_pt, net.state_dict(), ["cat", "dog"], Config.from_dict(study.best_trial.user_attrs["config"]))
+        save_checkpoint(best_pt, [net.state_dict()], ["cat", "dog"], Config.from_dict(study.best_trial.user_attrs["config"]))
     return study
 
 
@@ -203,4 +207,4 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
         assert "```yaml" in t["note"]["body"]
         assert ("pruned after epoch" in t["note"]["body"]) == (t["state"] == "Pruned")
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
-    assert [g["id"] for g in detail["plotly_graph_objects"]] == [LEARNING_CURVES_ID]
+    assert {g["id"] for g in detail["plotly_graph_objects"]} == {LEARNING_CURVES_ID, ESTIMATES_ID}

@@ -33,53 +33,68 @@ def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     out = in_tmp / "studies" / "autoft"
     best = best_trial(study)
     doc = yaml.safe_load((out / "best.yaml").read_text())
-    assert doc["result"]["trial"] == best.number and doc["result"]["val_accuracy"] == best.value
+    estimate = doc["result"]["estimate"]
+    assert doc["result"]["trial"] == best.number and estimate["accuracy"] == best.value
+    assert estimate["images"] == 36 and estimate["folds"] == 5 and len(estimate["fold_accuracy"]) == 5
+    assert estimate["interval"][0] <= best.value <= estimate["interval"][1]
     assert Config.from_yaml(out / "best.yaml") == Config.from_dict(best.user_attrs["config"])
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["classes"] == ["cat", "dog"] and ckpt["metrics"]["trial"] == best.number
+    assert len(ckpt["members"]) == 4 and ckpt["metrics"]["shipped"] == "ensemble of 5 fold models"  # the validated models
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
-    assert {"freeze_depth", "head_lr", "base_lr", "t_max", "aug_strength"} <= set(rows[0])
+    assert {"freeze_depth", "head_lr", "base_lr", "t_max", "aug_strength", "image_size", "recipe", "interval_low",
+            "interval_high", "fold_accuracy", "se", "images"} <= set(rows[0])
+    assert len(rows[0]["fold_accuracy"].split(";")) == 5
     attrs = best.user_attrs
     assert len(attrs["history"]) == tiny_config.epochs and attrs["device"] == "cpu"
     assert attrs["wall_time_s"] > 0 and attrs["images_per_s"] > 0 and attrs["peak_memory_mb"] > 0
+    assert len(attrs["oof_predictions"]) == 36 and attrs["train_seconds"] > 0
     artifact = attrs["weights_artifact_id"]
     assert (in_tmp / "studies" / "artifacts" / artifact).is_file()
 
 
-def test_hand_recipe_runs_first(in_tmp, tiny_config):
-    study = run_search(tiny_config, _opts(trials=1))
-    first = study.trials[0]
-    assert first.user_attrs["hand_recipe"] is True
-    assert first.params == SearchSpace.default(3, tiny_config.epochs).hand_recipe()
-    assert first.user_attrs["config"]["seed"] == trial_seed(tiny_config.seed, 0)
+def test_portfolio_runs_first_in_order(in_tmp, tiny_config):
+    study = run_search(tiny_config, _opts(trials=4))
+    base = tiny_config
+    expected = SearchSpace.default(base.epochs).portfolio(base)
+    assert [t.user_attrs.get("portfolio") for t in study.trials] == [name for name, _ in expected]
+    assert [t.params for t in study.trials] == [params for _, params in expected]
+    assert study.trials[0].user_attrs["config"]["freeze_depth"] == 3  # the linear probe: every stage frozen
+    assert study.trials[0].user_attrs["config"]["seed"] == trial_seed(tiny_config.seed, 0)
 
 
 def test_clearly_bad_trial_is_pruned(in_tmp, tiny_config):
     (in_tmp / "space.yaml").write_text("head_lr: {low: 1.0e-4, high: 10}\nbase_lr: {low: 1.0e-5, high: 10}\n")
-    opts = _opts(trials=3, pruner="median", startup_trials=2, space="space.yaml")
+    opts = _opts(trials=2, pruner="median", startup_trials=1, space="space.yaml")
     cfg = tiny_config.replace(epochs=4)
-    space = SearchSpace.from_yaml(opts.space, 3, cfg.epochs)
-    study = open_study(cfg, opts, space, cfg.seed)
-    good = {**space.hand_recipe(), "head_lr": 0.05, "base_lr": 0.01, "aug_strength": 0.0}
+    space = SearchSpace.from_yaml(opts.space, cfg)
+    study = open_study(cfg, opts, space, cfg.seed, images=36)  # queued trials run before the portfolio
+    good = {**dict(space.portfolio(cfg))["hand_recipe"], "head_lr": 0.05, "base_lr": 0.01, "aug_strength": 0.0}
     study.enqueue_trial(good)
     study.enqueue_trial({**good, "head_lr": 10.0, "base_lr": 10.0, "optimizer": "sgd", "weight_decay": 1e-6})
     study = run_search(cfg, opts)
-    absurd = study.trials[2]
+    first, absurd = study.trials
     assert absurd.params["head_lr"] == 10.0
     assert absurd.state == TrialState.PRUNED
     assert "prune_reason" in absurd.user_attrs or "fail_reason" in absurd.user_attrs
-    assert study.trials[0].state == study.trials[1].state == TrialState.COMPLETE
+    assert first.state == TrialState.COMPLETE
 
 
-def test_second_run_resumes_and_adds_trials(in_tmp, tiny_config):
-    first = run_search(tiny_config, _opts(trials=2))
+def test_second_run_resumes_and_runs_the_portfolio_once(in_tmp, tiny_config):
+    first = run_search(tiny_config, _opts(trials=2))  # two of the four recipes, none left waiting
+    assert [t.state for t in first.trials] == [TrialState.COMPLETE] * 2
     old_params = [t.params for t in first.trials]
-    again = run_search(tiny_config, _opts(trials=2))
-    assert len(again.trials) == 4
-    assert sum(bool(t.user_attrs.get("hand_recipe")) for t in again.trials) == 1
-    assert [t.params for t in again.trials[:2]] == old_params
-    assert again.trials[3].params != old_params[1]  # the resumed sampler does not replay old points
+    again = run_search(tiny_config, _opts(trials=3))
+    done = again.trials
+    assert len(done) == 5
+    names = [t.user_attrs.get("portfolio") for t in done]
+    assert names[:4] == ["linear_probe", "hand_recipe", "freeze_unfreeze", "low_rate_full"] and names[4] is None
+    assert [t.params for t in done[:2]] == old_params
+    third = run_search(tiny_config, _opts(trials=1))
+    sampled = [t.params for t in third.trials if t.user_attrs.get("portfolio") is None]
+    assert len(sampled) == 2 and sampled[0] != sampled[1]  # the resumed sampler does not replay old points
+    assert sum(bool(t.user_attrs.get("portfolio")) for t in third.trials) == 4  # each recipe once across resumes
 
 
 def test_resume_with_a_different_space_is_refused(in_tmp, tiny_config):
@@ -106,35 +121,89 @@ def test_bad_data_stops_before_a_study_exists(in_tmp, tiny_config):
     assert not (in_tmp / "studies" / "autoft.db").exists()
 
 
-def test_best_is_accuracy_then_lower_val_loss():
+def _told(study, value, loss, images=600, seconds=10.0):
+    """A completed trial with fake scores, as the objective records them."""
+    t = study.ask()
+    t.set_user_attr("val_loss", loss)
+    t.set_user_attr("estimate", {"accuracy": value, "images": images, "fold_accuracy": [value] * 5})
+    t.set_user_attr("train_seconds", seconds)
+    study.tell(t, value)
+    return t.number
+
+
+def test_winner_is_chosen_on_the_estimate_with_ties_within_noise():
+    # 600 images at 0.90: one standard error is sqrt(0.9 * 0.1 / 600) = 0.0122
     study = optuna.create_study(direction="maximize")
-    for value, loss in [(0.9, 0.5), (0.9, 0.3), (0.8, 0.1)]:
-        t = study.ask()
-        t.set_user_attr("val_loss", loss)
-        study.tell(t, value)
-    assert best_trial(study).number == 1
+    lucky = _told(study, 0.905, 0.50)  # the highest score, a worse loss
+    steady = _told(study, 0.895, 0.30)  # within one standard error of it: a tie, won on the lower loss
+    _told(study, 0.880, 0.10)  # lower loss still, but 0.025 below the top: not a tie
+    assert best_trial(study).number == steady
+    cheap = _told(study, 0.900, 0.30, seconds=2.0)  # tied and as good a loss: the cheaper recipe
+    assert best_trial(study).number == cheap
+    clear = _told(study, 0.95, 0.60)  # 0.95 is beyond the noise of every other: it wins outright
+    assert best_trial(study).number == clear
+    assert lucky != clear
+
+    few = optuna.create_study(direction="maximize")  # on 50 images one standard error at 0.96 is 0.028: more ties
+    _told(few, 0.96, 0.40, images=50)
+    modest = _told(few, 0.94, 0.20, images=50)  # one image fewer right: a tie on 50 images...
+    assert best_trial(few).number == modest
+    many = optuna.create_study(direction="maximize")
+    top = _told(many, 0.96, 0.40, images=5000)
+    _told(many, 0.94, 0.20, images=5000)  # ...but 100 images fewer right on 5000: a real difference
+    assert best_trial(many).number == top
 
 
-def test_hyperband_is_the_default_and_guarded():
-    from autoft.study import make_pruner, _Guarded
+def test_pruner_is_guarded_and_spares_trials_within_noise_of_the_best():
+    from autoft.study import _Guarded, make_pruner
 
-    pruner = make_pruner("hyperband", epochs=9, min_epochs=2, startup=3)
-    assert isinstance(pruner, _Guarded) and isinstance(pruner.inner, optuna.pruners.HyperbandPruner)
+    pruner = make_pruner("median", epochs=4, min_epochs=2, startup=2, images=600)
+    assert isinstance(pruner, _Guarded) and isinstance(pruner.inner, optuna.pruners.MedianPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     t = study.ask()
     t.report(0.0, 1)
     assert not t.should_prune()  # before min_epochs, and before any trial has finished
+    for curve in ([0.80, 0.90, 0.92, 0.93], [0.70, 0.85, 0.88, 0.90], [0.60, 0.70, 0.75, 0.80]):
+        done = study.ask()
+        for step, v in enumerate(curve, 1):
+            done.report(v, step)
+        study.tell(done, curve[-1])
+    near = study.ask()  # below the median at epoch 2, but within 2 standard errors (0.024) of the best there
+    near.report(0.5, 1)
+    near.report(0.88, 2)
+    assert not near.should_prune()
+    behind = study.ask()  # below the median and far from the best
+    behind.report(0.5, 1)
+    behind.report(0.75, 2)
+    assert behind.should_prune()
+    assert isinstance(make_pruner("hyperband", 9, 1, 3, 600).inner, optuna.pruners.HyperbandPruner)
 
 
-def test_hand_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_config):
-    space = SearchSpace.default(3, tiny_config.epochs)
-    study = open_study(tiny_config, _opts(), space, tiny_config.seed)
-    interrupted = study.ask()  # takes the enqueued hand recipe
-    assert interrupted.user_attrs["hand_recipe"]
+def test_portfolio_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_config):
+    from autoft.records import enqueue_portfolio
+
+    space = SearchSpace.default(tiny_config.epochs)
+    study = open_study(tiny_config, _opts(), space, tiny_config.seed, images=36)
+    enqueue_portfolio(study, space.portfolio(tiny_config))  # as the search does right before a trial starts
+    interrupted = study.ask()  # takes the first recipe
+    assert interrupted.user_attrs["portfolio"] == "linear_probe"
     study.tell(interrupted, state=TrialState.FAIL)
-    study = run_search(tiny_config, _opts(trials=1))
-    assert study.trials[1].user_attrs.get("hand_recipe") and study.trials[1].state == TrialState.COMPLETE
-    assert study.trials[1].params == space.hand_recipe()
+    study = run_search(tiny_config, _opts(trials=4))
+    probes = [t for t in study.trials if t.user_attrs.get("portfolio") == "linear_probe"]
+    assert [t.state for t in probes] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert probes[1].params == dict(space.portfolio(tiny_config))["linear_probe"]
+    assert [t.user_attrs.get("portfolio") for t in study.trials[1:]] == ["linear_probe", "hand_recipe",
+                                                                          "freeze_unfreeze", "low_rate_full"]
+
+
+def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_config):
+    from autoft.records import enqueue_portfolio
+
+    space = SearchSpace.default(tiny_config.epochs)
+    study = open_study(tiny_config, _opts(), space, tiny_config.seed, images=36)
+    study.enqueue_trial({"head_lr": 0.05}, user_attrs={"note": "a retry, queued by a heartbeat sweep"})
+    enqueue_portfolio(study, space.portfolio(tiny_config))
+    assert [t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,))] == [{"note": "a retry, queued by a heartbeat sweep"}]
 
 
 def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monkeypatch):
@@ -144,25 +213,49 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
 
     def fake_finetune(cfg, data, report):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
         m = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
-             "images_per_s": 1.0}
+             "images_per_s": 1.0, "epoch_time_s": 0.1}
         for epoch in range(cfg.epochs):
             report(epoch, {**m, "epoch": epoch + 1})
-        return Result(m, m, [m], {}, data.classes, cfg, "cpu", 0.1, 1.0)
+        return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=36)
 
     monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
     monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "export_weights", lambda *a: None)
-    opts = _opts(trials=3, pruner="median", startup_trials=1)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
     cfg = tiny_config.replace(epochs=2)
-    study = open_study(cfg, opts, SearchSpace.default(3, 2), cfg.seed)
+    opts = _opts(trials=1, pruner="median", startup_trials=1)
+    run_search(cfg, opts)  # the linear probe (head_lr 1e-2): 0.9
+    study = open_study(cfg, opts, SearchSpace.default(2), cfg.seed, images=36)
     bad = {"head_lr": 1e-4, "base_lr": 1e-5}
     study.enqueue_trial({**bad, "t_max": 1})
     study.enqueue_trial({**bad, "t_max": 2})
-    study = run_search(cfg.replace(epochs=2), opts)
+    study = run_search(cfg, _opts(trials=2, pruner="median", startup_trials=1))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
     assert [len(t.user_attrs["history"]) for t in study.trials[1:]] == [1, 1]  # pruned after epoch 1 of 2
 
-    one = _opts(trials=2, pruner="median", startup_trials=1, study="one")
+    one = _opts(trials=1, pruner="median", startup_trials=1, study="one")
     cfg1 = cfg.replace(epochs=1)
-    open_study(cfg1, one, SearchSpace.default(3, 1), cfg.seed).enqueue_trial({**bad, "t_max": 1})
+    run_search(cfg1, one)
+    open_study(cfg1, one, SearchSpace.default(1), cfg.seed, images=36).enqueue_trial({**bad, "t_max": 1})
     study = run_search(cfg1, one)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # its only epoch was its last
+
+
+def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tiny_config, monkeypatch):
+    import importlib
+    import time
+
+    objective_module = importlib.import_module("autoft.objective")
+    real = objective_module.finetune
+
+    def slow_finetune(cfg, data, report):
+        def slow_report(epoch, metrics):
+            time.sleep(0.4)
+            report(epoch, metrics)
+        return real(cfg, data, slow_report)
+
+    monkeypatch.setattr(objective_module, "finetune", slow_finetune)
+    t0 = time.monotonic()
+    study = run_search(tiny_config.replace(epochs=20), _opts(trials=5, timeout=1.0))
+    assert time.monotonic() - t0 < 20  # not the 5 x 20 epochs x 0.4 s the trials asked for
+    stopped = [t for t in study.trials if "time budget" in t.user_attrs.get("prune_reason", "")]
+    assert len(stopped) == 1 and stopped[0].state == TrialState.PRUNED and len(stopped[0].user_attrs["history"]) < 20
