@@ -31,6 +31,7 @@ class BackboneSpec:
     `mean`, `std`, `crop_pct` and `native_size` describe how the pretrained weights were evaluated:
     normalisation, centre-crop fraction (crop side / resized side) and input side in pixels.
     `offline`: building it needs no download (weights ship in an installed package, or there are none).
+    `pretrained`: it has pretrained weights (tiny_cnn, a test backbone, starts at random).
     `params`: parameters of the pretrained model, its pretraining classifier included (None: not declared).
     """
 
@@ -44,6 +45,7 @@ class BackboneSpec:
     native_size: int = 224
     offline: bool = False
     params: int | None = None
+    pretrained: bool = True
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -51,12 +53,13 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register_backbone(name: str, *, stages: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
                       native_size: int = 224, offline: bool = False, params: int | None = None,
-                      description: str = "") -> Callable:
+                      pretrained: bool = True, description: str = "") -> Callable:
     """Decorator: `fn(weights) -> (stages, num_features)` becomes the backbone `name` with `stages` stages."""
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY[name] = BackboneSpec(name, fn, stages, tuple(mean), tuple(std), crop_pct,
-                                       description or (fn.__doc__ or "").strip(), native_size, offline, params)
+                                       description or (fn.__doc__ or "").strip(), native_size, offline, params,
+                                       pretrained)
         return fn
 
     return deco
@@ -66,10 +69,21 @@ def list_backbones() -> list[BackboneSpec]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
+AUTO = "auto"  # `autoft search --backbone auto`: compare the backbones that work offline
+
+
+def auto_backbones() -> list[str]:
+    """What `--backbone auto` searches: every registered backbone whose pretrained weights need no download."""
+    return [s.name for s in list_backbones() if s.offline and s.pretrained]
+
+
 def get_backbone(name: str) -> BackboneSpec:
     """Look a name up; `timm/NAME` resolves any timm model. Unknown names list the known ones."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name == AUTO:
+        raise ConfigError(f"backbone 'auto' lets autoft search compare {', '.join(auto_backbones())}; "
+                          "anything else needs one named (autoft backbones lists them)")
     if name.startswith("timm/"):
         return _timm_spec(name[5:])
     raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}, or timm/NAME for any timm model")
@@ -273,7 +287,7 @@ for _n, _size, _crop, _params in [(0, 224, 0.875, 4_652_008), (1, 240, 0.882, 5_
 
 
 @register_backbone("tiny_cnn", stages=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), native_size=32, offline=True,
-                   params=6_088, description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)")
+                   params=6_088, pretrained=False, description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)")
 def _tiny_cnn(weights: str | None):
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))

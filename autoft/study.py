@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records, workers
-from .backbones import build_model
+from .backbones import AUTO, auto_backbones, build_model
 from .checkpoint import shipped
 from .config import Config
 from .estimate import Estimate
@@ -85,7 +86,9 @@ class SearchOptions:
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # group: a searched backbone makes the space conditional (see space.py); TPE models each branch apart
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.8; the grouping is what conditional spaces need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -156,9 +159,10 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     """Run `opts.trials` more trials (resuming the study if it exists) and export the best.
 
     The study's goal becomes its finished trials now plus `opts.trials`, met exactly by this process or,
-    with `opts.workers` > 1, by that many worker processes.
+    with `opts.workers` > 1, by that many worker processes. `backbone: auto` makes the backbone a searched
+    choice among the offline ones (the first is the base the portfolio's fine-tunes use).
     """
-    space = _checked_space(base, opts, space)
+    base, space = search_space(base, opts, space)
     objective = _objective(base, opts, space)
     study = open_study(base, opts, space, base.seed, objective.validated_images())
     records.set_goal(study, opts.trials, opts.settings())
@@ -176,18 +180,24 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     base = meta.base.replace(device=device, **({"data": data} if data else {}))
     opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
                          **meta.settings)
-    objective = _objective(base, opts, _checked_space(base, opts, meta.space))
+    base, space = search_space(base, opts, meta.space)
+    objective = _objective(base, opts, space)
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images())
     return _run(found, objective, opts, spawn=False)
 
 
-def _checked_space(base: Config, opts: SearchOptions, space: SearchSpace | None) -> SearchSpace:
+def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None) -> tuple[Config, SearchSpace]:
+    """The base config and the validated space: `opts.space` over the default one, with `backbone: auto`
+    becoming a searched choice among the offline backbones (the first is the base)."""
+    backbones = auto_backbones() if base.backbone == AUTO else []
+    if backbones:
+        base = base.replace(backbone=backbones[0])
     if space is None:
-        return SearchSpace.from_yaml(opts.space, base)
+        return base, SearchSpace.from_yaml(opts.space, base, backbones)
     space.validate(base)
-    return space
+    return base, space
 
 
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objective:
@@ -298,6 +308,10 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:
             lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")
+        backbones = records.per_backbone(trials)
+        if len(backbones) > 1:  # accuracy against cost, per backbone
+            lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s training per trial (median)"
+                      for b, (n, acc, sec) in sorted(backbones.items())]
         cfg = records.config(best)
         shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in records.searched_keys(best)}}
         width = max(map(len, shown))

@@ -135,3 +135,31 @@ def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeyp
     assert len(at_start) == 10
     # Trials hold a model, optimizer state and best weights: any of them kept past its trial would add up.
     assert max(at_start[2:]) <= at_start[1] + 64 * 1024, at_start
+
+
+def test_caches_stay_bounded_when_backbones_alternate(tiny_config, monkeypatch):
+    """Datasets per backbone crop and size, features per backbone/size/depth: both bounded, oldest out first."""
+    from autoft.backbones import _REGISTRY
+
+    register_backbone("tiny_cnn_b", stages=3, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.75, native_size=32,
+                      offline=True, pretrained=False)(_REGISTRY["tiny_cnn"].build)
+    try:
+        datasets = ft.Datasets()
+        a, b = tiny_config, tiny_config.replace(backbone="tiny_cnn_b")
+        one = ft._dataset_bytes(datasets(a))
+        datasets.max_bytes = int(one * 2.5)  # room for two of the three decodes below
+        c = a.replace(image_size=24)
+        first = datasets(a)
+        datasets(b)  # another crop: its own decode
+        datasets(c)  # another size: its own decode; the oldest (a) goes
+        assert sum(map(ft._dataset_bytes, datasets._cache.values())) <= datasets.max_bytes
+        assert datasets(b) is datasets(b) and datasets(a) is not first  # kept ones reused, evicted ones reloaded
+        cfg = a.replace(freeze_depth=2, aug_strength=0.0, epochs=1)
+        for backbone in ("tiny_cnn", "tiny_cnn_b", "tiny_cnn", "tiny_cnn_b"):
+            finetune(cfg.replace(backbone=backbone), datasets(cfg.replace(backbone=backbone)))
+        assert ft._cached_bytes() <= ft.FEATURE_CACHE_BYTES
+        assert {k[0] for k in ft._features} == {"tiny_cnn", "tiny_cnn_b"}  # one entry per backbone, reused
+        assert len(ft._features) == 2
+    finally:
+        _REGISTRY.pop("tiny_cnn_b")
+        _pretrained_stages.cache_clear()

@@ -259,3 +259,61 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
     assert time.monotonic() - t0 < 20  # not the 5 x 20 epochs x 0.4 s the trials asked for
     stopped = [t for t in study.trials if "time budget" in t.user_attrs.get("prune_reason", "")]
     assert len(stopped) == 1 and stopped[0].state == TrialState.PRUNED and len(stopped[0].user_attrs["history"]) < 20
+
+
+@pytest.fixture
+def second_backbone():
+    """A second cheap backbone with other stages, native size and crop than tiny_cnn: a conditional space."""
+    from torch import nn
+
+    from autoft.backbones import _REGISTRY, _pretrained_stages, register_backbone
+
+    def build(weights):
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        return [block(3, 12), nn.Sequential(block(12, 24), nn.AdaptiveAvgPool2d(1), nn.Flatten())], 24
+
+    register_backbone("tiny_two", stages=2, mean=(0.5,) * 3, std=(0.5,) * 3, native_size=48, crop_pct=0.8,
+                      offline=True, pretrained=False)(build)
+    yield "tiny_two"
+    _REGISTRY.pop("tiny_two")
+    _pretrained_stages.cache_clear()
+
+
+def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_config, second_backbone):
+    from autoft.cli import main
+    from autoft.predict import evaluate, export, load_model
+
+    (in_tmp / "space.yaml").write_text(f"backbone: [tiny_cnn, {second_backbone}]\n")
+    study = run_search(tiny_config, _opts(trials=6, space="space.yaml"))
+    configs = [t.user_attrs["config"] for t in study.trials]
+    assert {c["backbone"] for c in configs} == {"tiny_cnn", "tiny_two"}
+    for c in configs:  # each trial inside its own backbone's branch of the space
+        stages, native = {"tiny_cnn": (3, 32), "tiny_two": (2, 48)}[c["backbone"]]
+        assert c["freeze_depth"] <= stages and native // 2 <= c["image_size"] <= native
+    assert [t.user_attrs.get("portfolio") for t in study.trials[:2]] == ["linear_probe@tiny_cnn", "linear_probe@tiny_two"]
+    out = in_tmp / "studies" / "autoft"
+    exported = Config.from_yaml(out / "best.yaml")
+    assert exported == Config.from_dict(best_trial(study).user_attrs["config"])
+    assert main(["-q", "train", "--config", str(out / "best.yaml"), "--out", "again"]) == 0
+    assert Config.from_yaml(in_tmp / "again" / "config.yaml") == exported
+    shipped = torch.load(out / "best.pt", weights_only=True)
+    rebuilt = torch.load(in_tmp / "again" / "model.pt", weights_only=True)
+    assert all(torch.equal(shipped["state_dict"][k], rebuilt["state_dict"][k]) for k in shipped["state_dict"])  # same model
+    assert evaluate(out / "best.pt", split="val", device="cpu")["n"] == 12
+    assert load_model(out / "best.pt", device="cpu").predict(str(tiny_config.data) + "/val/cat/000.png") in (["cat"], ["dog"])
+    assert export(out / "best.pt").max_abs_diff <= 1e-4
+
+
+def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_config):
+    from autoft.backbones import auto_backbones
+    from autoft.study import search_space
+
+    base, space = search_space(tiny_config.replace(backbone="auto"), _opts())
+    assert auto_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert base.backbone == "efficientnet_lite0" and space.backbones(base) == auto_backbones()
+    recipes = [name for name, _ in space.portfolio(base)]
+    assert recipes[:3] == [f"linear_probe@{b}" for b in auto_backbones()] and len(recipes) == 6
+    with pytest.raises(ConfigError, match="autoft search compare"):
+        from autoft.backbones import get_backbone
+        get_backbone("auto")
