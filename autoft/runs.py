@@ -14,7 +14,7 @@ from .backbones import build_model
 from .checkpoint import save_checkpoint
 from .config import Config
 from .data import Dataset, Split
-from .files import atomic_write_text, versions
+from .files import atomic_write_text, check_writable_dir, versions
 from .finetune import evaluate_split, finetune, load_data, resolve_device
 
 log = logging.getLogger("autoft")
@@ -26,6 +26,7 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     `full` trains on train+val for the configured epochs and keeps the last weights (validation is then
     seen data, so it cannot pick an epoch). test/ is only ever scored, never used to choose anything.
     """
+    check_writable_dir(out, "output folder")  # before training, not after it
     data = load_data(config)
     if full:
         data = Dataset(data.classes, _concat(data.train, data.val), data.val, data.test, data.image_size, data.store_size, data.skipped)

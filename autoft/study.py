@@ -21,12 +21,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import records, workers
 from .backbones import build_model, get_backbone
-from .config import Config
+from .config import Config, check_field
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
 from .objective import Objective, trial_seed
 from .space import SearchSpace
-from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, make_storage, mask_url
+from .files import check_writable_dir
+from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
+                      make_storage, mask_url)
 
 log = logging.getLogger("autoft")
 
@@ -42,19 +44,19 @@ class SearchOptions:
     Each field with a `help` is an `autoft search` flag too (cli.add_flags), its choices checked here.
     """
 
-    trials: int = _option(10, "trials to add to the study")
-    timeout: float | None = _option(None, "stop starting trials after this many seconds")
-    study: str = _option("autoft", "study name; an existing one is resumed")
+    trials: int = _option(10, "trials to add to the study", lo=1)
+    timeout: float | None = _option(None, "stop starting trials after this many seconds", lo=0, lo_open=True)
+    study: str = _option("autoft", "study name (letters, digits, '.', '_', '-'); an existing one is resumed")
     storage: str = _option(DEFAULT_STORAGE, "Optuna storage URL")
     space: str | None = _option(None, "YAML search space that fixes or reshapes parameters", metavar="FILE")
     sampler: str = _option("tpe", "sampler", choices=("tpe", "random", "cmaes", "gp"))
     pruner: str = _option("hyperband", "pruner", choices=("hyperband", "median", "none"))
     out: str | None = _option(None, "export folder (default: studies/<study>)")
     artifacts: str = _option(DEFAULT_ARTIFACTS, "folder of the weights and learning curves the dashboard serves")
-    min_epochs: int = _option(1, "never prune before this many epochs")
-    startup_trials: int = _option(3, "never prune before this many trials finished")
+    min_epochs: int = _option(1, "never prune before this many epochs", lo=1)
+    startup_trials: int = _option(3, "never prune before this many trials finished", lo=0)
     progress: bool = True  # progress bar and summary; the Python API may turn them off
-    workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores")
+    workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores", lo=1)
 
     def settings(self) -> dict[str, Any]:
         """What a joining worker must share with this search (kept in the study's user attrs)."""
@@ -62,16 +64,10 @@ class SearchOptions:
                 "startup_trials": self.startup_trials}
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
-        if not self.study or "/" in self.study:
-            raise ConfigError(f"--study {self.study!r}: a study name must be non-empty and contain no '/'")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        for f in dataclasses.fields(self):  # numbers parsed as Config's are (YAML, flags and Python alike)
+            if f.metadata:
+                setattr(self, f.name, check_field(f, getattr(self, f.name), f"search setting {f.name!r}"))
+        check_study_name(self.study)
 
     @property
     def out_dir(self) -> Path:
@@ -119,16 +115,23 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int)
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except Exception as exc:
         raise ConfigError(f"cannot read storage {mask_url(opts.storage)}: {mask_url(str(exc).splitlines()[0])[:300]}") from None
-    n_before = 0
+    n_before, replace = 0, False
     if opts.study in existing:
         old = optuna.load_study(study_name=opts.study, storage=storage)
         n_before = len(old.get_trials(deepcopy=False))
-        records.check_same_meta(old, base, space)
+        try:
+            records.check_same_meta(old, base, space)
+        except ConfigError:  # a study none of whose trials finished has no results to keep comparable
+            if records.finished_count(old.get_trials(deepcopy=False)):
+                raise
+            log.info("study %r has no finished trial yet: its search space and base config are replaced by this run's",
+                     opts.study)
+            replace = True
     # Sampler seeded past the trials already run, so a resumed study samples new points, not the same ones again.
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(opts.sampler, trial_seed(seed, n_before)),
                                 pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials))
-    if n_before == 0:
+    if n_before == 0 or replace:
         records.write_study_meta(study, base, space, seed)
     records.enqueue_hand_recipe(study, space.hand_recipe())
     return study
@@ -140,6 +143,7 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     The study's goal becomes its finished trials now plus `opts.trials`, met exactly by this process or,
     with `opts.workers` > 1, by that many worker processes.
     """
+    check_outputs(opts)
     space = _checked_space(base, opts, space)
     objective = _objective(base, opts, space)
     study = open_study(base, opts, space, base.seed)
@@ -153,6 +157,7 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     """`autoft worker`: one more worker on an existing study, until its goal is met, with the settings it recorded."""
     if threads:
         torch.set_num_threads(threads)
+    check_outputs(SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout))
     found = load_study(storage, study)
     meta = records.read_study_meta(found)
     base = meta.base.replace(device=device, **({"data": data} if data else {}))
@@ -162,6 +167,14 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials)
     return _run(found, objective, opts, spawn=False)
+
+
+def check_outputs(opts: SearchOptions) -> None:
+    """Every place a search writes, checked before it loads data or trains: the exports, the artifacts, the
+    storage's file; a one-line error at once rather than a traceback after the first trial."""
+    check_writable_dir(opts.out_dir, "--out")
+    check_writable_dir(opts.artifacts, "--artifacts")
+    check_writable_storage(opts.storage)
 
 
 def _checked_space(base: Config, opts: SearchOptions, space: SearchSpace | None) -> SearchSpace:
@@ -175,7 +188,7 @@ def _checked_space(base: Config, opts: SearchOptions, space: SearchSpace | None)
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objective:
     """The objective, once what would fail every trial has been tried: a bad weights file or bad data stops
     here, before the study is touched."""
-    if base.weights not in (None, "random"):
+    if base.weights != "random":  # a bad file, or pretrained weights that cannot be downloaded (kept for the trials)
         build_model(base.backbone, 2, base.weights)
     objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts))
     objective.data(base)
@@ -189,16 +202,17 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
              todo, target, opts.out_dir)
     exporter = objective.exporter
-    progress = _Progress(todo, study) if opts.progress else None
+    ran = workers.Ran()  # this run's trials, for the progress bar and the summary
+    progress = _Progress(todo, study, ran) if opts.progress else None
     on_main_thread = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     t0 = time.perf_counter()
     try:
         if spawn:
             workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir), opts.artifacts,
-                          opts.timeout, progress=progress)
+                          opts.timeout, progress=progress, ran=ran)
         else:
-            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout)
+            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout, ran=ran)
     finally:
         if progress:
             progress.close()
@@ -206,7 +220,7 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
             signal.signal(signal.SIGTERM, old_term)
         best = exporter.export(study)
         if opts.progress:
-            print_summary(study, best, time.perf_counter() - t0, opts.out_dir)
+            print_summary(study, best, time.perf_counter() - t0, opts.out_dir, ran)
     return study
 
 
@@ -217,17 +231,16 @@ def _raise_terminated(signum, frame):
 class _Progress:
     """A bar with finished trials i/N, best so far and pruned/failed counts, redrawn from the storage."""
 
-    def __init__(self, total: int, study: optuna.Study):
+    def __init__(self, total: int, study: optuna.Study, ran: workers.Ran):
         from tqdm.auto import tqdm
 
-        self.study = study
+        self.study, self.ran = study, ran
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-        self.n0 = records.state_counts(study.get_trials(deepcopy=False))
 
     def __call__(self, study: optuna.Study | None = None, trial: FrozenTrial | None = None) -> None:
         """An Optuna callback, and what `--workers` polls while the trials finish in other processes."""
         best = records.best_trial(self.study)
-        new = records.state_counts(self.study.get_trials(deepcopy=False)) - self.n0  # finished states only grow
+        new = records.state_counts(self.ran.trials(self.study))  # this run's, not other runs' on the same study
         self.bar.set_postfix_str(f"best={best.value:.4f} (#{best.number})" if best else "best=-", refresh=False)
         self.bar.set_description(f"trials (pruned {new[TrialState.PRUNED]}, failed {new[TrialState.FAIL]})")
         self.bar.n = new[TrialState.COMPLETE] + new[TrialState.PRUNED]
@@ -237,11 +250,13 @@ class _Progress:
         self.bar.close()
 
 
-def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path) -> None:
+def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path, ran: workers.Ran) -> None:
     trials = study.get_trials(deepcopy=False)
-    count = records.state_counts(trials)
-    lines = [f"study {study.study_name}: {len(trials)} trials ({count[TrialState.COMPLETE]} complete, "
-             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s this run"]
+    count = records.state_counts(ran.trials(study))
+    done = count[TrialState.COMPLETE] + count[TrialState.PRUNED] + count[TrialState.FAIL]
+    lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
+             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s; "
+             f"{len(trials)} in the study"]
     if best is not None:
         lines.append(f"best: {records.describe(best)}")
         hand = records.hand_recipe_result(trials)
