@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,9 +25,9 @@ from .backbones import build_model, get_backbone
 from .config import Config, check_field
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
+from .files import check_writable_dir
 from .objective import Objective, trial_seed
 from .space import SearchSpace
-from .files import check_writable_dir
 from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
                       make_storage, mask_url)
 
@@ -66,7 +67,9 @@ class SearchOptions:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numbers parsed as Config's are (YAML, flags and Python alike)
             if f.metadata:
-                setattr(self, f.name, check_field(f, getattr(self, f.name), f"search setting {f.name!r}"))
+                value = getattr(self, f.name)
+                value = os.fspath(value) if isinstance(value, os.PathLike) else value  # out=Path(...) from Python
+                setattr(self, f.name, check_field(f, value, f"search setting {f.name!r}"))
         check_study_name(self.study)
 
     @property

@@ -102,6 +102,8 @@ def test_read_only_studies_is_one_line_for_every_command(project, capsys, read_o
     (["evaluate", "--model", "studies/autoft/best.pt", "--out", "f/x.png"], "--out f/x.png: f is a file, not a folder"),
     (["export", "--model", "studies/autoft/best.pt", "--out", "f/x.pt"], "--out f/x.pt: f is a file, not a folder"),
     (["dashboard", "--artifacts", "f"], "--artifacts f is a file, not a folder"),
+    (["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--out", "f"], "--out f is a file, not a folder"),
+    (["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--threads", "0"], "--threads must be at least 1"),
     (["report", "--storage", "sqlite:////proc/autoft/x.db"], "/proc"),
     (["report", "--study", ".."], "study name '..' is not allowed"),
 ])
