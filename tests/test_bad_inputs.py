@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import struct
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -200,6 +201,7 @@ def offline(monkeypatch, root: Path) -> None:
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: nothing listens, so connecting is refused
     monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen caches its proxies: the one built here goes after the test
     monkeypatch.setattr(socket, "getdefaulttimeout", lambda: 10.0)
 
 
