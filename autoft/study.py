@@ -94,6 +94,7 @@ class _Guarded(optuna.pruners.BasePruner):
         self.inner, self.min_epochs, self.startup = inner, min_epochs, startup
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        workers.check_stopped()  # asked every epoch: a SIGTERM that landed where Python drops exceptions stops here
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
@@ -208,6 +209,7 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
     ran = workers.Ran()  # this run's trials, for the progress bar and the summary
     progress = _Progress(todo, study, ran) if opts.progress else None
     on_main_thread = threading.current_thread() is threading.main_thread()
+    workers.clear_stopped()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     t0 = time.perf_counter()
     try:
@@ -228,7 +230,7 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    workers.stop(Terminated)
 
 
 class _Progress:

@@ -70,6 +70,26 @@ class _QuietTrialEnds(logging.Filter):
 logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
 
 
+_STOPPED: list[type[KeyboardInterrupt]] = []  # the signal's exception, for when the place it was raised swallowed it
+
+
+def stop(exc_type: type[KeyboardInterrupt]) -> None:
+    """Raise a signal's exception (from its handler) and remember it. Python runs a handler wherever the main
+    thread is; inside a weakref callback or a __del__, the exception is printed and dropped ("Exception ignored
+    in ..."), so `check_stopped` raises it again at the next safe place: each epoch, and between trials."""
+    _STOPPED[:] = [exc_type]
+    raise exc_type()
+
+
+def check_stopped() -> None:
+    if _STOPPED:
+        raise _STOPPED[0]()
+
+
+def clear_stopped() -> None:
+    _STOPPED.clear()
+
+
 def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
     """Whether trial `number` may run: finished trials plus the unfinished ones numbered before it are
     below the goal. Numbers only grow, so of two trials racing for the last slot exactly one gets it."""
@@ -99,6 +119,7 @@ class _Slot:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_id = trial._trial_id
+        check_stopped()
         target = records.goal(trial.study)
         if not has_slot(trial.study.get_trials(deepcopy=False), trial.number, target):
             records.record_surplus(trial, target)
@@ -243,6 +264,7 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
     crashes, waiting = 0, False
     try:
         while True:
+            check_stopped()
             fail_stale(study)
             target = records.goal(study)
             trials = study.get_trials(deepcopy=False)
@@ -314,6 +336,7 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
                  f", GPU {slot['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in slot else f", {slot['threads']} CPU threads")
     try:
         while any(p.poll() is None for p in procs):
+            check_stopped()
             if progress:
                 progress()
             time.sleep(POLL_S)

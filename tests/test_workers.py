@@ -378,3 +378,32 @@ def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_fo
         runs[name] = [(t.params, t.value) for t in load().trials]
     assert runs["a"] == runs["b"]
     assert runs["a"][1][0] != runs["c"][1][0]  # trial 0 is the hand recipe; the sampled ones follow the seed
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, reported
+def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp_path, monkeypatch, image_folder):
+    """A signal handler runs wherever the main thread is; raised inside a weakref callback (or a __del__), its
+    exception is printed and dropped. The run must stop anyway: at the next epoch, the trial marked interrupted."""
+    import gc
+    import weakref
+
+    import autoft.study
+
+    monkeypatch.chdir(tmp_path)
+
+    def sigterm_in_a_weakref_callback(n, cfg):
+        if n == 2:
+            class Thing:
+                pass
+
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: autoft.study._raise_terminated(signal.SIGTERM, None))
+            del thing  # the callback raises Terminated; Python prints "Exception ignored" and goes on
+            gc.collect()
+            assert ref() is None
+
+    _patched_finetune(monkeypatch, sigterm_in_a_weakref_callback)
+    assert main(search_args(image_folder, "--trials", "5", "--pruner", "none", epochs=3)) == 143
+    trials = load().trials
+    assert len(trials) == 2 and trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (SIGTERM)"
