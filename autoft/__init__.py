@@ -29,6 +29,7 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     or a SearchOptions field (trials, study, storage, sampler, pruner, space, ...); keywords override
     `config` and `options`. Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
     """
+    from .storage import quiet_optuna
     from .study import SearchOptions, run_search
 
     config_keys = {f.name for f in dataclasses.fields(Config)}
@@ -36,7 +37,8 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     check_keys(settings, config_keys | option_keys, "setting", where="autoft.search: ")
     base = (config or Config()).replace(**{k: v for k, v in settings.items() if k in config_keys})
     opts = dataclasses.replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in option_keys})
-    return run_search(base, opts)
+    with quiet_optuna():  # the summary and progress bar are the output; Optuna's INFO lines are not
+        return run_search(base, opts)
 
 
 def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/train", full: bool = False,

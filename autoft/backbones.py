@@ -198,8 +198,14 @@ class _StagesCache:
 
 
 def _build_stages(name: str, weights: str | None) -> tuple[list[nn.Module], int]:
-    """Read weights from disk (the cache makes this once per process); trials deep-copy the result."""
-    stages, num_features = get_backbone(name).build(weights)
+    """Read weights from disk (the cache makes this once per process); trials deep-copy the result.
+
+    Built from a fixed seed: whatever the weights leave untouched (all of a 'random' backbone, tiny_cnn's every
+    layer) starts the same in every process, so a retrain reproduces the trial it comes from.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        stages, num_features = get_backbone(name).build(weights)
     for s in stages:
         s.eval()
     return stages, num_features
@@ -298,7 +304,8 @@ def _tiny_cnn(weights: str | None):
     return stages, 32
 
 
-def _load_weights(model: nn.Module, weights: str | None, default: Callable[[], object] | None, skip: str) -> None:
+def _load_weights(model: nn.Module, weights: str | None, default: Callable[[], object] | None, skip: str,
+                  name: str = "") -> None:
     """`None` -> the backbone's own pretrained weights, 'random' -> none, else a local state-dict file."""
     if weights == "random":
         return
@@ -307,9 +314,36 @@ def _load_weights(model: nn.Module, weights: str | None, default: Callable[[], o
         if isinstance(source, str):
             load_into(model, read_state_dict(source), source, skip)
         else:  # torchvision weights enum: downloaded and cached by torch.hub on first use
+            _download(source.url, name)
             model.load_state_dict(source.get_state_dict(progress=True))
         return
     load_into(model, read_state_dict(weights), weights, skip)
+
+
+OFFLINE_HINT = "pass --weights FILE (a state dict) or --weights random, or use an offline backbone (autoft backbones)"
+
+
+def _download(url: str, name: str) -> None:
+    """Fetch a torchvision weights file into torch.hub's cache unless it is there; a one-line ConfigError
+    naming the file, the cache and the way out when it cannot be (offline, proxy, disk)."""
+    from urllib.parse import urlparse
+
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    filename = os.path.basename(urlparse(url).path)
+    if os.path.isfile(os.path.join(cache, filename)):
+        return
+    try:
+        os.makedirs(cache, exist_ok=True)
+        torch.hub.download_url_to_file(url, os.path.join(cache, filename), progress=True)
+    except OSError as exc:
+        raise ConfigError(f"backbone {name} needs its pretrained weights {filename}: not in {cache}, and the download from "
+                          f"{url} failed ({_reason(exc)}); {OFFLINE_HINT}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    text = (getattr(reason, "strerror", None) or str(reason)).strip().splitlines()[0]
+    return text.split(". ")[0].rstrip(".")[:160]  # the first sentence: huggingface_hub's messages run on
 
 
 def _torchvision(name: str, split: Callable[[nn.Module], tuple[list[nn.Module], int]]):
@@ -318,7 +352,7 @@ def _torchvision(name: str, split: Callable[[nn.Module], tuple[list[nn.Module], 
 
         model = torchvision.models.get_model(name, weights=None)
         default = lambda: torchvision.models.get_model_weights(name).DEFAULT  # noqa: E731
-        _load_weights(model, weights, default, skip="fc." if hasattr(model, "fc") else "classifier.")
+        _load_weights(model, weights, default, skip="fc." if hasattr(model, "fc") else "classifier.", name=name)
         return split(model)
 
     return build
@@ -379,7 +413,17 @@ def _timm_spec(arch: str) -> BackboneSpec:
         raise ConfigError(f"unknown timm model {arch!r}; see timm.list_models() for names")
 
     def build(weights: str | None):
-        model = timm.create_model(arch, pretrained=weights is None, num_classes=0)
+        try:
+            model = timm.create_model(arch, pretrained=weights is None, num_classes=0)
+        except OSError as exc:  # the download failed (offline: huggingface_hub's LocalEntryNotFoundError, a URLError)
+            if weights is not None:
+                raise
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            where = f"{cfg['hf_hub_id']} on the Hugging Face Hub" if cfg.get("hf_hub_id") else cfg.get("url", "its URL")
+            raise ConfigError(f"backbone timm/{arch} needs its pretrained weights ({where}): not in {HF_HUB_CACHE} or "
+                              f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, and the download failed "
+                              f"({_reason(exc)}); {OFFLINE_HINT}") from None
         if weights not in (None, "random"):
             load_into(model, read_state_dict(weights), weights)
         return _split_timm(model), model.num_features

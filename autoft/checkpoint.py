@@ -43,6 +43,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise AutoftError(f"{os.fspath(path)} is not a loadable autoft checkpoint (weights_only refused it: {type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
         raise AutoftError(f"{os.fspath(path)} is not an autoft checkpoint (write one with autoft train or autoft search)")
+    for key, ok in (("state_dict", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())),
+                    ("classes", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v)),
+                    ("config", lambda v: isinstance(v, dict))):
+        if key not in ckpt:
+            raise AutoftError(f"{os.fspath(path)} is an incomplete autoft checkpoint: it has no {key!r}")
+        if not ok(ckpt[key]):
+            raise AutoftError(f"{os.fspath(path)} is a damaged autoft checkpoint: its {key!r} is not what autoft writes")
     return ckpt
 
 

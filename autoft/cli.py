@@ -42,22 +42,19 @@ def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[datacl
         if "(default:" not in helptext:
             helptext += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
-        if str(f.type).startswith("bool"):
-            group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=helptext)
+        if str(f.type).startswith("bool"):  # --skip-bad-images / --no-skip-bad-images: a file's true can be undone
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=helptext)
         else:
-            group.add_argument(flag, dest=f.name, type=value(f), default=argparse.SUPPRESS,
-                               metavar=f.metadata.get("metavar", f.name.upper()), help=helptext)
+            choices = f.metadata.get("choices")
+            metavar = f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices else f.name.upper())
+            group.add_argument(flag, dest=f.name, type=value(f), default=argparse.SUPPRESS, metavar=metavar, help=helptext)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """Every Config key as a flag, its value read as YAML like the config file's."""
     p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
     add_flags(p.add_argument_group("config keys (override the file)"), Config, lambda f: _scalar)
-
-
-def _typed(f: dataclasses.Field) -> Callable[[str], Any]:
-    """int or float as the field is annotated (`float | None` is float), else the text."""
-    return {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -68,6 +65,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     search = values.pop("search", None) or {}
     if not isinstance(search, dict):
         raise ConfigError(f"{path}: 'search' must be a mapping of search settings")
+    check_keys(search, [f.name for f in dataclasses.fields(SearchOptions)], "search setting", where=f"{path}: ")
+    try:  # the file's values on their own, so that an error names the file
+        SearchOptions(**search)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     for f in dataclasses.fields(Config):
         if f.name in vars(args):
             values[f.name] = getattr(args, f.name)
@@ -120,6 +122,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if not args.storage:
         raise ConfigError("autoft worker needs --storage URL (or AUTOFT_STORAGE set to it)")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     join(args.storage, args.study, data=args.data, device=args.device, out=args.out, artifacts=args.artifacts,
          threads=args.threads, timeout=args.timeout, progress=not args.quiet)
     return 0
@@ -242,7 +246,12 @@ def _artifacts_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoft", description="Find the best way to fine-tune a pretrained image classifier.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    # -q after the command too (`autoft search -q`); SUPPRESS keeps a -q given before it
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[quiet], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("train", help="fine-tune once from a config")
     add_config_flags(p)
@@ -251,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="run (or resume) an Optuna search over fine-tuning recipes")
-    add_config_flags(p)
-    add_flags(p.add_argument_group("search settings (override the file's search: block)"), SearchOptions, _typed)
+    add_config_flags(p)  # search settings' values are checked (numbers parsed) by SearchOptions, as a file's are
+    add_flags(p.add_argument_group("search settings (override the file's search: block)"), SearchOptions, lambda f: str)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join an existing study as one more worker, from any machine that reaches its storage")
@@ -274,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study's storage")
     _study_flags(p, artifacts=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("backbones", help="list backbones and their stage counts")
@@ -323,7 +332,8 @@ def setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("autoft: %(message)s"))
     handler.addFilter(_MaskSecrets())
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)  # other libraries: warnings only
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -31,24 +31,24 @@ class Config:
     data: str | None = field(default=None, metadata={"help": "dataset root (train/<class>/...); none = built-in digits demo"})
     backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
     weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
-    image_size: int = field(default=128, metadata=_rng(16, 1024))
-    batch_size: int = field(default=32, metadata=_rng(1, 4096))
-    epochs: int = field(default=5, metadata=_rng(1, 10000))
+    image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
+    batch_size: int = field(default=32, metadata=_rng(1, 4096) | {"help": "images per training step"})
+    epochs: int = field(default=5, metadata=_rng(1, 10000) | {"help": "passes over the training images"})
     freeze_depth: int = field(default=0, metadata=_rng(0, 1000) | {"help": "leading backbone stages kept frozen"})
     head_only_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"})
-    head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True))
-    base_lr: float = field(default=1e-3, metadata=_rng(0, 10, lo_open=True))
+    head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the new head"})
+    base_lr: float = field(default=1e-3, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the unfrozen backbone stages"})
     layer_decay: float = field(default=1.0, metadata=_rng(0, 1, lo_open=True) | {
         "help": "each earlier unfrozen stage trains at this times the rate of the stage after it (1 = all at base_lr)"})
-    optimizer: str = field(default="adamw", metadata=_rng(choices=OPTIMIZERS))
-    momentum: float = field(default=0.9, metadata=_rng(0, 1, hi_open=True))
-    weight_decay: float = field(default=1e-4, metadata=_rng(0, 1))
+    optimizer: str = field(default="adamw", metadata=_rng(choices=OPTIMIZERS) | {"help": "optimizer"})
+    momentum: float = field(default=0.9, metadata=_rng(0, 1, hi_open=True) | {"help": "momentum of the sgd optimizer (Nesterov)"})
+    weight_decay: float = field(default=1e-4, metadata=_rng(0, 1) | {"help": "weight decay (decoupled for adamw)"})
     t_max: int | None = field(default=None, metadata=_rng(1, 10000) | {"help": "cosine period in epochs; none = epochs"})
-    warmup_epochs: int = field(default=0, metadata=_rng(0, 10000))
-    aug_strength: float = field(default=0.5, metadata=_rng(0, 1))
-    label_smoothing: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True))
+    warmup_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs of linear learning-rate warmup"})
+    aug_strength: float = field(default=0.5, metadata=_rng(0, 1) | {"help": "data augmentation, 0 (none) to 1 (strong)"})
+    label_smoothing: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {"help": "label smoothing of the loss"})
     patience: int = field(default=0, metadata=_rng(0, 10000) | {"help": "stop after this many epochs without improvement; 0 = never"})
-    seed: int = field(default=0, metadata=_rng(0, 2**32 - 1))
+    seed: int = field(default=0, metadata=_rng(0, 2**32 - 1) | {"help": "random seed (a search derives each trial's from it)"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images instead of stopping"})
     val_fraction: float = field(default=0.2, metadata=_rng(0, 1, lo_open=True, hi_open=True) | {"help": "share of train held out when there is no val/"})
@@ -125,10 +125,20 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             values = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {os.fspath(path)!r} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{os.fspath(path)} is not a text (UTF-8) YAML file: byte {exc.start} cannot be decoded") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{os.fspath(path)} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if isinstance(exc, yaml.reader.ReaderError):  # a binary file: its str() spans lines
+            problem = f"unacceptable character #x{exc.character:04x} at byte {exc.position}" if isinstance(exc.character, int) else exc.reason
+        else:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML{where}: {problem}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -137,30 +147,36 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check(f: dataclasses.Field, value: Any) -> Any:
-    """Coerce and range-check one field; the message names the key so the user knows what to fix."""
+    return check_field(f, value)
+
+
+def check_field(f: dataclasses.Field, value: Any, label: str | None = None) -> Any:
+    """Coerce and range-check one field of a settings dataclass by its type and metadata (lo, hi, lo_open,
+    hi_open, choices); the message starts with `label` (default "config key 'NAME'") so the user knows what to fix."""
     name, typ = f.name, str(f.type)
+    where = label or f"config key {name!r}"
     if value is None:
         if "None" in typ:
             return None
-        raise ConfigError(f"config key {name!r}: a value is required")
+        raise ConfigError(f"{where}: a value is required")
     if isinstance(value, str) and value.lower() in ("none", "null", "~") and "None" in typ:
         return None
     if typ.startswith("bool"):
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {name!r}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if typ.startswith(("int", "float")):
-        value = parse_number(value, name, integer=typ.startswith("int"))
+        value = parse_number(value, name, integer=typ.startswith("int"), label=where)
     elif not isinstance(value, str):
-        raise ConfigError(f"config key {name!r}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
-        raise ConfigError(f"config key {name!r}: {value!r} is not one of {', '.join(m['choices'])}")
-    lo, hi = m.get("lo"), m.get("hi")
-    if lo is not None and (value < lo or (m["lo_open"] and value == lo)):
-        raise ConfigError(f"config key {name!r}: {value} is out of range ({'>' if m['lo_open'] else '>='} {lo})")
-    if hi is not None and (value > hi or (m["hi_open"] and value == hi)):
-        raise ConfigError(f"config key {name!r}: {value} is out of range ({'<' if m['hi_open'] else '<='} {hi})")
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(m['choices'])}")
+    lo, hi, lo_open, hi_open = m.get("lo"), m.get("hi"), m.get("lo_open", False), m.get("hi_open", False)
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{where}: {value} is out of range ({'>' if lo_open else '>='} {lo})")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ConfigError(f"{where}: {value} is out of range ({'<' if hi_open else '<='} {hi})")
     return value
 
 

@@ -13,6 +13,7 @@ import optuna
 from . import records
 from .config import Config
 from .exceptions import ConfigError, one_line
+from .files import check_writable_dir
 from .finetune import score_key
 from .plots import estimates_figure, learning_curves_figure, points, save_learning_curves_png
 from .storage import DEFAULT_ARTIFACTS, attach_file, load_study, make_storage, mask_url
@@ -29,6 +30,8 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
     from optuna_dashboard import run_server
 
     url = f"http://{host}:{port}/dashboard"
+    if not Path(artifacts).is_dir():  # an existing one is only read (uploads aside): a read-only study can be viewed
+        check_writable_dir(artifacts, "--artifacts")
     if study:
         found = load_study(storage_url, study)
         storage = found._storage

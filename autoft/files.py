@@ -1,17 +1,76 @@
 """Atomic writes: a file is either its old version or its new one, never half of each.
 
-Every file autoft writes (exports, checkpoints, the report, the decoded-image cache) goes through
-`atomic_open`, so an interrupted run, or another process reading at the same moment, never sees a torn file.
+Every file autoft writes (exports, checkpoints, the report and its PNGs, TorchScript and ONNX models, the
+decoded-image cache) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another process
+reading at the same moment, never sees a torn file. Their temporary files are created like any other file
+(mode 0666 less the umask, so 0644 under the usual 022), are removed when the write fails for any reason
+(Ctrl-C and SystemExit included), and one left behind by a process killed mid-write (kill -9, power loss)
+is removed by the next successful write of the same file once it is STALE_TMP_S old.
+
+Also the up-front checks that an output location can be written (`check_writable_dir`, `check_output_file`),
+so a command fails in its first second rather than after training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from .exceptions import ConfigError
+
+STALE_TMP_S = 3600  # a temp file untouched this long belongs to a dead writer (no writer of ours pauses that long)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty temp file next to `path`, created with mode 0666 so that the umask applies (mkstemp's 0600 would not)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:  # 48 random bits taken: try another name
+            continue
+
+
+def _discard(tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+def _stale_temps(path: Path) -> re.Pattern[str]:
+    # this module's names (12 hex digits) and those of earlier versions, which used mkstemp (8 characters)
+    return re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{6,16}}\.tmp")
+
+
+def sweep_stale_temps(path: str | os.PathLike, older_than: float = STALE_TMP_S) -> list[Path]:
+    """Remove temp files of writes of `path` that a killed process left behind; returns those removed."""
+    path, pattern, removed = Path(path), _stale_temps(Path(path)), []
+    now = time.time()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # gone already (another process swept it), or not ours to remove
+            pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -22,8 +81,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     before the rename, so a crash right after leaves the new file, not an empty one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -31,8 +89,27 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        _discard(tmp)
         raise
+    sweep_stale_temps(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file's path for writers that need a file name (torch.jit.save, torch.onnx.export); it replaces
+    `path` only when the block ends without an error, so a check inside the block can still refuse it."""
+    path = Path(path)
+    fd, tmp = _create_temp(path)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+    sweep_stale_temps(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -69,3 +146,54 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+# --- output locations, checked before any work -----------------------------------------------------------
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """That `path` is a folder this process can write in, or one it can create; a one-line ConfigError otherwise.
+
+    Creates nothing: the nearest existing ancestor must be a folder, writable, and must take a file (a probe
+    created and removed at once: that catches what permission bits do not show, such as /proc, a read-only
+    mount or an immutable folder). `what` names the location in the message ("--out", "report folder").
+    """
+    path = Path(path)
+    _writable_folder(path, f"{what} {os.fspath(path)}", is_folder=True)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """That a file can be written (or replaced) at `path`: not a folder, not read-only, in a folder it can write in."""
+    path = Path(path)
+    where = f"{what} {os.fspath(path)}"
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{where} is read-only")
+    _writable_folder(path.parent, where, is_folder=False)
+    return path
+
+
+def _writable_folder(folder: Path, where: str, is_folder: bool) -> None:
+    """`where` names `folder` itself (is_folder) or a file in it."""
+    nearest = folder
+    while not nearest.exists() and nearest.parent != nearest:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{where}{'' if is_folder and nearest == folder else ': ' + os.fspath(nearest)} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {os.fspath(nearest)} is not writable (permission denied or a read-only file system)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=nearest, prefix=".autoft-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot write in {os.fspath(nearest)} ({exc.strerror or exc})") from None
+
+
+def output_file(out: str | os.PathLike | None, default: str | os.PathLike) -> Path:
+    """Where a command writes its one file: `out`; inside it, under the default's name, when `out` is an
+    existing folder; the default when there is no `out`."""
+    if out is None:
+        return Path(default)
+    return Path(out) / Path(default).name if Path(out).is_dir() else Path(out)

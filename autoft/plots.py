@@ -18,6 +18,7 @@ import numpy as np
 
 from .exceptions import AutoftError
 from . import records
+from .files import atomic_open
 from .records import METRIC
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
@@ -32,8 +33,8 @@ def _figure():
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=PNG_DPI)
+    with atomic_open(path) as fh:  # like every output: old or new file, never half of one
+        fig.savefig(fh, format="png", dpi=PNG_DPI)
     return path
 
 
@@ -182,7 +183,7 @@ def optuna_plot(study, fn: str, kwargs: dict[str, Any], png: Path):
                 fig.set_size_inches(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI)
                 if len(fig.axes) == 1:  # with a colorbar axis, tight layout squashes it: keep optuna's layout
                     fig.tight_layout()
-                fig.savefig(png, dpi=PNG_DPI)
+                _save(fig, png)
             finally:
                 plt.close(fig)
     return figure

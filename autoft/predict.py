@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
 from .data import IMAGE_EXTENSIONS, _try_decode, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
-from .files import atomic_write_text
+from .files import atomic_path, atomic_write_text, check_output_file, output_file
 from .finetune import load_data, plan_folds, predict_logits, resolve_device
 from .plots import save_confusion_png
 
@@ -162,13 +162,15 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
 
     Returns accuracy, balanced accuracy, per-class precision/recall/F1/support, the confusion matrix and
     sklearn's text report; the confusion matrix PNG goes to `out` (default: next to the model,
-    `<model>_<split>_confusion.png`). A val split carved out of train/ (no val/ folder) is the same
-    fixed split that training and the search validated on.
+    `<model>_<split>_confusion.png`; into `out` under that name when `out` is a folder). A val split carved
+    out of train/ (no val/ folder) is the same fixed split that training and the search validated on.
     """
     from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
 
     if split not in SPLITS:
         raise AutoftError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    png = output_file(out, Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png"))
+    check_output_file(png, "--out" if out else "confusion matrix")  # before the model and the data are loaded
     predictor = load_model(model_path, device)
     cfg = predictor.config
     data_dir = data_dir if data_dir is not None else cfg.data
@@ -185,7 +187,6 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     labels = list(range(len(data.classes)))
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    png = Path(out) if out else Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png")
     save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}", png)
     return {
         "model": os.fspath(model_path), "data": os.fspath(data_dir) if data_dir else None, "split": split, "n": len(part),
@@ -230,24 +231,26 @@ def export(model_path: str | os.PathLike, format: str = "torchscript", out: str 
            tolerance: float = 1e-4) -> Exported:
     """Write a deployable model (see `Deployable` for its input) plus `<out>.json` with classes and preprocessing.
 
-    The file is loaded back and run on a sample batch; it must reproduce the PyTorch logits within `tolerance`.
+    The file is loaded back and run on a sample batch; it must reproduce the PyTorch logits within `tolerance`,
+    else the previous file at `out`, if any, is left as it was. `out` may be a folder (the default name inside it).
     """
     if format not in FORMATS:
         raise AutoftError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
+    out = output_file(out, Path(model_path).with_suffix(".torchscript.pt" if format == "torchscript" else ".onnx"))
+    check_output_file(out, "--out")  # before the model is loaded
+    check_output_file(out.with_name(out.name + ".json"), "--out")
     predictor = load_model(model_path, device="cpu")
     cfg, spec = predictor.config, predictor.spec
     module = Deployable(predictor.model, spec.mean, spec.std).eval()
-    out = Path(out) if out else Path(model_path).with_suffix(".torchscript.pt" if format == "torchscript" else ".onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     stored = torch.randint(0, 256, (4, 3, predictor.store_size, predictor.store_size), dtype=torch.uint8, generator=gen)
     sample = center_crop(stored, cfg.image_size)
-    with torch.no_grad():
+    with torch.no_grad(), atomic_path(out) as tmp:  # replaces `out` only once the check below passed
         reference = predictor.model(normalize(sample, spec.mean, spec.std))
-        got = _export_torchscript(module, sample, out) if format == "torchscript" else _export_onnx(module, sample, out)
-    diff = float((got - reference).abs().max())
-    if not diff <= tolerance:
-        raise AutoftError(f"exported {format} model differs from PyTorch by {diff:.3g} (> {tolerance}); not usable as is")
+        got = _export_torchscript(module, sample, tmp) if format == "torchscript" else _export_onnx(module, sample, tmp)
+        diff = float((got - reference).abs().max())
+        if not diff <= tolerance:
+            raise AutoftError(f"exported {format} model differs from PyTorch by {diff:.3g} (> {tolerance}); not usable as is")
     meta = {"format": format, "file": out.name, "classes": predictor.classes, "backbone": cfg.backbone,
             "input": {"shape": ["N", 3, cfg.image_size, cfg.image_size], "dtype": "float32", "range": [0, 1],
                       "color": "RGB", "normalization": "inside the model",

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import records
 from .exceptions import AutoftError, one_line
-from .files import atomic_write_text
+from .files import atomic_write_text, check_writable_dir
 from .plots import estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png, save_learning_curves_png
 from .predict import evaluate
 from .records import METRIC
@@ -55,11 +55,11 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
     weights artifact) on the data its config names: validation, and test when there is one.
     A plot that cannot be drawn (too few trials, data gone) is listed in the report with the reason.
     """
+    out = check_writable_dir(Path(out_dir) if out_dir else export_dir(study_name), "report folder")
     study = load_study(storage_url, study_name)
     best = records.best_trial(study)
     if best is None:
         raise AutoftError(f"study {study_name!r} has no completed trial yet; nothing to report")
-    out = Path(out_dir) if out_dir else export_dir(study_name)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "report.html")
     sections: list[str] = []

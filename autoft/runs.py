@@ -21,7 +21,7 @@ from .checkpoint import assemble, save_checkpoint
 from .config import Config
 from .data import Dataset
 from .estimate import Estimate, scored
-from .files import atomic_write_text, versions
+from .files import atomic_write_text, check_writable_dir, versions
 from .finetune import Report, Result, evaluate_split, finetune, load_data, plan_folds, resolve_device, ship
 
 log = logging.getLogger("autoft")
@@ -35,6 +35,7 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     out, so nothing is validated). test/ is only ever scored, never used to choose anything.
     """
     t0 = time.perf_counter()
+    check_writable_dir(out, "output folder")  # before training, not after it
     data = load_data(config)
     folds = [data.everything()] if full else plan_folds(config, data)
     log.info("training %s on %d labelled images (%d classes): %s", config.backbone, len(data.labelled),

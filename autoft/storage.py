@@ -12,11 +12,12 @@ AUTOFT_HEARTBEAT_S / AUTOFT_GRACE_S override the periods (tests and the fault be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from .exceptions import ConfigError
+from .files import check_output_file, check_writable_dir
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
 DEFAULT_ARTIFACTS = "studies/artifacts"  # weights and learning-curve PNGs uploaded by trials, served by the dashboard
@@ -92,6 +94,41 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._stale_callback
 
 
+def journal_file(url: str) -> Path:
+    return Path(url.split("journal:", 1)[-1].removeprefix("///").removeprefix("//")) if url.startswith("journal:") else Path(url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:` URL; None for an in-memory database (`sqlite://`, `sqlite:///:memory:`)."""
+    rest = url.split("?", 1)[0].split("://", 1)[-1] if "://" in url else ""
+    db = rest[1:] if rest.startswith("/") else rest  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+    return Path(db) if db and db != ":memory:" and not db.startswith("file::memory:") else None
+
+
+def check_writable_storage(url: str) -> None:
+    """Before a search or worker runs anything: a SQLite or journal file, and its folder, must be writable
+    (SQLite writes a journal next to its file). Server databases are checked when they are opened."""
+    if url.startswith("sqlite:"):
+        path = sqlite_file(url)
+    elif is_journal(url):
+        path = journal_file(url)
+    else:
+        return
+    if path is not None:
+        check_output_file(path, f"storage {mask_url(url)}:")
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_study_name(name: str) -> str:
+    """A study name is also a folder under studies/: letters, digits, '.', '_' and '-', not starting with '.'."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"study name {name!r} is not allowed: use up to 128 letters, digits, '.', '_' and '-', "
+                          "not starting with '.' and without '..'")
+    return name
+
+
 def with_driver(url: str) -> str:
     """`postgresql://` means psycopg (3) to SQLAlchemy 2.1; use psycopg2 when only that is installed."""
     if url.startswith("postgresql://"):
@@ -117,7 +154,9 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
     beat, grace = heartbeat_periods()
     retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
     if is_journal(url):
-        path = Path(url.split("journal:", 1)[-1].removeprefix("///").removeprefix("//")) if url.startswith("journal:") else Path(url)
+        path = journal_file(url)
+        if not path.exists():
+            check_writable_dir(path.parent, f"storage {url}: folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return HeartbeatJournalStorage(str(path), beat, grace, retry)
@@ -125,18 +164,21 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
             raise ConfigError(f"cannot open journal storage {path}: {exc.strerror or exc}") from None
     if "://" not in url:
         raise ConfigError(f"storage {mask_url(url)!r} is not a URL; use sqlite:///path.db, postgresql://..., mysql://... or journal:PATH")
+    heartbeat: dict = {"heartbeat_interval": beat, "grace_period": grace, "heartbeat_stale_trial_callback": retry}
     if url.startswith("sqlite:"):
-        db = url.split("sqlite:///", 1)[-1]
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_file(url)
+        if db is None:  # nothing outlives this process, so no trial can go stale: no heartbeat (its thread would
+            heartbeat = {}  # open a connection of its own, to an empty database of its own, and fail every beat)
+        elif not db.exists():
+            check_writable_dir(db.parent, f"storage {mask_url(url)}: folder")
+            db.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
         for attempt in range(5):
             try:
-                return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=beat,
-                                  grace_period=grace, heartbeat_stale_trial_callback=retry)
+                return RDBStorage(with_driver(url), engine_kwargs=engine_kwargs, **heartbeat)
             except Exception as exc:  # several processes creating a new database's tables at once: the loser retries
                 if not any(clash in str(exc) for clash in ("already exists", "alembic_version")) or attempt == 4:
                     raise
@@ -150,8 +192,8 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def export_dir(study: str) -> Path:
-    """Where a study's exports and report go unless told otherwise."""
-    return EXPORTS / study
+    """Where a study's exports and report go unless told otherwise: always inside studies/."""
+    return EXPORTS / check_study_name(study)
 
 
 def load_study(url: str, name: str, **kwargs) -> optuna.Study:
@@ -170,3 +212,20 @@ def attach_file(trial: optuna.Trial, path: str | os.PathLike, mimetype: str, art
     Path(artifacts).mkdir(parents=True, exist_ok=True)
     return upload_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
                            study_or_trial=trial, mimetype=mimetype)
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's own INFO lines ("A new study created...", "Trial 0 finished...") kept out of a run's output.
+
+    The CLI routes Optuna's log through its own handler at WARNING; the Python API has no such setup, so
+    `autoft.search` runs inside this, which lowers Optuna's verbosity to WARNING and restores it after.
+    """
+    before = optuna.logging.get_verbosity()
+    if before < optuna.logging.WARNING:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        if before < optuna.logging.WARNING:
+            optuna.logging.set_verbosity(before)

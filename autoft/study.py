@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,14 +24,16 @@ from optuna.trial import FrozenTrial, TrialState
 from . import records, workers
 from .backbones import AUTO, auto_backbones, build_model
 from .checkpoint import shipped
-from .config import Config
+from .config import Config, check_field
 from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
+from .files import check_writable_dir
 from .finetune import Datasets
 from .objective import Objective, trial_seed
 from .space import SearchSpace
-from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, make_storage, mask_url
+from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
+                      make_storage, mask_url)
 
 log = logging.getLogger("autoft")
 
@@ -46,20 +49,20 @@ class SearchOptions:
     Each field with a `help` is an `autoft search` flag too (cli.add_flags), its choices checked here.
     """
 
-    trials: int = _option(10, "trials to add to the study")
+    trials: int = _option(10, "trials to add to the study", lo=1)
     timeout: float | None = _option(None, "time budget in seconds: no trial starts after it, a running one stops at "
-                                          "its next epoch")
-    study: str = _option("autoft", "study name; an existing one is resumed")
+                                          "its next epoch", lo=0, lo_open=True)
+    study: str = _option("autoft", "study name (letters, digits, '.', '_', '-'); an existing one is resumed")
     storage: str = _option(DEFAULT_STORAGE, "Optuna storage URL")
     space: str | None = _option(None, "YAML search space that fixes or reshapes parameters", metavar="FILE")
     sampler: str = _option("tpe", "sampler", choices=("tpe", "random", "cmaes", "gp"))
     pruner: str = _option("hyperband", "pruner", choices=("hyperband", "median", "none"))
     out: str | None = _option(None, "export folder (default: studies/<study>)")
     artifacts: str = _option(DEFAULT_ARTIFACTS, "folder of the weights and learning curves the dashboard serves")
-    min_epochs: int = _option(1, "never prune before this many epochs")
-    startup_trials: int = _option(3, "never prune before this many trials finished")
+    min_epochs: int = _option(1, "never prune before this many epochs", lo=1)
+    startup_trials: int = _option(3, "never prune before this many trials finished", lo=0)
     progress: bool = True  # progress bar and summary; the Python API may turn them off
-    workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores")
+    workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores", lo=1)
 
     def settings(self) -> dict[str, Any]:
         """What a joining worker must share with this search (kept in the study's user attrs)."""
@@ -67,16 +70,12 @@ class SearchOptions:
                 "startup_trials": self.startup_trials}
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}")
-        if not self.study or "/" in self.study:
-            raise ConfigError(f"--study {self.study!r}: a study name must be non-empty and contain no '/'")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        for f in dataclasses.fields(self):  # numbers parsed as Config's are (YAML, flags and Python alike)
+            if f.metadata:
+                value = getattr(self, f.name)
+                value = os.fspath(value) if isinstance(value, os.PathLike) else value  # out=Path(...) from Python
+                setattr(self, f.name, check_field(f, value, f"search setting {f.name!r}"))
+        check_study_name(self.study)
 
     @property
     def out_dir(self) -> Path:
@@ -109,6 +108,7 @@ class _Guarded(optuna.pruners.BasePruner):
         self.inner, self.min_epochs, self.startup, self.images, self.z = inner, min_epochs, startup, images, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        workers.check_stopped()  # asked every epoch: a SIGTERM that landed where Python drops exceptions stops here
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
@@ -141,16 +141,23 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except Exception as exc:
         raise ConfigError(f"cannot read storage {mask_url(opts.storage)}: {mask_url(str(exc).splitlines()[0])[:300]}") from None
-    n_before = 0
+    n_before, replace = 0, False
     if opts.study in existing:
         old = optuna.load_study(study_name=opts.study, storage=storage)
         n_before = len(old.get_trials(deepcopy=False))
-        records.check_same_meta(old, base, space)
+        try:
+            records.check_same_meta(old, base, space)
+        except ConfigError:  # a study none of whose trials finished has no results to keep comparable
+            if records.finished_count(old.get_trials(deepcopy=False)):
+                raise
+            log.info("study %r has no finished trial yet: its search space and base config are replaced by this run's",
+                     opts.study)
+            replace = True
     # Sampler seeded past the trials already run, so a resumed study samples new points, not the same ones again.
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(opts.sampler, trial_seed(seed, n_before)),
                                 pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images))
-    if n_before == 0:
+    if n_before == 0 or replace:
         records.write_study_meta(study, base, space, seed)
     return study
 
@@ -162,6 +169,7 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     with `opts.workers` > 1, by that many worker processes. `backbone: auto` makes the backbone a searched
     choice among the offline ones (the first is the base the portfolio's fine-tunes use).
     """
+    check_outputs(opts)
     base, space = search_space(base, opts, space)
     objective = _objective(base, opts, space)
     study = open_study(base, opts, space, base.seed, objective.validated_images())
@@ -175,6 +183,7 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     """`autoft worker`: one more worker on an existing study, until its goal is met, with the settings it recorded."""
     if threads:
         torch.set_num_threads(threads)
+    check_outputs(SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout))
     found = load_study(storage, study)
     meta = records.read_study_meta(found)
     base = meta.base.replace(device=device, **({"data": data} if data else {}))
@@ -186,6 +195,14 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images())
     return _run(found, objective, opts, spawn=False)
+
+
+def check_outputs(opts: SearchOptions) -> None:
+    """Every place a search writes, checked before it loads data or trains: the exports, the artifacts, the
+    storage's file; a one-line error at once rather than a traceback after the first trial."""
+    check_writable_dir(opts.out_dir, "--out")
+    check_writable_dir(opts.artifacts, "--artifacts")
+    check_writable_storage(opts.storage)
 
 
 def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None) -> tuple[Config, SearchSpace]:
@@ -203,7 +220,7 @@ def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = 
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objective:
     """The objective, once what would fail every trial has been tried: a bad weights file or bad data stops
     here, before the study is touched."""
-    if base.weights not in (None, "random"):
+    if base.weights != "random":  # a bad file, or pretrained weights that cannot be downloaded (kept for the trials)
         build_model(base.backbone, 2, base.weights)
     datasets = Datasets()
     objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, datasets), datasets)
@@ -219,10 +236,12 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
              todo, target, opts.out_dir)
     exporter = objective.exporter
-    progress = _Progress(todo, study) if opts.progress else None
+    ran = workers.Ran()  # this run's trials, for the progress bar and the summary
+    progress = _Progress(todo, study, ran) if opts.progress else None
     objective.on_epoch = progress.epoch if progress else None
     objective.deadline = time.monotonic() + opts.timeout if opts.timeout else None
     on_main_thread = threading.current_thread() is threading.main_thread()
+    workers.clear_stopped()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     t0 = time.perf_counter()
     finished = False
@@ -231,9 +250,9 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
         if spawn:  # queue a recipe per worker now, or they would all start on the first
             records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
             workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir), opts.artifacts,
-                          opts.timeout, progress=progress)
+                          opts.timeout, progress=progress, ran=ran)
         else:
-            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout,
+            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout, ran=ran,
                          before_trial=lambda s: records.enqueue_portfolio(s, recipes))
         finished = True
     finally:
@@ -243,12 +262,12 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
             signal.signal(signal.SIGTERM, old_term)
         best = exporter.export(study, final=finished)
         if opts.progress:
-            print_summary(study, best, time.perf_counter() - t0, opts.out_dir)
+            print_summary(study, best, time.perf_counter() - t0, opts.out_dir, ran)
     return study
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    workers.stop(Terminated)
 
 
 class _Progress:
@@ -258,12 +277,11 @@ class _Progress:
     follows trials other processes run; an epoch only updates the text, without a storage round trip.
     """
 
-    def __init__(self, total: int, study: optuna.Study):
+    def __init__(self, total: int, study: optuna.Study, ran: workers.Ran):
         from tqdm.auto import tqdm
 
-        self.study = study
+        self.study, self.ran = study, ran
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-        self.n0 = records.state_counts(study.get_trials(deepcopy=False))
         self.best, self.running = "best=-", ""
 
     def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
@@ -275,7 +293,7 @@ class _Progress:
         """An Optuna callback (a trial ended) and what `--workers` polls while other processes work."""
         trials = self.study.get_trials(deepcopy=False)
         best = records.best_trial(self.study)
-        new = records.state_counts(trials) - self.n0  # finished states only grow
+        new = records.state_counts(self.ran.trials(self.study))  # this run's, not other runs' on the same study
         self.best = f"best={best.value:.4f} (#{best.number})" if best else "best=-"
         if trial is not None:
             self.running = ""
@@ -293,13 +311,15 @@ class _Progress:
         self.bar.close()
 
 
-def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path) -> None:
+def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path, ran: workers.Ran) -> None:
     """What the search found, what it is worth (the winner's estimate with its 95 % interval and the images
     behind it), what it adds over the portfolio recipes, and where the exports are."""
     trials = study.get_trials(deepcopy=False)
-    count = records.state_counts(trials)
-    lines = [f"study {study.study_name}: {len(trials)} trials ({count[TrialState.COMPLETE]} complete, "
-             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s this run"]
+    count = records.state_counts(ran.trials(study))
+    done = count[TrialState.COMPLETE] + count[TrialState.PRUNED] + count[TrialState.FAIL]
+    lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
+             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s; "
+             f"{len(trials)} in the study"]
     if best is not None:
         lines.append(f"winner: {records.describe(best)}")
         recipes = records.portfolio_results(trials)

@@ -8,8 +8,11 @@ same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL
   lets two workers start the last slot at once, the trial with the higher number gives its slot up
   (it ends FAIL with a `surplus` reason, never COMPLETE or PRUNED). While the last trials run, idle
   workers wait instead of leaving, so a trial whose worker dies is retried and the goal is still met.
-* zombie trials: heartbeats (see storage.py) fail the trial of a killed worker; idle workers
-  look for them every POLL_S seconds, and RetryHeartbeatStaleTrialCallback re-queues it once.
+* zombie trials: a RUNNING trial whose worker ran on this machine and whose process is gone (kill -9, a
+  crash, a reboot) is failed at once with the reason "worker died (host:pid)"; one whose worker ran
+  elsewhere is failed by heartbeats (see storage.py) once its beats stop for the grace period ("worker
+  stopped sending heartbeats"). Workers look for both before each trial and, while idle, every POLL_S
+  seconds; RetryHeartbeatStaleTrialCallback re-queues the trial once, so the goal is still met exactly.
 * a trial's own crash (an unexpected exception) is recorded as FAIL with its reason and the study goes
   on; MAX_CRASHES crashes in a row stop the worker, since then it is not the trial that is broken.
 
@@ -19,21 +22,27 @@ opened or joined, is the caller's (study.py).
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
 from .exceptions import AutoftError, ConfigError, Terminated
 from .finetune import clear_caches as release_memory  # after a crashed trial
+from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
 
 log = logging.getLogger("autoft")
 POLL_S = 1.0
@@ -61,6 +70,26 @@ class _QuietTrialEnds(logging.Filter):
 logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
 
 
+_STOPPED: list[type[KeyboardInterrupt]] = []  # the signal's exception, for when the place it was raised swallowed it
+
+
+def stop(exc_type: type[KeyboardInterrupt]) -> None:
+    """Raise a signal's exception (from its handler) and remember it. Python runs a handler wherever the main
+    thread is; inside a weakref callback or a __del__, the exception is printed and dropped ("Exception ignored
+    in ..."), so `check_stopped` raises it again at the next safe place: each epoch, and between trials."""
+    _STOPPED[:] = [exc_type]
+    raise exc_type()
+
+
+def check_stopped() -> None:
+    if _STOPPED:
+        raise _STOPPED[0]()
+
+
+def clear_stopped() -> None:
+    _STOPPED.clear()
+
+
 def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
     """Whether trial `number` may run: finished trials plus the unfinished ones numbered before it are
     below the goal. Numbers only grow, so of two trials racing for the last slot exactly one gets it."""
@@ -68,20 +97,38 @@ def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
     return records.finished_count(trials) + ahead < target
 
 
+class Ran:
+    """The trials one run started, so that its summary counts its own: those of this process (by trial id)
+    and those of the worker processes it spawned (by host:pid), never another run's on the same study."""
+
+    def __init__(self) -> None:
+        self.trial_ids: set[int] = set()
+        self.workers: set[str] = set()
+
+    def trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t._trial_id in self.trial_ids or t.user_attrs.get(records.WORKER) in self.workers]
+
+
 class _Slot:
     """Wraps the objective: claims a slot first, and turns a trial's unexpected error into a recorded FAIL."""
 
-    def __init__(self, objective: Callable[[optuna.Trial], float]):
-        self.objective = objective
+    def __init__(self, objective: Callable[[optuna.Trial], float], ran: Ran | None = None):
+        self.objective, self.ran = objective, ran
         self.trial_id: int | None = None  # the last trial this process started
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_id = trial._trial_id
+        check_stopped()
         target = records.goal(trial.study)
         if not has_slot(trial.study.get_trials(deepcopy=False), trial.number, target):
             records.record_surplus(trial, target)
             raise Surplus()
         records.record_worker(trial)
+        trial.study._storage.set_trial_system_attr(trial._trial_id, PROCESS, process_id(os.getpid()))
+        if self.ran is not None:
+            self.ran.trial_ids.add(trial._trial_id)
+        _RUNNING_HERE.add(trial._trial_id)
         try:
             return self.objective(trial)
         except (optuna.TrialPruned, AutoftError):
@@ -94,6 +141,8 @@ class _Slot:
             release_memory()
             records.record_failure(trial, reason)
             raise TrialCrashed(reason) from exc
+        finally:
+            _RUNNING_HERE.discard(trial._trial_id)
 
     def abandon(self, study: optuna.Study) -> None:
         """Mark this process's trial FAIL if an interrupt left it RUNNING, so nobody waits for it."""
@@ -107,27 +156,118 @@ class _Slot:
             pass
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Optuna's own zombie sweep: stale RUNNING trials become FAIL and are re-queued by the storage's callback."""
-    import warnings
+# --- zombie trials ------------------------------------------------------------------------------------------
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+PROCESS = "autoft:process"  # trial system attr: which process runs it, precisely enough to tell it is gone
+_RUNNING_HERE: set[int] = set()  # trial ids this process is running right now
+
+
+@functools.lru_cache(maxsize=1)
+def _this_machine() -> str:
+    """host|boot id|pid namespace: two processes with equal values see the same process table. Containers
+    sharing a host name (or a database) differ in pid namespace, and a reboot changes the boot id."""
+
+    def read(how: Callable[[], str]) -> str:
+        try:
+            return how().strip()
+        except OSError:  # not Linux
+            return ""
+
+    boot = read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text())
+    return f"{socket.gethostname()}|{boot}|{read(lambda: os.readlink('/proc/self/ns/pid'))}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux); None when there is no such live process
+    (a zombie is dead too); "" when this system cannot tell (no /proc): then only whether the pid exists counts."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # exists, another user's
+            pass
+        return ""
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def process_id(pid: int) -> str:
+    """What PROCESS holds: this machine, the pid, and the process's start time (so a reused pid is told apart)."""
+    return f"{_this_machine()}|{pid}|{_start_time(pid) or ''}"
+
+
+def dead_worker(t: FrozenTrial) -> str | None:
+    """The worker (host:pid) of a RUNNING trial when it ran on this machine and its process is gone for sure;
+    None when it may still run (another machine, or one we cannot tell), which heartbeats then settle."""
+    recorded = t.system_attrs.get(PROCESS)
+    if not isinstance(recorded, str) or recorded.count("|") != 4:
+        return None
+    machine, pid, started = recorded.rsplit("|", 2)
+    if machine != _this_machine():
+        return None
+    who = t.user_attrs.get(records.WORKER) or f"{socket.gethostname()}:{pid}"
+    if int(pid) == os.getpid():
+        return None if t._trial_id in _RUNNING_HERE else who  # an earlier process of this pid, or a run that crashed
+    now = _start_time(int(pid))
+    if now is None or (now and started and now != started):  # gone, or the pid now belongs to another process
+        return who
+    return None
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the study's zombie trials with their reason, each exactly once, and have the storage re-queue them.
+
+    Zombies are RUNNING trials whose worker is dead for sure (`dead_worker`), failed at once, and those whose
+    heartbeat stopped for the grace period (Optuna's test). Only the process whose FAIL lands re-queues a trial.
+    """
+    storage = study._storage
+    reasons = {t._trial_id: f"worker died ({who})" for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if (who := dead_worker(t))}
+    if is_heartbeat_enabled(storage):
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            who = storage.get_trial(trial_id).user_attrs.get(records.WORKER)
+            reasons.setdefault(trial_id, "worker stopped sending heartbeats" + (f" ({who})" if who else ""))
+    failed = []
+    for trial_id, reason in reasons.items():
+        try:
+            storage.set_trial_user_attr(trial_id, records.FAIL_REASON, reason)  # first: a finished trial takes no attrs
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or another worker failed it first
+            pass
+    retry = storage.get_heartbeat_stale_trial_callback() if isinstance(storage, BaseHeartbeat) else None
+    for trial_id in failed:
+        trial = copy.deepcopy(storage.get_trial(trial_id))
+        log.warning("trial %d: %s; %s", trial.number, reasons[trial_id],
+                    "it runs again" if retry and not trial.system_attrs.get("retry_history") else "it is not retried")
+        if retry is not None:  # the retry copies the trial's attrs: not the reason, nor the dead process's marks
+            trial.user_attrs.pop(records.FAIL_REASON, None)
+            for key in (PROCESS, HEARTBEAT_ATTR):
+                trial.system_attrs.pop(key, None)
+            retry(study, trial)
 
 
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
          callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), timeout: float | None = None,
-         before_trial: Callable[[optuna.Study], None] | None = None) -> None:
+         ran: Ran | None = None, before_trial: Callable[[optuna.Study], None] | None = None) -> None:
     """Run trials until the study holds exactly its goal of finished trials (or `timeout` seconds pass).
 
-    `before_trial(study)` runs once a slot is free, right before a trial starts (to queue the next one).
+    `ran` collects the trials this process started; `before_trial(study)` runs once a slot is free, right
+    before a trial starts (to queue the next one).
     """
-    slot = _Slot(objective)
+    slot = _Slot(objective, ran)
     t0 = time.monotonic()
     crashes, waiting = 0, False
     try:
         while True:
+            check_stopped()
             fail_stale(study)
             target = records.goal(study)
             trials = study.get_trials(deepcopy=False)
@@ -173,7 +313,7 @@ def plan(n: int, gpus: Sequence[str], cores: int) -> list[dict[str, str]]:
 
 
 def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: str, timeout: float | None,
-          progress: Callable[[], None] | None = None) -> None:
+          progress: Callable[[], None] | None = None, ran: Ran | None = None) -> None:
     """Start `n` `autoft worker` processes on this machine and wait for them.
 
     The storage URL goes through the environment, not the command line, so `ps` never shows a password.
@@ -195,10 +335,13 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
         if timeout is not None:
             cmd += ["--timeout", str(timeout)]
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        if ran is not None:
+            ran.workers.add(f"{socket.gethostname()}:{procs[-1].pid}")  # as records.record_worker writes it
         log.info("worker %d/%d: pid %d%s", i + 1, n, procs[-1].pid,
                  f", GPU {slot['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in slot else f", {slot['threads']} CPU threads")
     try:
         while any(p.poll() is None for p in procs):
+            check_stopped()
             if progress:
                 progress()
             time.sleep(POLL_S)

@@ -50,3 +50,37 @@ def tiny_config(image_folder):
 
     return Config(data=str(image_folder), backbone="tiny_cnn", image_size=32, batch_size=8, epochs=3,
                   head_lr=0.05, base_lr=0.01, device="cpu", aug_strength=0.0)
+
+
+def make_read_only(path: Path) -> "callable":
+    """Make a folder and everything in it unwritable for this process; returns the undo.
+
+    chmod is enough for a normal user; root ignores permission bits, so as root the files are made immutable
+    (chattr +i), which binds root too. Skips the test where neither works.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in sorted(modes, key=lambda p: -len(p.parts)):
+            p.chmod(modes[p] & ~0o222)
+
+        def undo():
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return undo
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode:
+        subprocess.run(["chattr", "-R", "-i", str(path)], capture_output=True)
+        pytest.skip("cannot make a folder read-only for root here (no chattr, or a file system without +i)")
+    return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+@pytest.fixture
+def read_only():
+    """`read_only(path)` makes `path` unwritable until the test ends."""
+    undo = []
+    yield lambda path: undo.append(make_read_only(Path(path)))
+    for u in reversed(undo):
+        u()

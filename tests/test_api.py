@@ -52,3 +52,26 @@ def test_search_rejects_an_unknown_setting():
 def test_public_names_are_few_and_exist():
     assert {"search", "train", "load_model", "Config", "Predictor"} <= set(autoft.__all__)
     assert all(hasattr(autoft, name) for name in autoft.__all__)
+
+
+QUIET_SCRIPT = textwrap.dedent("""
+    import optuna
+    import autoft
+
+    cfg = autoft.Config(data="data", backbone="tiny_cnn", image_size=32, batch_size=8, epochs=1, device="cpu")
+    autoft.train(cfg, out="run")
+    autoft.search(cfg, trials=2, study="quiet")
+    print("done, optuna verbosity", optuna.logging.get_verbosity())  # the user's own setting is back
+""")
+
+
+def test_api_prints_no_optuna_lines_or_blank_lines(tmp_path):
+    """A script's output is the summary (stdout) and the progress bar (stderr): no Optuna INFO lines, no blank lines."""
+    make_image_folder(tmp_path / "data")
+    (tmp_path / "quiet.py").write_text(QUIET_SCRIPT)
+    proc = subprocess.run([sys.executable, "quiet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert all(line.startswith("trials") for line in lines), proc.stderr  # the bar only
+    assert "" not in proc.stdout.splitlines(), proc.stdout
+    assert proc.stdout.startswith("study quiet: 2 trials this run") and proc.stdout.endswith("done, optuna verbosity 20\n")

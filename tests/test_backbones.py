@@ -211,3 +211,35 @@ def test_local_weights_are_loaded(tmp_path):
     torch.save(src.stages.state_dict(), f)
     model, _ = build_model("tiny_cnn", 2, weights=str(f))
     assert all(torch.all(p == 0.25) for p in model.stages.parameters())
+
+
+def test_random_init_is_the_same_whatever_the_global_rng_did_before():
+    """A backbone without pretrained weights is built from a fixed seed: a retrain in a fresh process, whose
+    first build comes after other draws from the global RNG, gets the same starting weights."""
+    states = []
+    for seed in (1, 2):
+        _pretrained_stages.cache_clear()
+        torch.manual_seed(seed)
+        model, _ = build_model("tiny_cnn", 2, weights="random", seed=5)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    _pretrained_stages.cache_clear()
+    torch.manual_seed(3)
+    before = torch.rand(3)
+    torch.manual_seed(3)
+    build_model("tiny_cnn", 2, weights=None)
+    assert torch.equal(torch.rand(3), before), "building consumed the caller's random numbers"
+
+
+def test_timm_pretrained_weights_offline_is_one_line_saying_what_to_do(monkeypatch, tmp_path):
+    pytest.importorskip("timm")
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # as without a network, but at once
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ConfigError) as err:
+        build_model("timm/resnet18", 2)
+    msg = str(err.value)
+    assert "\n" not in msg and "timm/resnet18.a1_in1k" in msg and str(tmp_path / "hf") in msg
+    assert "pass --weights FILE (a state dict)" in msg and "autoft backbones" in msg

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import struct
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -100,6 +102,35 @@ def _class_linked_to_train(root: Path) -> None:
     (root / "train" / "all").symlink_to("../train", target_is_directory=True)  # a class holding every image
 
 
+_LOCK: list = []  # the test's `read_only` fixture, for the rows that make a folder unwritable
+
+
+def _read_only(folder: str) -> callable:
+    def setup(root: Path) -> list[str]:
+        _LOCK[0](root / folder)
+        return []
+    return setup
+
+
+def _in_the_way(flag: str, value: str = "f") -> callable:
+    """A plain file where the flag's folder (or a folder on its path) should be."""
+    def setup(root: Path) -> list[str]:
+        (root / "f").write_text("a file, not a folder\n")
+        return [flag, value]
+    return setup
+
+
+def _bytes(name: str, data: bytes, flag: str) -> callable:
+    def setup(root: Path) -> list[str]:
+        (root / name).write_bytes(data)
+        return [flag, name]
+    return setup
+
+
+def _flags(*args: str) -> callable:
+    return lambda root: list(args)
+
+
 CASES = {
     "missing data folder": (lambda root: ["--data", "no/such/folder"], "does not exist"),
     "one class": (_data(lambda d: make_image_folder(d, classes=("cat",), per_class=4)), "at least two"),
@@ -124,6 +155,38 @@ CASES = {
     "--val-fraction .nan": (lambda root: ["--val-fraction", ".nan"], "config key 'val_fraction': nan is not a finite number"),
     "space with .nan": (_file("s.yaml", "head_lr: .nan\n", "--space"), "search space: head_lr: nan is not a finite number"),
     "class folder linked to train/": (_data(_class_linked_to_train), "bad/train/all resolves to"),
+    # outputs, checked before any data is read or trial run
+    "read-only studies/": (_read_only("studies"), "is not writable"),
+    "--out is a file": (_in_the_way("--out"), "--out f is a file, not a folder"),
+    "--out inside a file": (_in_the_way("--out", "f/exports"), "--out f/exports: f is a file, not a folder"),
+    "--artifacts is a file": (_in_the_way("--artifacts"), "--artifacts f is a file, not a folder"),
+    "storage folder is a file": (_in_the_way("--storage", "sqlite:///f/x.db"), "f is a file, not a folder"),
+    "storage under /proc": (_flags("--storage", "sqlite:////proc/autoft/x.db"), "/proc"),
+    "journal under /proc": (_flags("--storage", "journal:/proc/autoft/x.log"), "/proc"),
+    # config files and search settings
+    "binary --config": (_bytes("c.yaml", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "--config"), "not a text (UTF-8) YAML file"),
+    "--config with NUL bytes": (_bytes("c.yaml", b"epochs: 1\n\x00\x01", "--config"), "unacceptable character #x0000"),
+    "--config is a folder": (_flags("--config", "data"), "config file 'data' is a folder"),
+    "search: {trials: two}": (_file("c.yaml", "search: {trials: two}\n", "--config"),
+                              "c.yaml: search setting 'trials': expected an integer, got 'two'"),
+    "unknown search: key": (_file("c.yaml", "search: {trails: 3}\n", "--config"), "c.yaml: unknown search setting 'trails'"),
+    "search: not a mapping": (_file("c.yaml", "search: [1]\n", "--config"), "c.yaml: 'search' must be a mapping"),
+    "--trials two": (_flags("--trials", "two"), "search setting 'trials': expected an integer, got 'two'"),
+    "--trials 0": (_flags("--trials", "0"), "search setting 'trials': 0 is out of range (>= 1)"),
+    "--min-epochs 0": (_flags("--min-epochs", "0"), "search setting 'min_epochs': 0 is out of range (>= 1)"),
+    "--startup-trials -1": (_flags("--startup-trials", "-1"), "search setting 'startup_trials': -1 is out of range (>= 0)"),
+    "--timeout -1": (_flags("--timeout", "-1"), "search setting 'timeout': -1.0 is out of range (> 0)"),
+    "--timeout .inf": (_flags("--timeout", ".inf"), "search setting 'timeout': '.inf' is not a finite number"),
+    "--workers 0": (_flags("--workers", "0"), "search setting 'workers': 0 is out of range (>= 1)"),
+    "--sampler bogus": (_flags("--sampler", "bogus"), "search setting 'sampler': 'bogus' is not one of tpe"),
+    # study names: never a path outside studies/
+    "--study ..": (_flags("--study", ".."), "study name '..' is not allowed"),
+    "--study with a newline": (_flags("--study", "a\nb"), "study name 'a\\nb' is not allowed"),
+    "--study a/b": (_flags("--study", "a/b"), "study name 'a/b' is not allowed"),
+    "--study .hidden": (_flags("--study", ".hidden"), "not starting with '.'"),
+    # a backbone whose pretrained weights cannot be downloaded (TORCH_HOME is empty, the network unreachable)
+    "offline torchvision backbone": (_flags("--backbone", "resnet18"),
+                                     "resnet18-f37072fd.pth: not in "),
 }
 
 
@@ -132,12 +195,24 @@ def _fingerprint(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def offline(monkeypatch, root: Path) -> None:
+    """No pretrained weights cached, and no network: downloads fail at once, as on a machine offline."""
+    monkeypatch.setenv("TORCH_HOME", str(root / "torch_home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: nothing listens, so connecting is refused
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen caches its proxies: the one built here goes after the test
+    monkeypatch.setattr(socket, "getdefaulttimeout", lambda: 10.0)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys):
+def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys, read_only):
     setup, expected = CASES[case]
     root = tmp_path / "run"
     shutil.copytree(baseline, root, ignore=shutil.ignore_patterns("cache"))
     monkeypatch.chdir(root)
+    offline(monkeypatch, root)
+    _LOCK[:] = [read_only]
     extra = setup(root)
     before = _fingerprint(root / "studies")
 
@@ -146,7 +221,8 @@ def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys):
     assert code == 2, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("autoft: error: "), err
-    assert expected in lines[0]
+    assert expected in lines[0], lines[0]
     assert _fingerprint(root / "studies") == before, "the study or its exports changed"
+    assert not (root / "torch_home" / "hub" / "checkpoints").is_dir() or not any((root / "torch_home" / "hub" / "checkpoints").iterdir())
     assert "secret" not in out + err
     assert not (root / "pwned").exists(), "a pickled checkpoint ran code"

@@ -127,3 +127,68 @@ def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
     cfg = Config.from_yaml(best_yaml)
     assert cfg.backbone == "tiny_cnn"
     assert yaml.safe_load(best_yaml.read_text())["result"]["trial"] in [t.number for t in study.trials if t.state.name == "COMPLETE"]
+
+
+def test_quiet_works_before_and_after_the_command(in_tmp, capsys):
+    from autoft.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-q", "search"]).quiet and parser.parse_args(["search", "-q"]).quiet
+    assert parser.parse_args(["train", "--quiet"]).quiet and not parser.parse_args(["search"]).quiet
+    data = make_image_folder(in_tmp / "data")
+    assert main(["train", "--data", str(data), "--out", "run", "--epochs", "1", *TINY, "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_help_gives_every_config_key_its_meaning_choices_and_default(capsys):
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(Config) if not f.metadata.get("help")] == []
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--optimizer {sgd,adam,adamw} optimizer: sgd, adam, adamw (default: adamw)" in text
+    assert "--head-lr HEAD_LR learning rate of the new head (default: 0.01)" in text
+    assert "--skip-bad-images, --no-skip-bad-images" in text
+    with pytest.raises(SystemExit):
+        main(["dashboard", "--help"])
+    assert "--port PORT port (default: 8080)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_skip_bad_images_from_a_file_can_be_turned_off(in_tmp):
+    from autoft.cli import build_parser, resolve_config
+
+    (in_tmp / "autoft.yaml").write_text("skip_bad_images: true\n")
+    resolved = {args: resolve_config(build_parser().parse_args(["train", *args]))[0].skip_bad_images
+                for args in [(), ("--no-skip-bad-images",), ("--skip-bad-images",)]}
+    assert resolved == {(): True, ("--no-skip-bad-images",): False, ("--skip-bad-images",): True}
+
+
+def test_search_settings_take_numbers_as_people_write_them(in_tmp):
+    from autoft.cli import build_parser, resolve_config, search_options
+
+    (in_tmp / "autoft.yaml").write_text("search: {trials: 1e1, timeout: 1_800, startup_trials: '2'}\n")
+    args = build_parser().parse_args(["search", "--min-epochs", "2.0", "--workers", "+2"])
+    opts = search_options(args, resolve_config(args)[1])
+    assert (opts.trials, opts.timeout, opts.startup_trials, opts.min_epochs, opts.workers) == (10, 1800.0, 2, 2, 2)
+    args = build_parser().parse_args(["search", "--timeout", "none", "--trials", "3"])
+    assert search_options(args, resolve_config(args)[1]).timeout is None
+
+
+def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
+    """`--weights random`: retraining a trial's exported config (in a fresh process: nothing built yet, the global
+    RNG anywhere) gives that trial's learning curve exactly, body and head alike."""
+    import optuna
+    import torch
+
+    import autoft.backbones
+    from autoft.runs import train
+
+    data = make_image_folder(in_tmp / "data")
+    assert main(["-q", "search", "--data", str(data), "--trials", "2", "--epochs", "2", "--weights", "random",
+                 "--sampler", "random", "--pruner", "none", *TINY]) == 0
+    trial = optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db").trials[1]
+    autoft.backbones._pretrained_stages.cache_clear()
+    torch.manual_seed(12345)
+    metrics = train(Config.from_dict(trial.user_attrs["config"]), "again")
+    assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in trial.user_attrs["history"]]

@@ -154,8 +154,84 @@ def test_dead_runs_zombie_is_retried_by_the_next_search(tmp_path, monkeypatch, i
     assert main(search_args(image_folder, "--trials", "2")) == 0  # the retry runs before the next portfolio recipe
     trials = study.get_trials(deepcopy=False)
     assert trials[zombie.number].state == TrialState.FAIL
+    assert trials[zombie.number].user_attrs["fail_reason"] == "worker stopped sending heartbeats"
     assert any(t.system_attrs.get("failed_trial") == zombie.number and t.state in FINISHED for t in trials)
     assert n_finished(study) == 3
+
+
+def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_path, monkeypatch, capsys):
+    """kill -9 of a search mid-trial, then a new search at once: with the default 60 s grace, the dead process's
+    trial is failed as "worker died (host:pid)" without waiting, run again exactly once, and the goal is met."""
+    monkeypatch.delenv("AUTOFT_HEARTBEAT_S", raising=False)
+    monkeypatch.delenv("AUTOFT_GRACE_S", raising=False)
+    data = make_image_folder(tmp_path / "data", per_class=24)
+    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "3", epochs=6)],
+                            cwd=tmp_path, env=one_thread(), stderr=subprocess.DEVNULL)
+    url = f"sqlite:///{tmp_path}/studies/autoft.db"
+    study = wait_for(lambda: (tmp_path / "studies" / "autoft.db").exists() and _try_load(url), what="the study")
+    victim = wait_for(lambda: running_mid_trial(study), what="a trial mid-way")
+    proc.kill()  # not reaped yet: a zombie, which is as dead as a reaped process
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    try:
+        assert main(search_args(data, "--trials", "1", epochs=6)[1:]) == 0  # not -q: its log is checked
+    finally:
+        proc.wait()
+    assert time.monotonic() - t0 < 30, "waited for the dead trial's heartbeat grace period"
+    err = capsys.readouterr().err
+    assert "running elsewhere" not in err and f"trial {victim.number}: worker died (" in err
+    trials = study.get_trials(deepcopy=False)
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == f"worker died ({victim.user_attrs['worker']})"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retried) == 1 and retried[0].state in FINISHED and retried[0].params == victim.params
+    assert "fail_reason" not in retried[0].user_attrs
+    assert TrialState.RUNNING not in states(study)
+
+
+def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
+    """Only a process of this machine that is gone, a zombie, or whose pid now belongs to a later process is dead;
+    a live worker, one on another machine, or one recorded by another autoft are left to heartbeats."""
+    from autoft.workers import PROCESS, _this_machine, dead_worker, process_id
+
+    def trial(recorded: str) -> SimpleNamespace:
+        return SimpleNamespace(system_attrs={PROCESS: recorded}, user_attrs={"worker": "me:1"}, _trial_id=10**6)
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = process_id(sleeper.pid)
+        assert dead_worker(trial(alive)) is None
+        machine, pid, started = alive.rsplit("|", 2)
+        if started:  # Linux: a reused pid has another start time
+            assert dead_worker(trial(f"{machine}|{pid}|{int(started) - 1}")) == "me:1"
+        assert dead_worker(trial(f"elsewhere|boot|ns|{pid}|{started}")) is None
+        assert dead_worker(trial("written by something else")) is None
+        sleeper.kill()
+        time.sleep(0.2)  # a zombie until reaped below
+        assert dead_worker(trial(alive)) == "me:1"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert dead_worker(trial(alive)) == "me:1"
+    assert dead_worker(trial(process_id(os.getpid()))) == "me:1"  # this process, and not running that trial
+    assert _this_machine().count("|") == 2
+
+
+def test_summary_counts_this_runs_trials_only(tmp_path, monkeypatch, image_folder, capsys):
+    """Resumed, and with another process finishing a trial of the same study meanwhile, a run counts its own."""
+    monkeypatch.chdir(tmp_path)
+    assert main(search_args(image_folder, "--trials", "2")) == 0
+    assert "study autoft: 2 trials this run (" in capsys.readouterr().out
+
+    def elsewhere(n, cfg):
+        if n == 1:
+            load().add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"worker": "elsewhere:1"}))
+
+    _patched_finetune(monkeypatch, elsewhere)
+    assert main(search_args(image_folder, "--trials", "2")) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary.startswith("study autoft: 1 trials this run (1 complete, 0 pruned, 0 failed) in ")
+    assert summary.endswith("; 4 in the study")
 
 
 def test_worker_needs_an_existing_study(tmp_path, monkeypatch, capsys):
@@ -230,6 +306,25 @@ def test_out_of_memory_is_retried_once_at_half_batch(tmp_path, monkeypatch, imag
         assert trial.state == TrialState.COMPLETE and trial.user_attrs["config"]["batch_size"] == 4
 
 
+def test_study_none_of_whose_trials_finished_takes_a_new_space(tmp_path, monkeypatch, image_folder, capsys):
+    """A space whose trials all fail must not lock the study name: with nothing finished, a new space (or base
+    config) replaces the stored one. Once a trial finished, another space is refused (test_bad_inputs)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("head_lr: 5.0\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autoft.objective, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loss is nan")))
+        assert main(search_args(image_folder, "--trials", "1", "--space", "bad.yaml")) == 2
+    assert states(load()) == [TrialState.FAIL] * 3
+    (tmp_path / "good.yaml").write_text("head_lr: 0.05\n")
+    capsys.readouterr()
+    assert main(search_args(image_folder, "--trials", "1", "--space", "good.yaml", epochs=1)[1:]) == 0
+    study = load()
+    assert study.user_attrs["space"]["head_lr"] == 0.05 and study.user_attrs["base"]["epochs"] == 1
+    assert n_finished(study) == 1 and "no finished trial yet" in capsys.readouterr().err
+    (tmp_path / "other.yaml").write_text("head_lr: 0.01\n")
+    assert main(search_args(image_folder, "--trials", "1", "--space", "other.yaml", epochs=1)) == 2
+
+
 def test_diverged_loss_is_pruned_with_its_reason(tmp_path, monkeypatch, image_folder):
     monkeypatch.chdir(tmp_path)
 
@@ -283,3 +378,32 @@ def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_fo
         runs[name] = [(t.params, t.value) for t in load().trials]
     assert runs["a"] == runs["b"]
     assert runs["a"][4][0] != runs["c"][4][0]  # trials 0-3 are the portfolio; the sampled ones follow the seed
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, reported
+def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp_path, monkeypatch, image_folder):
+    """A signal handler runs wherever the main thread is; raised inside a weakref callback (or a __del__), its
+    exception is printed and dropped. The run must stop anyway: at the next epoch, the trial marked interrupted."""
+    import gc
+    import weakref
+
+    import autoft.study
+
+    monkeypatch.chdir(tmp_path)
+
+    def sigterm_in_a_weakref_callback(n, cfg):
+        if n == 2:
+            class Thing:
+                pass
+
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: autoft.study._raise_terminated(signal.SIGTERM, None))
+            del thing  # the callback raises Terminated; Python prints "Exception ignored" and goes on
+            gc.collect()
+            assert ref() is None
+
+    _patched_finetune(monkeypatch, sigterm_in_a_weakref_callback)
+    assert main(search_args(image_folder, "--trials", "5", "--pruner", "none", epochs=3)) == 143
+    trials = load().trials
+    assert len(trials) == 2 and trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["fail_reason"] == "interrupted (SIGTERM)"
