@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Ensemble, Net, build_model
+from .backbones import Ensemble, build_model
 from .config import Config
 from .exceptions import AutoftError, ConfigError
 from .files import atomic_torch_save, versions

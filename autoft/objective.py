@@ -16,7 +16,6 @@ import torch
 
 from . import dashboard, records
 from .config import Config
-from .data import Dataset
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
 from .finetune import Datasets, Result, clear_caches, finetune, plan_folds, resolve_device

@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import autoft.data
-import importlib
+import autoft.finetune
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-
-    importlib.import_module("autoft.finetune").clear_caches()
+    autoft.finetune.clear_caches()
     yield
 
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import autoft.data
 from autoft.cli import main
 
 from conftest import make_image_folder

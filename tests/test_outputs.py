@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoft.data
 import autoft.predict
 import autoft.runs
 from autoft.checkpoint import FORMAT
@@ -43,7 +42,6 @@ def project(searched, tmp_path, monkeypatch) -> Path:
     root = tmp_path / "project"
     shutil.copytree(searched, root, ignore=shutil.ignore_patterns("cache"))
     monkeypatch.chdir(root)
-    autoft.data._MEMORY.clear()
     return root
 
 
