@@ -56,11 +56,12 @@ class SearchOptions:
     storage: str = _option(DEFAULT_STORAGE, "Optuna storage URL")
     space: str | None = _option(None, "YAML search space that fixes or reshapes parameters", metavar="FILE")
     sampler: str = _option("tpe", "sampler", choices=("tpe", "random", "cmaes", "gp"))
-    pruner: str = _option("hyperband", "pruner", choices=("hyperband", "median", "none"))
+    pruner: str = _option("median", "pruner (Optuna's), never pruning a trial that could still end within noise of "
+                                    "the best", choices=("median", "hyperband", "none"))
     out: str | None = _option(None, "export folder (default: studies/<study>)")
     artifacts: str = _option(DEFAULT_ARTIFACTS, "folder of the weights and learning curves the dashboard serves")
     min_epochs: int = _option(1, "never prune before this many epochs", lo=1)
-    startup_trials: int = _option(3, "never prune before this many trials finished", lo=0)
+    startup_trials: int = _option(1, "never prune before this many trials finished", lo=0)
     progress: bool = True  # progress bar and summary; the Python API may turn them off
     workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores", lo=1)
 
@@ -96,30 +97,35 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 class _Guarded(optuna.pruners.BasePruner):
-    """Around every pruner: never before `min_epochs` epochs or `startup` finished trials, and never a trial whose
-    score is within noise of the best score any finished trial had at the same epoch.
+    """Around every pruner: never before `min_epochs` epochs or `startup` finished trials, and never a trial that
+    could still end within noise of the best.
 
-    "Within noise" is `z` standard errors of that best score over the `images` it rests on. In a study of a
-    few dozen trials a near-best trial is a candidate the winner is chosen among (see records.select);
-    pruning it saves little and loses a contender, as Hyperband did to a trial at 0.958 while the best was 0.965.
+    "Could still": its score now, `z` standard errors up (the noise of `images` images), plus the largest gain
+    any completed trial made from this epoch to its best epoch, reaches the best score `z` standard errors
+    down. In a study of a few dozen trials a near-best trial is a candidate the winner is chosen among (see
+    records.select), and curves cross: pruning it saves little and may lose the winner. Among the trials that
+    cannot catch up, the inner pruner (Optuna's) decides.
     """
 
     def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, z: float = 2.0):
         self.inner, self.min_epochs, self.startup, self.images, self.z = inner, min_epochs, startup, images, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        workers.check_stopped()  # asked every epoch: a SIGTERM that landed where Python drops exceptions stops here
+        workers.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
-        finished = study.get_trials(deepcopy=False, states=records.FINISHED)
-        if len(finished) < self.startup:
+        if len(study.get_trials(deepcopy=False, states=records.FINISHED)) < self.startup:
             return False
-        at_step = [t.intermediate_values[step] for t in finished if step in t.intermediate_values]
-        if at_step:
-            best = max(at_step)
-            if trial.intermediate_values[step] >= best - self.z * Estimate(best, self.images).binomial_se:
-                return False
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        if not done:
+            return False
+        best = max(t.value for t in done)
+        gain = max(max(0.0, t.value - t.intermediate_values.get(step, t.value)) for t in done)
+        now = trial.intermediate_values[step]
+        reach = now + self.z * Estimate(now, self.images).binomial_se + gain
+        if reach >= best - self.z * Estimate(best, self.images).binomial_se:
+            return False
         return self.inner.prune(study, trial)
 
 

@@ -30,12 +30,12 @@ from autoft.study import make_pruner
 CANDIDATES: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {
     "none": lambda epochs, images: optuna.pruners.NopPruner(),
     "median (optuna, 3 startup)": lambda epochs, images: optuna.pruners.MedianPruner(n_startup_trials=3),
+    "median (optuna, 1 startup)": lambda epochs, images: optuna.pruners.MedianPruner(n_startup_trials=1),
     "hyperband (optuna)": lambda epochs, images: optuna.pruners.HyperbandPruner(1, epochs, 3),
-    "median, guarded, 3 startup": lambda epochs, images: make_pruner("median", epochs, 1, 3, images),
-    "median, guarded, 1 startup": lambda epochs, images: make_pruner("median", epochs, 1, 1, images),
-    "median, guarded, 1 startup, 2 epochs": lambda epochs, images: make_pruner("median", epochs, 2, 1, images),
-    "hyperband, guarded, 3 startup": lambda epochs, images: make_pruner("hyperband", epochs, 1, 3, images),
-    "hyperband, guarded, 1 startup": lambda epochs, images: make_pruner("hyperband", epochs, 1, 1, images),
+    "median, catch-up guard, 1 startup": lambda epochs, images: make_pruner("median", epochs, 1, 1, images),
+    "median, catch-up guard, 3 startup": lambda epochs, images: make_pruner("median", epochs, 1, 3, images),
+    "hyperband, catch-up guard, 1 startup": lambda epochs, images: make_pruner("hyperband", epochs, 1, 1, images),
+    "hyperband, catch-up guard, 3 startup": lambda epochs, images: make_pruner("hyperband", epochs, 1, 3, images),
 }
 
 
