@@ -27,7 +27,8 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
 
     Each keyword is a Config key (the base every trial starts from: data, backbone, epochs, image_size, ...)
     or a SearchOptions field (trials, study, storage, sampler, pruner, space, ...); keywords override
-    `config` and `options`. Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
+    `config` and `options`, and a searched key given as a keyword (`image_size=160`) is not searched.
+    Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
     """
     from .storage import quiet_optuna
     from .study import SearchOptions, run_search
@@ -38,7 +39,7 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     base = (config or Config()).replace(**{k: v for k, v in settings.items() if k in config_keys})
     opts = dataclasses.replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in option_keys})
     with quiet_optuna():  # the summary and progress bar are the output; Optuna's INFO lines are not
-        return run_search(base, opts)
+        return run_search(base, opts, fixed=[k for k in settings if k in config_keys])
 
 
 def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/train", full: bool = False,

@@ -58,7 +58,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
-    """Config from flags, then the config file (or ./autoft.yaml), then defaults; plus the file's `search:` block."""
+    """Config from flags, then the config file (or ./autoft.yaml), then defaults; plus the file's `search:` block.
+
+    `args.given` becomes the config keys set by flag: a search does not overrule what was typed for this run
+    (a file's keys, such as a best.yaml's, are only the base it searches from)."""
     path = args.config or (PROJECT_FILE if os.path.isfile(PROJECT_FILE) else None)
     values = load_yaml(path) if path else {}
     values.pop("result", None)  # an exported best.yaml carries its score here
@@ -70,9 +73,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
         SearchOptions(**search)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    for f in dataclasses.fields(Config):
-        if f.name in vars(args):
-            values[f.name] = getattr(args, f.name)
+    args.given = sorted(f.name for f in dataclasses.fields(Config) if f.name in vars(args))
+    values |= {k: getattr(args, k) for k in args.given}
     return Config.from_dict(values), search
 
 
@@ -113,7 +115,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .study import run_search
 
     config, from_file = resolve_config(args)
-    run_search(config, search_options(args, from_file))
+    run_search(config, search_options(args, from_file), fixed=args.given)
     return 0
 
 

@@ -141,7 +141,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
             features = None  # without augmentation, the frozen stages' output for the training images never changes
             if cfg.aug_strength == 0 and depth:
-                features = frozen_features(runs[0].model, spec, cfg, data.labelled.images, depth, device)
+                features = frozen_features(runs[0].model, spec, cfg, images, depth, device)  # validation reuses them
 
             t_epoch = time.perf_counter()
             loss_sum, seen = 0.0, 0

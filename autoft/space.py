@@ -116,9 +116,12 @@ class SearchSpace:
         })
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike | None, base: Config, backbones: Sequence[str] = ()) -> "SearchSpace":
-        """The default space with the file's entries replacing or adding parameters, then validated for `base`."""
+    def from_yaml(cls, path: str | os.PathLike | None, base: Config, backbones: Sequence[str] = (),
+                  fixed: Sequence[str] = ()) -> "SearchSpace":
+        """The default space, with each searched key in `fixed` (the ones the user set) fixed at `base`'s value,
+        then the file's entries replacing or adding parameters, then validated for `base`."""
         space = cls.default(base.epochs, backbones)
+        space.params |= {k: Param(value=getattr(base, k), kind="fixed") for k in fixed if k in space.params}
         if path is not None:
             space.params.update(cls.from_dict(load_yaml(path)).params)
         space.validate(base)

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,15 +169,17 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
     return study
 
 
-def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = None) -> optuna.Study:
+def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = None,
+               fixed: Sequence[str] = ()) -> optuna.Study:
     """Run `opts.trials` more trials (resuming the study if it exists) and export the best.
 
     The study's goal becomes its finished trials now plus `opts.trials`, met exactly by this process or,
     with `opts.workers` > 1, by that many worker processes. `backbone: auto` makes the backbone a searched
-    choice among the offline ones (the first is the base the portfolio's fine-tunes use).
+    choice among the offline ones (the first is the base the portfolio's fine-tunes use). `fixed`: the config
+    keys the user set; the search does not overrule them.
     """
     check_outputs(opts)
-    base, space = search_space(base, opts, space)
+    base, space = search_space(base, opts, space, fixed)
     objective = _objective(base, opts, space)
     study = open_study(base, opts, space, base.seed, objective.validated_images())
     records.set_goal(study, opts.trials, opts.settings())
@@ -211,14 +214,20 @@ def check_outputs(opts: SearchOptions) -> None:
     check_writable_storage(opts.storage)
 
 
-def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None) -> tuple[Config, SearchSpace]:
-    """The base config and the validated space: `opts.space` over the default one, with `backbone: auto`
-    becoming a searched choice among the offline backbones (the first is the base)."""
+def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None,
+                 fixed: Sequence[str] = ()) -> tuple[Config, SearchSpace]:
+    """The base config and the validated space: `opts.space` over the default one, the keys in `fixed` (set
+    by the user) fixed at their values, and `backbone: auto` a searched choice among the offline backbones
+    (the first is the base)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
     if backbones:
         base = base.replace(backbone=backbones[0])
     if space is None:
-        return base, SearchSpace.from_yaml(opts.space, base, backbones)
+        space = SearchSpace.from_yaml(opts.space, base, backbones, fixed)
+        held = sorted(k for k in fixed if space.params.get(k) and space.params[k].kind == "fixed")
+        if held:
+            log.info("not searched, as you set them: %s", ", ".join(f"{k}={getattr(base, k)}" for k in held))
+        return base, space
     space.validate(base)
     return base, space
 

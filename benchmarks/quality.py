@@ -34,11 +34,12 @@ import optuna
 import torch
 
 from autoft import records
-from autoft.backbones import build_model, get_backbone
+from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
 from autoft.config import Config
 from autoft.data import center_crop, load_dataset, normalize
 from autoft.estimate import scored
 from autoft.predict import evaluate
+from autoft.report import write_report
 from autoft.runs import train
 from autoft.space import SearchSpace
 from autoft.study import SearchOptions, run_search
@@ -129,7 +130,9 @@ def main() -> int:
     ap.add_argument("data", type=Path)
     ap.add_argument("--budget", type=float, required=True, help="the search's --timeout, in seconds")
     ap.add_argument("--val-as-test", action="store_true", help="score on val/ (data without a test/ split)")
-    ap.add_argument("--backbone", default="efficientnet_lite0", help="the base config's backbone")
+    ap.add_argument("--backbone", default="efficientnet_lite0",
+                    help="the base config's backbone; auto searches the offline ones (recipes and probe then on the first)")
+    ap.add_argument("--report", type=Path, help="also write the study's report (HTML and PNGs) to this folder")
     ap.add_argument("--epochs", type=int, default=Config().epochs)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -151,6 +154,9 @@ def main() -> int:
         search = run_the_search(base, args.budget, tmp, args.pruner)
         if args.keep:
             shutil.copy(tmp / "quality.db", args.keep)
+        if args.report:
+            write_report("quality", f"sqlite:///{tmp / 'quality.db'}", args.report, tmp / "artifacts")
+        base = base.replace(backbone=auto_backbones()[0]) if base.backbone == AUTO else base
         shipped = test_score(tmp / "search" / "best.pt", root)
         log(f"search: {search['trials']} trials in {search['seconds']:.0f} s; winner {search['winner']}; "
             f"estimate {search['estimate']:.4f} {search['interval']}; test {shipped['test_accuracy']:.4f} {shipped['interval']}")
@@ -167,7 +173,7 @@ def main() -> int:
                 log(f"recipe {name}: estimate {metrics['best_val_accuracy']:.4f}, test {metrics['test_accuracy']:.4f} "
                     f"{metrics['test']['interval']}, {recipes[name]['seconds']:.0f} s")
 
-        p = probe(root, args.backbone)
+        p = probe(root, base.backbone)
         log(f"probe: test {p['test_accuracy']:.4f} {p['interval']} (C={p['C']}), {p['seconds']:.0f} s")
 
     line = {"data": str(args.data), "budget_s": args.budget, "test_images": shipped["images"],

@@ -2,14 +2,16 @@
 
     python benchmarks/search.py --data ../shared/data/hotdog_nothotdog --trials 12
 
-Both studies use the same TPE sampler and seed, the same search space (autoft's default space,
-hand recipe enqueued first), the same backbone, image size, batch size and epoch budget, and
-return the best epoch's validation accuracy. autoft runs `run_search` (decode-once uint8 cache,
-on-device augmentation, cached frozen features, Hyperband pruning) on a temporary SQLite file. The
-plain objective is what a tutorial writes: per trial it builds the pretrained model from disk and
-a torchvision ImageFolder + DataLoader(num_workers) that re-decodes the JPEGs with PIL transforms
-every epoch; fp32, no pruning, no caching; frozen stages via requires_grad=False (and eval-mode
-BatchNorm, the same semantics as autoft), two learning rates, cosine over T_max epochs.
+Both studies use the same TPE sampler and seed, the same search space (autoft's default space with the
+image size fixed, its portfolio queued first), the same backbone, image size, batch size and epoch
+budget, and return the best epoch's validation accuracy on the same holdout (autoft with cv_folds 1:
+this measures the engine, not cross-validation, which costs k trainings on both sides alike).
+autoft runs `run_search` (decode-once uint8 cache, on-device augmentation, cached frozen features, its
+default pruning) on a temporary SQLite file. The plain objective is what a tutorial writes: per trial
+it builds the pretrained model from disk and a torchvision ImageFolder + DataLoader(num_workers) that
+re-decodes the JPEGs with PIL transforms every epoch; fp32, no pruning, no caching; frozen stages via
+requires_grad=False (and eval-mode BatchNorm, the same semantics as autoft), the head's and the stages'
+learning rates (layer decay included), cosine over T_max epochs.
 Each side runs in its own fresh process with its own empty decode cache, so neither warms the
 other. Prints ONE JSON line and a short human summary.
 """
@@ -36,10 +38,10 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
 
     t0 = time.perf_counter()
     base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-                  epochs=args.epochs, seed=args.seed, device=args.device)
+                  epochs=args.epochs, seed=args.seed, device=args.device, cv_folds=1)
     opts = SearchOptions(trials=args.trials, study="bench", storage=f"sqlite:///{tmp / 'autoft.db'}", out=str(tmp / "out"),
                          artifacts=str(tmp / "artifacts"), progress=False)
-    study = run_search(base, opts)
+    study = run_search(base, opts, fixed=["image_size"])
     seconds = time.perf_counter() - t0
     best = best_trial(study)
     states = [t.state for t in study.trials]
@@ -68,9 +70,9 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
 
     t0 = time.perf_counter()
     spec = get_backbone(args.backbone)
-    space = SearchSpace.default(spec.num_stages, args.epochs)
     base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-                  epochs=args.epochs, seed=args.seed, device=args.device)
+                  epochs=args.epochs, seed=args.seed, device=args.device, cv_folds=1)
+    space = SearchSpace.from_yaml(None, base, fixed=["image_size"])
     root, size = Path(args.data), args.image_size
     eval_tf = T.Compose([T.Resize(store_size_for(size, spec.crop_pct)), T.CenterCrop(size), T.ToTensor(),
                          T.Normalize(spec.mean, spec.std)])
@@ -96,8 +98,10 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
         model = Net(stages, n_features, len(train_ds.classes)).to(device)
         for p in model.stages[:cfg.freeze_depth].parameters():
             p.requires_grad_(False)
-        groups = [{"params": model.head.parameters(), "lr": cfg.head_lr},
-                  {"params": model.stages[cfg.freeze_depth:].parameters(), "lr": cfg.base_lr}]
+        n = len(model.stages)
+        groups = [{"params": model.head.parameters(), "lr": cfg.head_lr}] + [
+            {"params": model.stages[i].parameters(), "lr": cfg.base_lr * cfg.layer_decay ** (n - 1 - i)}
+            for i in range(cfg.freeze_depth, n)]
         if cfg.optimizer == "sgd":
             opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
         else:
@@ -128,7 +132,8 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
 
     study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", trial_seed(args.seed, 0)),
                                 pruner=optuna.pruners.NopPruner())
-    study.enqueue_trial(space.hand_recipe())
+    for _, params in space.portfolio(base):
+        study.enqueue_trial(params)
     study.optimize(objective, n_trials=args.trials)
     return {"seconds": time.perf_counter() - t0, "best": study.best_value, "pruned": 0,
             "epochs_run": args.trials * args.epochs}

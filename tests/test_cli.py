@@ -7,11 +7,13 @@ import sys
 import time
 import urllib.request
 
+import optuna
 import pytest
 import yaml
 
 from autoft.cli import main
 from autoft.config import Config
+from autoft.storage import make_storage
 from conftest import make_image_folder
 
 TINY = ["--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
@@ -118,7 +120,6 @@ def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
-    import optuna
 
     study = optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")
     states = [t.state.name for t in study.trials]
@@ -177,7 +178,6 @@ def test_search_settings_take_numbers_as_people_write_them(in_tmp):
 def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     """`--weights random`: retraining a trial's exported config (in a fresh process: nothing built yet, the global
     RNG anywhere) gives that trial's learning curve exactly, body and head alike."""
-    import optuna
     import torch
 
     import autoft.backbones
@@ -191,3 +191,15 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     torch.manual_seed(12345)
     metrics = train(Config.from_dict(trial.user_attrs["config"]), "again")
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in trial.user_attrs["history"]]
+
+
+def test_a_searched_key_set_on_the_command_line_is_not_searched(in_tmp, capsys):
+    data = make_image_folder(in_tmp / "data")
+    args = ["search", "--data", str(data), "--trials", "5", "--epochs", "1", "--freeze-depth", "2", "--study", "fix",
+            "--backbone", "tiny_cnn", "--batch-size", "8", "--device", "cpu"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="fix", storage=make_storage("sqlite:///studies/autoft.db"))
+    assert [t.user_attrs["config"]["freeze_depth"] for t in study.trials] == [2] * 5  # the probe's "stages" too
+    assert all("freeze_depth" not in t.params and "head_lr" in t.params for t in study.trials)
+    assert len({t.params["head_lr"] for t in study.trials}) > 1  # the rest is searched
+    assert "not searched, as you set them: freeze_depth=2" in capsys.readouterr().err
