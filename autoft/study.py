@@ -183,6 +183,9 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     objective = _objective(base, opts, space)
     study = open_study(base, opts, space, base.seed, objective.validated_images())
     records.set_goal(study, opts.trials, opts.settings())
+    held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
+    if held:
+        log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
     return _run(study, objective, opts, spawn=opts.workers > 1)
 
 
@@ -223,11 +226,7 @@ def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = 
     if backbones:
         base = base.replace(backbone=backbones[0])
     if space is None:
-        space = SearchSpace.from_yaml(opts.space, base, backbones, fixed)
-        held = sorted(k for k in fixed if space.params.get(k) and space.params[k].kind == "fixed")
-        if held:
-            log.info("not searched, as you set them: %s", ", ".join(f"{k}={getattr(base, k)}" for k in held))
-        return base, space
+        return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed)
     space.validate(base)
     return base, space
 
