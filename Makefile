@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install  ## the main job on built-in defaults: a search on the bundled digits demo
-	$(VENV)/bin/autoft search
+demo: install  ## the main job: a search on the bundled digits demo (8x8-pixel digits: 64 px is plenty, and fast on a CPU)
+	$(VENV)/bin/autoft search --image-size 64
 
 test: install
 	$(PY) -m pytest

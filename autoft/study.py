@@ -336,9 +336,14 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
              f"{len(trials)} in the study"]
     if best is not None:
         lines.append(f"winner: {records.describe(best)}")
-        recipes = records.portfolio_results(trials)
-        for name, t in recipes.items():
-            lines.append(f"  portfolio {name:<28} trial {t.number:<3} {records.fmt(t.value)}")
+        ran_recipes: dict[str, FrozenTrial] = {}  # each recipe's first trial that ended: its estimate, or where it was pruned
+        for t in trials:
+            if records.portfolio_name(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                ran_recipes.setdefault(records.portfolio_name(t), t)
+        for name, t in ran_recipes.items():
+            epoch, value = max(t.intermediate_values.items(), default=(0, float("nan")))
+            result = records.fmt(t.value) if t.state == TrialState.COMPLETE else f"pruned at epoch {epoch} ({value:.4f})"
+            lines.append(f"  portfolio {name:<28} trial {t.number:<3} {result}")
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:
             lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")

@@ -337,3 +337,23 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
     with pytest.raises(ConfigError, match="autoft search compare"):
         from autoft.backbones import get_backbone
         get_backbone("auto")
+
+
+def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tiny_config):
+    from autoft import records
+    from autoft.study import print_summary
+    from autoft.workers import Ran
+
+    study = optuna.create_study(direction="maximize")
+    probe = study.ask()
+    probe.set_user_attr(records.PORTFOLIO, "linear_probe")
+    probe.set_user_attr(records.CONFIG, tiny_config.to_dict())
+    study.tell(probe, 0.8)
+    hand = study.ask()
+    hand.set_user_attr(records.PORTFOLIO, "hand_recipe")
+    hand.report(0.3, 1)
+    study.tell(hand, state=TrialState.PRUNED)
+    print_summary(study, study.trials[0], 1.0, tmp_path, Ran())
+    out = capsys.readouterr().out
+    assert "portfolio linear_probe                 trial 0   0.8" in out
+    assert "portfolio hand_recipe                  trial 1   pruned at epoch 1 (0.3000)" in out
