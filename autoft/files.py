@@ -80,18 +80,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     Writers stream into it (a large cache entry is never held twice in memory); flushed and fsynced
     before the rename, so a crash right after leaves the new file, not an empty one.
     """
-    path = Path(path)
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
-    sweep_stale_temps(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 @contextlib.contextmanager
