@@ -223,8 +223,8 @@ def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = 
     by the user) fixed at their values, and `backbone: auto` a searched choice among the offline backbones
     (the first is the base)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
-    if backbones:
-        base = base.replace(backbone=backbones[0])
+    if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
+        base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
         return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed)
     space.validate(base)

@@ -329,7 +329,7 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
     from autoft.backbones import auto_backbones
     from autoft.study import search_space
 
-    base, space = search_space(tiny_config.replace(backbone="auto"), _opts())
+    base, space = search_space(tiny_config.replace(backbone="auto"), _opts(), fixed=["backbone"])  # as typed
     assert auto_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert base.backbone == "efficientnet_lite0" and space.backbones(base) == auto_backbones()
     recipes = [name for name, _ in space.portfolio(base)]
