@@ -191,7 +191,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in ev.items() if k != "report"}, indent=2))
         return 0
     print(f"{ev['split']}: {ev['n']} images from {ev['data'] or 'the built-in demo'}")
-    print(f"accuracy {ev['accuracy']:.4f}  balanced accuracy {ev['balanced_accuracy']:.4f}")
+    lo, hi = ev["interval"]
+    print(f"accuracy {ev['accuracy']:.4f} (95 % interval {lo:.3f}-{hi:.3f} on {ev['n']} images)  "
+          f"balanced accuracy {ev['balanced_accuracy']:.4f}")
+    if ev["seen_in_training"]:
+        log.warning("the model trained on these %s images: this is not what it scores on new ones", ev["split"])
     print(ev["report"], end="")
     print(f"confusion matrix: {ev['confusion_png']}")
     return 0

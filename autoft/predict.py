@@ -23,6 +23,7 @@ from torch import nn
 from .backbones import get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
+from .estimate import Estimate
 from .data import IMAGE_EXTENSIONS, _try_decode, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
 from .files import atomic_path, atomic_write_text, check_output_file, output_file
@@ -190,7 +191,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}", png)
     return {
         "model": os.fspath(model_path), "data": os.fspath(data_dir) if data_dir else None, "split": split, "n": len(part),
-        "accuracy": float(per_class["accuracy"]), "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "accuracy": float(per_class["accuracy"]), "interval": list(Estimate(float(per_class["accuracy"]), len(part)).interval),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
                           "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in data.classes},
         "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png), "seen_in_training": seen,

@@ -178,8 +178,13 @@ def test_cli_evaluate_predict_export(trained, tmp_path, capsys):
     model, data = trained
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--split", "test", "--out", str(tmp_path / "cm.png"),
                  "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "accuracy 1.0000  balanced accuracy 1.0000" in out and "precision" in out and (tmp_path / "cm.png").is_file()
+    out, err = capsys.readouterr()
+    assert "accuracy 1.0000 (95 % interval 0.758-1.000 on 12 images)  balanced accuracy 1.0000" in out and "precision" in out and (tmp_path / "cm.png").is_file()
+
+    assert "not what it scores on new ones" not in err  # test/ never trains anything
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--split", "train", "--out", str(tmp_path / "t.png"),
+                 "--device", "cpu"]) == 0
+    assert "the model trained on these train images" in capsys.readouterr().err
 
     assert main(["predict", "--model", str(model), str(data / "val"), "--top-k", "2", "--json", "--device", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)
