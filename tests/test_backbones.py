@@ -243,3 +243,20 @@ def test_timm_pretrained_weights_offline_is_one_line_saying_what_to_do(monkeypat
     msg = str(err.value)
     assert "\n" not in msg and "timm/resnet18.a1_in1k" in msg and str(tmp_path / "hf") in msg
     assert "pass --weights FILE (a state dict)" in msg and "autoft backbones" in msg
+
+
+def test_ensemble_predicts_the_mean_of_its_members_probabilities_running_the_shared_stages_once():
+    from autoft.backbones import Ensemble
+
+    members = [build_model("tiny_cnn", 3, seed=s)[0].eval() for s in (1, 2, 3)]
+    for m in members[1:]:  # frozen leading stages: the same pretrained weights in every member
+        m.stages[0].load_state_dict(members[0].stages[0].state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        ensemble = Ensemble(members, shared=1).eval()
+        calls = []
+        ensemble.members[0].stages[0].register_forward_hook(lambda *a: calls.append(1))
+        got = ensemble(x)
+    torch.testing.assert_close(got.softmax(1), expected)
+    assert len(calls) == 1 and ensemble.num_classes == 3

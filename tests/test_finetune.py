@@ -184,3 +184,17 @@ def test_layer_decay_gives_earlier_stages_lower_rates():
     opt = make_optimizer(model, Config(head_lr=0.1, base_lr=0.01, layer_decay=0.5, freeze_depth=1))
     rates = {g["name"]: g["lr"] for g in opt.param_groups}
     assert rates == {"head": 0.1, "stage1": pytest.approx(0.005), "stage2": pytest.approx(0.01)}
+
+
+def test_refit_trains_every_labelled_image_for_the_epoch_the_score_chose(tiny_config):
+    from autoft.finetune import ship
+
+    cfg = tiny_config.replace(epochs=4, final="refit")
+    data = load_data(cfg)
+    chosen = []
+    result = finetune(cfg, data, folds=plan_folds(cfg, data))
+    assert result.best["epoch"] < cfg.epochs  # this data peaks early, so the count is a choice
+    shipped = ship(cfg, data, result, report=lambda epoch, m: chosen.append(epoch))
+    assert len(shipped.history) == result.best["epoch"] == len(chosen)  # no more, no fewer epochs than validated
+    assert len(shipped.members) == 1 and not shipped.validated  # one model; nothing was held out to score it
+    assert ship(cfg.replace(final="ensemble"), data, result) is result  # the fold models as validated
