@@ -99,19 +99,19 @@ def points(trials: Sequence[Any], winner: int | None) -> list[Point]:
         if e is None or t.value is None:
             continue
         low, high = e.interval
-        out.append(Point(t.number, e.accuracy, low, high, t.user_attrs.get(records.TRAIN_SECONDS) or 0.0,
+        out.append(Point(t.number, e.accuracy, low, high, t.user_attrs.get(records.WALL_TIME) or 0.0,
                          t.user_attrs.get(records.CONFIG, {}).get("backbone", "?"), t.number == winner))
     return out
 
 
 def estimates_figure(points: Sequence[Point]):
-    """Plotly: every completed trial's estimate with its 95 % interval, by trial (left) and against its training
-    cost (right, log scale), one colour per backbone; the winner ringed."""
+    """Plotly: every completed trial's estimate with its 95 % interval, by trial (left) and against its wall time
+    (right, log scale: frozen features and all), one colour per backbone; the winner ringed."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("estimate by trial", "estimate against training cost"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("estimate by trial", "estimate against cost"))
     for i, backbone in enumerate(dict.fromkeys(p.backbone for p in points)):
         mine = [p for p in points if p.backbone == backbone]
         bars = {"type": "data", "symmetric": False, "array": [p.high - p.accuracy for p in mine],
@@ -123,7 +123,7 @@ def estimates_figure(points: Sequence[Point]):
             fig.add_trace(go.Scatter(x=x, y=[p.accuracy for p in mine], error_y=bars, mode="markers", marker=marker,
                                      text=text, name=backbone, legendgroup=backbone, showlegend=col == 1), 1, col)
     fig.update_xaxes(title_text="trial", row=1, col=1)
-    fig.update_xaxes(title_text="training seconds", type="log", row=1, col=2)
+    fig.update_xaxes(title_text="trial wall time (s)", type="log", row=1, col=2)
     fig.update_yaxes(title_text=f"{METRIC} (95 % interval)")
     fig.update_layout(title="Estimates with their intervals, and what they cost", height=460, margin={"t": 70})
     return fig
@@ -142,7 +142,7 @@ def save_estimates_png(points: Sequence[Point], path: str | os.PathLike) -> Path
                        facecolors="none", edgecolors="black", zorder=3)
     by_trial.set_xlabel("trial")
     by_trial.set_ylabel(f"{METRIC} (95 % interval)")
-    by_cost.set_xlabel("training seconds")
+    by_cost.set_xlabel("trial wall time (s)")
     by_cost.set_xscale("log")
     for ax in (by_trial, by_cost):
         ax.grid(alpha=0.3)

@@ -240,13 +240,13 @@ def portfolio_results(trials: Sequence[FrozenTrial]) -> dict[str, FrozenTrial]:
 # --- many trials -----------------------------------------------------------------------------------------------
 
 def per_backbone(trials: Sequence[FrozenTrial]) -> dict[str, tuple[int, float, float]]:
-    """Per backbone of the completed trials: (trials, best accuracy, median training seconds of a trial)."""
+    """Per backbone of the completed trials: (trials, best accuracy, median wall seconds of a trial)."""
     out: dict[str, list[FrozenTrial]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and t.value is not None:
             out.setdefault(t.user_attrs.get(CONFIG, {}).get("backbone", "?"), []).append(t)
     return {b: (len(ts), max(t.value for t in ts),
-                float(np.median([t.user_attrs.get(TRAIN_SECONDS, 0.0) for t in ts]))) for b, ts in out.items()}
+                float(np.median([t.user_attrs.get(WALL_TIME, 0.0) for t in ts]))) for b, ts in out.items()}
 
 
 def gain_over_portfolio(best: FrozenTrial, trials: Sequence[FrozenTrial]) -> float | None:

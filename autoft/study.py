@@ -349,7 +349,7 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")
         backbones = records.per_backbone(trials)
         if len(backbones) > 1:  # accuracy against cost, per backbone
-            lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s training per trial (median)"
+            lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
                       for b, (n, acc, sec) in sorted(backbones.items())]
         cfg = records.config(best)
         shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in records.searched_keys(best)}}
