@@ -141,6 +141,7 @@ def save_estimates_png(points: Sequence[Point], path: str | os.PathLike) -> Path
             ax.scatter([xi for xi, p in zip(x, mine) if p.winner], [p.accuracy for p in mine if p.winner], s=160,
                        facecolors="none", edgecolors="black", zorder=3)
     by_trial.set_xlabel("trial")
+    by_trial.xaxis.get_major_locator().set_params(integer=True)
     by_trial.set_ylabel(f"{METRIC} (95 % interval)")
     by_cost.set_xlabel("trial wall time (s)")
     by_cost.set_xscale("log")
