@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import struct
-import urllib.request
 import zlib
 from pathlib import Path
 
@@ -195,13 +194,15 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 
 def offline(monkeypatch, root: Path) -> None:
-    """No pretrained weights cached, and no network: downloads fail at once, as on a machine offline."""
+    """No pretrained weights cached, and no network at all: every socket connection is refused before it leaves
+    the process, so a download fails at once, as on a machine offline (and no test ever reaches the internet)."""
     monkeypatch.setenv("TORCH_HOME", str(root / "torch_home"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: nothing listens, so connecting is refused
-    monkeypatch.setenv("no_proxy", "")
-    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen caches its proxies: the one built here goes after the test
-    monkeypatch.setattr(socket, "getdefaulttimeout", lambda: 10.0)
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.mark.parametrize("case", list(CASES))
