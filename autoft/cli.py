@@ -105,9 +105,9 @@ def _print_epoch(epoch: int, m: dict[str, Any]) -> None:
 
 
 def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:
-    """Search settings from flags, then the config file's `search:` block, then SearchOptions' defaults."""
+    """Search settings from flags, then the config file's `search:` block (checked by resolve_config), then
+    SearchOptions' defaults."""
     known = [f.name for f in dataclasses.fields(SearchOptions)]
-    check_keys(from_file, known, "search setting")
     return SearchOptions(**(from_file | {name: getattr(args, name) for name in known if name in vars(args)}))
 
 

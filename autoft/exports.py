@@ -24,7 +24,7 @@ from .config import Config
 from .data import Dataset
 from .exceptions import AutoftError
 from .files import atomic_write_text, versions
-from .finetune import Result, finetune, refit_config, ship
+from .finetune import Result, finetune, refit
 from .storage import attach_file
 
 log = logging.getLogger("autoft")
@@ -70,11 +70,11 @@ class Exporter:
         if want_refit:
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            result = finetune(refit_config(cfg, epochs), data, folds=[data.everything()])
+            result = refit(cfg, data, epochs)
         else:
             log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
                      best.number)
-            result = ship(cfg, data, finetune(cfg, data))
+            result = finetune(cfg, data)  # final is not refit: the fold models themselves ship
         self._save(cfg, result, best.number, study.study_name, refit=want_refit)
 
     def saved(self) -> tuple[str | None, int | None, bool]:

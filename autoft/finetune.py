@@ -164,6 +164,8 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                 report(epoch, metrics)
             if cfg.patience and best.stale >= cfg.patience:
                 break
+        if not best.members:  # nothing validated (a refit): the last epoch's weights, copied once
+            best.keep(runs)
         return Result(best.metrics, history[-1], history, best.members, cfg.freeze_depth, data.classes, cfg, str(device),
                       time.perf_counter() - t0, peak_memory_mb(device), len(history) < cfg.epochs,
                       sum(len(r.fold.val) for r in runs), best.oof)
@@ -285,14 +287,20 @@ class _Best:
         self.stale = 0
 
     def update(self, metrics: dict[str, Any], runs: Sequence[_FoldRun], oof: list[int]) -> None:
-        if self.metrics is None or "val_accuracy" not in metrics or score_key(metrics) > score_key(self.metrics):
-            first = _cpu_copy(runs[0].model)
-            # frozen stages are the same pretrained tensors in every fold: one copy, shared by reference
-            self.members = [first] + [{k: first[k] if k.startswith(self.shared) else v.detach().to("cpu", copy=True)
-                                       for k, v in r.model.state_dict().items()} for r in runs[1:]]
+        if "val_accuracy" not in metrics:  # nothing held out: the latest epoch, its weights copied after the last
+            self.metrics = metrics
+        elif self.metrics is None or score_key(metrics) > score_key(self.metrics):
+            self.keep(runs)
             self.metrics, self.oof, self.stale = metrics, oof, 0
         else:
             self.stale += 1
+
+    def keep(self, runs: Sequence[_FoldRun]) -> None:
+        """A CPU copy of every fold's weights now; frozen stages are the same pretrained tensors in every fold:
+        one copy, shared by reference."""
+        first = _cpu_copy(runs[0].model)
+        self.members = [first] + [{k: first[k] if k.startswith(self.shared) else v.detach().to("cpu", copy=True)
+                                   for k, v in r.model.state_dict().items()} for r in runs[1:]]
 
 
 def _cpu_copy(model: Net) -> dict[str, torch.Tensor]:
@@ -337,7 +345,12 @@ def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = Non
     the score chose."""
     if cfg.final != "refit" or not result.validated:
         return result
-    return finetune(refit_config(cfg, result.best["epoch"]), data, report, [data.everything()])
+    return refit(cfg, data, result.best["epoch"], report)
+
+
+def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None) -> Result:
+    """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve."""
+    return finetune(refit_config(cfg, epochs), data, report, [data.everything()])
 
 
 class Datasets:

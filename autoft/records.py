@@ -228,11 +228,12 @@ def portfolio_name(t: FrozenTrial) -> str | None:
     return t.user_attrs.get(PORTFOLIO)
 
 
-def portfolio_results(trials: Sequence[FrozenTrial]) -> dict[str, FrozenTrial]:
-    """The completed portfolio trials by recipe name (the first of each, should one have run twice)."""
+def portfolio_results(trials: Sequence[FrozenTrial],
+                      states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> dict[str, FrozenTrial]:
+    """The portfolio trials in `states` by recipe name (the first of each, should one have run twice)."""
     out: dict[str, FrozenTrial] = {}
     for t in trials:
-        if portfolio_name(t) and t.state == TrialState.COMPLETE:
+        if portfolio_name(t) and t.state in states:
             out.setdefault(portfolio_name(t), t)
     return out
 

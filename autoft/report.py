@@ -108,7 +108,8 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
             continue
         report.evaluations[split], report.pngs[name] = ev, Path(ev["confusion_png"])
         sections.append(_section(f"Best model on {split}: accuracy {ev['accuracy']:.4f}, balanced accuracy "
-                                 f"{ev['balanced_accuracy']:.4f} ({ev['n']} images)",
+                                 f"{ev['balanced_accuracy']:.4f} ({ev['n']} images"
+                                 f"{'; it trained on them, so this is no estimate' if ev['seen_in_training'] else ''})",
                                  f"<img alt='confusion matrix, {split}' src='{_data_uri(ev['confusion_png'])}'>"
                                  f"<pre>{html.escape(ev['report'])}</pre>"))
 

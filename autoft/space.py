@@ -245,6 +245,8 @@ def _parse(name: str, spec: Any) -> Param:
         if extra or not {"low", "high"} <= set(spec):
             raise ConfigError(f"search space: {name} must be {{low: ..., high: ..., log: false}}, a list of choices or a value")
         is_int = str(_CONFIG_FIELDS[name].type).startswith("int") if name in _CONFIG_FIELDS else False
+        if spec["high"] == "native/2":
+            raise ConfigError(f"search space: {name} high may be stages or native; native/2 is a low bound only")
         low, high = (spec[end] if is_int and spec[end] in SYMBOLS else
                      parse_number(spec[end], name, integer=is_int, label=f"search space: {name} {end}")
                      for end in ("low", "high"))

@@ -116,9 +116,10 @@ class _Guarded(optuna.pruners.BasePruner):
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
-        if len(study.get_trials(deepcopy=False, states=records.FINISHED)) < self.startup:
+        finished = study.get_trials(deepcopy=False, states=records.FINISHED)  # one storage read per epoch
+        if len(finished) < self.startup:
             return False
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        done = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
         if not done:
             return False
         best = max(t.value for t in done)
@@ -206,7 +207,7 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images())
-    return _run(found, objective, opts, spawn=False)
+    return _run(found, objective, opts, spawn=False, ship=False)
 
 
 def check_outputs(opts: SearchOptions) -> None:
@@ -242,9 +243,11 @@ def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objecti
     return objective
 
 
-def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: bool) -> optuna.Study:
+def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: bool,
+         ship: bool = True) -> optuna.Study:
     """Trials until the study's goal is met (or the time budget is spent), here or in `opts.workers` spawned
-    processes; then the exports, the winner's shipped model included unless the run was interrupted."""
+    processes; then the exports, with `ship` the winner's shipped model too unless the run was interrupted
+    (the search ships it; its workers, which end with it, would each train the same model again)."""
     target = records.goal(study)
     todo = max(0, target - records.finished_count(study.get_trials(deepcopy=False)))
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
@@ -274,7 +277,7 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
             progress.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        best = exporter.export(study, final=finished)
+        best = exporter.export(study, final=finished and ship)
         if opts.progress:
             print_summary(study, best, time.perf_counter() - t0, opts.out_dir, ran)
     return study
@@ -336,11 +339,8 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
              f"{len(trials)} in the study"]
     if best is not None:
         lines.append(f"winner: {records.describe(best)}")
-        ran_recipes: dict[str, FrozenTrial] = {}  # each recipe's first trial that ended: its estimate, or where it was pruned
-        for t in trials:
-            if records.portfolio_name(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                ran_recipes.setdefault(records.portfolio_name(t), t)
-        for name, t in ran_recipes.items():
+        # each recipe's first trial that ended: its estimate, or where it was pruned
+        for name, t in records.portfolio_results(trials, (TrialState.COMPLETE, TrialState.PRUNED)).items():
             epoch, value = max(t.intermediate_values.items(), default=(0, float("nan")))
             result = records.fmt(t.value) if t.state == TrialState.COMPLETE else f"pruned at epoch {epoch} ({value:.4f})"
             lines.append(f"  portfolio {name:<28} trial {t.number:<3} {result}")

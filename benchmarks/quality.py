@@ -97,7 +97,8 @@ def at_test_priors(best, data_root: Path, base: Config) -> float | None:
     data = load_dataset(data_root, base.image_size, get_backbone(base.backbone).crop_pct)
     y = data.labelled.labels.numpy()
     pred = np.asarray(oof)
-    recall = np.array([(pred[y == c] == c).mean() for c in range(len(data.classes))])
+    scored_ = pred >= 0  # a holdout search predicted its validation images only
+    recall = np.array([(pred[scored_ & (y == c)] == c).mean() for c in range(len(data.classes))])
     prior = np.bincount(data.test.labels.numpy(), minlength=len(data.classes)) / len(data.test)
     return float((recall * prior).sum())
 

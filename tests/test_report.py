@@ -93,6 +93,9 @@ def test_report_writes_every_plot_as_a_png_of_the_expected_size(report):
             pixels = np.asarray(im.convert("L"), dtype=float)
         assert pixels.std() > 5, f"{name}.png is blank"
     assert rep.evaluations["test"]["n"] == 12 and rep.evaluations["val"]["confusion_matrix"]
+    text = (root / rep.html).read_text(encoding="utf-8")  # 5-fold CV: the shipped fold models trained on val/ too
+    assert "it trained on them, so this is no estimate" in text and rep.evaluations["val"]["seen_in_training"]
+    assert not rep.evaluations["test"]["seen_in_training"]
 
 
 class _Refs(HTMLParser):

@@ -49,6 +49,7 @@ def test_space_file_fixes_and_reshapes(tmp_path):
     ("head_lr: {min: 1, max: 2}\n", "low"),
     ("freeze_depth: {low: 0.5, high: 2}\n", "expected an integer"),
     ("image_size: {low: 100, high: 224, step: 32}\n", "does not divide"),
+    ("image_size: {low: 128, high: native/2}\n", "native/2 is a low bound only"),
     ("head_lr: {low: native, high: 1}\n", "head_lr low"),
     ("backbone: [efficientnet_lite0, no_such_net]\n", "unknown backbone 'no_such_net'"),
     ("cv_folds: [3, 5]\n", "unknown parameter"),
