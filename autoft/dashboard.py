@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from . import records
 from .config import Config
@@ -87,8 +88,16 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     runs[trial.number] = list(history)
     save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}),
                              graph_object_id=LEARNING_CURVES_ID)
-    trials = trial.study.get_trials(deepcopy=False)
-    winner = records.best_trial(trial.study)
-    shown = points(trials, winner.number if winner else None)
-    if shown:
-        save_plotly_graph_object(trial.study, estimates_figure(shown), graph_object_id=ESTIMATES_ID)
+
+
+def publish_estimates(study: optuna.Study, trials: Sequence[FrozenTrial], winner: FrozenTrial | None) -> None:
+    """The study page's figure of every completed trial's estimate and interval, winner ringed; redrawn once a
+    trial has finished (a trial still publishing its own page is not complete yet). Never fails the study."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    try:
+        shown = points(trials, winner.number if winner else None)
+        if shown:
+            save_plotly_graph_object(study, estimates_figure(shown), graph_object_id=ESTIMATES_ID)
+    except Exception as exc:  # the dashboard is a view
+        log.warning("could not publish the estimates to the dashboard: %s", one_line(exc))

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 from . import records
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
+from .dashboard import publish_estimates
 from .data import Dataset
 from .exceptions import AutoftError
 from .files import atomic_write_text, versions
@@ -41,9 +42,12 @@ class Exporter:
         self.export(study)
 
     def export(self, study: optuna.Study, final: bool = False) -> FrozenTrial | None:
-        """trials.csv and best.yaml; with `final`, first the winner's shipped best.pt (which may train)."""
-        self.write_trials_csv(study)
+        """trials.csv, best.yaml and the dashboard's estimates; with `final`, first the winner's shipped best.pt
+        (which may train)."""
+        trials = study.get_trials(deepcopy=False)
+        self.write_trials_csv(trials)
         best = records.best_trial(study)
+        publish_estimates(study, trials, best)
         if best is None:
             return None
         if final:
@@ -106,8 +110,8 @@ class Exporter:
                   "# paths (data, weights) are stored absolute, so this file works from any folder\n")
         atomic_write_text(self.out / "best.yaml", header + records.config(best).portable().to_yaml(result))
 
-    def write_trials_csv(self, study: optuna.Study) -> None:
-        header, rows = records.trial_rows(study.get_trials(deepcopy=False))
+    def write_trials_csv(self, trials: Sequence[FrozenTrial]) -> None:
+        header, rows = records.trial_rows(trials)
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
         atomic_write_text(self.out / "trials.csv", buf.getvalue())

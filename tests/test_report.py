@@ -202,12 +202,15 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
-    study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=2, study="p", progress=False))
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=3, study="p", progress=False))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     detail = _study_page(study)
-    assert len(detail["trials"]) == 2
+    assert len(detail["trials"]) == 3
     for t in detail["trials"]:
         assert "```yaml" in t["note"]["body"]
         assert ("pruned after epoch" in t["note"]["body"]) == (t["state"] == "Pruned")
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
     assert {g["id"] for g in detail["plotly_graph_objects"]} == {LEARNING_CURVES_ID, ESTIMATES_ID}
+    (figure,) = [g for g in detail["plotly_graph_objects"] if g["id"] == ESTIMATES_ID]
+    shown = {text.split(" (")[0] for trace in json.loads(figure["graph_object"])["data"] for text in trace["text"]}
+    assert shown == {"trial 0", "trial 2"}  # every completed trial, the last one too
