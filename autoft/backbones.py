@@ -10,8 +10,6 @@ import copy
 import functools
 import importlib
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,66 +137,26 @@ class Ensemble(nn.Module):
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None, seed: int = 0) -> tuple[Net, BackboneSpec]:
-    """A fresh model: a cheap copy of the process-wide pretrained stages plus a seeded new head."""
+Stages = tuple[list[nn.Module], int]  # a backbone's pretrained stages and its feature width
+
+
+def build_model(name: str, num_classes: int, weights: str | None = None, seed: int = 0,
+                pretrained: Callable[[str, str | None], Stages] | None = None) -> tuple[Net, BackboneSpec]:
+    """A fresh model: a copy of the backbone's pretrained stages plus a seeded new head.
+
+    `pretrained(name, weights)` supplies the stages (a run's cache.RunCache.pretrained_stages, which reads each
+    weights file once); by default they are built here.
+    """
     spec = get_backbone(name)
-    stages, num_features = _pretrained_stages(spec.name, weights)
+    stages, num_features = (pretrained or pretrained_stages)(spec.name, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Net(copy.deepcopy(stages), num_features, num_classes)
+        model = Net(copy.deepcopy(stages) if pretrained else stages, num_features, num_classes)
     return model, spec
 
 
-PRETRAINED_CACHE_BYTES = 2**30  # bound on the pretrained stages kept in memory between build_model calls
-
-
-class _StagesCache:
-    """(backbone, weights) -> pretrained stages, kept until they pass PRETRAINED_CACHE_BYTES (least recently used out).
-
-    A byte bound rather than an entry count: alternating the small offline backbones (Lite0/1/2, tiny_cnn,
-    pretrained and 'random' each: about 100 MB in all) never re-reads a file, while a few huge models
-    cannot pile up. The newest entry always stays, however large.
-    """
-
-    def __init__(self, build: Callable[[str, str | None], tuple[list[nn.Module], int]]):
-        self._build = build
-        self._entries: OrderedDict[tuple[str, str | None], tuple[tuple[list[nn.Module], int], int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def __call__(self, name: str, weights: str | None) -> tuple[list[nn.Module], int]:
-        key = (name, weights)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key][0]
-            self.misses += 1
-        value = self._build(name, weights)  # outside the lock: building may take seconds
-        held = nn.ModuleList(value[0])  # parameters() and buffers() count a module shared by stages once
-        nbytes = sum(t.numel() * t.element_size() for t in (*held.parameters(), *held.buffers()))
-        with self._lock:
-            self._entries[key] = (value, nbytes)
-            self._entries.move_to_end(key)
-            while len(self._entries) > 1 and self.cached_bytes() > PRETRAINED_CACHE_BYTES:
-                self._entries.popitem(last=False)
-        return value
-
-    def cached_bytes(self) -> int:
-        return sum(n for _, n in self._entries.values())
-
-    def cached_keys(self) -> list[tuple[str, str | None]]:
-        """Oldest first."""
-        return list(self._entries)
-
-    def cache_clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.hits = self.misses = 0
-
-
-def _build_stages(name: str, weights: str | None) -> tuple[list[nn.Module], int]:
-    """Read weights from disk (the cache makes this once per process); trials deep-copy the result.
+def pretrained_stages(name: str, weights: str | None) -> Stages:
+    """Read weights from disk and build the stages (in eval mode); callers that keep them hand out deep copies.
 
     Built from a fixed seed: whatever the weights leave untouched (all of a 'random' backbone, tiny_cnn's every
     layer) starts the same in every process, so a retrain reproduces the trial it comes from.
@@ -209,9 +167,6 @@ def _build_stages(name: str, weights: str | None) -> tuple[list[nn.Module], int]
     for s in stages:
         s.eval()
     return stages, num_features
-
-
-_pretrained_stages = _StagesCache(_build_stages)
 
 
 # --- loading weights ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Data: find images, decode each once into a uint8 tensor cache, and augment whole batches on the device.
+"""Data: find images, decode each once into an on-disk uint8 image store, and augment whole batches on the device.
 
 Images are stored at `store_size = image_size / crop_pct` (square, centre-cropped) so that the eval
 transform is the pretraining one (resize, centre crop) and training crops have room to move.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from .exceptions import DataError
-from .files import atomic_joblib_dump
+from .files import atomic_npy, atomic_write_text
 
 log = logging.getLogger("autoft")
 
@@ -32,9 +33,38 @@ MIN_SIDE = 8
 DECODE_NOTICE = 100  # from this many images, decoding takes long enough to say so
 
 
+class ImageStore:
+    """Decoded images on disk: a uint8 (N, 3, S, S) .npy read memory-mapped, so the pages live in the OS's file
+    cache, not in the process's own memory, and any number of images fits in bounded RAM.
+
+    `rows[path]` is the row of each readable image; `skipped[path]` why an image could not be read (it has no
+    row). `decoded` counts the images this process decoded to build it (0 when it came from disk).
+    """
+
+    def __init__(self, file: Path, images: np.ndarray, paths: list[str], skipped: dict[str, str], decoded: int):
+        self.file, self.images, self.skipped, self.decoded = file, images, skipped, decoded
+        self.rows = {p: i for i, p in enumerate(p for p in paths if p not in skipped)}
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Images at `rows` (any order) as a (len(rows), 3, S, S) array in memory: read in ascending row order
+        (sequential pages of the file), put back in the order asked for."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
+        out[order] = self.images[rows[order]]
+        return out
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, 3, S, S) uint8
+    """Images of one split as rows of the store, never a copy of their pixels."""
+
+    store: ImageStore
+    rows: torch.Tensor  # (N,) int64 rows of store.images
     labels: torch.Tensor  # (N,) int64
     paths: list[str]
 
@@ -42,7 +72,21 @@ class Split:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+        return Split(self.store, self.rows[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+
+    def read(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (n, 3, S, S) images in memory: all of them, or those at `index` (positions in this split)."""
+        rows = self.rows if index is None else self.rows[index]
+        return torch.from_numpy(self.store.read(rows.numpy()))
+
+    @functools.cached_property
+    def key(self) -> tuple[str, str]:
+        """What identifies these images: the store's file and a digest of the rows."""
+        return str(self.store.file), hashlib.sha1(self.rows.numpy().tobytes()).hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * int(np.prod(self.store.images.shape[1:]))
 
 
 @dataclass
@@ -55,8 +99,9 @@ class Fold:
 
 @dataclass
 class Dataset:
-    """Every labelled image (train/ then val/) in one tensor, so each fold, the holdout and a refit are index
-    sets into it and frozen features are computed once for all of them; test/ apart, only ever scored."""
+    """Every labelled image (train/ then val/) as one Split, so each fold, the holdout and a refit are index
+    sets into it and frozen features are computed once for all of them; test/ apart, only ever scored.
+    All splits are rows of one ImageStore."""
 
     classes: list[str]
     labelled: Split
@@ -65,6 +110,10 @@ class Dataset:
     image_size: int
     store_size: int
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it could not be read
+
+    @property
+    def store(self) -> ImageStore:
+        return self.labelled.store
 
     @functools.cached_property
     def train(self) -> Split:
@@ -254,41 +303,59 @@ def _try_decode(path: str, size: int) -> np.ndarray | str:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def _decode_all(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]]:
-    n_jobs = min(8, os.cpu_count() or 1)
-    results = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(joblib.delayed(_try_decode)(p, size) for p in paths)
-    bad = {p: r for p, r in zip(paths, results) if isinstance(r, str)}
-    good = [r for r in results if not isinstance(r, str)]
-    arr = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
-    return arr, bad
+DECODE_CHUNK = 256  # images decoded (in parallel threads) per chunk written to the store: bounds decoding's memory
+STORE_VERSION = 3  # v2: EXIF orientation, 16-bit range; v3: the memory-mapped .npy store
 
 
-def _cache_key(paths: list[str], size: int) -> str:
-    h = hashlib.sha1(f"v2:{size}".encode())  # v2: EXIF orientation, 16-bit range
+def _store_key(paths: list[str], size: int) -> str:
+    h = hashlib.sha1(f"v{STORE_VERSION}:{size}".encode())
     for p in paths:
         st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(os.path.abspath(p)) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-decode_count = 0  # images decoded by this process; lets tests see that a cache hit decodes nothing
-
-
-def load_images(paths: list[str], size: int) -> tuple[np.ndarray, dict[str, str]]:
-    """Decoded images for `paths` (bad ones left out and returned with their reasons), cached on disk: decoded once
-    per size, ever (later trials, runs and processes read the cache)."""
-    global decode_count
-    key = _cache_key(paths, size)
-    file = cache_dir() / "images" / f"{key}.joblib"
+def open_store(paths: list[str], size: int) -> ImageStore:
+    """The images at `paths` decoded at `size`, from the on-disk store when it is there, else decoded into it:
+    once per size, ever (later trials, runs and processes map the file). Unreadable images get no row; their
+    reasons are kept beside the store."""
+    key = _store_key(paths, size)
+    file = cache_dir() / "images" / f"{key}.npy"
+    meta = file.with_suffix(".skipped.json")
     try:
-        cached = joblib.load(file)
-    except Exception:  # missing or damaged cache: decode again
-        log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
-                "decoding %d images at %d px into the cache %s (once; later runs reuse it)", len(paths), size, file.parent)
-        cached = _decode_all(paths, size)
-        decode_count += len(paths)
-        atomic_joblib_dump(file, cached)  # another process may be reading this cache right now
-    return cached
+        skipped = {paths[i]: why for i, why in json.loads(meta.read_text())}
+        images = np.load(file, mmap_mode="r")
+        if images.shape != (len(paths) - len(skipped), 3, size, size):
+            raise ValueError(f"store {file} has shape {images.shape}")
+        return ImageStore(file, images, paths, skipped, 0)
+    except Exception:  # missing or damaged store: decode again
+        pass
+    log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
+            "decoding %d images at %d px into the store %s (once; later runs reuse it)", len(paths), size, file.parent)
+    bad = _decode_into(file, paths, size)
+    atomic_write_text(meta, json.dumps(sorted(bad.items())))  # indices: file names need not be valid UTF-8
+    skipped = {paths[i]: why for i, why in bad.items()}
+    return ImageStore(file, np.load(file, mmap_mode="r"), paths, skipped, len(paths))
+
+
+def _decode_into(file: Path, paths: list[str], size: int) -> dict[int, str]:
+    """Decode `paths` chunk by chunk (threads within a chunk) into a new .npy at `file`, good images only, in
+    order; returns index -> reason for the bad ones. The file appears whole or not at all."""
+    n_jobs = min(8, os.cpu_count() or 1)
+    bad: dict[int, str] = {}
+    with atomic_npy(file, (len(paths), 3, size, size), np.uint8) as out, \
+            joblib.Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
+        row = 0
+        for start in range(0, len(paths), DECODE_CHUNK):
+            chunk = paths[start:start + DECODE_CHUNK]
+            for i, r in enumerate(parallel(joblib.delayed(_try_decode)(p, size) for p in chunk), start):
+                if isinstance(r, str):
+                    bad[i] = r
+                else:
+                    out.array[row] = r.transpose(2, 0, 1)
+                    row += 1
+        out.rows = row
+    return bad
 
 
 def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
@@ -300,20 +367,19 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     classes, found = scan(root)
     size = store_size_for(image_size, crop_pct)
     all_paths = [p for paths, _ in found.values() for p in paths]
-    arr, bad = load_images(all_paths, size)
+    store = open_store(all_paths, size)
+    bad = store.skipped
     if bad and not skip_bad_images:
         listed = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DataError(f"{len(bad)} unreadable image(s): {listed}{more}; fix or remove them, or pass --skip-bad-images")
     if bad:
         log.warning("skipped %d unreadable image(s)", len(bad))
-    index = {p: i for i, p in enumerate(p for p in all_paths if p not in bad)}
 
     def split(paths: list[str], labels: list[int]) -> Split:
         keep = [(p, y) for p, y in zip(paths, labels) if p not in bad]
-        rows = [index[p] for p, _ in keep]
-        images = torch.from_numpy(arr[rows]).permute(0, 3, 1, 2).contiguous()
-        return Split(images, torch.tensor([y for _, y in keep], dtype=torch.long), [p for p, _ in keep])
+        rows = torch.tensor([store.rows[p] for p, _ in keep], dtype=torch.long)
+        return Split(store, rows, torch.tensor([y for _, y in keep], dtype=torch.long), [p for p, _ in keep])
 
     train = split(*found["train"])
     counts = torch.bincount(train.labels, minlength=len(classes))
@@ -323,7 +389,8 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     n = len(train)
     if "val" in found:
         val = split(*found["val"])
-        labelled = Split(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]), train.paths + val.paths)
+        labelled = Split(store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]),
+                         train.paths + val.paths)
         holdout = Fold(torch.arange(n), torch.arange(n, len(labelled)))
     else:
         if counts.min() < 2:

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from . import records
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
-from .data import Dataset
 from .exceptions import AutoftError
 from .files import atomic_write_text, versions
+from .cache import RunCache
 from .finetune import Result, finetune, refit
 from .storage import attach_file
 
@@ -35,8 +35,8 @@ class Exporter:
     """Writes best.pt when a trial becomes the winner, best.yaml and trials.csv after every trial, and at the
     end of a search makes best.pt the final winner's shipped model."""
 
-    def __init__(self, out: Path, artifacts: str, data: Callable[[Config], Dataset]):
-        self.out, self.artifacts, self.data = out, artifacts, data
+    def __init__(self, out: Path, artifacts: str, cache: RunCache):
+        self.out, self.artifacts, self.cache = out, artifacts, cache
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.export(study)
@@ -70,15 +70,15 @@ class Exporter:
         want_refit = cfg.final == "refit"
         if self.saved() == (study.study_name, best.number, want_refit):
             return
-        data = self.data(cfg)
+        data = self.cache.dataset(cfg)
         if want_refit:
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            result = refit(cfg, data, epochs)
+            result = refit(cfg, data, epochs, cache=self.cache)
         else:
             log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
                      best.number)
-            result = finetune(cfg, data)  # final is not refit: the fold models themselves ship
+            result = finetune(cfg, data, cache=self.cache)  # final is not refit: the fold models themselves ship
         self._save(cfg, result, best.number, study.study_name, refit=want_refit)
 
     def saved(self) -> tuple[str | None, int | None, bool]:

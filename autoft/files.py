@@ -1,7 +1,7 @@
 """Atomic writes: a file is either its old version or its new one, never half of each.
 
 Every file autoft writes (exports, checkpoints, the report and its PNGs, TorchScript and ONNX models, the
-decoded-image cache) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another process
+decoded-image store) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another process
 reading at the same moment, never sees a torn file. Their temporary files are created like any other file
 (mode 0666 less the umask, so 0644 under the usual 022), are removed when the write fails for any reason
 (Ctrl-C and SystemExit included), and one left behind by a process killed mid-write (kill -9, power loss)
@@ -123,6 +123,38 @@ def atomic_joblib_dump(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_open(path) as fh:
         joblib.dump(obj, fh)
+
+
+class NpyWriter:
+    """The array being written by `atomic_npy` (a writable memmap), and how many leading rows to keep."""
+
+    def __init__(self, array: Any):
+        self.array, self.rows = array, len(array)
+
+
+@contextlib.contextmanager
+def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> Iterator[NpyWriter]:
+    """A new .npy of `shape` to fill through a memmap (numpy.lib.format.open_memmap), never whole in memory;
+    it replaces `path` only when the block ends without an error. Setting `rows` below shape[0] keeps only
+    the leading rows: the header is rewritten in place (numpy pads it for a growing first axis) and the file
+    truncated, so no second copy is written."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    with atomic_path(path) as tmp:
+        writer = NpyWriter(npy.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape))
+        offset = writer.array.offset
+        yield writer
+        writer.array.flush()
+        del writer.array
+        if writer.rows != shape[0]:
+            kept = (writer.rows, *shape[1:])
+            with open(tmp, "r+b") as fh:
+                npy.write_array_header_1_0(fh, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                                "shape": kept})
+                if fh.tell() != offset:  # numpy always pads the header this much; never written otherwise
+                    raise OSError(f"cannot shrink {path} in place: its .npy header changed length")
+                fh.truncate(offset + int(np.prod(kept)) * np.dtype(dtype).itemsize)
 
 
 def versions() -> dict[str, str]:

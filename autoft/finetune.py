@@ -16,11 +16,9 @@ score validated, or `refit_config` retrains the recipe on every image for that m
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import resource
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .backbones import BackboneSpec, Net, build_model, get_backbone
+from .backbones import BackboneSpec, Net, build_model
+from .cache import Images, RunCache, as_images, load_data  # load_data: re-exported, datasets as a run loads them
 from .config import Config
-from .data import Dataset, Fold, Split, augment, center_crop, load_dataset, normalize
+from .data import Dataset, Fold, Split, augment, center_crop, normalize
 from .exceptions import ConfigError, TrialFailure
 
 Report = Callable[[int, dict[str, Any]], Any]
@@ -116,22 +115,24 @@ def refit_config(cfg: Config, epochs: int) -> Config:
 
 
 def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None,
-             folds: Sequence[Fold] | None = None) -> Result:
+             folds: Sequence[Fold] | None = None, cache: RunCache | None = None) -> Result:
     """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given), one model per fold.
 
     `folds` defaults to `plan_folds`; `[data.everything()]` trains one model on every image (a refit).
     `report(epoch, metrics)` runs after each epoch; raising from it stops the run (the search prunes
-    this way). A non-finite loss raises TrialFailure.
+    this way). A non-finite loss raises TrialFailure. `cache` holds what outlives this call (device copies
+    of the images, frozen features, pretrained stages); None: a private one, dropped at the end.
     """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    cache = RunCache() if cache is None else cache
     if data is None:
-        data = load_data(cfg)
+        data = cache.dataset(cfg)
     folds = plan_folds(cfg, data) if folds is None else folds
-    images = to_device(data.labelled.images, device)
+    images = cache.images(data.labelled, device)
     labels = data.labelled.labels.to(device)
-    runs = [_FoldRun(cfg, fold, fold_seed(cfg.seed, i), len(data.classes), device) for i, fold in enumerate(folds)]
+    runs = [_FoldRun(cfg, fold, fold_seed(cfg.seed, i), len(data.classes), device, cache) for i, fold in enumerate(folds)]
     spec, n_stages = runs[0].spec, len(runs[0].model.stages)
     history: list[dict[str, Any]] = []
     best = _Best(cfg.freeze_depth)
@@ -141,7 +142,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
             features = None  # without augmentation, the frozen stages' output for the training images never changes
             if cfg.aug_strength == 0 and depth:
-                features = frozen_features(runs[0].model, spec, cfg, images, depth, device)  # validation reuses them
+                features = frozen_features(runs[0].model, spec, cfg, images, depth, device, cache)  # validation too
 
             t_epoch = time.perf_counter()
             loss_sum, seen = 0.0, 0
@@ -154,7 +155,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                 raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
 
             metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
-            scores, oof = validate(runs, cfg, images, labels, depth, device)
+            scores, oof = validate(runs, cfg, images, labels, depth, device, cache)
             metrics |= scores
             metrics |= {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
                         "lr_head": runs[0].opt.param_groups[0]["lr"]}
@@ -183,45 +184,49 @@ def fold_seed(seed: int, fold: int) -> int:
 class _FoldRun:
     """One fold's model, optimizer, schedule and random streams, trained an epoch at a time."""
 
-    def __init__(self, cfg: Config, fold: Fold, seed: int, num_classes: int, device: torch.device):
-        self.cfg, self.fold = cfg, Fold(fold.train.to(device), fold.val.to(device))
-        self.model, self.spec = build_on_device(cfg, num_classes, device, seed)
+    def __init__(self, cfg: Config, fold: Fold, seed: int, num_classes: int, device: torch.device, cache: RunCache):
+        self.cfg, self.fold = cfg, fold  # indices stay on the CPU: batches are cut from the store by them
+        self.model, self.spec = build_on_device(cfg, num_classes, device, seed, cache)
         self.opt = make_optimizer(self.model, cfg)
         self.batch, self.steps = batch_plan(len(fold.train), cfg.batch_size)
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         self.gen_cpu = torch.Generator().manual_seed(seed)  # the order of training images
         self.gen_dev = torch.Generator(device=device).manual_seed(seed)  # their augmentation
 
-    def train_epoch(self, images: torch.Tensor, labels: torch.Tensor, depth: int,
+    def train_epoch(self, images: Images, labels: torch.Tensor, depth: int,
                     features: torch.Tensor | None) -> tuple[float, int]:
         _set_trainable(self.model, depth)
-        order = self.fold.train[torch.randperm(len(self.fold.train), generator=self.gen_cpu).to(images.device)]
+        order = self.fold.train[torch.randperm(len(self.fold.train), generator=self.gen_cpu)]
         return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
                                images, labels, depth, self.gen_dev, features)
 
 
 @torch.no_grad()
-def validate(runs: Sequence[_FoldRun], cfg: Config, images: torch.Tensor, labels: torch.Tensor, depth: int,
-             device: torch.device) -> tuple[dict[str, Any], list[int]]:
+def validate(runs: Sequence[_FoldRun], cfg: Config, images: Images, labels: torch.Tensor, depth: int,
+             device: torch.device, cache: RunCache | None = None) -> tuple[dict[str, Any], list[int]]:
     """Every fold's model on its own held-out images, pooled: loss and accuracy over all of them, each
     fold's accuracy, and the out-of-fold prediction per image. Nothing held out: no scores."""
     held = [r for r in runs if len(r.fold.val)]
     if not held:
         return {}, []
-    logits = [predict_logits(r.model, r.spec, cfg, images, depth, device, r.fold.val) for r in held]
-    index = torch.cat([r.fold.val for r in held])
+    logits = [predict_logits(r.model, r.spec, cfg, images, depth, device, r.fold.val, cache) for r in held]
+    index = torch.cat([r.fold.val for r in held]).to(device)
     pooled, truth = torch.cat(logits), labels[index]
     pred = pooled.argmax(1)
     oof = torch.full((len(labels),), -1, dtype=torch.long, device=device)
     oof[index] = pred
     scores = {"val_loss": F.cross_entropy(pooled, truth).item(), "val_accuracy": (pred == truth).float().mean().item(),
-              "fold_accuracy": [(lg.argmax(1) == labels[r.fold.val]).float().mean().item() for lg, r in zip(logits, held)]}
+              "fold_accuracy": [(lg.argmax(1) == labels[r.fold.val.to(device)]).float().mean().item()
+                                for lg, r in zip(logits, held)]}
     return scores, oof.tolist()
 
 
-def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: int | None = None) -> tuple[Net, BackboneSpec]:
-    """The backbone with a new head (seeded), channels_last on `device`; a freeze depth past its stages is a config error."""
-    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed if seed is None else seed)
+def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: int | None = None,
+                    cache: RunCache | None = None) -> tuple[Net, BackboneSpec]:
+    """The backbone with a new head (seeded), channels_last on `device`; a freeze depth past its stages is a config
+    error. The pretrained stages come from `cache` (read once per run) when given."""
+    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed if seed is None else seed,
+                              cache.pretrained_stages if cache is not None else None)
     n_stages = len(model.stages)
     if cfg.freeze_depth > n_stages:
         raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
@@ -245,7 +250,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps: int) -> torch
 
 
 def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: torch.Tensor,
+                    sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: Images,
                     labels: torch.Tensor, depth: int, generator: torch.Generator,
                     features: torch.Tensor | None = None) -> tuple[float, int]:
     """One optimizer step per batch of indices into `images`/`labels`; returns the mean loss and the images seen.
@@ -255,17 +260,19 @@ def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.opti
     """
     device = labels.device
     total_loss, seen = torch.zeros((), device=device), 0
+    pixels = images.batches(batches) if features is None else iter(())
     for idx in batches:
         if features is not None:
-            x = features[idx]
+            x = features[idx.to(features.device)]
         else:
-            x = augment(images[idx], cfg.image_size, cfg.aug_strength, generator)
+            x = augment(next(pixels), cfg.image_size, cfg.aug_strength, generator)
             x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
             if depth:
                 with torch.no_grad(), autocast(device):
                     x = model.features(x, depth)
         with autocast(device):
-            loss = F.cross_entropy(model(x, start=depth).float(), labels[idx], label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(model(x, start=depth).float(), labels[idx.to(device)],
+                                   label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -339,55 +346,20 @@ def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None) -> Result:
+def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None,
+         cache: RunCache | None = None) -> Result:
     """What a validated run ships: `result` itself (its fold models, the ensemble the score validated), or, when
     `final` is refit and anything was validated, the recipe retrained on every labelled image for the epochs
     the score chose."""
     if cfg.final != "refit" or not result.validated:
         return result
-    return refit(cfg, data, result.best["epoch"], report)
+    return refit(cfg, data, result.best["epoch"], report, cache)
 
 
-def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None) -> Result:
+def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,
+          cache: RunCache | None = None) -> Result:
     """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve."""
-    return finetune(refit_config(cfg, epochs), data, report, [data.everything()])
-
-
-class Datasets:
-    """Datasets as trials ask for them, loaded once per process: by data folder, decoded size and split settings.
-
-    Reusing the same Dataset object is what lets the frozen-feature cache (keyed by its image tensor) serve
-    every trial. Least recently used entries go first to stay under `max_bytes` when sizes and backbones
-    alternate; the one asked for is always kept.
-    """
-
-    def __init__(self, max_bytes: int = 4 * 2**30):
-        self.max_bytes = max_bytes
-        self._cache: OrderedDict[tuple, Dataset] = OrderedDict()
-
-    def __call__(self, cfg: Config) -> Dataset:
-        key = (cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction, cfg.skip_bad_images)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        data = self._cache[key] = load_data(cfg)
-        while len(self._cache) > 1 and sum(map(_dataset_bytes, self._cache.values())) > self.max_bytes:
-            self._cache.popitem(last=False)
-        return data
-
-
-def _dataset_bytes(data: Dataset) -> int:
-    return sum(s.images.numel() for s in (data.labelled, data.test) if s is not None)
-
-
-def load_data(cfg: Config) -> Dataset:
-    """The dataset a config names, decoded at the size its backbone's crop needs.
-
-    A held-out validation split does not follow `cfg.seed`: every trial, seed and retrain of a
-    search must validate on the same images, or their scores would not compare.
-    """
-    return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
+    return finetune(refit_config(cfg, epochs), data, report, [data.everything()], cache)
 
 
 def _set_trainable(model: Net, depth: int) -> None:
@@ -402,27 +374,35 @@ def _set_trainable(model: Net, depth: int) -> None:
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
-                   device: torch.device) -> tuple[float, float]:
-    """Loss and accuracy on a split (test/, or new data); the frozen prefix's output comes from the feature cache."""
-    logits = predict_logits(model, spec, cfg, split.images, depth, device)
+                   device: torch.device, cache: RunCache | None = None) -> tuple[float, float]:
+    """Loss and accuracy on a split (test/, or new data); the frozen prefix's output comes from `cache`."""
+    logits = predict_logits(model, spec, cfg, split, depth, device, cache=cache)
     labels = split.labels.to(device)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor, depth: int,
-                   device: torch.device, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits for `images[index]` (all of them by default) through the eval transform, in batches."""
+def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor | Split | Images,
+                   depth: int, device: torch.device, index: torch.Tensor | None = None,
+                   cache: RunCache | None = None) -> torch.Tensor:
+    """Logits for the images at `index` (all of them by default) through the eval transform, in batches.
+
+    `images`: uint8 (N, 3, S, S) as a tensor, a Split (read from its store) or Images. With `depth`, the frozen
+    prefix's output over all of them comes from `cache` (computed once) when it fits its budget.
+    """
+    images = as_images(images, device)
     was_training = model.training
     model.eval()
-    feats = frozen_features(model, spec, cfg, images, depth, device) if depth else None
-    index = torch.arange(len(images), device=device) if index is None else index.to(device)
+    feats = frozen_features(model, spec, cfg, images, depth, device, cache) if depth and cache is not None else None
+    index = torch.arange(len(images)) if index is None else index.cpu()
+    chunks = index.split(max(1, cfg.batch_size * 2))
+    pixels = images.batches(chunks) if feats is None else iter(())
     out = []
-    for chunk in index.split(max(1, cfg.batch_size * 2)):
+    for chunk in chunks:
         if feats is not None:
-            x, start = feats[chunk], depth
+            x, start = feats[chunk.to(feats.device)], depth
         else:  # no depth, or features too big to keep: the whole model from the images
-            x, start = _eval_input(images[chunk.to(images.device)].to(device, non_blocking=True), spec, cfg.image_size), 0
+            x, start = _eval_input(next(pixels).to(device, non_blocking=True), spec, cfg.image_size), 0
         with autocast(device):
             out.append(model(x, start=start).float())
     model.train(was_training)
@@ -433,74 +413,45 @@ def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int) -> torch.Te
     return normalize(center_crop(images, size), spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
 
 
-# --- process-wide caches --------------------------------------------------------------------------------------
-
-FEATURE_CACHE_BYTES = 2 * 2**30  # bound on cached frozen-prefix features; over it entries are dropped, never OOM
-_features: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_device_images: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The uint8 image cache on the compute device, moved once per process rather than once per trial."""
-    if device.type == "cpu":
-        return images
-    key = (id(images), str(device))
-    if key not in _device_images or _device_images[key][0] is not images:
-        _device_images[key] = (images, images.to(device))
-    return _device_images[key][1]
-
+# --- frozen-prefix features ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: torch.Tensor, depth: int,
-                    device: torch.device) -> torch.Tensor | None:
-    """Output of the frozen stages[:depth] for every one of `images` (eval transform), computed once.
+def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int, device: torch.device,
+                    cache: RunCache) -> torch.Tensor | None:
+    """Output of the frozen stages[:depth] for every one of `images` (eval transform), computed once per `cache`.
 
-    Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights,
-    image size and depth share the result. Entries are evicted oldest-first to stay under
-    FEATURE_CACHE_BYTES; features that would not fit even alone are never materialised: None tells
+    Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights, image
+    size and depth share the result. It counts against the cache's byte budget (least recently used out);
+    features that would not fit even alone, or of images with no key, are never materialised: None tells
     the caller to run the prefix per batch, so a huge set costs time, never memory.
     """
-    key = (spec.name, cfg.weights, cfg.image_size, depth, id(images), str(device))
-    hit = _features.get(key)
-    if hit is not None and hit[0] is images:
-        _features.move_to_end(key)
-        return hit[1]
+    if images.key is None:
+        return None
+    key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device))
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
     was_training = [s.training for s in model.stages[:depth]]
     for s in model.stages[:depth]:
         s.eval()
     feats = None
     step = max(1, cfg.batch_size * 2)
+    chunks = torch.arange(len(images)).split(step)
     try:
         with autocast(device):
-            for i in range(0, len(images), step):
-                part = model.features(_eval_input(images[i:i + step].to(device, non_blocking=True), spec,
-                                                  cfg.image_size), depth)
+            for chunk, pixels in zip(chunks, images.batches(chunks)):
+                part = model.features(_eval_input(pixels, spec, cfg.image_size), depth)
                 if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
                     nbytes = part[0].numel() * part.element_size() * len(images)
-                    if nbytes > FEATURE_CACHE_BYTES:
+                    if not cache.make_room(nbytes):
                         return None
-                    while _features and _cached_bytes() + nbytes > FEATURE_CACHE_BYTES:
-                        _features.popitem(last=False)
                     fmt = torch.channels_last if part.dim() == 4 else torch.contiguous_format
                     feats = torch.empty((len(images), *part.shape[1:]), dtype=part.dtype, device=part.device,
                                         memory_format=fmt)
-                feats[i:i + len(part)] = part
+                feats[chunk[0]:chunk[-1] + 1] = part
     finally:
         for s, t in zip(model.stages[:depth], was_training):
             s.train(t)
     if feats is not None:
-        _features[key] = (images, feats)
+        cache.put(key, feats, feats.numel() * feats.element_size())
     return feats
-
-
-def _cached_bytes() -> int:
-    return sum(f.numel() * f.element_size() for _, f in _features.values())
-
-
-def clear_caches() -> None:
-    """Drop device copies and cached features and collect garbage (between studies, after an out-of-memory error)."""
-    _features.clear()
-    _device_images.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

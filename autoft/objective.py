@@ -18,7 +18,8 @@ from . import dashboard, records
 from .config import Config
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
-from .finetune import Datasets, Result, clear_caches, finetune, plan_folds, resolve_device
+from .cache import RunCache
+from .finetune import Result, finetune, plan_folds, resolve_device
 from .space import SearchSpace
 
 log = logging.getLogger("autoft")
@@ -37,16 +38,17 @@ class Objective:
 
     `deadline` (time.monotonic) makes `--timeout` a budget: a trial still running then stops at its next
     epoch, pruned, and no new one starts. `on_epoch` sees every epoch of every trial (the progress line).
+    `cache` is what the search keeps between trials (datasets, device copies, frozen features, weights).
     """
 
-    def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter, data: Datasets):
-        self.base, self.space, self.study_seed, self.exporter, self.data = base, space, study_seed, exporter, data
+    def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter, cache: RunCache):
+        self.base, self.space, self.study_seed, self.exporter, self.cache = base, space, study_seed, exporter, cache
         self.deadline: float | None = None
         self.on_epoch: EpochHook | None = None
 
     def validated_images(self) -> int:
         """How many images each epoch's score rests on (every labelled image under cross-validation)."""
-        return sum(len(f.val) for f in plan_folds(self.base, self.data(self.base)))
+        return sum(len(f.val) for f in plan_folds(self.base, self.cache.dataset(self.base)))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
@@ -84,16 +86,20 @@ class Objective:
     def _run(self, trial: optuna.Trial, cfg: Config, report: Callable[[int, dict[str, float]], None]) -> Result:
         """One fine-tune; an out-of-memory error is retried once at half the batch size."""
         try:
-            return finetune(cfg, self.data(cfg), report)
+            return finetune(cfg, self.cache.dataset(cfg), report, cache=self.cache)
         except (torch.OutOfMemoryError, MemoryError) as exc:
-            clear_caches()
+            self.release_memory()
             smaller = max(1, cfg.batch_size // 2)
             log.warning("trial %d ran out of memory at batch size %d; retrying at %d", trial.number, cfg.batch_size, smaller)
             records.record_oom_retry(trial, f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}")
             records.record_config(trial, cfg.replace(batch_size=smaller))
             try:
-                return finetune(cfg.replace(batch_size=smaller), self.data(cfg), report)
+                return finetune(cfg.replace(batch_size=smaller), self.cache.dataset(cfg), report, cache=self.cache)
             except (torch.OutOfMemoryError, MemoryError) as again:
-                clear_caches()
+                self.release_memory()
                 records.record_failure(trial, f"out of memory at batch size {smaller}: {one_line(again, 200)}")
                 raise TrialFailure(f"out of memory at batch size {smaller}") from None
+
+    def release_memory(self) -> None:
+        """Let go of what the search keeps between trials (after an out-of-memory error or a crashed trial)."""
+        self.cache.clear()

@@ -50,7 +50,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
 
     def preprocess(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
-        """uint8 (N, 3, S, S) at the stored size: what the dataset cache holds for a training image."""
+        """uint8 (N, 3, S, S) at the stored size: what the image store holds for a training image."""
         return self._batch([_decode(im, self.store_size) for im in _as_list(images)])
 
     def _batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -181,7 +181,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     part = getattr(data, split)
     if part is None or len(part) == 0:
         raise DataError(f"{data_dir} has no {split}/ images to evaluate on")
-    y_pred = predict_logits(predictor.model, predictor.spec, cfg, part.images, 0, predictor.device).argmax(1).cpu().numpy()
+    y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
     y_true = part.labels.numpy()
     # under cross-validation every labelled image trains some fold model, and a refit trains on them all
     seen = split == "train" or (split == "val" and (cfg.final == "refit" or len(plan_folds(cfg, data)) > 1))

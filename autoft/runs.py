@@ -22,7 +22,8 @@ from .config import Config
 from .data import Dataset
 from .estimate import Estimate, scored
 from .files import atomic_write_text, check_writable_dir, versions
-from .finetune import Report, Result, evaluate_split, finetune, load_data, plan_folds, resolve_device, ship
+from .cache import RunCache
+from .finetune import Report, Result, evaluate_split, finetune, plan_folds, resolve_device, ship
 
 log = logging.getLogger("autoft")
 
@@ -36,23 +37,24 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     """
     t0 = time.perf_counter()
     check_writable_dir(out, "output folder")  # before training, not after it
-    data = load_data(config)
+    cache = RunCache()  # what this run keeps in memory, dropped when it returns
+    data = cache.dataset(config)
     folds = [data.everything()] if full else plan_folds(config, data)
     log.info("training %s on %d labelled images (%d classes): %s", config.backbone, len(data.labelled),
              len(data.classes), "every image, nothing held out (--full)" if full else
              f"{len(folds)}-fold cross-validation" if len(folds) > 1 else f"holdout of {len(data.holdout.val)}")
-    result = finetune(config, data, report, folds)
+    result = finetune(config, data, report, folds, cache)
     if config.final == "refit" and result.validated:
         log.info("refit on all %d labelled images for %d epoch(s), the best by validation", len(data.labelled),
                  result.best["epoch"])
-    shipped = ship(config, data, result, report)
+    shipped = ship(config, data, result, report, cache)
     metrics = run_metrics(result, shipped, data, full)
     metrics["seconds"] = time.perf_counter() - t0
     if data.test is not None:
         device = resolve_device(config.device)
         model = assemble(config.backbone, len(data.classes), shipped.members, shipped.shared_stages)
         loss, acc = evaluate_split(model.to(device, memory_format=torch.channels_last), get_backbone(config.backbone), config,
-                                   data.test, 0, device)
+                                   data.test, 0, device, cache)
         metrics |= {"test_accuracy": acc, "test_loss": loss, "test": scored(acc, len(data.test))}
         log.info("test accuracy %.4f on %d images", acc, len(data.test))
     out = Path(out)

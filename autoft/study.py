@@ -30,7 +30,7 @@ from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
 from .files import check_writable_dir
-from .finetune import Datasets
+from .cache import RunCache
 from .objective import Objective, trial_seed
 from .space import SearchSpace
 from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
@@ -235,11 +235,11 @@ def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = 
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objective:
     """The objective, once what would fail every trial has been tried: a bad weights file or bad data stops
     here, before the study is touched."""
+    cache = RunCache()
     if base.weights != "random":  # a bad file, or pretrained weights that cannot be downloaded (kept for the trials)
-        build_model(base.backbone, 2, base.weights)
-    datasets = Datasets()
-    objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, datasets), datasets)
-    datasets(base)
+        build_model(base.backbone, 2, base.weights, pretrained=cache.pretrained_stages)
+    objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, cache), cache)
+    cache.dataset(base)
     return objective
 
 

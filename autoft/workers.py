@@ -41,7 +41,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import records
 from .exceptions import AutoftError, ConfigError, Terminated
-from .finetune import clear_caches as release_memory  # after a crashed trial
 from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
 
 log = logging.getLogger("autoft")
@@ -138,7 +137,9 @@ class _Slot:
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-            release_memory()
+            release = getattr(self.objective, "release_memory", None)  # what the trial left in the run's cache
+            if release is not None:
+                release()
             records.record_failure(trial, reason)
             raise TrialCrashed(reason) from exc
         finally:

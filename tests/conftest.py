@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import autoft.finetune
-
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    autoft.finetune.clear_caches()
     yield
 
 

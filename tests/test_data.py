@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,18 +89,51 @@ def test_unreadable_images_are_listed_or_skipped(tmp_path):
 
 def test_second_load_decodes_nothing(tmp_path):
     root = make_image_folder(tmp_path, per_class=5)
-    before = data.decode_count
     first = load_dataset(root, 16)
-    assert data.decode_count - before == 14  # 10 train + 4 val
+    assert first.store.decoded == 14  # 10 train + 4 val
 
     second = load_dataset(root, 16)
-    assert data.decode_count - before == 14
-    assert torch.equal(first.train.images, second.train.images)
-    (root / "train" / "cat" / "000.png").touch()  # a changed file invalidates the cache
+    assert second.store.decoded == 0
+    assert torch.equal(first.train.read(), second.train.read())
     import os, time
     os.utime(root / "train" / "cat" / "000.png", ns=(time.time_ns(), time.time_ns() + 10**9))
-    load_dataset(root, 16)
-    assert data.decode_count - before == 28
+    assert load_dataset(root, 16).store.decoded == 14  # a changed file invalidates the store
+
+
+def test_splits_are_rows_of_one_memory_mapped_store(tmp_path):
+    root = make_image_folder(tmp_path, per_class=5, splits=("train", "val", "test"))
+    ds = load_dataset(root, 16)
+    images = ds.store.images
+    assert isinstance(images, np.memmap) and images.mode == "r" and images.shape == (18, 3, 18, 18)  # 10 train, 4 val, 4 test at 16 / 0.875
+    assert ds.train.store is ds.val.store is ds.test.store is ds.store  # index sets, never copies
+    assert sorted(ds.labelled.rows.tolist() + ds.test.rows.tolist()) == list(range(18))
+    for split in (ds.train, ds.val, ds.test):
+        for i in (0, len(split) - 1):
+            expected = data.decode(split.paths[i], ds.store_size).transpose(2, 0, 1)
+            assert np.array_equal(split.read(torch.tensor([i]))[0].numpy(), expected)
+    shuffled = torch.tensor([3, 0, 2, 1])  # a batch in any order comes back in that order
+    assert torch.equal(ds.train.read(shuffled), ds.train.read()[shuffled])
+
+
+def test_unreadable_images_get_no_row_and_their_reasons_are_kept_beside_the_store(tmp_path):
+    root = make_image_folder(tmp_path, per_class=5, splits=("train",))
+    (root / "train" / "cat" / "001.png").write_bytes(b"not a png")
+    first = load_dataset(root, 16, skip_bad_images=True)
+    again = load_dataset(root, 16, skip_bad_images=True)
+    assert again.store.decoded == 0 and again.skipped == first.skipped
+    assert list(first.skipped) == [str(root / "train" / "cat" / "001.png")]
+    assert first.store.images.shape[0] == 9 and len(first.labelled) == 9
+    assert torch.equal(first.labelled.read(), again.labelled.read())
+    assert not list((tmp_path.parent).glob("**/.*.tmp"))  # nothing half-written left behind
+
+
+def test_a_file_name_that_is_not_utf8_is_decoded_and_cached(tmp_path):
+    root = make_image_folder(tmp_path, per_class=4, splits=("train",))
+    odd = os.fsdecode(b"caf\xe9.png")  # latin-1 from an old zip: not valid UTF-8
+    (root / "train" / "cat" / "000.png").rename(root / "train" / "cat" / odd)
+    first = load_dataset(root, 16)
+    assert any(p.endswith(odd) for p in first.labelled.paths + first.train.paths)
+    assert load_dataset(root, 16).store.decoded == 0
 
 
 def test_strength_zero_is_exactly_the_eval_transform():
@@ -197,7 +232,7 @@ def test_decode_cache_key_version_changed():
     """Caches decoded before EXIF orientation and 16-bit support hold wrong pixels; they must not be reused."""
     import hashlib
 
-    assert data._cache_key([], 16) != hashlib.sha1(b"v1:16").hexdigest()
+    assert data._store_key([], 16) not in (hashlib.sha1(b"v1:16").hexdigest(), hashlib.sha1(b"v2:16").hexdigest())
 
 
 def _link(link, target):
