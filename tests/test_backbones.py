@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoft.backbones as backbones
-from autoft.backbones import (build_model, get_backbone, list_backbones, register_backbone, read_state_dict, _REGISTRY,
-                              _pretrained_stages)
+from autoft.backbones import build_model, get_backbone, list_backbones, register_backbone, read_state_dict, _REGISTRY
+from autoft.cache import RunCache
 from autoft.exceptions import ConfigError
 
 LITES = [0, 1, 2]
@@ -169,30 +169,31 @@ def test_weights_cache_holds_the_offline_backbones_while_they_alternate(monkeypa
     reads = []
     real = backbones.read_state_dict
     monkeypatch.setattr(backbones, "read_state_dict", lambda path: reads.append(path) or real(path))
-    _pretrained_stages.cache_clear()
+    cache = RunCache()
     names = [f"efficientnet_lite{n}" for n in LITES] + ["tiny_cnn"]
     for _ in range(3):
         for name in names:
             for weights in (None, "random"):  # "random": what checkpoints and predictors build before loading
-                build_model(name, 2, weights)
+                build_model(name, 2, weights, pretrained=cache.pretrained_stages)
     assert sorted(reads) == sorted(_lite_file(n) for n in LITES)  # each file read once
-    assert _pretrained_stages.misses == 8 and _pretrained_stages.hits == 16
-    assert _pretrained_stages.cached_bytes() < 200 * 2**20
+    assert cache.stage_builds == 8 and cache.stage_hits == 16
+    assert cache.held_bytes() < 200 * 2**20
 
 
-def test_weights_cache_evicts_least_recently_used_past_its_byte_bound(monkeypatch):
-    _pretrained_stages.cache_clear()
-    build_model("tiny_cnn", 2)
-    build_model("tiny_cnn", 2, weights="random")
-    one = _pretrained_stages.cached_bytes() // 2
-    build_model("tiny_cnn", 2)  # a hit: now the most recently used
-    monkeypatch.setattr(backbones, "PRETRAINED_CACHE_BYTES", one)
-    build_model("efficientnet_lite0", 2, weights="random")  # larger than the bound alone: kept, all others out
-    assert _pretrained_stages.cached_keys() == [("efficientnet_lite0", "random")]
-    monkeypatch.setattr(backbones, "PRETRAINED_CACHE_BYTES", 2**30)
-    build_model("tiny_cnn", 2, weights="random")
-    assert _pretrained_stages.cached_keys() == [("efficientnet_lite0", "random"), ("tiny_cnn", "random")]
-    _pretrained_stages.cache_clear()
+def test_weights_cache_evicts_least_recently_used_past_its_byte_bound():
+    cache = RunCache()
+    build_model("tiny_cnn", 2, pretrained=cache.pretrained_stages)
+    build_model("tiny_cnn", 2, weights="random", pretrained=cache.pretrained_stages)
+    one = cache.held_bytes() // 2
+    build_model("tiny_cnn", 2, pretrained=cache.pretrained_stages)  # a hit: now the most recently used
+    cache.max_bytes = one
+    build_model("efficientnet_lite0", 2, weights="random", pretrained=cache.pretrained_stages)  # over the bound alone
+    assert cache.held_keys() == [("stages", "efficientnet_lite0", "random")]  # kept, all others out
+    cache.max_bytes = 2**30
+    build_model("tiny_cnn", 2, weights="random", pretrained=cache.pretrained_stages)
+    assert cache.held_keys() == [("stages", "efficientnet_lite0", "random"), ("stages", "tiny_cnn", "random")]
+    cache.clear()
+    assert cache.held_keys() == [] and cache.held_bytes() == 0
 
 
 def test_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
@@ -218,12 +219,10 @@ def test_random_init_is_the_same_whatever_the_global_rng_did_before():
     first build comes after other draws from the global RNG, gets the same starting weights."""
     states = []
     for seed in (1, 2):
-        _pretrained_stages.cache_clear()
         torch.manual_seed(seed)
         model, _ = build_model("tiny_cnn", 2, weights="random", seed=5)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    _pretrained_stages.cache_clear()
     torch.manual_seed(3)
     before = torch.rand(3)
     torch.manual_seed(3)

@@ -180,15 +180,13 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     RNG anywhere) gives that trial's learning curve exactly, body and head alike."""
     import torch
 
-    import autoft.backbones
     from autoft.runs import train
 
     data = make_image_folder(in_tmp / "data")
     assert main(["-q", "search", "--data", str(data), "--trials", "2", "--epochs", "2", "--weights", "random",
                  "--sampler", "random", "--pruner", "none", *TINY]) == 0
     trial = optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db").trials[1]
-    autoft.backbones._pretrained_stages.cache_clear()
-    torch.manual_seed(12345)
+    torch.manual_seed(12345)  # train() builds its backbone afresh, as a new process would
     metrics = train(Config.from_dict(trial.user_attrs["config"]), "again")
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in trial.user_attrs["history"]]
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from autoft.backbones import build_model
+from autoft.cache import RunCache
 from autoft.config import Config
 from autoft.exceptions import ConfigError, TrialFailure
 from autoft.finetune import finetune, load_data, lr_factor, make_optimizer, plan_folds, refit_config
@@ -126,13 +127,7 @@ def test_frozen_feature_cache_gives_the_same_result_as_recomputing(tiny_config):
     ft = importlib.import_module("autoft.finetune")
     cfg = tiny_config.replace(freeze_depth=2, epochs=2)
     cached = ft.finetune(cfg)
-    ft.clear_caches()
-    old = ft.FEATURE_CACHE_BYTES
-    ft.FEATURE_CACHE_BYTES = 0  # nothing fits: every call recomputes
-    try:
-        fresh = ft.finetune(cfg)
-    finally:
-        ft.FEATURE_CACHE_BYTES = old
+    fresh = ft.finetune(cfg, cache=RunCache(max_bytes=0))  # nothing fits: every call recomputes
     assert [h["val_loss"] for h in cached.history] == pytest.approx([h["val_loss"] for h in fresh.history], abs=1e-6)
 
 

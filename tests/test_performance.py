@@ -4,12 +4,14 @@ Behaviour only; speed figures live in benchmarks/.
 """
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
 import autoft.finetune as ft
-from autoft.backbones import Net, _pretrained_stages, _REGISTRY, build_model, register_backbone
+from autoft.backbones import Net, _REGISTRY, build_model, register_backbone
+from autoft.cache import Images, RunCache, Streamed
 from autoft.finetune import finetune, load_data
 from autoft.study import SearchOptions, run_search
 
@@ -41,22 +43,21 @@ def counting_backbone():
     register_backbone("counting_cnn", stages=3, mean=(0.5,) * 3, std=(0.5,) * 3)(build)
     yield builds
     _REGISTRY.pop("counting_cnn")
-    _pretrained_stages.cache_clear()
 
 
 def test_frozen_features_are_computed_once_across_epochs_and_trials(tiny_config, prefix_images):
     cfg = tiny_config.replace(freeze_depth=2, aug_strength=0.0, epochs=3)
-    data = load_data(cfg)
-    finetune(cfg, data)
-    finetune(cfg.replace(seed=1, head_lr=0.01), data)  # another trial, same frozen prefix
+    data, cache = load_data(cfg), RunCache()
+    finetune(cfg, data, cache=cache)
+    finetune(cfg.replace(seed=1, head_lr=0.01), data, cache=cache)  # another trial, same frozen prefix
     assert sum(prefix_images) == len(data.train) + len(data.val)  # not 2 trials x 3 epochs x that
 
 
 def test_augmented_trials_still_reuse_validation_features(tiny_config, prefix_images):
     cfg = tiny_config.replace(freeze_depth=1, aug_strength=0.5, epochs=3)
-    data = load_data(cfg)
-    finetune(cfg, data)
-    finetune(cfg, data)
+    data, cache = load_data(cfg), RunCache()
+    finetune(cfg, data, cache=cache)
+    finetune(cfg, data, cache=cache)
     # Augmented training batches need the prefix every step (each fold its own training images); every
     # labelled image goes through it once, for the validation of whichever fold holds it out.
     folds = ft.plan_folds(cfg, data)
@@ -68,15 +69,15 @@ def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monk
     data = load_data(cfg)
     model, spec = build_model(cfg.backbone, 2)
     dev = torch.device("cpu")
-    one = ft.frozen_features(model, spec, cfg, data.val.images, 1, dev)  # (N, 8, 16, 16) floats
-    ft.clear_caches()
+    images = Images(data.val, dev)
+    one = ft.frozen_features(model, spec, cfg, images, 1, dev, RunCache())  # (N, 8, 16, 16) floats
     bound = int(one.numel() * one.element_size() * 1.2)
-    monkeypatch.setattr(ft, "FEATURE_CACHE_BYTES", bound)
-    ft.frozen_features(model, spec, cfg, data.val.images, 1, dev)
-    ft.frozen_features(model, spec, cfg, data.val.images, 2, dev)  # half the size: depth 1 must go to make room
-    assert ft._cached_bytes() <= bound
-    assert [k[3] for k in ft._features] == [2]
-    assert ft.frozen_features(model, spec, cfg, data.val.images, 2, dev) is ft._features[next(iter(ft._features))][1]
+    cache = RunCache(max_bytes=bound)
+    ft.frozen_features(model, spec, cfg, images, 1, dev, cache)
+    kept = ft.frozen_features(model, spec, cfg, images, 2, dev, cache)  # half the size: depth 1 must go to make room
+    assert cache.held_bytes() <= bound
+    assert [k[4] for k in cache.held_keys()] == [2]
+    assert ft.frozen_features(model, spec, cfg, images, 2, dev, cache) is kept
 
 
 def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monkeypatch):
@@ -86,36 +87,36 @@ def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monk
     allocated = []
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or empty(*a, **k))
-    monkeypatch.setattr(ft, "FEATURE_CACHE_BYTES", 1000)  # smaller than one split's features
-    assert ft.frozen_features(model, spec, cfg, data.train.images, 1, torch.device("cpu")) is None
-    assert not allocated and not ft._features
-    result = finetune(cfg, data)  # falls back to running the prefix per batch
-    assert len(result.history) == 2 and not ft._features
+    cache = RunCache(max_bytes=1000)  # smaller than one split's features
+    assert ft.frozen_features(model, spec, cfg, Images(data.train, torch.device("cpu")), 1, torch.device("cpu"), cache) is None
+    assert not allocated and not cache.held_keys()
+    result = finetune(cfg, data, cache=cache)  # falls back to running the prefix per batch
+    assert len(result.history) == 2 and [k[0] for k in cache.held_keys()] == ["stages"]  # no features
 
 
-def test_weights_are_read_once_per_process_and_each_trial_gets_its_own_copy(tiny_config, counting_backbone):
+def test_weights_are_read_once_per_run_and_each_trial_gets_its_own_copy(tiny_config, counting_backbone):
     cfg = tiny_config.replace(backbone="counting_cnn", epochs=1, freeze_depth=0)
-    data = load_data(cfg)
-    first = finetune(cfg, data)
-    second = finetune(cfg, data)
+    data, cache = load_data(cfg), RunCache()
+    first = finetune(cfg, data, cache=cache)
+    second = finetune(cfg, data, cache=cache)
     assert counting_backbone == [None]  # built (weights read) once for both trials
-    pristine, _ = _pretrained_stages("counting_cnn", None)
+    pristine, _ = cache.pretrained_stages("counting_cnn", None)
     trained = first.state_dict
-    # Training changed the trial's copy, never the process-wide pretrained stages the next trial copies.
+    # Training changed the trial's copy, never the run's pretrained stages the next trial copies.
     key = "stages.0.0.weight"
     assert not torch.equal(trained[key], pristine[0][0].weight)
     assert first.history[0]["val_loss"] == second.history[0]["val_loss"]  # same seed, same pristine start
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every distinct tensor storage alive, less the bounded feature cache (tested above)."""
+def _live_tensor_bytes(cache: RunCache) -> int:
+    """Bytes of every distinct tensor storage alive, less what the run's cache holds (bounded, tested above)."""
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no deprecation proxies poked
             st = obj.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values()) - ft._cached_bytes()
+    return sum(storages.values()) - cache.held_bytes()
 
 
 def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeypatch):
@@ -126,9 +127,9 @@ def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeyp
 
     at_start = []
 
-    def measured(cfg, data=None, report=None):
-        at_start.append(_live_tensor_bytes())
-        return ft.finetune(cfg, data, report)
+    def measured(cfg, data=None, report=None, folds=None, cache=None):
+        at_start.append(_live_tensor_bytes(cache))
+        return ft.finetune(cfg, data, report, folds, cache)
 
     monkeypatch.setattr(objective_module, "finetune", measured)
     run_search(tiny_config.replace(epochs=1), SearchOptions(trials=10, progress=False, sampler="random", pruner="none"))
@@ -144,22 +145,91 @@ def test_caches_stay_bounded_when_backbones_alternate(tiny_config, monkeypatch):
     register_backbone("tiny_cnn_b", stages=3, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.75, native_size=32,
                       offline=True, pretrained=False)(_REGISTRY["tiny_cnn"].build)
     try:
-        datasets = ft.Datasets()
+        cache = RunCache(max_datasets=2)
         a, b = tiny_config, tiny_config.replace(backbone="tiny_cnn_b")
-        one = ft._dataset_bytes(datasets(a))
-        datasets.max_bytes = int(one * 2.5)  # room for two of the three decodes below
         c = a.replace(image_size=24)
-        first = datasets(a)
-        datasets(b)  # another crop: its own decode
-        datasets(c)  # another size: its own decode; the oldest (a) goes
-        assert sum(map(ft._dataset_bytes, datasets._cache.values())) <= datasets.max_bytes
-        assert datasets(b) is datasets(b) and datasets(a) is not first  # kept ones reused, evicted ones reloaded
+        first = cache.dataset(a)
+        cache.dataset(b)  # another crop: its own decode
+        cache.dataset(c)  # another size: its own decode; the oldest (a) goes
+        assert cache.decoded == 3 * 36
+        assert cache.dataset(b) is cache.dataset(b) and cache.dataset(a) is not first  # kept reused, evicted reloaded
+        assert cache.decoded == 3 * 36  # reloaded from the store on disk, not decoded again
         cfg = a.replace(freeze_depth=2, aug_strength=0.0, epochs=1)
         for backbone in ("tiny_cnn", "tiny_cnn_b", "tiny_cnn", "tiny_cnn_b"):
-            finetune(cfg.replace(backbone=backbone), datasets(cfg.replace(backbone=backbone)))
-        assert ft._cached_bytes() <= ft.FEATURE_CACHE_BYTES
-        assert {k[0] for k in ft._features} == {"tiny_cnn", "tiny_cnn_b"}  # one entry per backbone, reused
-        assert len(ft._features) == 2
+            finetune(cfg.replace(backbone=backbone), cache.dataset(cfg.replace(backbone=backbone)), cache=cache)
+        assert cache.held_bytes() <= cache.max_bytes
+        features = [k for k in cache.held_keys() if k[0] == "features"]
+        assert {k[1] for k in features} == {"tiny_cnn", "tiny_cnn_b"} and len(features) == 2  # one per backbone, reused
     finally:
         _REGISTRY.pop("tiny_cnn_b")
-        _pretrained_stages.cache_clear()
+
+
+def test_device_streaming_with_a_tiny_device_budget_on_cpu_tensors(tiny_config, monkeypatch):
+    """Over the device budget, batches are read from the store by a background thread (into pinned memory on
+    CUDA); the CPU runs that path too when its budget is tiny. The batches and the training are the same."""
+    import threading
+
+    cfg = tiny_config.replace(epochs=2, aug_strength=0.5, cv_folds=1)
+    data, cpu = load_data(cfg), torch.device("cpu")
+    assert type(RunCache().images(data.labelled, cpu)) is Images  # within budget: the memory map, read directly
+    streamed = RunCache(device_bytes=1)
+    images = streamed.images(data.labelled, cpu)
+    assert isinstance(images, Streamed)
+    readers = []
+    host = Streamed._host
+    monkeypatch.setattr(Streamed, "_host", lambda self, i: readers.append(threading.current_thread().name) or host(self, i))
+    batches = torch.randperm(len(data.labelled)).split(5)
+    got = list(images.batches(batches))
+    assert len(got) == len(batches) and all(torch.equal(g, data.labelled.read(b)) for g, b in zip(got, batches))
+    assert readers and all(r.startswith("autoft-stream") for r in readers)  # read beside the compute, not in it
+    a, b = finetune(cfg, data, cache=streamed), finetune(cfg, data)
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+
+
+_ANON_RUN = """
+import sys, threading, time
+from autoft.config import Config
+from autoft.finetune import finetune
+
+def anonymous():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+peak = [anonymous()]
+def sample():
+    while True:
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+finetune(Config(data=sys.argv[1], backbone="tiny_cnn", image_size=96, batch_size=16, epochs=1, cv_folds=1,
+                device="cpu", aug_strength=0.5))
+print(max(peak[0], anonymous()))
+"""
+
+
+def _peak_anonymous_bytes(root) -> int:
+    import os
+    import subprocess
+    import sys
+
+    # A fixed mmap threshold: glibc's sliding one lets freed batch buffers fragment the heap, by an amount that
+    # varies from run to run (10-40 MB here) and says nothing about what the run holds per image.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _ANON_RUN, str(root)], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_anonymous_memory_of_a_run_does_not_grow_with_the_images(tmp_path):
+    """Decoded pixels live in the memory-mapped store (file-backed pages), never in the process's own memory:
+    ten times the images adds only their labels and paths, not one more decoded copy (110 px stored: 36 KB each).
+    Batches of 16: the small set's last batches are full too, so the peaks compare like for like."""
+    from conftest import make_image_folder
+
+    small = make_image_folder(tmp_path / "small", per_class=100, splits=("train",), size=16)
+    large = make_image_folder(tmp_path / "large", per_class=1000, splits=("train",), size=16)
+    grown = _peak_anonymous_bytes(large) - _peak_anonymous_bytes(small)
+    one_copy = 1800 * 3 * 110 * 110
+    assert grown < 1800 * 4096 < one_copy / 5, f"{grown / 2**20:.1f} MiB more for 1,800 more images"

@@ -55,7 +55,7 @@ def test_predict_is_the_eval_transform_of_training(trained):
     model, data = trained
     p = load_model(model, device="cpu")
     ds = load_data(p.config)
-    expected = predict_logits(p.model, p.spec, p.config, ds.val.images, 0, torch.device("cpu"))
+    expected = predict_logits(p.model, p.spec, p.config, ds.val, 0, torch.device("cpu"))
     torch.testing.assert_close(p.logits(ds.val.paths), expected, atol=1e-5, rtol=0)
 
     path = ds.val.paths[0]

@@ -286,7 +286,7 @@ def second_backbone():
     """A second cheap backbone with other stages, native size and crop than tiny_cnn: a conditional space."""
     from torch import nn
 
-    from autoft.backbones import _REGISTRY, _pretrained_stages, register_backbone
+    from autoft.backbones import _REGISTRY, register_backbone
 
     def build(weights):
         def block(cin, cout):
@@ -297,7 +297,6 @@ def second_backbone():
                       offline=True, pretrained=False)(build)
     yield "tiny_two"
     _REGISTRY.pop("tiny_two")
-    _pretrained_stages.cache_clear()
 
 
 def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_config, second_backbone):

@@ -265,7 +265,7 @@ def test_crashing_trial_is_recorded_memory_released_and_study_goes_on(tmp_path, 
 
     _patched_finetune(monkeypatch, fault)
     released = []
-    monkeypatch.setattr(autoft.workers, "release_memory", lambda: released.append(1))
+    monkeypatch.setattr(autoft.objective.Objective, "release_memory", lambda self: released.append(1))
     assert main(search_args(image_folder, "--trials", "3")) == 0
     study = load()
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
