@@ -45,10 +45,6 @@ class ImageStore:
         self.file, self.images, self.skipped, self.decoded = file, images, skipped, decoded
         self.rows = {p: i for i, p in enumerate(p for p in paths if p not in skipped)}
 
-    @property
-    def size(self) -> int:
-        return self.images.shape[-1]
-
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Images at `rows` (any order) as a (len(rows), 3, S, S) array in memory: read in ascending row order
         (sequential pages of the file), put back in the order asked for."""

@@ -118,13 +118,6 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, fh)
 
 
-def atomic_joblib_dump(path: str | os.PathLike, obj: Any) -> None:
-    import joblib
-
-    with atomic_open(path) as fh:
-        joblib.dump(obj, fh)
-
-
 class NpyWriter:
     """The array being written by `atomic_npy` (a writable memmap), and how many leading rows to keep."""
 

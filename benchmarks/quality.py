@@ -38,7 +38,7 @@ import torch
 from autoft import records
 from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
 from autoft.config import Config
-from autoft.data import center_crop, load_dataset, normalize
+from autoft.data import Split, center_crop, load_dataset, normalize
 from autoft.estimate import scored
 from autoft.predict import evaluate
 from autoft.report import write_report
@@ -116,14 +116,14 @@ def probe(data_root: Path, backbone: str) -> dict:
     model.eval()
 
     @torch.no_grad()
-    def features(images: torch.Tensor) -> np.ndarray:
-        return torch.cat([model.features(normalize(center_crop(images[i:i + 64], spec.native_size), spec.mean, spec.std),
-                                         len(model.stages)) for i in range(0, len(images), 64)]).numpy()
+    def features(split: Split) -> np.ndarray:  # read from the image store 64 at a time
+        return torch.cat([model.features(normalize(center_crop(split.read(rows), spec.native_size), spec.mean, spec.std),
+                                         len(model.stages)) for rows in torch.arange(len(split)).split(64)]).numpy()
 
     clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=3000))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # default changes announced for 1.10+
-    clf.fit(features(data.labelled.images), data.labelled.labels.numpy())
-    acc = float((clf.predict(features(data.test.images)) == data.test.labels.numpy()).mean())
+    clf.fit(features(data.labelled), data.labelled.labels.numpy())
+    acc = float((clf.predict(features(data.test)) == data.test.labels.numpy()).mean())
     lr = clf[-1]
     cv = float(np.max(np.mean(next(iter(lr.scores_.values())), axis=0)))  # its own 5-fold score at the chosen C
     return scored(acc, len(data.test)) | {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "cv_accuracy": cv,

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py --data ../shared/data/hotdog_nothotdog --backbone efficientnet_lite0 --device cpu
 
-(a) autoft: `finetune` itself (decoded uint8 cache, batched per-sample augmentation on the device,
+(a) autoft: `finetune` itself (batches cut from the memory-mapped uint8 image store, batched per-sample augmentation on the device,
     channels_last, bf16 autocast on CUDA), its own per-epoch `images_per_s` (training steps only);
 (b) tutorial: torchvision ImageFolder + DataLoader(num_workers) + PIL RandomResizedCrop/flip/ToTensor/
     Normalize, fp32, the same model and optimizer;
@@ -30,19 +30,19 @@ import torch.nn.functional as F
 
 from autoft.backbones import build_model, get_backbone
 from autoft.config import Config
-from autoft.data import Dataset, Split, load_dataset
+from autoft.data import Dataset, Fold, Split, load_dataset
 from autoft.finetune import autocast, finetune, resolve_device
 
 
-def tiled(data: Dataset, n_train: int, n_val: int | None = None) -> Dataset:
-    """The dataset with its train split repeated (or cut) to `n_train` images, so an epoch is long enough to time."""
-
-    def tile(s: Split, n: int) -> Split:
-        idx = torch.arange(n) % len(s)
-        return Split(s.images[idx], s.labels[idx], [s.paths[i] for i in idx.tolist()])
-
-    val = data.val if n_val is None else tile(data.val, n_val)
-    return Dataset(data.classes, tile(data.train, n_train), val, None, data.image_size, data.store_size)
+def tiled(data: Dataset, n_train: int) -> Dataset:
+    """The dataset with its train split repeated (or cut) to `n_train` images, so an epoch is long enough to time:
+    rows of the same store, repeated, validated on the holdout as before."""
+    idx = torch.arange(n_train) % len(data.train)
+    train, val = data.train.subset(idx), data.val
+    labelled = Split(data.store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]),
+                     train.paths + val.paths)
+    holdout = Fold(torch.arange(n_train), torch.arange(n_train, len(labelled)))
+    return Dataset(data.classes, labelled, holdout, None, data.image_size, data.store_size)
 
 
 def autoft_loop(data: Dataset, cfg: Config) -> list[float]:
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_images = times * len(data.train)
     big = tiled(data, n_images)
     cfg = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
-                 freeze_depth=0, optimizer="adam", head_lr=1e-2, base_lr=1e-3, aug_strength=1.0, device=str(device))
+                 freeze_depth=0, optimizer="adam", head_lr=1e-2, base_lr=1e-3, aug_strength=1.0, device=str(device),
+                 cv_folds=1)  # one model per epoch, as the other two loops train
 
     epochs = {"autoft": [], "tutorial": [], "limit": []}
     for r in range(args.rounds):

@@ -68,7 +68,7 @@ def _curves_by_head_lr(curves):
     """A finetune stand-in: each trial reports the curve its head_lr names (fake values, no training)."""
     from autoft.finetune import Result
 
-    def fake_finetune(cfg, data, report):
+    def fake_finetune(cfg, data, report, cache=None):
         curve = curves[cfg.head_lr]
         for epoch, acc in enumerate(curve):
             report(epoch, {"epoch": epoch + 1, "train_loss": 1.0, "val_loss": 1.0 - acc, "val_accuracy": acc,
@@ -231,7 +231,7 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
 
     from autoft.finetune import Result
 
-    def fake_finetune(cfg, data, report):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
+    def fake_finetune(cfg, data, report, cache=None):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
         m = {"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
              "images_per_s": 1.0, "epoch_time_s": 0.1}
         for epoch in range(cfg.epochs):
@@ -267,11 +267,11 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
     objective_module = importlib.import_module("autoft.objective")
     real = objective_module.finetune
 
-    def slow_finetune(cfg, data, report):
+    def slow_finetune(cfg, data, report, cache=None):
         def slow_report(epoch, metrics):
             time.sleep(0.4)
             report(epoch, metrics)
-        return real(cfg, data, slow_report)
+        return real(cfg, data, slow_report, cache=cache)
 
     monkeypatch.setattr(objective_module, "finetune", slow_finetune)
     t0 = time.monotonic()

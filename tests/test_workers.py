@@ -247,10 +247,10 @@ def _patched_finetune(monkeypatch, fault):
     """Wrap the trainer: `fault(call_number, cfg)` may raise; otherwise train for real."""
     real, calls = autoft.objective.finetune, []
 
-    def finetune(cfg, data=None, report=None):
+    def finetune(cfg, data=None, report=None, cache=None):
         calls.append(cfg)
         fault(len(calls), cfg)
-        return real(cfg, data, report)
+        return real(cfg, data, report, cache=cache)
 
     monkeypatch.setattr(autoft.objective, "finetune", finetune)
     return calls
