@@ -233,3 +233,21 @@ def test_anonymous_memory_of_a_run_does_not_grow_with_the_images(tmp_path):
     grown = _peak_anonymous_bytes(large) - _peak_anonymous_bytes(small)
     one_copy = 1800 * 3 * 110 * 110
     assert grown < 1800 * 4096 < one_copy / 5, f"{grown / 2**20:.1f} MiB more for 1,800 more images"
+
+
+def test_device_copies_stay_under_the_device_budget_and_go_with_their_dataset(tiny_config):
+    """The accelerator's bookkeeping, on PyTorch's meta device (shapes without memory): a set is copied once while
+    it fits the budget, older copies make room, a set over the budget streams, and a dropped dataset frees its copy."""
+    meta = torch.device("meta")
+    cache = RunCache(max_datasets=1)
+    data = cache.dataset(tiny_config)
+    cache.device_bytes = data.labelled.nbytes
+    first = cache.images(data.labelled, meta)
+    assert type(first).__name__ == "Resident" and first.images.shape == (len(data.labelled), 3, 36, 36)
+    assert cache.images(data.labelled, meta).images is first.images  # copied once, then reused
+    cache.images(data.val, meta)  # the budget holds one of the two: the older copy goes
+    assert cache.device_held() == data.val.nbytes
+    cache.device_bytes = data.val.nbytes - 1
+    assert isinstance(cache.images(data.train, meta), Streamed)  # over the budget: streamed, nothing copied
+    cache.dataset(tiny_config.replace(image_size=24))  # one dataset at a time: the first goes, and its copy with it
+    assert cache.device_held() == 0
