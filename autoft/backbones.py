@@ -137,6 +137,28 @@ class Ensemble(nn.Module):
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
+class LogitAdjusted(nn.Module):
+    """A model whose logits are post-hoc adjusted for the class prior: logits - tau * log(prior) (Menon et al.,
+    "Long-tail learning via logit adjustment", ICLR 2021), so rare classes are predicted as often as the metric
+    they were tuned for asks. Stages and features pass through, so frozen-feature caching works as before."""
+
+    def __init__(self, model: nn.Module, tau: float, prior: list[float]):
+        super().__init__()
+        self.model, self.tau = model, tau
+        self.num_classes = model.num_classes
+        self.register_buffer("offset", tau * torch.tensor(prior, dtype=torch.float32).clamp_min(1e-12).log())
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        return self.model.stages
+
+    def features(self, x: torch.Tensor, end: int, start: int = 0) -> torch.Tensor:
+        return self.model.features(x, end, start)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.model(x, start=start).float() - self.offset
+
+
 Stages = tuple[list[nn.Module], int]  # a backbone's pretrained stages and its feature width
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Ensemble, build_model
+from .backbones import Ensemble, LogitAdjusted, build_model
 from .config import Config
 from .exceptions import AutoftError, ConfigError
 from .files import atomic_torch_save, versions
@@ -24,13 +24,16 @@ READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members
 
 
 def save_checkpoint(path: str | os.PathLike, members: Sequence[dict[str, torch.Tensor]], classes: list[str],
-                    config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0) -> None:
-    """One model (one member) or an ensemble whose members share their first `shared_stages` stages."""
+                    config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0,
+                    tau: float = 0.0, prior: Sequence[float] = ()) -> None:
+    """One model (one member) or an ensemble whose members share their first `shared_stages` stages; with its
+    logit adjustment `tau` for the class `prior` (applied by every reader: predict, evaluate, export)."""
     shared = _prefixes(shared_stages)
     rest = [{k: v for k, v in m.items() if not k.startswith(shared)} for m in members[1:]]
     atomic_torch_save(path, {"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
                              "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
-                             "metrics": dict(metrics or {}), "versions": versions()})
+                             "metrics": dict(metrics or {}), "versions": versions(),
+                             "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]}})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -59,11 +62,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, Config]:
     config = Config.from_dict(ckpt["config"])
     first = ckpt["state_dict"]
     members = [first] + [{**first, **rest} for rest in ckpt.get("members", [])]
-    return assemble(config.backbone, len(ckpt["classes"]), members, ckpt.get("shared_stages", 0)).eval(), config
+    adjustment = ckpt.get("logit_adjustment") or {}
+    return assemble(config.backbone, len(ckpt["classes"]), members, ckpt.get("shared_stages", 0),
+                    adjustment.get("tau", 0.0), adjustment.get("prior", ())).eval(), config
 
 
-def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.Tensor]], shared_stages: int) -> nn.Module:
-    """The model that `members` (complete state dicts) make: the Net itself for one, else their Ensemble."""
+def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.Tensor]], shared_stages: int,
+             tau: float = 0.0, prior: Sequence[float] = ()) -> nn.Module:
+    """The model that `members` (complete state dicts) make: the Net itself for one, else their Ensemble; logit
+    adjusted when `tau` is not 0 (tau = 0: the model itself, nothing wrapped)."""
     nets = []
     for state in members:
         net, _ = build_model(backbone, num_classes, weights="random")
@@ -72,7 +79,8 @@ def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.
         except RuntimeError as exc:
             raise ConfigError(f"checkpoint weights do not fit backbone {backbone!r}: {str(exc).splitlines()[0]}") from None
         nets.append(net)
-    return nets[0] if len(nets) == 1 else Ensemble(nets, shared_stages)
+    model = nets[0] if len(nets) == 1 else Ensemble(nets, shared_stages)
+    return LogitAdjusted(model, tau, list(prior)) if tau else model
 
 
 def _prefixes(shared_stages: int) -> tuple[str, ...]:

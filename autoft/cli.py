@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .config import Config, check_keys, load_yaml
+from .estimate import METRICS, Estimate
 from .exceptions import AutoftError, ConfigError, Terminated
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
 from .study import SearchOptions
@@ -68,6 +69,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     search = values.pop("search", None) or {}
     if not isinstance(search, dict):
         raise ConfigError(f"{path}: 'search' must be a mapping of search settings")
+    if "metric" in search:  # what the search optimises may be written with its settings; it is a config key
+        if "metric" in values and values["metric"] != search["metric"]:
+            raise ConfigError(f"{path}: metric is {values['metric']!r} but search: metric is {search['metric']!r}")
+        values["metric"] = search.pop("metric")
     check_keys(search, [f.name for f in dataclasses.fields(SearchOptions)], "search setting", where=f"{path}: ")
     try:  # the file's values on their own, so that an error names the file
         SearchOptions(**search)
@@ -84,23 +89,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = resolve_config(args)
     metrics = train(config, args.out, full=args.full, report=_print_epoch)
     if metrics["estimate"]:
-        e = metrics["estimate"]
-        folds = f"{e['folds']}-fold cross-validation" if e["folds"] > 1 else "holdout"
-        print(f"estimate {e['accuracy']:.4f} (95 % interval {e['interval'][0]:.3f}-{e['interval'][1]:.3f}; "
-              f"{e['images']} images, {folds}) at epoch {metrics['best']['epoch']}")
+        print(f"estimate {Estimate.from_dict(metrics['estimate']).describe()} at epoch {metrics['best']['epoch']}"
+              + (f", logit adjustment tau {metrics['tau']:g}" if metrics["tau"] else ""))
     print(f"shipped: {metrics['shipped']}; {metrics['seconds']:.1f} s on {metrics['device']}")
-    if "test_accuracy" in metrics:
-        lo, hi = metrics["test"]["interval"]
-        print(f"test_accuracy {metrics['test_accuracy']:.4f} (95 % interval {lo:.3f}-{hi:.3f}; "
-              f"{metrics['test']['images']} images)")
+    for name, m in (metrics.get("test") or {}).items():
+        lo, hi = m["interval"]
+        print(f"test {name} {m['value']:.4f} (95 % interval {lo:.3f}-{hi:.3f}; {m['images']} images)")
     print(f"wrote {args.out}/model.pt, config.yaml, metrics.json")
     return 0
 
 
 def _print_epoch(epoch: int, m: dict[str, Any]) -> None:
-    val = (f"  val_loss {m['val_loss']:.4f}  val_accuracy {m['val_accuracy']:.4f}"
-           + (f" ({len(m['fold_accuracy'])} folds)" if len(m.get("fold_accuracy", ())) > 1 else "")
-           if "val_accuracy" in m else "  (nothing held out)")
+    val = (f"  val_loss {m['val_loss']:.4f}  " + "  ".join(f"val_{k} {m[f'val_{k}']:.4f}" for k in METRICS)
+           + (f" ({len(m['fold_scores'])} folds)" if len(m.get("fold_scores", ())) > 1 else "")
+           if "val_loss" in m else "  (nothing held out)")
     print(f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s", flush=True)
 
 
@@ -135,10 +137,14 @@ def cmd_best(args: argparse.Namespace) -> int:
     from . import records
     from .storage import load_study
 
-    best = records.best_trial(load_study(args.storage, args.study))
+    study = load_study(args.storage, args.study)
+    if args.metric is None:
+        best, estimate = records.best_trial(study), None
+    else:  # re-ranked from the trials' out-of-fold probabilities; nothing trains
+        best, estimate = records.best_by(study, args.metric, args.artifacts)
     if best is None:
         raise AutoftError(f"study {args.study!r} has no completed trial yet")
-    print(f"# study {args.study}, {records.describe(best)}")
+    print(f"# study {args.study}, {records.describe(best, estimate)}")
     print(records.config(best).to_yaml(), end="")
     return 0
 
@@ -191,9 +197,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in ev.items() if k != "report"}, indent=2))
         return 0
     print(f"{ev['split']}: {ev['n']} images from {ev['data'] or 'the built-in demo'}")
-    lo, hi = ev["interval"]
-    print(f"accuracy {ev['accuracy']:.4f} (95 % interval {lo:.3f}-{hi:.3f} on {ev['n']} images)  "
-          f"balanced accuracy {ev['balanced_accuracy']:.4f}")
+    for name, m in ev["metrics"].items():
+        lo, hi = m["interval"]
+        print(f"{name:<17} {m['value']:.4f} (95 % interval {lo:.3f}-{hi:.3f} on {m['images']} images)")
     if ev["seen_in_training"]:
         log.warning("the model trained on these %s images: this is not what it scores on new ones", ev["split"])
     print(ev["report"], end="")
@@ -283,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("best", help="print the best config and score of a study")
-    _study_flags(p)
+    _study_flags(p, artifacts=True)
+    p.add_argument("--metric", choices=METRICS, help="re-rank the finished trials by this metric, from their out-of-fold "
+                                                     "predictions (no training; default: the study's own ranking)")
     p.set_defaults(func=cmd_best)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study's storage")

@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
+from .estimate import METRICS
 from .exceptions import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 FINALS = ("ensemble", "refit")
+CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -59,6 +61,16 @@ class Config:
     final: str = field(default="ensemble", metadata=_rng(choices=FINALS) | {
         "help": "what is shipped: the validated fold models averaged as one model, or one model refit on every "
                 "labelled image for the epochs cross-validation chose"})
+
+    metric: str = field(default="accuracy", metadata=_rng(choices=METRICS) | {
+        "help": "what every epoch is scored, pruned, selected and reported on (balanced ones for imbalanced classes)"})
+    class_weight: str = field(default="none", metadata=_rng(choices=CLASS_WEIGHTS) | {
+        "help": "weights of the loss per class: balanced = inverse class frequency (sklearn), sqrt = its square root"})
+    balanced_sampling: bool = field(default=False, metadata={
+        "help": "draw each epoch's training images with probability inversely proportional to their class's size"})
+    logit_adjustment: float | str = field(default=0.0, metadata=_rng(0, 10) | {"words": ("auto",), "help":
+        "tau of post-hoc logit adjustment, logits - tau * log(class prior) (Menon et al. 2021); auto = chosen on "
+        "the out-of-fold predictions from 0, 0.25, ..., 2"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -155,6 +167,8 @@ def check_field(f: dataclasses.Field, value: Any, label: str | None = None) -> A
     hi_open, choices); the message starts with `label` (default "config key 'NAME'") so the user knows what to fix."""
     name, typ = f.name, str(f.type)
     where = label or f"config key {name!r}"
+    if isinstance(value, str) and value in f.metadata.get("words", ()):  # a word a numeric key also takes ('auto')
+        return value
     if value is None:
         if "None" in typ:
             return None

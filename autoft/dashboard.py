@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial
 
 from . import records
 from .config import Config
+from .estimate import METRICS
 from .exceptions import ConfigError, one_line
 from .files import check_writable_dir
 from .finetune import score_key
@@ -69,25 +70,28 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     if not history:
         save_note(trial, f"### Trial {trial.number}\n\nno epoch finished\n\n```yaml\n{cfg.to_yaml()}```\n")
         return
-    best = max(history, key=score_key)
-    summary = (f"best {records.METRIC} {best['val_accuracy']:.4f} at epoch {best['epoch']} of {len(history)} run "
-               f"({cfg.epochs} planned)")
+    score = records.metric_name(cfg.metric)
+    best = max(history, key=lambda h: score_key(h, cfg.metric))
+    summary = (f"best {score} {best[score]:.4f} at epoch {best['epoch']} of {len(history)} run ({cfg.epochs} planned); "
+               + ", ".join(f"val_{m} {best[f'val_{m}']:.4f}" for m in METRICS if m != cfg.metric and f"val_{m}" in best)
+               + (f"; logit adjustment tau {best['tau']:g}" if best.get("tau") else ""))
     estimate = records.estimate(trial)
     if estimate is not None:
-        folds = " ".join(f"{a:.3f}" for a in estimate.fold_accuracy)
+        folds = " ".join(f"{a:.3f}" for a in estimate.fold_scores)
         summary += f"; estimate {estimate.describe()}" + (f"; per fold {folds}" if folds else "")
     if records.reason(trial):
         summary += f"; {records.reason(trial)}"
     with tempfile.TemporaryDirectory() as tmp:
-        png = save_learning_curves_png(history, f"trial {trial.number}: {summary}", Path(tmp) / f"learning_curves_trial_{trial.number}.png")
+        png = save_learning_curves_png(history, f"trial {trial.number}: {summary}",
+                                       Path(tmp) / f"learning_curves_trial_{trial.number}.png", cfg.metric)
         artifact_id = attach_file(trial, png, "image/png", artifacts)
     # the dashboard serves trial artifacts at this path, so the note shows the curve full size above the config
     image = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
     save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n")
     runs = {t.number: records.history(t) for t in trial.study.get_trials(deepcopy=False) if records.history(t)}
     runs[trial.number] = list(history)
-    save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}),
-                             graph_object_id=LEARNING_CURVES_ID)
+    save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)},
+                                                                 cfg.metric), graph_object_id=LEARNING_CURVES_ID)
 
 
 def publish_estimates(study: optuna.Study, trials: Sequence[FrozenTrial], winner: FrozenTrial | None) -> None:
@@ -98,6 +102,7 @@ def publish_estimates(study: optuna.Study, trials: Sequence[FrozenTrial], winner
     try:
         shown = points(trials, winner.number if winner else None)
         if shown:
-            save_plotly_graph_object(study, estimates_figure(shown), graph_object_id=ESTIMATES_ID)
+            save_plotly_graph_object(study, estimates_figure(shown, records.study_metric(study)),
+                                     graph_object_id=ESTIMATES_ID)
     except Exception as exc:  # the dashboard is a view
         log.warning("could not publish the estimates to the dashboard: %s", one_line(exc))

@@ -74,7 +74,7 @@ class Exporter:
         if want_refit:
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            result = refit(cfg, data, epochs, cache=self.cache)
+            result = refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0))
         else:
             log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
                      best.number)
@@ -94,12 +94,17 @@ class Exporter:
                 f"ensemble of {len(result.members)} fold models" if len(result.members) > 1 else "one model")
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "refit": refit, "shipped": kind}
-        save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages)
+        save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
+                        result.tau, result.prior)
 
     def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
         estimate = records.estimate(best)
-        result = {"estimate": estimate.to_dict() if estimate else {"accuracy": best.value},
+        kept = records.kept_epoch(best)
+        result = {"metric": records.study_metric(study),
+                  "estimate": estimate.to_dict() if estimate else {"value": best.value},
+                  "scores": {k: v for k, v in kept.items() if k.startswith("val_") and k != "val_loss"},
+                  "tau": kept.get("tau", 0.0),
                   "val_loss": records.val_loss(best), "best_epoch": best.user_attrs.get(records.BEST_EPOCH),
                   "trial": best.number, "recipe": records.portfolio_name(best), "study": study.study_name,
                   "gain_over_portfolio": records.gain_over_portfolio(best, trials),

@@ -54,11 +54,12 @@ class Objective:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
         records.record_config(trial, cfg)
         history: list[dict[str, Any]] = []
+        score = records.metric_name(cfg.metric)
 
         def report(epoch: int, metrics: dict[str, Any]) -> None:
             history.append(metrics)
             records.record_history(trial, history)
-            trial.report(metrics[records.METRIC], epoch + 1)
+            trial.report(metrics[score], epoch + 1)
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, cfg.epochs, metrics)
             if epoch + 1 == cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
@@ -66,7 +67,7 @@ class Objective:
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 raise optuna.TrialPruned(f"the time budget (--timeout) ran out after epoch {epoch + 1}")
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at val_accuracy {metrics['val_accuracy']:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {score} {metrics[score]:.4f}")
 
         records.record_device(trial, str(resolve_device(cfg.device)))
         try:
@@ -79,9 +80,11 @@ class Objective:
             dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
             raise
         records.record_result(trial, result, history)
+        labelled = self.cache.dataset(cfg).labelled
+        records.write_oof(trial, result, labelled.labels.numpy(), labelled.paths, self.exporter.artifacts)
         self.exporter.export_weights(trial, cfg, result)
         dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
-        return result.best[records.METRIC]
+        return result.best[score]
 
     def _run(self, trial: optuna.Trial, cfg: Config, report: Callable[[int, dict[str, float]], None]) -> Result:
         """One fine-tune; an out-of-memory error is retried once at half the batch size."""

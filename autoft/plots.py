@@ -19,7 +19,6 @@ import numpy as np
 from .exceptions import AutoftError
 from . import records
 from .files import atomic_open
-from .records import METRIC
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
 PNG_DPI = 100
@@ -38,13 +37,15 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], train_loss: bool = False):
-    """Plotly: loss per epoch (left) and validation accuracy per epoch (right), one colour per run."""
+def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], metric: str = "accuracy",
+                           train_loss: bool = False):
+    """Plotly: loss per epoch (left) and the validation `metric` per epoch (right), one colour per run."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", METRIC))
+    score = records.metric_name(metric)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", score))
     for i, (label, hist) in enumerate(histories.items()):
         color = qualitative.Plotly[i % len(qualitative.Plotly)]
         epochs = [h["epoch"] for h in hist]
@@ -53,21 +54,23 @@ def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], tra
         if train_loss:
             fig.add_trace(go.Scatter(x=epochs, y=[h["train_loss"] for h in hist], name=f"{label} train_loss",
                                      **(common | {"line": {"color": color, "dash": "dash"}})), 1, 1)
-        fig.add_trace(go.Scatter(x=epochs, y=[h["val_accuracy"] for h in hist], name=f"{label} {METRIC}", **common), 1, 2)
+        fig.add_trace(go.Scatter(x=epochs, y=[h.get(score) for h in hist], name=f"{label} {score}", **common), 1, 2)
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_layout(title="Learning curves", height=420, margin={"t": 60})
     return fig
 
 
-def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, path: str | os.PathLike) -> Path:
-    """Matplotlib: train/val loss and validation accuracy of one run."""
+def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, path: str | os.PathLike,
+                             metric: str = "accuracy") -> Path:
+    """Matplotlib: train/val loss and the validation `metric` of one run."""
+    score = records.metric_name(metric)
     fig = _figure()
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o--", label="train loss")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", color="tab:green", label=METRIC)
-    for ax, label in ((ax_loss, "loss"), (ax_acc, METRIC)):
+    ax_acc.plot(epochs, [h.get(score) for h in history], "o-", color="tab:green", label=score)
+    for ax, label in ((ax_loss, "loss"), (ax_acc, score)):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if len(epochs) <= 20:
@@ -83,7 +86,7 @@ class Point:
     """One completed trial on the estimates plot."""
 
     number: int
-    accuracy: float
+    value: float
     low: float
     high: float
     seconds: float
@@ -99,12 +102,12 @@ def points(trials: Sequence[Any], winner: int | None) -> list[Point]:
         if e is None or t.value is None:
             continue
         low, high = e.interval
-        out.append(Point(t.number, e.accuracy, low, high, t.user_attrs.get(records.WALL_TIME) or 0.0,
+        out.append(Point(t.number, e.value, low, high, t.user_attrs.get(records.WALL_TIME) or 0.0,
                          t.user_attrs.get(records.CONFIG, {}).get("backbone", "?"), t.number == winner))
     return out
 
 
-def estimates_figure(points: Sequence[Point]):
+def estimates_figure(points: Sequence[Point], metric: str = "accuracy"):
     """Plotly: every completed trial's estimate with its 95 % interval, by trial (left) and against its wall time
     (right, log scale: frozen features and all), one colour per backbone; the winner ringed."""
     import plotly.graph_objects as go
@@ -114,35 +117,35 @@ def estimates_figure(points: Sequence[Point]):
     fig = make_subplots(rows=1, cols=2, subplot_titles=("estimate by trial", "estimate against cost"))
     for i, backbone in enumerate(dict.fromkeys(p.backbone for p in points)):
         mine = [p for p in points if p.backbone == backbone]
-        bars = {"type": "data", "symmetric": False, "array": [p.high - p.accuracy for p in mine],
-                "arrayminus": [p.accuracy - p.low for p in mine]}
+        bars = {"type": "data", "symmetric": False, "array": [p.high - p.value for p in mine],
+                "arrayminus": [p.value - p.low for p in mine]}
         marker = {"color": qualitative.Plotly[i % len(qualitative.Plotly)],
                   "line": {"width": [3 if p.winner else 0 for p in mine], "color": "black"}, "size": 9}
         text = [f"trial {p.number}" + (" (winner)" if p.winner else "") for p in mine]
         for col, x in ((1, [p.number for p in mine]), (2, [p.seconds for p in mine])):
-            fig.add_trace(go.Scatter(x=x, y=[p.accuracy for p in mine], error_y=bars, mode="markers", marker=marker,
+            fig.add_trace(go.Scatter(x=x, y=[p.value for p in mine], error_y=bars, mode="markers", marker=marker,
                                      text=text, name=backbone, legendgroup=backbone, showlegend=col == 1), 1, col)
     fig.update_xaxes(title_text="trial", row=1, col=1)
     fig.update_xaxes(title_text="trial wall time (s)", type="log", row=1, col=2)
-    fig.update_yaxes(title_text=f"{METRIC} (95 % interval)")
+    fig.update_yaxes(title_text=f"{records.metric_name(metric)} (95 % interval)")
     fig.update_layout(title="Estimates with their intervals, and what they cost", height=460, margin={"t": 70})
     return fig
 
 
-def save_estimates_png(points: Sequence[Point], path: str | os.PathLike) -> Path:
+def save_estimates_png(points: Sequence[Point], path: str | os.PathLike, metric: str = "accuracy") -> Path:
     """Matplotlib twin of `estimates_figure`."""
     fig = _figure()
     by_trial, by_cost = fig.subplots(1, 2, sharey=True)
     for backbone in dict.fromkeys(p.backbone for p in points):
         mine = [p for p in points if p.backbone == backbone]
-        err = np.array([[p.accuracy - p.low for p in mine], [p.high - p.accuracy for p in mine]])
+        err = np.array([[p.value - p.low for p in mine], [p.high - p.value for p in mine]])
         for ax, x in ((by_trial, [p.number for p in mine]), (by_cost, [p.seconds for p in mine])):
-            ax.errorbar(x, [p.accuracy for p in mine], yerr=err, fmt="o", capsize=3, label=backbone)
-            ax.scatter([xi for xi, p in zip(x, mine) if p.winner], [p.accuracy for p in mine if p.winner], s=160,
+            ax.errorbar(x, [p.value for p in mine], yerr=err, fmt="o", capsize=3, label=backbone)
+            ax.scatter([xi for xi, p in zip(x, mine) if p.winner], [p.value for p in mine if p.winner], s=160,
                        facecolors="none", edgecolors="black", zorder=3)
     by_trial.set_xlabel("trial")
     by_trial.xaxis.get_major_locator().set_params(integer=True)
-    by_trial.set_ylabel(f"{METRIC} (95 % interval)")
+    by_trial.set_ylabel(f"{records.metric_name(metric)} (95 % interval)")
     by_cost.set_xlabel("trial wall time (s)")
     by_cost.set_xscale("log")
     for ax in (by_trial, by_cost):

@@ -23,7 +23,7 @@ from torch import nn
 from .backbones import get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config
-from .estimate import Estimate
+from .estimate import scored
 from .data import IMAGE_EXTENSIONS, _try_decode, center_crop, decode, normalize, store_size_for
 from .exceptions import AutoftError, DataError
 from .files import atomic_path, atomic_write_text, check_output_file, output_file
@@ -161,12 +161,13 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
              out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
     """Score a checkpoint on one split of a labelled folder (default: the data it was trained on).
 
-    Returns accuracy, balanced accuracy, per-class precision/recall/F1/support, the confusion matrix and
-    sklearn's text report; the confusion matrix PNG goes to `out` (default: next to the model,
+    Returns every metric (accuracy, balanced accuracy, macro-F1) with its 95 % interval (estimate.py), per-class
+    precision/recall/F1/support, the confusion matrix and sklearn's text report, whatever metric the model was
+    chosen on; predictions are logit-adjusted as the checkpoint says; the confusion matrix PNG goes to `out` (default: next to the model,
     `<model>_<split>_confusion.png`; into `out` under that name when `out` is a folder). A val split carved
     out of train/ (no val/ folder) is the same fixed split that training and the search validated on.
     """
-    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix
+    from sklearn.metrics import classification_report, confusion_matrix
 
     if split not in SPLITS:
         raise AutoftError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
@@ -188,11 +189,13 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     labels = list(range(len(data.classes)))
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
-    save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}", png)
+    metrics = scored(y_true, y_pred, len(data.classes))
+    save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
+                                         f"accuracy {metrics['balanced_accuracy']['value']:.3f}", png)
     return {
         "model": os.fspath(model_path), "data": os.fspath(data_dir) if data_dir else None, "split": split, "n": len(part),
-        "accuracy": float(per_class["accuracy"]), "interval": list(Estimate(float(per_class["accuracy"]), len(part)).interval),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "metrics": metrics, "accuracy": metrics["accuracy"]["value"], "interval": metrics["accuracy"]["interval"],
+        "balanced_accuracy": metrics["balanced_accuracy"]["value"], "f1_macro": metrics["f1_macro"]["value"],
         "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
                           "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in data.classes},
         "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png), "seen_in_training": seen,

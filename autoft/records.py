@@ -9,9 +9,11 @@ to show it in trials.csv and the report, an entry in COLUMNS.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import socket
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -23,12 +25,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import Config
-from .estimate import Estimate
+from .estimate import METRICS, Estimate
 from .exceptions import ConfigError
-from .finetune import Result
+from .finetune import Result, adjusted
 from .space import SearchSpace
+from .storage import attach_file, read_artifact
 
-METRIC = "val_accuracy"  # a trial's value: its best epoch's out-of-fold accuracy over every validated image
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
 
 # Study user attrs.
@@ -37,14 +39,15 @@ SPACE = "space"  # SearchSpace.to_dict()
 SEED = "seed"  # the study seed; each trial's derives from it
 TARGET = "target"  # the goal: finished trials the study is to hold
 SEARCH = "search"  # SearchOptions.settings(): what a joining worker must share
+CLASS_COUNTS = "class_counts"  # labelled images per class, as the search found them
 
 # Trial user attrs.
 CONFIG = "config"  # the complete Config the trial trained
 HISTORY = "history"  # finetune's metrics per epoch, rewritten after each
-VAL_LOSS = "val_loss"  # of the best epoch, whose val_accuracy is the trial's value
+VAL_LOSS = "val_loss"  # of the best epoch, whose val_<metric> is the trial's value
 BEST_EPOCH = "best_epoch"
-ESTIMATE = "estimate"  # Estimate.to_dict(): accuracy, 95 % interval, images, folds, per-fold scores, standard error
-OOF = "oof_predictions"  # per labelled image, its out-of-fold predicted class at the best epoch (-1: not validated)
+ESTIMATE = "estimate"  # Estimate.to_dict(): metric, value, 95 % interval, images, folds, per-fold scores, standard error
+OOF = "oof_artifact_id"  # the .npz artifact of the best epoch's out-of-fold probabilities (write_oof, load_oof)
 TRAIN_SECONDS = "train_seconds"  # training and validation time of its epochs: what the recipe costs, caches aside
 WALL_TIME = "wall_time_s"
 IMAGES_PER_S = "images_per_s"  # training throughput, mean over epochs
@@ -65,11 +68,22 @@ def _base(base: Config) -> dict[str, Any]:
     return {k: v for k, v in base.to_dict().items() if k not in ("device", "seed")}
 
 
+def metric_name(metric: str) -> str:
+    """A trial's value is its kept epoch's `val_<metric>`: the out-of-fold score over every validated image."""
+    return f"val_{metric}"
+
+
+def study_metric(study: optuna.Study) -> str:
+    """What the study ranks its trials by: its base config's `metric` (part of what a resume must match)."""
+    return study.user_attrs.get(BASE, {}).get("metric", "accuracy")
+
+
 def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed: int) -> None:
-    """A new study's metadata: what a resumed run must match (space, base) and a joining worker reads."""
+    """A new study's metadata: what a resumed run must match (space, base: the metric with it) and a joining
+    worker reads."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([METRIC])
+        study.set_metric_names([metric_name(base.metric)])
     study.set_user_attr(SPACE, space.to_dict())
     study.set_user_attr(BASE, _base(base))
     study.set_user_attr(SEED, seed)
@@ -95,6 +109,14 @@ def set_goal(study: optuna.Study, trials: int, settings: dict[str, Any]) -> int:
 
 def goal(study: optuna.Study) -> int:
     return study.user_attrs[TARGET]
+
+
+def record_class_counts(study: optuna.Study, counts: Sequence[int]) -> None:
+    study.set_user_attr(CLASS_COUNTS, [int(c) for c in counts])
+
+
+def class_counts(study: optuna.Study) -> list[int]:
+    return study.user_attrs.get(CLASS_COUNTS) or []
 
 
 @dataclass
@@ -149,12 +171,55 @@ def record_result(trial: optuna.Trial, result: Result, history: Sequence[dict[st
     """What a finished fine-tune adds; `history` is every epoch the trial reported (a retry's included)."""
     trial.set_user_attr(VAL_LOSS, result.best["val_loss"])
     trial.set_user_attr(BEST_EPOCH, result.best["epoch"])
-    trial.set_user_attr(ESTIMATE, Estimate.of(result.best, result.validated).to_dict())
-    trial.set_user_attr(OOF, result.oof)
+    trial.set_user_attr(ESTIMATE, Estimate.of(result.best, result.validated, result.config.metric).to_dict())
     trial.set_user_attr(WALL_TIME, result.wall_time)
     trial.set_user_attr(TRAIN_SECONDS, sum(h["epoch_time_s"] for h in result.history))
     trial.set_user_attr(IMAGES_PER_S, sum(h["images_per_s"] for h in history) / len(history))
     trial.set_user_attr(PEAK_MEMORY, result.peak_memory_mb)
+
+
+@dataclass
+class Oof:
+    """A trial's out-of-fold predictions at its kept epoch: what any metric, an ensemble of trials or a calibration
+    can be computed from after the fact, without training."""
+
+    probabilities: np.ndarray  # (N, C) float32, unadjusted; NaN rows: not validated (a holdout's training images)
+    labels: np.ndarray  # (N,) int64
+    fold: np.ndarray  # (N,) the fold that validated each image, -1: none
+    paths: np.ndarray  # (N,) str: the labelled images, in this order
+    prior: np.ndarray  # (C,) class frequencies of the labelled images
+    tau: float  # the logit adjustment the trial was scored with
+
+    def estimate(self, metric: str) -> Estimate:
+        """`metric` of the validated images' predictions (logit-adjusted by `tau`), per fold and with its interval."""
+        seen = self.fold >= 0
+        log_probs = np.log(np.maximum(self.probabilities[seen], 1e-30))
+        pred = adjusted(log_probs, np.log(np.maximum(self.prior, 1e-12)), self.tau).argmax(1)
+        return Estimate.measure(metric, self.labels[seen], pred, self.probabilities.shape[1], self.fold[seen])
+
+
+def write_oof(trial: optuna.Trial, result: Result, labels: np.ndarray, paths: Sequence[str], artifacts: str) -> None:
+    """Upload the kept epoch's out-of-fold probabilities as an .npz artifact of the running trial; record its id.
+    A result that validated nothing has none."""
+    if result.oof is None:
+        return
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probabilities=result.oof, labels=np.asarray(labels, dtype=np.int64), fold=result.fold,
+                        paths=np.asarray(paths, dtype=str), prior=np.asarray(result.prior), tau=np.float64(result.tau))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"oof_trial_{trial.number}.npz")
+        with open(path, "wb") as fh:
+            fh.write(buf.getvalue())
+        trial.set_user_attr(OOF, attach_file(trial, path, "application/octet-stream", artifacts))
+
+
+def load_oof(t: FrozenTrial, artifacts: str | os.PathLike) -> Oof | None:
+    """The trial's out-of-fold predictions from the artifact folder; None when it kept none."""
+    artifact = t.user_attrs.get(OOF)
+    if not artifact:
+        return None
+    with np.load(io.BytesIO(read_artifact(artifact, artifacts)), allow_pickle=False) as z:
+        return Oof(z["probabilities"], z["labels"], z["fold"], z["paths"], z["prior"], float(z["tau"]))
 
 
 def record_failure(trial: optuna.Trial, reason: str) -> None:
@@ -216,7 +281,17 @@ def original_number(t: FrozenTrial) -> int:
 
 def estimate(t: FrozenTrial) -> Estimate | None:
     e = t.user_attrs.get(ESTIMATE)
-    return Estimate(e["accuracy"], e["images"], tuple(e["fold_accuracy"])) if e else None
+    return Estimate.from_dict(e) if e else None
+
+
+def epoch(t: FrozenTrial, number: int) -> dict[str, Any]:
+    """The metrics of epoch `number` (1-based) as the trial recorded them; {} when it recorded none."""
+    return next((h for h in history(t) if h.get("epoch") == number), {})
+
+
+def kept_epoch(t: FrozenTrial) -> dict[str, Any]:
+    """The metrics of the epoch the trial kept (every metric's out-of-fold score, its tau); {} when unknown."""
+    return epoch(t, t.user_attrs.get(BEST_EPOCH))
 
 
 def searched_keys(t: FrozenTrial) -> list[str]:
@@ -261,28 +336,29 @@ class Candidate:
     """What the choice of the winner looks at in a completed trial."""
 
     number: int
-    accuracy: float
-    images: int | None  # behind the accuracy; None for a trial recorded without an estimate
+    value: float  # of the study's metric (or the one asked to re-rank by)
+    noise: float  # its standard error (Estimate.noise); 0 for a trial recorded without an estimate
     loss: float
     cost: float
 
     @classmethod
-    def of(cls, t: FrozenTrial) -> "Candidate":
-        e = t.user_attrs.get(ESTIMATE) or {}
-        return cls(t.number, t.value, e.get("images"), t.user_attrs.get(VAL_LOSS, math.inf),
+    def of(cls, t: FrozenTrial, estimate_: Estimate | None = None) -> "Candidate":
+        """The trial as recorded, or scored by `estimate_` (another metric of its out-of-fold predictions)."""
+        e = estimate_ or estimate(t)
+        return cls(t.number, e.value if estimate_ else t.value, e.noise if e else 0.0, t.user_attrs.get(VAL_LOSS, math.inf),
                    t.user_attrs.get(TRAIN_SECONDS, t.user_attrs.get(WALL_TIME, 0.0)))
 
 
 def select(candidates: Sequence[Candidate]) -> Candidate | None:
-    """THE choice of the winner: the best accuracy is a maximum over noisy scores, so every trial within one
-    standard error of it (the noise its images allow: sqrt(p(1-p)/n), the one-standard-error rule) ties with
-    it; of those, the lowest loss wins, and on equal losses (to 3 decimals) the cheaper recipe, then the earlier.
+    """THE choice of the winner: the best score is a maximum over noisy scores, so every trial within one
+    standard error of it (the noise its images allow, Estimate.noise: binomial for accuracy, bootstrap for
+    the balanced metrics; the one-standard-error rule) ties with it; of those, the lowest loss wins, and on
+    equal losses (to 3 decimals) the cheaper recipe, then the earlier.
     """
     if not candidates:
         return None
-    top = max(candidates, key=lambda c: (c.accuracy, -c.loss, -c.number))
-    margin = Estimate(top.accuracy, top.images).binomial_se if top.images else 0.0
-    tied = [c for c in candidates if c.accuracy >= top.accuracy - margin - 1e-12]
+    top = max(candidates, key=lambda c: (c.value, -c.loss, -c.number))
+    tied = [c for c in candidates if c.value >= top.value - top.noise - 1e-12]
     return min(tied, key=lambda c: (round(c.loss, 3), c.cost, c.number))
 
 
@@ -296,10 +372,24 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return next(t for t in trials if t.number == winner.number) if winner else None
 
 
+def best_by(study: optuna.Study, metric: str, artifacts: str | os.PathLike) -> tuple[FrozenTrial | None, Estimate | None]:
+    """The winner had the study been ranked by `metric`: every completed trial scored from its out-of-fold
+    artifact (no training) and chosen by `select`; with that trial's estimate."""
+    scored_: list[tuple[FrozenTrial, Estimate]] = []
+    for t in completed(study):
+        oof = load_oof(t, artifacts)
+        if oof is None:
+            raise ConfigError(f"trial {t.number} kept no out-of-fold predictions (an older autoft ran it); "
+                              f"it cannot be re-ranked by {metric}")
+        scored_.append((t, oof.estimate(metric)))
+    winner = select([Candidate.of(t, e) for t, e in scored_])
+    return next(((t, e) for t, e in scored_ if t.number == winner.number), (None, None))
+
+
 def is_new_best(study: optuna.Study, number: int, result: Result) -> bool:
     """Whether trial `number`, still running with this result, would be the winner were it complete now."""
-    me = Candidate(number, result.best[METRIC], result.validated or None, result.best["val_loss"],
-                   sum(h["epoch_time_s"] for h in result.history))
+    e = Estimate.of(result.best, result.validated, result.config.metric)
+    me = Candidate(number, e.value, e.noise, result.best["val_loss"], sum(h["epoch_time_s"] for h in result.history))
     winner = select([Candidate.of(t) for t in completed(study) if t.number != number] + [me])
     return winner is me
 
@@ -314,12 +404,14 @@ def finished_count(trials: Sequence[FrozenTrial]) -> int:
     return sum(counts[s] for s in FINISHED)
 
 
-def describe(t: FrozenTrial) -> str:
-    """`trial 7 (linear_probe): 0.8517 (95 % interval 0.821-0.878; 600 images, 5-fold cross-validation), val_loss 0.47`."""
-    e = estimate(t)
+def describe(t: FrozenTrial, estimate_: Estimate | None = None) -> str:
+    """`trial 7 (linear_probe): accuracy 0.8517 (95 % interval 0.821-0.878; 600 images, 5-fold cross-validation),
+    val_loss 0.47`; with `estimate_`, that score instead of the recorded one."""
+    e = estimate_ or estimate(t)
     name = f" ({portfolio_name(t)})" if portfolio_name(t) else ""
-    score = e.describe() if e else f"{METRIC} {t.value:.4f}"
-    return f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}"
+    score = e.describe() if e else f"value {t.value:.4f}"
+    tau = kept_epoch(t).get("tau")
+    return f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
 
 
 # The trials table (trials.csv and the report): a column is a name and how to read it from a trial;
@@ -335,12 +427,15 @@ COLUMNS: list[tuple[str, Callable[[FrozenTrial], Any]]] = [
     ("number", lambda t: t.number),
     ("state", lambda t: t.state.name),
     ("recipe", lambda t: portfolio_name(t) or ""),
-    (METRIC, lambda t: t.value),
+    ("metric", lambda t: t.user_attrs.get(CONFIG, {}).get("metric")),
+    ("value", lambda t: t.value),
     ("interval_low", _estimated(lambda e: e.interval[0])),
     ("interval_high", _estimated(lambda e: e.interval[1])),
     ("images", _estimated(lambda e: e.images)),
-    ("fold_accuracy", _estimated(lambda e: ";".join(f"{a:.4f}" for a in e.fold_accuracy))),
+    ("fold_scores", _estimated(lambda e: ";".join(f"{a:.4f}" for a in e.fold_scores))),
     ("se", _estimated(lambda e: e.se)),
+    *((f"val_{m}", lambda t, m=m: kept_epoch(t).get(f"val_{m}")) for m in METRICS),
+    ("tau", lambda t: kept_epoch(t).get("tau")),
     (VAL_LOSS, val_loss),
     (BEST_EPOCH, lambda t: t.user_attrs.get(BEST_EPOCH)),
     ("epochs_run", lambda t: len(history(t))),

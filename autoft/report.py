@@ -22,7 +22,6 @@ from .exceptions import AutoftError, one_line
 from .files import atomic_write_text, check_writable_dir
 from .plots import estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png, save_learning_curves_png
 from .predict import evaluate
-from .records import METRIC
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
 
 SLICE_PARAMS = ("freeze_depth", "head_lr", "base_lr")
@@ -33,7 +32,7 @@ OPTUNA_PLOTS = {
     "optimization_history": ("Optimization history", "plot_optimization_history"),
     "param_importances": ("Parameter importances (fANOVA)", "plot_param_importances"),
     "parallel_coordinate": ("Parallel coordinates", "plot_parallel_coordinate"),
-    "intermediate_values": ("Validation accuracy per epoch (a pruned trial's line stops where it was pruned)",
+    "intermediate_values": ("The study's metric per epoch (a pruned trial's line stops where it was pruned)",
                             "plot_intermediate_values"),
     "slice": ("Slice plots: freeze depth and the two learning rates", "plot_slice"),
 }
@@ -61,12 +60,13 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
     if best is None:
         raise AutoftError(f"study {study_name!r} has no completed trial yet; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
+    metric = records.study_metric(study)
     report = Report(out / "report.html")
     sections: list[str] = []
 
     for name, (title, fn) in OPTUNA_PLOTS.items():
         try:
-            interactive, png = _optuna_plot(study, name, fn, out / f"{name}.png")
+            interactive, png = _optuna_plot(study, name, fn, out / f"{name}.png", metric)
         except Exception as exc:  # optuna refuses some plots on small studies; the rest of the report still helps
             report.skipped[name] = one_line(exc)
             sections.append(_section(title, f"<p class=note>not drawn: {html.escape(report.skipped[name])}</p>"))
@@ -77,19 +77,20 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
 
     estimates = points(study.get_trials(deepcopy=False), best.number)
     if estimates:
-        png = save_estimates_png(estimates, out / "estimates.png")
+        png = save_estimates_png(estimates, out / "estimates.png", metric)
         report.pngs["estimates"] = png
         sections.insert(0, _section("Estimates with their 95 % intervals, by trial and against training cost",
-                                    estimates_figure(estimates).to_html(full_html=False, include_plotlyjs=False,
+                                    estimates_figure(estimates, metric).to_html(full_html=False, include_plotlyjs=False,
                                                                         config={"displaylogo": False}) + _png_link(png)))
     else:
         report.skipped["estimates"] = "no completed trial recorded an estimate"
 
     history = records.history(best)
     if history:
-        png = save_learning_curves_png(history, f"best trial {best.number}: learning curves", out / "learning_curves.png")
+        png = save_learning_curves_png(history, f"best trial {best.number}: learning curves", out / "learning_curves.png",
+                                       metric)
         report.pngs["learning_curves"] = png
-        fig = learning_curves_figure({f"trial {best.number}": history}, train_loss=True)
+        fig = learning_curves_figure({f"trial {best.number}": history}, metric, train_loss=True)
         sections.append(_section(f"Best trial {best.number}: learning curves",
                                  fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) + _png_link(png)))
     else:
@@ -107,8 +108,9 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
             report.skipped[name] = one_line(exc)
             continue
         report.evaluations[split], report.pngs[name] = ev, Path(ev["confusion_png"])
-        sections.append(_section(f"Best model on {split}: accuracy {ev['accuracy']:.4f}, balanced accuracy "
-                                 f"{ev['balanced_accuracy']:.4f} ({ev['n']} images"
+        scores = ", ".join(f"{m} {v['value']:.4f} ({v['interval'][0]:.3f}-{v['interval'][1]:.3f})"
+                           for m, v in ev["metrics"].items())
+        sections.append(_section(f"Best model on {split}: {scores} ({ev['n']} images"
                                  f"{'; it trained on them, so this is no estimate' if ev['seen_in_training'] else ''})",
                                  f"<img alt='confusion matrix, {split}' src='{_data_uri(ev['confusion_png'])}'>"
                                  f"<pre>{html.escape(ev['report'])}</pre>"))
@@ -117,9 +119,9 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
     return report
 
 
-def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path):
+def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path, metric: str):
     """The interactive figure and the PNG of one optuna plot, or an error saying why it is left out."""
-    kwargs: dict[str, Any] = {} if name == "intermediate_values" else {"target_name": METRIC}
+    kwargs: dict[str, Any] = {} if name == "intermediate_values" else {"target_name": records.metric_name(metric)}
     if name == "param_importances":
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if done < MIN_TRIALS_FOR_IMPORTANCE:

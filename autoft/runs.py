@@ -52,15 +52,18 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     metrics["seconds"] = time.perf_counter() - t0
     if data.test is not None:
         device = resolve_device(config.device)
-        model = assemble(config.backbone, len(data.classes), shipped.members, shipped.shared_stages)
-        loss, acc = evaluate_split(model.to(device, memory_format=torch.channels_last), get_backbone(config.backbone), config,
-                                   data.test, 0, device, cache)
-        metrics |= {"test_accuracy": acc, "test_loss": loss, "test": scored(acc, len(data.test))}
-        log.info("test accuracy %.4f on %d images", acc, len(data.test))
+        model = assemble(config.backbone, len(data.classes), shipped.members, shipped.shared_stages, result.tau,
+                         result.prior)
+        loss, pred = evaluate_split(model.to(device, memory_format=torch.channels_last), get_backbone(config.backbone),
+                                    config, data.test, 0, device, cache)
+        test = scored(data.test.labels.numpy(), pred, len(data.classes))
+        metrics |= {"test_accuracy": test["accuracy"]["value"], "test_loss": loss, "test": test}
+        log.info("test %s %.4f on %d images", config.metric, test[config.metric]["value"], len(data.test))
     out = Path(out)
     save_checkpoint(out / "model.pt", shipped.members, data.classes, config,
-                    {k: metrics.get(k) for k in ("best_val_accuracy", "saved_epoch", "shipped", "test_accuracy")},
-                    shipped.shared_stages)
+                    {k: metrics.get(k) for k in ("best_val_accuracy", "best_val_score", "saved_epoch", "shipped",
+                                                 "test_accuracy")},
+                    shipped.shared_stages, result.tau, result.prior)
     atomic_write_text(out / "config.yaml", config.portable().to_yaml())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
@@ -77,8 +80,10 @@ def shipped_kind(result: Result, shipped: Result) -> str:
 def run_metrics(result: Result, shipped: Result, data: Dataset, full: bool) -> dict[str, Any]:
     """metrics.json: flat keys for scripts, then the detail."""
     validated = bool(result.validated)
-    estimate = Estimate.of(result.best, result.validated) if validated else None
+    metric = result.config.metric
+    estimate = Estimate.of(result.best, result.validated, metric) if validated else None
     return {"best_val_accuracy": result.best["val_accuracy"] if validated else None,
+            "metric": metric, "best_val_score": estimate.value if estimate else None, "tau": result.tau,
             "final_val_accuracy": result.final.get("val_accuracy"),
             "epochs_run": len(result.history), "saved_epoch": shipped.best["epoch"], "shipped": shipped_kind(result, shipped),
             "estimate": estimate.to_dict() if estimate else None,

@@ -7,6 +7,12 @@ backbones is sampled under a per-backbone name (`image_size@efficientnet_lite1`)
 each branch of the conditional space on its own and never proposes a value outside its branch; the
 trial's config holds the plain key.
 
+Imbalanced classes (the largest at least IMBALANCE_RATIO times the smallest): the default space adds
+the standard remedies as searched choices, so the study shows which to keep: a class-weighted loss
+(`class_weight`), class-balanced sampling (`balanced_sampling`), and post-hoc logit adjustment with tau
+chosen on each trial's out-of-fold predictions (`logit_adjustment: auto`, no training). A balanced set's
+space is unchanged.
+
 The portfolio: complementary recipes that run before any sampled trial, so the search starts from what
 an expert would try first and its gain over the best of them is measured.
 """
@@ -23,14 +29,21 @@ from typing import Any
 import optuna
 
 from .backbones import BackboneSpec, get_backbone
-from .config import OPTIMIZERS, Config, check_keys, load_yaml, parse_number
+from .config import CLASS_WEIGHTS, OPTIMIZERS, Config, check_keys, load_yaml, parse_number
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _NOT_SEARCHABLE = {"data", "device", "seed", "weights", "skip_bad_images", "cv_folds", "cv_max_images", "final",
-                   "val_fraction"}  # what a trial is scored on and shipped as must be the same for all of them
+                   "val_fraction", "metric"}  # what a trial is scored on and shipped as must be the same for all of them
 SYMBOLS = ("stages", "native", "native/2")  # bounds that a backbone resolves
 RESOLUTION_STEP = 32
+IMBALANCE_RATIO = 2  # largest class / smallest class from which the remedies are searched
+
+
+def imbalanced(counts: Sequence[int]) -> bool:
+    """THE rule for an imbalanced labelled set: its largest class has at least IMBALANCE_RATIO times the images of
+    its smallest."""
+    return len(counts) > 1 and max(counts) >= IMBALANCE_RATIO * min(counts)
 
 
 @dataclass(frozen=True)
@@ -75,19 +88,20 @@ class Param:
 # Complementary first trials (the expert's shortlist); values may be SYMBOLS or "epochs", resolved per backbone
 # and clipped into the space. Fine-tunes run at the base config's image_size (cheap enough for a CPU); the probe
 # at the backbone's native resolution, where its frozen features are best and cost one pass.
+_PLAIN = {"class_weight": "none", "balanced_sampling": False}  # the recipes as experts wrote them; remedies searched
 PORTFOLIO: dict[str, dict[str, Any]] = {
     "linear_probe": {"freeze_depth": "stages", "image_size": "native", "aug_strength": 0.0, "head_only_epochs": 0,
                      "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
-                     "weight_decay": 1e-4, "label_smoothing": 0.0},
+                     "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
     "hand_recipe": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 0,
                     "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adam", "t_max": 10,
-                    "weight_decay": 1e-4, "label_smoothing": 0.0},
+                    "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
     "freeze_unfreeze": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 1,
                         "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 0.6, "optimizer": "adamw", "t_max": "epochs",
-                        "weight_decay": 1e-4, "label_smoothing": 0.0},
+                        "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
     "low_rate_full": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.3, "head_only_epochs": 0,
                       "head_lr": 1e-2, "base_lr": 1e-4, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
-                      "weight_decay": 1e-2, "label_smoothing": 0.1},
+                      "weight_decay": 1e-2, "label_smoothing": 0.1, **_PLAIN},
 }
 
 
@@ -98,10 +112,14 @@ class SearchSpace:
         self.params = params
 
     @classmethod
-    def default(cls, epochs: int, backbones: Sequence[str] = ()) -> "SearchSpace":
-        """The built-in space; with several `backbones`, the backbone is a searched choice too."""
+    def default(cls, epochs: int, backbones: Sequence[str] = (), imbalanced: bool = False) -> "SearchSpace":
+        """The built-in space; with several `backbones`, the backbone is a searched choice too; for `imbalanced`
+        classes (see `imbalanced()`), the remedies too."""
         params = {"backbone": Param(choices=tuple(backbones), kind="choice")} if len(backbones) > 1 else {}
-        return cls(params | {
+        remedies = {"class_weight": Param(choices=CLASS_WEIGHTS, kind="choice"),
+                    "balanced_sampling": Param(choices=(False, True), kind="choice"),
+                    "logit_adjustment": Param(value="auto", kind="fixed")} if imbalanced else {}
+        return cls(params | remedies | {
             "image_size": Param("native/2", "native", kind="int", step=RESOLUTION_STEP),
             "freeze_depth": Param(0, "stages", kind="int"),
             "head_only_epochs": Param(0, max(0, epochs - 1), kind="int") if epochs > 1 else Param(value=0, kind="fixed"),
@@ -117,10 +135,10 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None, base: Config, backbones: Sequence[str] = (),
-                  fixed: Sequence[str] = ()) -> "SearchSpace":
+                  fixed: Sequence[str] = (), imbalanced: bool = False) -> "SearchSpace":
         """The default space, with each searched key in `fixed` (the ones the user set) fixed at `base`'s value,
         then the file's entries replacing or adding parameters, then validated for `base`."""
-        space = cls.default(base.epochs, backbones)
+        space = cls.default(base.epochs, backbones, imbalanced)
         space.params |= {k: Param(value=getattr(base, k), kind="fixed") for k in fixed if k in space.params}
         if path is not None:
             space.params.update(cls.from_dict(load_yaml(path)).params)
@@ -264,7 +282,7 @@ def _num(name: str, v: Any) -> Any:
     a non-finite or non-numeric one is a one-line error naming the parameter. Other keys' values pass unchanged."""
     f = _CONFIG_FIELDS.get(name)
     typ = str(f.type) if f else ""
-    if not typ.startswith(("int", "float")) or v is None:
+    if not typ.startswith(("int", "float")) or v is None or v in f.metadata.get("words", ()):
         return v
     if isinstance(v, str) and v.strip().lower() in ("none", "null", "~") and "None" in typ:
         return None

@@ -214,6 +214,19 @@ def attach_file(trial: optuna.Trial, path: str | os.PathLike, mimetype: str, art
                            study_or_trial=trial, mimetype=mimetype)
 
 
+def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes:
+    """The bytes of an artifact `attach_file` stored in the folder `artifacts`; a missing one is a ConfigError."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        with FileSystemArtifactStore(str(artifacts)).open_reader(artifact_id) as fh:
+            return fh.read()
+    except ArtifactNotFound:
+        raise ConfigError(f"artifact {artifact_id} is not in {os.fspath(artifacts)}; pass the --artifacts folder the "
+                          "study wrote to") from None
+
+
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna's own INFO lines ("A new study created...", "Trial 0 finished...") kept out of a run's output.

@@ -24,15 +24,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import records, workers
 from .backbones import AUTO, auto_backbones, build_model
+from .cache import RunCache
 from .checkpoint import shipped
 from .config import Config, check_field
+from .data import Dataset
 from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
 from .files import check_writable_dir
-from .cache import RunCache
 from .objective import Objective, trial_seed
-from .space import SearchSpace
+from .space import SearchSpace, imbalanced
 from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
                       make_storage, mask_url)
 
@@ -101,15 +102,17 @@ class _Guarded(optuna.pruners.BasePruner):
     """Around every pruner: never before `min_epochs` epochs or `startup` finished trials, and never a trial that
     could still end within noise of the best.
 
-    "Could still": its score now, `z` standard errors up (the noise of `images` images), plus the largest gain
+    "Could still": its score now, `z` standard errors up (Estimate.noise of `images` images), plus the largest gain
     any completed trial made from this epoch to its best epoch, reaches the best score `z` standard errors
     down. In a study of a few dozen trials a near-best trial is a candidate the winner is chosen among (see
     records.select), and curves cross: pruning it saves little and may lose the winner. Among the trials that
     cannot catch up, the inner pruner (Optuna's) decides.
     """
 
-    def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, z: float = 2.0):
-        self.inner, self.min_epochs, self.startup, self.images, self.z = inner, min_epochs, startup, images, z
+    def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, metric: str,
+                 z: float = 2.0):
+        self.inner, self.min_epochs, self.startup, self.images = inner, min_epochs, startup, images
+        self.metric, self.z = metric, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         workers.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
@@ -122,24 +125,29 @@ class _Guarded(optuna.pruners.BasePruner):
         done = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
         if not done:
             return False
-        best = max(t.value for t in done)
+        top = max(done, key=lambda t: t.value)
+        best = top.value
         gain = max(max(0.0, t.value - t.intermediate_values.get(step, t.value)) for t in done)
         now = trial.intermediate_values[step]
-        reach = now + self.z * Estimate(now, self.images).binomial_se + gain
-        if reach >= best - self.z * Estimate(best, self.images).binomial_se:
+        epoch = records.epoch(trial, step)  # its bootstrap, for a metric other than accuracy
+        now_noise = (Estimate.of(epoch, self.images, self.metric) if epoch else
+                     Estimate(now, self.images)).noise
+        best_noise = (records.estimate(top) or Estimate(best, self.images)).noise
+        if now + self.z * now_noise + gain >= best - self.z * best_noise:
             return False
         return self.inner.prune(study, trial)
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: int) -> optuna.pruners.BasePruner:
-    """`images`: how many validation images each epoch's score rests on (the noise the guard allows for)."""
+def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: int,
+                metric: str = "accuracy") -> optuna.pruners.BasePruner:
+    """`images`: how many validation images each epoch's score (of `metric`) rests on (the noise the guard allows for)."""
     if name == "none":
         inner = optuna.pruners.NopPruner()
     elif name == "median":
         inner = optuna.pruners.MedianPruner(n_startup_trials=startup)  # its median needs that many completed trials
     else:
         inner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs), reduction_factor=3)
-    return _Guarded(inner, min_epochs, startup, images)
+    return _Guarded(inner, min_epochs, startup, images, metric)
 
 
 def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int) -> optuna.Study:
@@ -164,7 +172,8 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
     # Sampler seeded past the trials already run, so a resumed study samples new points, not the same ones again.
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(opts.sampler, trial_seed(seed, n_before)),
-                                pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images))
+                                pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images,
+                                                   base.metric))
     if n_before == 0 or replace:
         records.write_study_meta(study, base, space, seed)
     return study
@@ -180,10 +189,12 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     keys the user set; the search does not overrule them.
     """
     check_outputs(opts)
-    base, space = search_space(base, opts, space, fixed)
-    objective = _objective(base, opts, space)
+    cache = RunCache()
+    base, space = search_space(base, opts, space, fixed, cache)
+    objective = _objective(base, opts, space, cache)
     study = open_study(base, opts, space, base.seed, objective.validated_images())
     records.set_goal(study, opts.trials, opts.settings())
+    records.record_class_counts(study, class_counts(cache.dataset(base)))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
@@ -202,11 +213,12 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     base = meta.base.replace(device=device, **({"data": data} if data else {}))
     opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
                          **meta.settings)
-    base, space = search_space(base, opts, meta.space)
-    objective = _objective(base, opts, space)
+    cache = RunCache()
+    base, space = search_space(base, opts, meta.space, cache=cache)
+    objective = _objective(base, opts, space, cache)
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
-                               objective.validated_images())
+                               objective.validated_images(), base.metric)
     return _run(found, objective, opts, spawn=False, ship=False)
 
 
@@ -218,24 +230,28 @@ def check_outputs(opts: SearchOptions) -> None:
     check_writable_storage(opts.storage)
 
 
-def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None,
-                 fixed: Sequence[str] = ()) -> tuple[Config, SearchSpace]:
-    """The base config and the validated space: `opts.space` over the default one, the keys in `fixed` (set
-    by the user) fixed at their values, and `backbone: auto` a searched choice among the offline backbones
-    (the first is the base)."""
+def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None, fixed: Sequence[str] = (),
+                 cache: RunCache | None = None) -> tuple[Config, SearchSpace]:
+    """The base config and the validated space: `opts.space` over the default one (with the imbalance remedies
+    when the labelled classes of `cache.dataset(base)` are imbalanced), the keys in `fixed` (set by the user) fixed at
+    their values, and `backbone: auto` a searched choice among the offline backbones (the first is the base)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
     if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
         base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
-        return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed)
+        uneven = cache is not None and imbalanced(class_counts(cache.dataset(base)))
+        return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed, uneven)
     space.validate(base)
     return base, space
 
 
-def _objective(base: Config, opts: SearchOptions, space: SearchSpace) -> Objective:
+def class_counts(data: Dataset) -> list[int]:
+    return torch.bincount(data.labelled.labels, minlength=len(data.classes)).tolist()
+
+
+def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: RunCache) -> Objective:
     """The objective, once what would fail every trial has been tried: a bad weights file or bad data stops
     here, before the study is touched."""
-    cache = RunCache()
     if base.weights != "random":  # a bad file, or pretrained weights that cannot be downloaded (kept for the trials)
         build_model(base.backbone, 2, base.weights, pretrained=cache.pretrained_stages)
     objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, cache), cache)
@@ -298,12 +314,13 @@ class _Progress:
         from tqdm.auto import tqdm
 
         self.study, self.ran = study, ran
+        self.score = records.metric_name(records.study_metric(study))
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
         self.best, self.running = "best=-", ""
 
     def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
         """The objective's per-epoch hook: where the running trial is."""
-        self.running = f"trial {number} epoch {metrics['epoch']}/{epochs} val {metrics['val_accuracy']:.3f}"
+        self.running = f"trial {number} epoch {metrics['epoch']}/{epochs} {self.score} {metrics[self.score]:.3f}"
         self._draw()
 
     def __call__(self, study: optuna.Study | None = None, trial: FrozenTrial | None = None) -> None:
@@ -347,6 +364,13 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:
             lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")
+        counts = records.class_counts(study)
+        if imbalanced(counts) and records.study_metric(study) == "accuracy":
+            kept = records.kept_epoch(best)
+            lines.append(f"  imbalanced classes ({max(counts)} to {min(counts)} images): accuracy favours the common "
+                         f"ones; the winner's balanced accuracy is {kept.get('val_balanced_accuracy', float('nan')):.4f} "
+                         f"(accuracy {kept.get('val_accuracy', float('nan')):.4f}); to choose on it: "
+                         "--metric balanced_accuracy")
         backbones = records.per_backbone(trials)
         if len(backbones) > 1:  # accuracy against cost, per backbone
             lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"

@@ -88,7 +88,7 @@ def main() -> int:
         total = sum(len(t.intermediate_values) for t in trials)
         truth = records.select([records.Candidate.of(t) for t in trials]).number
         top = max(t.value for t in trials)
-        noise = 2 * Estimate(top, images).binomial_se
+        noise = 2 * Estimate(top, images).noise
         portfolio = [t for t in trials if records.portfolio_name(t)]
         rest = [t for t in trials if not records.portfolio_name(t)]
         rng = random.Random(0)

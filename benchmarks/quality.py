@@ -1,18 +1,22 @@
-"""Does the search earn its keep? The test accuracy of what `autoft search` ships, against what a user would
+"""Does the search earn its keep? The test scores of what `autoft search` ships, against what a user would
 have got without it, on data whose test/ split no run ever sees before scoring.
 
     python benchmarks/quality.py ../shared/data/clothing10 --budget 900
     python benchmarks/quality.py ../shared/data/hotdog_nothotdog --budget 600 --val-as-test
+    python benchmarks/quality.py ../shared/data/clothing10_longtail --budget 900 --metric balanced_accuracy
 
 Runs, in one process with a fresh image cache:
   1. `autoft search` (the product's defaults; `--timeout BUDGET`, trials unbounded), its best.pt scored on test/;
   2. each portfolio recipe alone, trained and shipped as `autoft train` ships it, scored on test/;
-  3. a frozen-feature logistic-regression probe (scikit-learn, C by 5-fold CV on train) at the native size;
-     with `--backbone auto` one per offline backbone, and the one with the best CV score is the baseline
-     (what a careful user could pick without a test set).
-Prints ONE JSON line (stdout), and a readable account on stderr. Every accuracy comes with its 95 %
-interval (Wilson): on a few hundred test images one image is a few tenths of a point. `--val-as-test`
-scores on val/ instead of test/ (the search then sees train/ only).
+  3. a frozen-feature logistic-regression probe (scikit-learn, C by 5-fold CV on train, scored on `--metric`;
+     class_weight="balanced" when the metric is a balanced one) at the native size; with `--backbone auto`
+     one per offline backbone, and the one with the best CV score is the baseline (what a careful user could
+     pick without a test set).
+`--metric` is the search's and every recipe's metric (autoft's `metric` key). Prints ONE JSON line (stdout),
+and a readable account on stderr. Every model's test accuracy, balanced accuracy and macro-F1 come with
+their 95 % intervals (Wilson; stratified bootstrap, see autoft/estimate.py): on a few hundred test images
+one image is a few tenths of a point. `--val-as-test` scores on val/ instead of test/ (the search then
+sees train/ only).
 
 The train split may be class-balanced where test is not: the JSON also gives the winner's estimate
 re-weighted to test's class frequencies (its out-of-fold recall per class), which says how much of
@@ -39,7 +43,7 @@ from autoft import records
 from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
 from autoft.config import Config
 from autoft.data import Split, center_crop, load_dataset, normalize
-from autoft.estimate import scored
+from autoft.estimate import METRICS, scored
 from autoft.predict import evaluate
 from autoft.report import write_report
 from autoft.runs import train
@@ -61,8 +65,12 @@ def as_test_root(data: Path, tmp: Path) -> Path:
 
 
 def test_score(model: Path, data: Path) -> dict:
-    ev = evaluate(model, data, "test", model.with_suffix(".test.png"), device="auto")
-    return scored(ev["accuracy"], ev["n"]) | {"test_accuracy": ev["accuracy"], "balanced_accuracy": ev["balanced_accuracy"]}
+    """Every metric of the model on test/, each with its 95 % interval."""
+    return evaluate(model, data, "test", model.with_suffix(".test.png"), device="auto")["metrics"]
+
+
+def brief(test: dict) -> str:
+    return ", ".join(f"{m} {v['value']:.4f} ({v['interval'][0]:.3f}-{v['interval'][1]:.3f})" for m, v in test.items())
 
 
 def run_the_search(base: Config, budget: float, tmp: Path, pruner: str) -> dict:
@@ -81,30 +89,33 @@ def run_the_search(base: Config, budget: float, tmp: Path, pruner: str) -> dict:
             f"{records.fmt(t.user_attrs.get(records.TRAIN_SECONDS))} s {records.reason(t)}")
     estimate = records.estimate(best)
     cfg = records.config(best)
-    return {"seconds": seconds, "trials": len(trials), "study": study, "best": best,
-            "estimate": estimate.accuracy, "interval": list(estimate.interval), "images": estimate.images,
+    return {"seconds": seconds, "trials": len(trials), "study": study, "best": best, "metric": estimate.metric,
+            "estimate": estimate.value, "interval": list(estimate.interval), "images": estimate.images,
+            "tau": records.kept_epoch(best).get("tau"), "class_weight": cfg.class_weight,
+            "balanced_sampling": cfg.balanced_sampling,
             "winner": {"trial": best.number, "recipe": records.portfolio_name(best), "backbone": cfg.backbone,
                        "image_size": cfg.image_size, "freeze_depth": cfg.freeze_depth, "epochs": cfg.epochs,
                        "best_epoch": best.user_attrs.get(records.BEST_EPOCH), "aug_strength": cfg.aug_strength},
             "states": {s.name.lower(): n for s, n in records.state_counts(trials).items()}}
 
 
-def at_test_priors(best, data_root: Path, base: Config) -> float | None:
+def at_test_priors(best, data_root: Path, base: Config, artifacts: Path) -> float | None:
     """The winner's out-of-fold recall per class, weighted by test/'s class frequencies."""
-    oof = best.user_attrs.get(records.OOF)
-    if not oof:
+    oof = records.load_oof(best, artifacts)
+    if oof is None:
         return None
     data = load_dataset(data_root, base.image_size, get_backbone(base.backbone).crop_pct)
-    y = data.labelled.labels.numpy()
-    pred = np.asarray(oof)
-    scored_ = pred >= 0  # a holdout search predicted its validation images only
-    recall = np.array([(pred[scored_ & (y == c)] == c).mean() for c in range(len(data.classes))])
+    seen = oof.fold >= 0  # a holdout search predicted its validation images only
+    y = oof.labels[seen]
+    pred = (np.log(np.maximum(oof.probabilities[seen], 1e-30)) - oof.tau * np.log(oof.prior)).argmax(1)
+    recall = np.array([(pred[y == c] == c).mean() for c in range(len(data.classes))])
     prior = np.bincount(data.test.labels.numpy(), minlength=len(data.classes)) / len(data.test)
     return float((recall * prior).sum())
 
 
-def probe(data_root: Path, backbone: str) -> dict:
-    """scikit-learn's LogisticRegressionCV on the frozen backbone's pooled features at its native size."""
+def probe(data_root: Path, backbone: str, metric: str) -> dict:
+    """scikit-learn's LogisticRegressionCV on the frozen backbone's pooled features at its native size, C chosen on
+    `metric` (sklearn's scorer of that name), classes weighted inversely to their frequency for a balanced metric."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -120,14 +131,16 @@ def probe(data_root: Path, backbone: str) -> dict:
         return torch.cat([model.features(normalize(center_crop(split.read(rows), spec.native_size), spec.mean, spec.std),
                                          len(model.stages)) for rows in torch.arange(len(split)).split(64)]).numpy()
 
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=3000))
+    weight = None if metric == "accuracy" else "balanced"
+    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=3000,
+                                                               scoring=metric, class_weight=weight))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # default changes announced for 1.10+
     clf.fit(features(data.labelled), data.labelled.labels.numpy())
-    acc = float((clf.predict(features(data.test)) == data.test.labels.numpy()).mean())
+    test = scored(data.test.labels.numpy(), clf.predict(features(data.test)), len(data.classes))
     lr = clf[-1]
     cv = float(np.max(np.mean(next(iter(lr.scores_.values())), axis=0)))  # its own 5-fold score at the chosen C
-    return scored(acc, len(data.test)) | {"test_accuracy": acc, "seconds": time.perf_counter() - t0, "cv_accuracy": cv,
-                                          "C": float(lr.C_[0]), "image_size": spec.native_size, "backbone": backbone}
+    return {"test": test, "seconds": time.perf_counter() - t0, "cv_score": cv, "class_weight": weight,
+            "C": float(lr.C_[0]), "image_size": spec.native_size, "backbone": backbone}
 
 
 def main() -> int:
@@ -144,6 +157,8 @@ def main() -> int:
     ap.add_argument("--skip-recipes", action="store_true", help="only the search and the probe")
     ap.add_argument("--pruner", default=SearchOptions.pruner, help="the search's pruner (default: the product's)")
     ap.add_argument("--keep", type=Path, help="copy the study's SQLite file here (learning curves for pruning replays)")
+    ap.add_argument("--metric", default="accuracy", choices=METRICS, help="what the search, the recipes and the probe "
+                                                                          "choose on (default: accuracy)")
     args = ap.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the account below says what each trial did
@@ -153,7 +168,8 @@ def main() -> int:
         root = as_test_root(args.data, tmp) if args.val_as_test else args.data
         if not (root / "test").is_dir():
             raise SystemExit(f"{root} has no test/ split; pass --val-as-test to score on val/")
-        base = Config(data=str(root), backbone=args.backbone, epochs=args.epochs, device=args.device, seed=args.seed)
+        base = Config(data=str(root), backbone=args.backbone, epochs=args.epochs, device=args.device, seed=args.seed,
+                      metric=args.metric)
 
         log(f"search: {args.budget:.0f} s budget on {args.data}")
         search = run_the_search(base, args.budget, tmp, args.pruner)
@@ -165,33 +181,36 @@ def main() -> int:
         base = base.replace(backbone=candidates[0])
         shipped = test_score(tmp / "search" / "best.pt", root)
         log(f"search: {search['trials']} trials in {search['seconds']:.0f} s; winner {search['winner']}; "
-            f"estimate {search['estimate']:.4f} {search['interval']}; test {shipped['test_accuracy']:.4f} {shipped['interval']}")
-        prior_adjusted = at_test_priors(search["best"], root, base)
+            f"estimate {search['metric']} {search['estimate']:.4f} {search['interval']}; test {brief(shipped)}")
+        prior_adjusted = at_test_priors(search["best"], root, base, tmp / "artifacts")
 
         recipes = {}
-        if not args.skip_recipes:
-            for name, params in SearchSpace.default(base.epochs).portfolio(base):
+        if not args.skip_recipes:  # the expert's recipes as written, with the post-hoc adjustment the search gives them
+            space = SearchSpace.default(base.epochs)
+            for name, params in space.portfolio(base):
                 t0 = time.perf_counter()
-                cfg = base.replace(**{k.split("@")[0]: v for k, v in params.items()})
+                cfg = base.replace(**{k.split("@")[0]: v for k, v in params.items()},
+                                   logit_adjustment=search["best"].user_attrs["config"]["logit_adjustment"])
                 metrics = train(cfg, tmp / "recipes" / name)
-                recipes[name] = {"test_accuracy": metrics["test_accuracy"], "interval": metrics["test"]["interval"],
-                                 "estimate": metrics["best_val_accuracy"], "seconds": time.perf_counter() - t0}
-                log(f"recipe {name}: estimate {metrics['best_val_accuracy']:.4f}, test {metrics['test_accuracy']:.4f} "
-                    f"{metrics['test']['interval']}, {recipes[name]['seconds']:.0f} s")
+                recipes[name] = {"test": metrics["test"], "estimate": metrics["best_val_score"], "tau": metrics["tau"],
+                                 "seconds": time.perf_counter() - t0}
+                log(f"recipe {name}: estimate {metrics['best_val_score']:.4f}, test {brief(metrics['test'])}, "
+                    f"{recipes[name]['seconds']:.0f} s")
 
-        probes = {b: probe(root, b) for b in candidates}  # the careful user's: a probe on each backbone,
-        p = max(probes.values(), key=lambda r: r["cv_accuracy"])  # the one its own cross-validation picks
+        probes = {b: probe(root, b, args.metric) for b in candidates}  # the careful user's: a probe on each backbone,
+        p = max(probes.values(), key=lambda r: r["cv_score"])  # the one its own cross-validation picks
         for b, r in probes.items():
-            log(f"probe {b}: cv {r['cv_accuracy']:.4f}, test {r['test_accuracy']:.4f} {r['interval']} (C={r['C']}), "
+            log(f"probe {b}: cv {args.metric} {r['cv_score']:.4f}, test {brief(r['test'])} (C={r['C']}), "
                 f"{r['seconds']:.0f} s")
 
-    line = {"data": str(args.data), "budget_s": args.budget, "test_images": shipped["images"],
-            "search": {"test_accuracy": shipped["test_accuracy"], "test_interval": shipped["interval"],
-                       "estimate": search["estimate"], "interval": search["interval"], "images": search["images"],
-                       "estimate_at_test_class_mix": prior_adjusted, "seconds": search["seconds"],
-                       "trials": search["trials"], "states": search["states"], "winner": search["winner"]},
+    line = {"data": str(args.data), "budget_s": args.budget, "metric": args.metric,
+            "test_images": shipped["accuracy"]["images"],
+            "search": {"test": shipped, "estimate": search["estimate"], "interval": search["interval"],
+                       "images": search["images"], "estimate_at_test_class_mix": prior_adjusted,
+                       "seconds": search["seconds"], "trials": search["trials"], "states": search["states"],
+                       "winner": search["winner"] | {k: search[k] for k in ("tau", "class_weight", "balanced_sampling")}},
             "recipes": recipes,
-            "probe": {k: p[k] for k in ("test_accuracy", "interval", "seconds", "C", "image_size", "backbone", "cv_accuracy")}}
+            "probe": {k: p[k] for k in ("test", "seconds", "C", "class_weight", "image_size", "backbone", "cv_score")}}
     print(json.dumps(line))
     return 0
 

@@ -31,7 +31,8 @@ def test_train_writes_model_config_metrics_and_test_accuracy(in_tmp, capsys):
     assert main(["train", "--data", str(data), "--out", "run", "--epochs", "3", *TINY]) == 0
     metrics = json.loads((in_tmp / "run" / "metrics.json").read_text())
     assert len(metrics["history"]) == 3 and 0 <= metrics["test_accuracy"] <= 1
-    assert "test_accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "test balanced_accuracy" in out and "test f1_macro" in out
     cfg = Config.from_yaml(in_tmp / "run" / "config.yaml")
     assert cfg.epochs == 3 and cfg.backbone == "tiny_cnn" and cfg.data == str(data)
 

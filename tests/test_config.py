@@ -79,7 +79,7 @@ NON_FINITE = [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-inf", "
 
 def test_every_float_and_int_key_is_covered():
     assert sorted(FLOAT_KEYS) == sorted(["head_lr", "base_lr", "layer_decay", "momentum", "weight_decay", "aug_strength",
-                                         "label_smoothing", "val_fraction"])
+                                         "label_smoothing", "val_fraction", "logit_adjustment"])
     assert {"image_size", "batch_size", "epochs", "t_max", "seed"} <= set(INT_KEYS)
 
 

@@ -1,13 +1,16 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from autoft.backbones import build_model
 from autoft.cache import RunCache
 from autoft.config import Config
+from autoft.estimate import Estimate
 from autoft.exceptions import ConfigError, TrialFailure
-from autoft.finetune import finetune, load_data, lr_factor, make_optimizer, plan_folds, refit_config
+from autoft.finetune import finetune, load_data, lr_factor, make_optimizer, plan_folds, refit_config, score_key
 
 
 def test_learnable_task_beats_chance_by_a_wide_margin(tiny_config):
@@ -150,11 +153,29 @@ def test_cross_validation_folds_are_stratified_fixed_and_cover_every_image(tiny_
 def test_each_epoch_is_scored_out_of_fold_on_every_image(tiny_config):
     result = finetune(tiny_config.replace(epochs=2))
     best = result.best
-    assert result.validated == 36 and len(best["fold_accuracy"]) == 5
-    assert len(result.oof) == 36 and all(0 <= p < 2 for p in result.oof)
-    labels = load_data(tiny_config).labelled.labels.tolist()
-    assert best["val_accuracy"] == pytest.approx(sum(p == y for p, y in zip(result.oof, labels)) / 36)
-    assert all(len(h["fold_accuracy"]) == 5 for h in result.history)
+    assert result.validated == 36 and len(best["fold_scores"]) == 5
+    assert result.oof.shape == (36, 2) and np.allclose(result.oof.sum(1), 1, atol=1e-5)  # every image out of fold
+    assert sorted(np.unique(result.fold)) == [0, 1, 2, 3, 4]
+    labels = load_data(tiny_config).labelled.labels.numpy()
+    pred = result.oof.argmax(1)
+    assert best["val_accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert best["val_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
+    assert best["val_f1_macro"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert all(len(h["fold_scores"]) == 5 for h in result.history)
+
+
+def test_the_kept_epoch_is_the_best_by_the_chosen_metric(tiny_config):
+    cfg = tiny_config.replace(epochs=3, metric="f1_macro", cv_folds=1)
+    result = finetune(cfg)
+    assert best_of(result.history, "f1_macro") is result.best
+    lo, hi, se = result.best["bootstrap"]  # a balanced metric's interval is the bootstrap's
+    assert lo <= result.best["val_f1_macro"] <= hi and se >= 0
+    assert Estimate.of(result.best, result.validated, "f1_macro").noise >= 1 / 12  # never 0, even at a perfect score
+    assert np.isnan(result.oof[load_data(cfg).holdout.train.numpy()]).all()  # a holdout predicts its val images only
+
+
+def best_of(history, metric):
+    return max(history, key=lambda h: score_key(h, metric))
 
 
 def test_holdout_run_is_one_fold_and_reproduces_the_single_model_run(tiny_config):
@@ -193,3 +214,19 @@ def test_refit_trains_every_labelled_image_for_the_epoch_the_score_chose(tiny_co
     assert len(shipped.history) == result.best["epoch"] == len(chosen)  # no more, no fewer epochs than validated
     assert len(shipped.members) == 1 and not shipped.validated  # one model; nothing was held out to score it
     assert ship(cfg.replace(final="ensemble"), data, result) is result  # the fold models as validated
+
+
+def test_imbalance_remedies_train_and_the_adjustment_reaches_the_checkpoint(tiny_config, tmp_path):
+    from autoft.checkpoint import load_checkpoint
+    from autoft.predict import evaluate
+    from autoft.runs import train
+
+    cfg = tiny_config.replace(epochs=2, cv_folds=1, metric="balanced_accuracy", class_weight="balanced",
+                              balanced_sampling=True, logit_adjustment=0.75)
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["tau"] == 0.75 and all(h["tau"] == 0.75 for h in metrics["history"])
+    assert metrics["best_val_score"] == metrics["best"]["val_balanced_accuracy"]
+    ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert ckpt["logit_adjustment"] == {"tau": 0.75, "prior": [0.5, 0.5]}
+    ev = evaluate(tmp_path / "run" / "model.pt", split="val", out=tmp_path / "cm.png", device="cpu")
+    assert set(ev["metrics"]) == {"accuracy", "balanced_accuracy", "f1_macro"}

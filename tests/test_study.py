@@ -11,7 +11,7 @@ from autoft.config import Config
 from autoft.exceptions import ConfigError
 from autoft.space import SearchSpace
 from autoft.objective import trial_seed
-from autoft.records import best_trial
+from autoft.records import best_trial, load_oof
 from autoft.study import SearchOptions, open_study, run_search
 
 
@@ -34,8 +34,10 @@ def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     best = best_trial(study)
     doc = yaml.safe_load((out / "best.yaml").read_text())
     estimate = doc["result"]["estimate"]
-    assert doc["result"]["trial"] == best.number and estimate["accuracy"] == best.value
-    assert estimate["images"] == 36 and estimate["folds"] == 5 and len(estimate["fold_accuracy"]) == 5
+    assert doc["result"]["trial"] == best.number and estimate["value"] == best.value
+    assert doc["result"]["metric"] == estimate["metric"] == "accuracy"
+    assert set(doc["result"]["scores"]) == {"val_accuracy", "val_balanced_accuracy", "val_f1_macro"}
+    assert estimate["images"] == 36 and estimate["folds"] == 5 and len(estimate["fold_scores"]) == 5
     assert estimate["interval"][0] <= best.value <= estimate["interval"][1]
     assert Config.from_yaml(out / "best.yaml") == Config.from_dict(best.user_attrs["config"])
     ckpt = load_checkpoint(out / "best.pt")
@@ -43,13 +45,16 @@ def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     assert len(ckpt["members"]) == 4 and ckpt["metrics"]["shipped"] == "ensemble of 5 fold models"  # the validated models
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
-    assert {"freeze_depth", "head_lr", "base_lr", "t_max", "aug_strength", "image_size", "recipe", "interval_low",
-            "interval_high", "fold_accuracy", "se", "images"} <= set(rows[0])
-    assert len(rows[0]["fold_accuracy"].split(";")) == 5
+    assert {"freeze_depth", "head_lr", "base_lr", "t_max", "aug_strength", "image_size", "recipe", "metric", "value",
+            "interval_low", "interval_high", "fold_scores", "se", "images", "val_accuracy", "val_balanced_accuracy",
+            "val_f1_macro", "tau"} <= set(rows[0])
+    assert len(rows[0]["fold_scores"].split(";")) == 5
     attrs = best.user_attrs
     assert len(attrs["history"]) == tiny_config.epochs and attrs["device"] == "cpu"
     assert attrs["wall_time_s"] > 0 and attrs["images_per_s"] > 0 and attrs["peak_memory_mb"] > 0
-    assert len(attrs["oof_predictions"]) == 36 and attrs["train_seconds"] > 0
+    assert attrs["train_seconds"] > 0
+    oof = load_oof(best, in_tmp / "studies" / "artifacts")  # the kept epoch's out-of-fold probabilities, an artifact
+    assert oof.probabilities.shape == (36, 2) and oof.estimate("accuracy").value == pytest.approx(best.value)
     artifact = attrs["weights_artifact_id"]
     assert (in_tmp / "studies" / "artifacts" / artifact).is_file()
 
@@ -143,7 +148,7 @@ def _told(study, value, loss, images=600, seconds=10.0):
     """A completed trial with fake scores, as the objective records them."""
     t = study.ask()
     t.set_user_attr("val_loss", loss)
-    t.set_user_attr("estimate", {"accuracy": value, "images": images, "fold_accuracy": [value] * 5})
+    t.set_user_attr("estimate", {"metric": "accuracy", "value": value, "images": images, "fold_scores": [value] * 5})
     t.set_user_attr("train_seconds", seconds)
     study.tell(t, value)
     return t.number
