@@ -10,6 +10,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from autoft import records
 from autoft.backbones import LogitAdjusted, build_model
+from autoft.cache import RunCache
 from autoft.checkpoint import assemble
 from autoft.config import Config
 from autoft.estimate import Estimate, bootstrap, confusion, from_confusion, scores
@@ -204,11 +205,12 @@ def test_class_weights_are_scikit_learns():
 def test_balanced_sampling_draws_every_class_about_equally():
     labels = torch.tensor([0] * 90 + [1] * 10)
     cfg = Config(backbone="tiny_cnn", balanced_sampling=True, device="cpu")
-    run = _FoldRun(cfg, Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0, labels, 2, torch.device("cpu"))
+    run = _FoldRun(cfg, Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0, labels, 2, torch.device("cpu"),
+                   RunCache())
     drawn = labels[torch.multinomial(run.draw, 100 * 50, replacement=True, generator=torch.Generator().manual_seed(0))]
     assert abs(drawn.float().mean().item() - 0.5) < 0.03  # the rare class drawn half the time, not a tenth
     assert _FoldRun(cfg.replace(balanced_sampling=False), Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0,
-                    labels, 2, torch.device("cpu")).draw is None
+                    labels, 2, torch.device("cpu"), RunCache()).draw is None
 
 
 def test_logit_adjustment_with_tau_zero_is_a_no_op():
@@ -252,7 +254,7 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
     for f in sorted((data / "train" / "dog").iterdir())[2:]:  # with val/: 18 cats, 8 dogs, imbalanced
         f.unlink()
 
-    def fake_finetune(cfg, data, report):  # fake scores, no training
+    def fake_finetune(cfg, data, report, cache=None):  # fake scores, no training
         m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "val_balanced_accuracy": 0.6,
              "val_f1_macro": 0.55, "images_per_s": 1.0, "epoch_time_s": 0.1, "tau": 0.0}
         report(0, m)
