@@ -273,3 +273,15 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
             "0.6000 (accuracy 0.8000); to choose on it: --metric balanced_accuracy") in out
     with pytest.raises(ConfigError, match=r"different base config \(metric\)"):
         run_search(cfg.replace(metric="balanced_accuracy"), SearchOptions(trials=1, sampler="random"))
+
+
+def test_metric_may_be_set_in_the_search_block_of_a_config_file(tmp_path, monkeypatch):
+    from autoft.cli import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("search: {metric: f1_macro, trials: 3}\n")
+    cfg, search = resolve_config(build_parser().parse_args(["search", "--config", "a.yaml"]))
+    assert cfg.metric == "f1_macro" and search == {"trials": 3}
+    (tmp_path / "b.yaml").write_text("metric: accuracy\nsearch: {metric: f1_macro}\n")
+    with pytest.raises(ConfigError, match="metric"):
+        resolve_config(build_parser().parse_args(["search", "--config", "b.yaml"]))
