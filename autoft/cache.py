@@ -40,7 +40,7 @@ def load_data(cfg: Config) -> Dataset:
     search must validate on the same images, or their scores would not compare.
     """
     return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images)
+                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=cfg.labels)
 
 
 class Images:
@@ -144,7 +144,8 @@ class RunCache:
 
     def dataset(self, cfg: Config) -> Dataset:
         """The dataset `cfg` names, loaded once for this cache: by data folder, decoded size and split settings."""
-        key = (cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction, cfg.skip_bad_images)
+        key = (cfg.data, cfg.labels, cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction,
+               cfg.skip_bad_images)
         if key in self._datasets:
             self._datasets.move_to_end(key)
             return self._datasets[key]

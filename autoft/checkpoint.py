@@ -16,6 +16,7 @@ from torch import nn
 
 from .backbones import Ensemble, LogitAdjusted, build_model
 from .config import Config
+from .data import Fingerprint
 from .exceptions import AutoftError, ConfigError
 from .files import atomic_torch_save, versions
 
@@ -25,15 +26,25 @@ READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members
 
 def save_checkpoint(path: str | os.PathLike, members: Sequence[dict[str, torch.Tensor]], classes: list[str],
                     config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0,
-                    tau: float = 0.0, prior: Sequence[float] = ()) -> None:
+                    tau: float = 0.0, prior: Sequence[float] = (), data: Fingerprint | None = None) -> None:
     """One model (one member) or an ensemble whose members share their first `shared_stages` stages; with its
-    logit adjustment `tau` for the class `prior` (applied by every reader: predict, evaluate, export)."""
+    logit adjustment `tau` for the class `prior` (applied by every reader: predict, evaluate, export), and `data`,
+    the fingerprint of the images it trained on (so `evaluate` knows new data from seen data)."""
     shared = _prefixes(shared_stages)
     rest = [{k: v for k, v in m.items() if not k.startswith(shared)} for m in members[1:]]
     atomic_torch_save(path, {"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
                              "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
                              "metrics": dict(metrics or {}), "versions": versions(),
-                             "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]}})
+                             "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]},
+                             "data": data.to_dict() if data is not None else None})
+
+
+def trained_on(ckpt: dict[str, Any]) -> Fingerprint | None:
+    """The fingerprint of the data a checkpoint trained on; None for one written before fingerprints."""
+    try:
+        return Fingerprint.from_dict(ckpt["data"]) if ckpt.get("data") else None
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

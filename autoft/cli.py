@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from .config import Config, check_keys, load_yaml
+from .config import PATH_KEYS, Config, check_keys, load_yaml
 from .estimate import METRICS, Estimate
-from .exceptions import AutoftError, ConfigError, Terminated
+from .exceptions import AutoftError, ConfigError, Terminated, disk_full
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
 from .study import SearchOptions
 
@@ -53,9 +53,10 @@ def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[datacl
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """Every Config key as a flag, its value read as YAML like the config file's."""
+    """Every Config key as a flag, its value read as YAML like the config file's; a path key's kept as typed."""
     p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
-    add_flags(p.add_argument_group("config keys (override the file)"), Config, lambda f: _scalar)
+    add_flags(p.add_argument_group("config keys (override the file)"), Config,
+              lambda f: str if f.name in PATH_KEYS else _scalar)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -64,7 +65,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     `args.given` becomes the config keys set by flag: a search does not overrule what was typed for this run
     (a file's keys, such as a best.yaml's, are only the base it searches from)."""
     path = args.config or (PROJECT_FILE if os.path.isfile(PROJECT_FILE) else None)
-    values = load_yaml(path) if path else {}
+    values = load_yaml(path, raw=PATH_KEYS) if path else {}
     values.pop("result", None)  # an exported best.yaml carries its score here
     search = values.pop("search", None) or {}
     if not isinstance(search, dict):
@@ -192,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .predict import evaluate
 
-    ev = evaluate(args.model, args.data, args.split, args.out, args.device)
+    ev = evaluate(args.model, args.data, args.split, args.out, args.device, args.labels)
     if args.json:
         print(json.dumps({k: v for k, v in ev.items() if k != "report"}, indent=2))
         return 0
@@ -310,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a model on labelled data")
     p.add_argument("--model", required=True, help="best.pt or model.pt")
-    p.add_argument("--data", help="dataset root (default: the data the model was trained on)")
-    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score (default: val)")
+    p.add_argument("--data", help="dataset root (default: the data the model was trained on); a folder of class "
+                                  "folders without train/ is scored whole")
+    p.add_argument("--labels", metavar="FILE.csv", help="score the images a CSV lists (path,label[,split]) instead")
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="split to score; all = train and val (default: val; new data without train/: all)")
     p.add_argument("--out", help="confusion matrix PNG (default: <model>_<split>_confusion.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -355,6 +359,11 @@ def setup_logging(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A file name that is not UTF-8 (Python holds its odd bytes as surrogates): stdout writes the bytes as they are
+    # on disk, so `autoft predict | cut -f1` gives paths that open; messages on stderr show them as \udcNN.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     try:
@@ -368,6 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoft: interrupted; finished trials and exports are kept, run again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # out of space in a library's write (the study's SQLite file, ...): name the cause
+        full = disk_full(exc)
+        if full is None:
+            raise
+        storage = getattr(args, "storage", None)
+        where = f" (the study's storage is {storage})" if storage else ""
+        print(f"autoft: error: {mask_url(full + where)}; free space there and run again (finished work is kept)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

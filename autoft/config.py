@@ -17,6 +17,7 @@ from .estimate import METRICS
 from .exceptions import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PATH_KEYS = ("data", "weights", "labels")  # always a path as typed: `2024` and `0123` stay strings; ~ and $VARS expand
 FINALS = ("ensemble", "refit")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -31,6 +32,9 @@ class Config:
     """Everything one fine-tune needs. Every key has a default, so `data:` alone is a valid file."""
 
     data: str | None = field(default=None, metadata={"help": "dataset root (train/<class>/...); none = built-in digits demo"})
+    labels: str | None = field(default=None, metadata={
+        "help": "CSV file with columns path,label[,split] (paths relative to its folder), instead of class folders",
+        "metavar": "FILE.csv"})
     backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
     weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
     image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
@@ -74,7 +78,10 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, _check(f, getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if f.name in PATH_KEYS:
+                value = expand_path(value, f.name)
+            setattr(self, f.name, _check(f, value))
         if self.head_only_epochs > self.epochs:
             raise ConfigError(f"config key 'head_only_epochs': {self.head_only_epochs} is more than epochs ({self.epochs})")
         if not _DEVICE.match(self.device):
@@ -94,7 +101,7 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "Config":
         """Read a config (or an exported best.yaml, whose extra `result:` block is ignored)."""
-        values = load_yaml(path)
+        values = load_yaml(path, raw=PATH_KEYS)
         values.pop("result", None)
         values.update(overrides)
         return cls.from_dict(values)
@@ -111,7 +118,7 @@ class Config:
         def absolute(path: str | None) -> str | None:
             return path if path in (None, "random") else os.path.abspath(os.path.expanduser(path))
 
-        return self.replace(data=absolute(self.data), weights=absolute(self.weights))
+        return self.replace(data=absolute(self.data), weights=absolute(self.weights), labels=absolute(self.labels))
 
     def to_yaml(self, result: dict[str, Any] | None = None) -> str:
         """YAML that `autoft train --config` reads back; `result` goes under a key it ignores."""
@@ -130,11 +137,37 @@ def check_keys(keys: Iterable[str], known: Iterable[str], what: str, where: str 
         raise ConfigError(f"{where}unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """safe_load a YAML mapping, turning every failure into a one-line ConfigError."""
+_ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def expand_path(value: Any, key: str) -> Any:
+    """A path key as people write it: `~` and environment variables ($HOME, ${X}) expanded, a PathLike as its
+    string; an unset variable is a one-line ConfigError naming it (rather than a folder literally called `$X`)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or value.lower() in ("none", "null", "~", "random"):
+        return value
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = _ENV_VAR.search(expanded)
+    if unset and unset.group(1).strip("{}") not in os.environ and unset.group(0) in value:
+        raise ConfigError(f"config key {key!r}: environment variable {unset.group(0)} in {value!r} is not set")
+    return expanded
+
+
+def load_yaml(path: str | os.PathLike, raw: Iterable[str] = ()) -> dict[str, Any]:
+    """safe_load a YAML mapping, turning every failure into a one-line ConfigError.
+
+    The top-level keys in `raw` keep their scalar's text as written (`data: 2024` is the folder "2024", not
+    an int; `0123` is not 83): the document is composed with yaml.SafeLoader and those nodes read unresolved.
+    """
     try:
         with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh)
+            loader = yaml.SafeLoader(fh)
+            try:
+                node = loader.get_single_node()
+                values = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
     except IsADirectoryError:
@@ -155,6 +188,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{os.fspath(path)} must hold a mapping of keys to values, not a {type(values).__name__}")
+    raw = set(raw)
+    for key_node, value_node in node.value if raw else ():
+        key = key_node.value
+        if key in raw and isinstance(value_node, yaml.ScalarNode) and values.get(key) is not None \
+                and not isinstance(values.get(key), str):
+            values[key] = value_node.value
     return values
 
 

@@ -7,6 +7,7 @@ transform is the pretraining one (resize, centre crop) and training crops have r
 from __future__ import annotations
 
 import bisect
+import csv
 import functools
 import hashlib
 import json
@@ -14,8 +15,11 @@ import logging
 import math
 import os
 import tempfile
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -23,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
-from .exceptions import DataError
-from .files import atomic_npy, atomic_write_text
+from .exceptions import ConfigError, DataError
+from .files import atomic_npy, atomic_write_text, check_writable_dir
 
 log = logging.getLogger("autoft")
 
@@ -106,6 +110,8 @@ class Dataset:
     image_size: int
     store_size: int
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it could not be read
+    fingerprint: Fingerprint | None = None  # of the scanned files (see Fingerprint): what the data is, not its path
+    flat: bool = False  # no train/ (or no split column): every image was found as train
 
     @property
     def store(self) -> ImageStore:
@@ -126,14 +132,31 @@ class Dataset:
     def cv_folds(self, k: int) -> list[Fold]:
         """Stratified k-fold over every labelled image, fixed (seed 0) for every trial, seed and resume of a study.
 
-        k shrinks to the smallest class's size (at least 2), so that every class is in every validation fold.
+        k shrinks to the smallest class's size (at least 2), so that every class is in every validation fold; that
+        is said once by `cv_notice`, so scikit-learn's own warning about it is silenced here.
         """
         from sklearn.model_selection import StratifiedKFold
 
         labels = self.labelled.labels.numpy()
         k = max(2, min(k, int(np.bincount(labels).min())))
         splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=0)
-        return [Fold(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The least populated class in y has only", UserWarning)
+            folds = list(splitter.split(np.zeros(len(labels)), labels))
+        return [Fold(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in folds]
+
+    def cv_notice(self, k: int) -> str | None:
+        """What `cv_folds(k)` changes, in one line, when a class has fewer than k labelled images; else None."""
+        counts = np.bincount(self.labelled.labels.numpy(), minlength=len(self.classes))
+        small = int(counts.argmin())
+        n = int(counts[small])
+        if n >= k:
+            return None
+        used = max(2, n)
+        why = ("so that every class is in every validation fold" if n >= 2 else
+               f"and {self.classes[small]!r} is validated in only one of them")
+        return (f"class {self.classes[small]!r} has {n} labelled image{'s' if n != 1 else ''}: cross-validation uses "
+                f"{used} folds, not {k}, {why}")
 
 
 def store_size_for(image_size: int, crop_pct: float) -> int:
@@ -147,14 +170,145 @@ def cache_dir() -> Path:
 
 # --- discovery --------------------------------------------------------------------------------------------
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+SPLITS = ("train", "val", "test")
 
 
-def _images_in(folder: Path) -> list[str]:
-    # rglob does not descend into symlinked subfolders (3.10-3.12, and 3.13+ by default), so a link cycle cannot loop;
-    # the folder itself may be a link (checked by _refuse_overlapping_links).
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def is_image(path: str | os.PathLike) -> bool:
+    """THE rule for what counts as an image: a known extension (the fast path), else any file Pillow can
+    identify from its header without decoding it (.jfif, .avif where Pillow has the plugin, files without an
+    extension). A file that passes but cannot be decoded is reported as unreadable, not dropped."""
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with warnings.catch_warnings():  # a huge image is still an image (decode refuses it, with its size)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path):
+                return True
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # not an image Pillow knows, or unreadable
+        return False
+
+
+def find_images(folder: str | os.PathLike, skipped: Counter[str]) -> list[str]:
+    """Images under `folder` at any depth, sorted; what is left out is counted in `skipped` by why.
+
+    Hidden files and folders (a leading '.', such as .ipynb_checkpoints or .DS_Store) are skipped at every
+    depth. Linked subfolders are not followed (a link cycle cannot loop; `folder` itself may be a link).
+    """
+    found = []
+    for top, dirs, files in os.walk(folder):
+        keep = []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                skipped["hidden folder"] += 1
+            elif os.path.islink(os.path.join(top, d)):
+                skipped["linked subfolder (not followed)"] += 1
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for name in files:
+            path = os.path.join(top, name)
+            if name.startswith("."):
+                skipped["hidden file"] += 1
+            elif not os.path.isfile(path):
+                skipped["broken link"] += 1
+            elif is_image(path):
+                found.append(path)
+            else:
+                skipped["non-image file"] += 1
+    return sorted(found)
+
+
+BESIDE_TRAIN = "folder beside train/ (only train, val and test are read)"
+_PLURALS = {BESIDE_TRAIN: "folders beside train/ (only train, val and test are read)",
+            "linked subfolder (not followed)": "linked subfolders (not followed)",
+            "file outside a class folder": "files outside class folders"}
+
+
+def _plural(n: int, what: str) -> str:
+    return f"1 {what}" if n == 1 else f"{n} {_PLURALS.get(what, what + 's')}"
+
+
+def skipped_summary(skipped: Counter[str]) -> str:
+    """One line: 'skipped 3 non-image files, 2 hidden folders'; empty when nothing was skipped."""
+    return "skipped " + ", ".join(_plural(n, why) for why, n in skipped.most_common()) if skipped else ""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A labelled dataset's content, whatever its path is spelled: classes, images per class per split, and per
+    split a SHA-256 of every image's (class, path relative to the split folder or the CSV's folder, size).
+
+    Two spellings of one folder have equal fingerprints; a renamed, added, removed or resized file changes it.
+    """
+
+    classes: tuple[str, ...]
+    counts: dict[str, list[int]]  # split -> images per class, in the order of `classes`
+    hashes: dict[str, str]  # split -> hex SHA-256
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"classes": list(self.classes), "counts": dict(self.counts), "hashes": dict(self.hashes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
+        return cls(tuple(d["classes"]), {k: list(v) for k, v in d["counts"].items()}, dict(d["hashes"]))
+
+    def differences(self, before: "Fingerprint") -> str:
+        """What changed from `before` to this, in words ("classes added: 'bird'; train: 6 images more")."""
+        out = []
+        added = [c for c in self.classes if c not in before.classes]
+        removed = [c for c in before.classes if c not in self.classes]
+        if added:
+            out.append("classes added: " + ", ".join(map(repr, added)))
+        if removed:
+            out.append("classes removed: " + ", ".join(map(repr, removed)))
+        for split in SPLITS:
+            if self.hashes.get(split) == before.hashes.get(split):
+                continue
+            now, then = sum(self.counts.get(split, [])), sum(before.counts.get(split, []))
+            change = (f"{now - then} image(s) more" if now > then else f"{then - now} image(s) fewer" if then > now
+                      else "as many images, but other files (renamed, replaced or relabelled)")
+            out.append(f"{split}: {change} ({then} -> {now})")
+        return "; ".join(out) or "the same images"
+
+
+@dataclass
+class Found:
+    """What `scan` found: classes and (paths, labels) per split, what it left out and why, and the fingerprint."""
+
+    root: str  # absolute: the data folder, or the folder of the labels CSV
+    classes: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # "train" (always), "val", "test" -> (paths, class indices)
+    flat: bool  # no split structure (class folders at the root, a CSV without a split column): all is train
+    skipped: Counter[str]
+    fingerprint: Fingerprint
+
+
+def _fingerprint(classes: list[str], splits: dict[str, tuple[list[str], list[int]]],
+                 bases: dict[str, str]) -> Fingerprint:
+    """The fingerprint of `splits`, each image's path taken relative to its split's base folder."""
+    counts, hashes = {}, {}
+    for split, (paths, labels) in splits.items():
+        h = hashlib.sha256()
+        rows = sorted((os.fsencode(os.path.relpath(p, bases[split])), y, p) for p, y in zip(paths, labels))
+        for rel, y, p in rows:
+            h.update(os.fsencode(classes[y]) + b"\0" + rel + b"\0" + str(os.stat(p).st_size).encode() + b"\n")
+        counts[split] = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()
+        hashes[split] = h.hexdigest()
+    return Fingerprint(tuple(classes), counts, hashes)
+
+
+def _class_dirs(folder: Path, skipped: Counter[str]) -> list[Path]:
+    dirs = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            skipped["hidden folder" if p.is_dir() else "hidden file"] += 1
+        elif p.is_dir():
+            dirs.append(p)
+        else:
+            skipped["file outside a class folder"] += 1
+    return dirs
 
 
 def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[Path]) -> None:
@@ -194,25 +348,37 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
                             f"{e.name!r} images; {fix(d)}")
 
 
-def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str], list[int]]]]:
-    """Classes and (paths, labels) per split found under ROOT/{train,val,test}/<class>/.
+def scan(root: str | os.PathLike | None, labels: str | os.PathLike | None = None) -> Found:
+    """Classes and (paths, labels) per split: from ROOT/{train,val,test}/<class>/ (a root holding class folders
+    directly, with no train/, is read whole as the train split), or from a labels CSV (`labels`; see `scan_csv`).
 
-    A root holding class folders directly (no train/) is read as the train split.
+    Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders").
     """
-    root = Path(root)
+    found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(root))
+    if found.skipped:
+        log.info("%s: %s", found.root, skipped_summary(found.skipped))
+    return found
+
+
+def _scan_folders(root: Path) -> Found:
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist; expected {root}/train/<class>/*.jpg")
+    skipped: Counter[str] = Counter()
     train = root / "train"
-    if not train.is_dir():
+    flat = not train.is_dir()
+    if flat:
         if any((root / s).is_dir() for s in ("val", "test")):
             raise DataError(f"{root} has no train/ folder; expected {root}/train/<class>/*.jpg")
         train = root
-    classes = [d.name for d in _class_dirs(train)]
+    else:  # e.g. valid/ instead of val/: said in the summary, not silently ignored
+        for p in root.iterdir():
+            if p.is_dir() and p.name not in SPLITS and not p.name.startswith("."):
+                skipped[BESIDE_TRAIN] += 1
+    folders = {"train": train} | ({} if flat else {s: root / s for s in ("val", "test") if (root / s).is_dir()})
+    dirs = {split: _class_dirs(folder, skipped) for split, folder in folders.items()}
+    classes = [d.name for d in dirs["train"]]
     if len(classes) < 2:
         raise DataError(f"{train} has {len(classes)} class folder(s); a classifier needs at least two (train/<class>/...)")
-    folders = {split: folder for split, folder in (("train", train), ("val", root / "val"), ("test", root / "test"))
-               if folder.is_dir() and (split == "train" or folder != train)}
-    dirs = {split: _class_dirs(folder) for split, folder in folders.items()}
     _refuse_overlapping_links(folders, [d for ds in dirs.values() for d in ds])
     splits = {}
     for split, folder in folders.items():
@@ -220,21 +386,94 @@ def scan(root: str | os.PathLike) -> tuple[list[str], dict[str, tuple[list[str],
         for d in dirs[split]:
             if d.name not in classes:
                 raise DataError(f"{d} is a class that train/ does not have; add {train / d.name} or remove it")
-            found = _images_in(d)
+            found = find_images(d, skipped)
             if not found and split == "train":
-                raise DataError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise DataError(f"class folder {d} holds no images (no file Pillow can read, hidden ones aside)")
             paths += found
             labels += [classes.index(d.name)] * len(found)
         if paths:
             splits[split] = (paths, labels)
-    return classes, splits
+    fingerprint = _fingerprint(classes, splits, {s: str(f) for s, f in folders.items()})
+    return Found(os.path.abspath(root), classes, splits, flat, skipped, fingerprint)
+
+
+CSV_COLUMNS = ("path", "label")  # and optionally "split"
+
+
+def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -> Found:
+    """Labels from a CSV file (csv module; UTF-8, a BOM allowed): a header with the columns `path` and `label`
+    (any order, other columns ignored) and optionally `split` (train, val or test; without it every row is
+    train, as a folder of class folders is). Paths are relative to the CSV's folder (or absolute); `data`, when
+    given, must be that folder. Classes are the train rows' labels, sorted. Every error names the CSV line.
+    """
+    csv_path = Path(labels)
+    if not csv_path.is_file():
+        raise DataError(f"labels file {str(csv_path)!r} {'is a folder' if csv_path.is_dir() else 'does not exist'}; "
+                        "expected a CSV with columns path,label[,split]")
+    base = os.path.abspath(csv_path.parent)
+    if data is not None and os.path.realpath(data) != os.path.realpath(base):
+        raise ConfigError(f"data {os.fspath(data)!r} is not the folder of the labels file {csv_path}: its paths are "
+                          f"relative to its own folder ({base}); leave out data")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path} is not a text (UTF-8) CSV file: byte {exc.start} cannot be decoded") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} is not a valid CSV file: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read labels file {csv_path}: {exc.strerror or exc}") from None
+    if not rows:
+        raise DataError(f"{csv_path} is empty; expected a header path,label[,split] and one row per image")
+    header = [h.strip().lower() for h in rows[0]]
+    for column in CSV_COLUMNS:
+        if column not in header:
+            raise DataError(f"{csv_path} has no {column!r} column (its header: {','.join(rows[0])}); expected "
+                            "path,label[,split]")
+    at = {c: header.index(c) for c in (*CSV_COLUMNS, "split") if c in header}
+    entries, lines, seen = [], {}, {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(v.strip() for v in row):
+            continue
+        if len(row) < len(header):
+            raise DataError(f"{csv_path} line {n}: {len(row)} value(s), but the header has {len(header)}")
+        rel, label = row[at["path"]].strip(), row[at["label"]].strip()
+        split = row[at["split"]].strip().lower() if "split" in at else "train"
+        if not rel or not label:
+            raise DataError(f"{csv_path} line {n}: the {'path' if not rel else 'label'} is empty")
+        if split not in SPLITS:
+            raise DataError(f"{csv_path} line {n}: split {row[at['split']]!r} is not train, val or test")
+        path = os.path.join(base, rel)
+        if not os.path.isfile(path):
+            raise DataError(f"{csv_path} line {n}: image {rel!r} does not exist (paths are relative to {base})")
+        if path in seen:
+            raise DataError(f"{csv_path} line {n}: {rel!r} is listed twice (also on line {seen[path]})")
+        seen[path] = n
+        entries.append((split, path, label))
+        lines.setdefault((split, label), n)
+    if not entries:
+        raise DataError(f"{csv_path} has a header but no rows; expected one row per image")
+    classes = sorted({label for split, _, label in entries if split == "train"})
+    if len(classes) < 2:
+        raise DataError(f"{csv_path} has {len(classes)} class(es) in its train rows; a classifier needs at least two")
+    for (split, label), n in lines.items():
+        if label not in classes:
+            raise DataError(f"{csv_path} line {n}: class {label!r} is in {split} but has no train rows")
+    splits = {}
+    for split in SPLITS:
+        rows_ = sorted((p, classes.index(label)) for s, p, label in entries if s == split)
+        if rows_:
+            splits[split] = ([p for p, _ in rows_], [y for _, y in rows_])
+    fingerprint = _fingerprint(classes, splits, dict.fromkeys(splits, base))
+    return Found(base, classes, splits, "split" not in at, Counter(), fingerprint)
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
 
-def decode(path: str, size: int) -> np.ndarray:
+def decode(path: str, size: int, rescaled: list[str] | None = None) -> np.ndarray:
     """One image as (size, size, 3) uint8: upright by its EXIF orientation, any mode to RGB (16-bit over its
-    full range), shorter side resized to size, centre square.
+    full range; 32-bit integer and float greyscale over the image's own min..max, its path then appended to
+    `rescaled`), shorter side resized to size, centre square.
 
     Sizes are checked before decoding (an explicit check: warning filters are not thread-safe, and
     decoding runs in threads): tiny images carry no signal, huge ones may be decompression bombs.
@@ -248,8 +487,12 @@ def decode(path: str, size: int) -> np.ndarray:
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
         im.load()  # decoding errors surface here, before EXIF is read
         _exif_upright(im)
-        if im.mode.startswith("I;16") or im.mode == "I":
+        if im.mode.startswith("I;16"):
             im = _16bit_to_l(im)
+        elif im.mode in ("I", "F"):
+            im = _range_to_l(im)
+            if rescaled is not None:
+                rescaled.append(path)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -278,37 +521,66 @@ def _exif_upright(im: Image.Image) -> None:
 
 
 def _16bit_to_l(im: Image.Image) -> Image.Image:
-    """16-bit greyscale (modes I;16*, and I holding 16-bit values) to 8-bit L over its full range.
+    """16-bit greyscale (modes I;16*) to 8-bit L over its full range.
 
     Pillow's own conversion clips at 255, leaving a 16-bit image a few grey levels. The high byte is kept,
-    as Pillow does for 16-bit RGB PNGs. An I image whose values all fit in 0..255 is taken as 8-bit.
+    as Pillow does for 16-bit RGB PNGs.
     """
-    a = np.asarray(im)
-    if im.mode == "I":
-        a = a.clip(0, 255) if a.max(initial=0) <= 255 else a.clip(0, 65535) >> 8
-    else:
-        a = a >> 8
-    return Image.fromarray(a.astype(np.uint8))
+    return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
 
 
-def _try_decode(path: str, size: int) -> np.ndarray | str:
+def _range_to_l(im: Image.Image) -> Image.Image:
+    """32-bit integer (I) and float (F) greyscale to 8-bit L, scaled from the image's own min..max to 0..255.
+
+    Such images have no fixed range (floats in 0..1 from microscopy or remote sensing, counts, elevations),
+    and Pillow's conversion clips them (0..1 floats become all black). Non-finite values take the minimum;
+    a constant image becomes mid-grey.
+    """
+    a = np.asarray(im, dtype=np.float64)
+    finite = np.isfinite(a)
+    lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 0.0)
+    if hi == lo:
+        return Image.fromarray(np.full(a.shape, 128, np.uint8))
+    scaled = (np.where(finite, a, lo) - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def _try_decode(path: str, size: int, rescaled: list[str] | None = None) -> np.ndarray | str:
     """The decoded image, or a one-line reason it cannot be used."""
     try:
-        return decode(path, size)
+        return decode(path, size, rescaled)
     except Exception as exc:  # unreadable, truncated, not an image, too small or too large
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
 DECODE_CHUNK = 256  # images decoded (in parallel threads) per chunk written to the store: bounds decoding's memory
-STORE_VERSION = 3  # v2: EXIF orientation, 16-bit range; v3: the memory-mapped .npy store
+STORE_VERSION = 4  # v2: EXIF orientation, 16-bit range; v3: the memory-mapped .npy store; v4: I and F over their range
+
+
+def rescaled_notice(n: int) -> str:
+    return (f"{n} image(s) are 32-bit integer or float greyscale (Pillow modes I, F): each is scaled from its own "
+            "min..max range to 0..255")
 
 
 def _store_key(paths: list[str], size: int) -> str:
+    """Every file's absolute path (as bytes: a non-UTF-8 name is fine), size and modification time, so a file
+    replaced in place is decoded again."""
     h = hashlib.sha1(f"v{STORE_VERSION}:{size}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(os.fsencode(os.path.abspath(p)) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def check_cache() -> Path:
+    """The image store's folder, checked writable before anything is decoded: a one-line ConfigError naming it
+    (and $AUTOFT_CACHE) rather than a PermissionError after a scan."""
+    folder = cache_dir()
+    what = "image cache (AUTOFT_CACHE)" if "AUTOFT_CACHE" in os.environ else "image cache"
+    try:
+        return check_writable_dir(folder, what)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; set AUTOFT_CACHE to a folder you can write") from None
 
 
 def open_store(paths: list[str], size: int) -> ImageStore:
@@ -339,28 +611,35 @@ def _decode_into(file: Path, paths: list[str], size: int) -> dict[int, str]:
     order; returns index -> reason for the bad ones. The file appears whole or not at all."""
     n_jobs = min(8, os.cpu_count() or 1)
     bad: dict[int, str] = {}
+    rescaled: list[str] = []  # list.append is atomic: safe from the decoding threads
     with atomic_npy(file, (len(paths), 3, size, size), np.uint8) as out, \
             joblib.Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
         row = 0
         for start in range(0, len(paths), DECODE_CHUNK):
             chunk = paths[start:start + DECODE_CHUNK]
-            for i, r in enumerate(parallel(joblib.delayed(_try_decode)(p, size) for p in chunk), start):
+            for i, r in enumerate(parallel(joblib.delayed(_try_decode)(p, size, rescaled) for p in chunk), start):
                 if isinstance(r, str):
                     bad[i] = r
                 else:
                     out.array[row] = r.transpose(2, 0, 1)
                     row += 1
         out.rows = row
+    if rescaled:
+        log.info(rescaled_notice(len(rescaled)))
     return bad
 
 
 def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
-                 val_fraction: float = 0.2, skip_bad_images: bool = False) -> Dataset:
-    """Scan, decode (or reuse the cache) and split. `root=None` uses the built-in digits demo."""
+                 val_fraction: float = 0.2, skip_bad_images: bool = False,
+                 labels: str | os.PathLike | None = None) -> Dataset:
+    """Scan (class folders, or the `labels` CSV), decode (or reuse the cache) and split. `root=None` without
+    `labels` uses the built-in digits demo."""
     from sklearn.model_selection import train_test_split
 
-    root = demo_digits() if root is None else root
-    classes, found = scan(root)
+    check_cache()
+    root = demo_digits() if root is None and labels is None else root
+    scanned = scan(root, labels)
+    classes, found = scanned.classes, scanned.splits
     size = store_size_for(image_size, crop_pct)
     all_paths = [p for paths, _ in found.values() for p in paths]
     store = open_store(all_paths, size)
@@ -396,7 +675,7 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
         idx_train, idx_val = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=train.labels.numpy())
         labelled, holdout = train, Fold(torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val)))
     test = split(*found["test"]) if "test" in found else None
-    return Dataset(classes, labelled, holdout, test, image_size, size, bad)
+    return Dataset(classes, labelled, holdout, test, image_size, size, bad, scanned.fingerprint, scanned.flat)
 
 
 # --- demo data ----------------------------------------------------------------------------------------------

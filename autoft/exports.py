@@ -95,7 +95,7 @@ class Exporter:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "refit": refit, "shipped": kind}
         save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
-                        result.tau, result.prior)
+                        result.tau, result.prior, self.cache.dataset(cfg).fingerprint)  # loaded already: no work
 
     def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)

@@ -4,8 +4,9 @@ Every file autoft writes (exports, checkpoints, the report and its PNGs, TorchSc
 decoded-image store) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another process
 reading at the same moment, never sees a torn file. Their temporary files are created like any other file
 (mode 0666 less the umask, so 0644 under the usual 022), are removed when the write fails for any reason
-(Ctrl-C and SystemExit included), and one left behind by a process killed mid-write (kill -9, power loss)
-is removed by the next successful write of the same file once it is STALE_TMP_S old.
+(Ctrl-C and SystemExit included; a full disk is then a one-line DiskFullError naming the file), and one left
+behind by a process killed mid-write (kill -9, power loss) is removed by the next successful write of the same
+file once it is STALE_TMP_S old.
 
 Also the up-front checks that an output location can be written (`check_writable_dir`, `check_output_file`),
 so a command fails in its first second rather than after training.
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .exceptions import ConfigError
+from .exceptions import ConfigError, DiskFullError, disk_full
 
 STALE_TMP_S = 3600  # a temp file untouched this long belongs to a dead writer (no writer of ours pauses that long)
 
@@ -89,15 +90,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temp file's path for writers that need a file name (torch.jit.save, torch.onnx.export); it replaces
     `path` only when the block ends without an error, so a check inside the block can still refuse it."""
     path = Path(path)
-    fd, tmp = _create_temp(path)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = _create_temp(path)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            _discard(tmp)
+        full = disk_full(exc) if isinstance(exc, Exception) else None
+        if full and not isinstance(exc, DiskFullError):  # one line naming the cause, not a traceback
+            raise DiskFullError(f"cannot write {path}: {full}; free space on its disk and run again") from exc
         raise
     sweep_stale_temps(path)
 

@@ -138,6 +138,11 @@ def choose_tau(cfg: Config, log_probs: np.ndarray, y: np.ndarray, log_prior: np.
     return max(TAUS, key=lambda t: (scores(y, adjusted(log_probs, log_prior, t).argmax(1), classes)[cfg.metric], -t))
 
 
+def fold_notice(cfg: Config, data: Dataset) -> str | None:
+    """The one line to say, once per run or search, when a small class makes cross-validation use fewer folds."""
+    return data.cv_notice(cfg.cv_folds) if cfg.cv_folds > 1 and len(data.labelled) < cfg.cv_max_images else None
+
+
 def plan_folds(cfg: Config, data: Dataset) -> list[Fold]:
     """Cross-validation folds while the labelled images are few enough to afford k trainings, else the holdout."""
     if cfg.cv_folds > 1 and len(data.labelled) < cfg.cv_max_images:

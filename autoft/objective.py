@@ -19,7 +19,7 @@ from .config import Config
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
 from .cache import RunCache
-from .finetune import Result, finetune, plan_folds, resolve_device
+from .finetune import Result, finetune, fold_notice, plan_folds, resolve_device
 from .space import SearchSpace
 
 log = logging.getLogger("autoft")
@@ -47,8 +47,13 @@ class Objective:
         self.on_epoch: EpochHook | None = None
 
     def validated_images(self) -> int:
-        """How many images each epoch's score rests on (every labelled image under cross-validation)."""
-        return sum(len(f.val) for f in plan_folds(self.base, self.cache.dataset(self.base)))
+        """How many images each epoch's score rests on (every labelled image under cross-validation); asked once
+        per search or worker, so it also says, once, when a small class makes cross-validation use fewer folds."""
+        data = self.cache.dataset(self.base)
+        notice = fold_notice(self.base, data)
+        if notice:
+            log.warning(notice)
+        return sum(len(f.val) for f in plan_folds(self.base, data))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))

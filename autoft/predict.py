@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -21,15 +23,17 @@ from PIL import ExifTags, Image
 from torch import nn
 
 from .backbones import get_backbone
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, trained_on
 from .config import Config
 from .estimate import scored
-from .data import IMAGE_EXTENSIONS, _try_decode, center_crop, decode, normalize, store_size_for
+from .data import (Dataset, Fingerprint, _try_decode, center_crop, decode, find_images, normalize, scan,
+                   skipped_summary, store_size_for)
 from .exceptions import AutoftError, DataError
 from .files import atomic_path, atomic_write_text, check_output_file, output_file
-from .finetune import load_data, plan_folds, predict_logits, resolve_device
+from .finetune import load_data, predict_logits, resolve_device
 from .plots import save_confusion_png
 
+log = logging.getLogger("autoft")
 SPLITS = ("train", "val", "test")
 FORMATS = ("torchscript", "onnx")
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
@@ -141,51 +145,72 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
 
 
 def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given, folders expanded to the images under them (sorted); a missing path is an error."""
+    """Files as given, folders expanded to the images under them (sorted; `data.is_image` decides, hidden files
+    and folders left out, what was left out said in one line); a missing path is an error."""
     out: list[str] = []
+    skipped: Counter[str] = Counter()
+    items = list(items)
     for item in map(Path, items):
         if item.is_dir():
-            out += sorted(str(p) for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            out += find_images(item, skipped)
         elif item.is_file():
             out.append(str(item))
         else:
             raise DataError(f"{item} is neither an image file nor a folder")
+    if skipped:
+        log.info(skipped_summary(skipped))
     if not out:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {', '.join(map(str, items))}")
+        raise DataError(f"no images found in {', '.join(map(str, items))}"
+                        + (f" ({skipped_summary(skipped)})" if skipped else ""))
     return out
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------
 
-def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str = "val",
-             out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
-    """Score a checkpoint on one split of a labelled folder (default: the data it was trained on).
+def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str | None = None,
+             out: str | os.PathLike | None = None, device: str = "auto",
+             labels_csv: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Score a checkpoint on labelled images: the data it was trained on (default), or new data (`data_dir`, a
+    folder, or `labels_csv`, a CSV as `autoft train --labels` takes).
+
+    `split`: train, val, test, or all (every labelled image: train and val). By default val, except that new data
+    without train/ (a folder of class folders, a CSV without a split column) is scored whole. A val split carved
+    out of train/ (no val/ folder) is the same fixed split that training and the search validated on.
+    `seen_in_training` is true only when the scored images are ones the model trained on: the data's fingerprint
+    is compared with the one the checkpoint stores (see data.Fingerprint).
 
     Returns every metric (accuracy, balanced accuracy, macro-F1) with its 95 % interval (estimate.py), per-class
     precision/recall/F1/support, the confusion matrix and sklearn's text report, whatever metric the model was
-    chosen on; predictions are logit-adjusted as the checkpoint says; the confusion matrix PNG goes to `out` (default: next to the model,
-    `<model>_<split>_confusion.png`; into `out` under that name when `out` is a folder). A val split carved
-    out of train/ (no val/ folder) is the same fixed split that training and the search validated on.
+    chosen on; predictions are logit-adjusted as the checkpoint says; the confusion matrix PNG goes to `out`
+    (default: next to the model, `<model>_<split>_confusion.png`; into `out` under that name when `out` is a folder).
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
-    if split not in SPLITS:
-        raise AutoftError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if split is not None and split not in (*SPLITS, "all"):
+        raise AutoftError(f"--split {split!r} is not one of {', '.join(SPLITS)}, all")
+    ckpt = load_checkpoint(model_path)
+    cfg = Config.from_dict(ckpt["config"])
+    own = data_dir is None and labels_csv is None
+    where = cfg if own else cfg.replace(data=os.fspath(data_dir) if data_dir is not None else None,
+                                        labels=os.fspath(labels_csv) if labels_csv is not None else None)
+    trained = trained_on(ckpt)
+    if split is None:  # which layout new data has: a scan, nothing decoded
+        found = None if own else scan(where.data, where.labels)
+        split = "all" if found is not None and found.flat and found.fingerprint != trained else "val"
     png = output_file(out, Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png"))
-    check_output_file(png, "--out" if out else "confusion matrix")  # before the model and the data are loaded
-    predictor = load_model(model_path, device)
-    cfg = predictor.config
-    data_dir = data_dir if data_dir is not None else cfg.data
-    data = load_data(cfg.replace(data=str(data_dir) if data_dir is not None else None))
+    check_output_file(png, "--out" if out else "confusion matrix")  # before the data are decoded
+    model, _ = model_from_checkpoint(ckpt)
+    predictor = Predictor(model, cfg, ckpt["classes"], device)
+    data = load_data(where)
+    shown = where.labels or where.data
     if data.classes != predictor.classes:
-        raise DataError(f"{data_dir} has classes {data.classes}, the model was trained on {predictor.classes}")
-    part = getattr(data, split)
+        raise DataError(f"{shown} has classes {data.classes}, the model was trained on {predictor.classes}")
+    part = data.labelled if split == "all" else getattr(data, split)
     if part is None or len(part) == 0:
-        raise DataError(f"{data_dir} has no {split}/ images to evaluate on")
+        raise DataError(f"{shown} has no {split}/ images to evaluate on")
     y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
     y_true = part.labels.numpy()
-    # under cross-validation every labelled image trains some fold model, and a refit trains on them all
-    seen = split == "train" or (split == "val" and (cfg.final == "refit" or len(plan_folds(cfg, data)) > 1))
+    seen = _seen_in_training(cfg, trained, data, split, own)
     labels = list(range(len(data.classes)))
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -193,7 +218,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
                                          f"accuracy {metrics['balanced_accuracy']['value']:.3f}", png)
     return {
-        "model": os.fspath(model_path), "data": os.fspath(data_dir) if data_dir else None, "split": split, "n": len(part),
+        "model": os.fspath(model_path), "data": shown, "split": split, "n": len(part),
         "metrics": metrics, "accuracy": metrics["accuracy"]["value"], "interval": metrics["accuracy"]["interval"],
         "balanced_accuracy": metrics["balanced_accuracy"]["value"], "f1_macro": metrics["f1_macro"]["value"],
         "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
@@ -201,6 +226,26 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
         "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png), "seen_in_training": seen,
         "report": classification_report(y_true, y_pred, labels=labels, target_names=data.classes, digits=4, zero_division=0),
     }
+
+
+def _seen_in_training(cfg: Config, trained: Fingerprint | None, data: Dataset, split: str, own: bool) -> bool:
+    """Whether the model trained on the images of `split`: by the split's name on the data it trained on (known by
+    its fingerprint, or, for a checkpoint from before fingerprints, by not naming other data); on other data, when
+    a scored split holds exactly the files of a split that trained it (e.g. new data that is its train/ folder)."""
+    if trained is None or data.fingerprint == trained:
+        if trained is None and not own:
+            return False  # cannot know: say nothing that may be false
+        labelled = len(data.labelled)
+        return split in ("train", "all") or (split == "val" and _val_trained(cfg, labelled))
+    labelled = sum(sum(trained.counts.get(s, [])) for s in ("train", "val"))
+    trained_hashes = {trained.hashes.get("train")} | ({trained.hashes.get("val")} if _val_trained(cfg, labelled) else set())
+    parts = ["train"] if data.flat else ["train", "val"] if split == "all" else [split]
+    return any(data.fingerprint.hashes.get(p) in trained_hashes for p in parts if p in data.fingerprint.hashes)
+
+
+def _val_trained(cfg: Config, labelled: int) -> bool:
+    """Under cross-validation every labelled image trains some fold model, and a refit trains on them all."""
+    return cfg.final == "refit" or (cfg.cv_folds > 1 and labelled < cfg.cv_max_images)
 
 
 # --- export --------------------------------------------------------------------------------------------------

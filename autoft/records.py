@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import Config
+from .data import Fingerprint
 from .estimate import METRICS, Estimate
 from .exceptions import ConfigError
 from .finetune import Result, adjusted
@@ -34,7 +35,8 @@ from .storage import attach_file, read_artifact
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
 
 # Study user attrs.
-BASE = "base"  # the base config less device and seed, which may differ between machines and runs
+BASE = "base"  # the base config less device and seed (may differ between machines and runs) and the data's path
+DATA = "data"  # what the study was searched on: {"path", "labels"} absolute, and the data's Fingerprint.to_dict()
 SPACE = "space"  # SearchSpace.to_dict()
 SEED = "seed"  # the study seed; each trial's derives from it
 TARGET = "target"  # the goal: finished trials the study is to hold
@@ -64,8 +66,7 @@ SURPLUS = "surplus"  # how the fail_reason of a trial that gave its slot up begi
 
 # --- the study -------------------------------------------------------------------------------------------------
 
-def _base(base: Config) -> dict[str, Any]:
-    return {k: v for k, v in base.to_dict().items() if k not in ("device", "seed")}
+_NOT_BASE = ("device", "seed", "data", "labels")  # the data is identified by its content (DATA), not its spelling
 
 
 def metric_name(metric: str) -> str:
@@ -78,8 +79,13 @@ def study_metric(study: optuna.Study) -> str:
     return study.user_attrs.get(BASE, {}).get("metric", "accuracy")
 
 
-def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed: int) -> None:
-    """A new study's metadata: what a resumed run must match (space, base: the metric with it) and a joining
+def _base(base: Config | dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (base if isinstance(base, dict) else base.to_dict()).items() if k not in _NOT_BASE}
+
+
+def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed: int,
+                     data: Fingerprint | None = None) -> None:
+    """A new study's metadata: what a resumed run must match (space, base: the metric with it, data) and a joining
     worker reads."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -87,16 +93,39 @@ def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed
     study.set_user_attr(SPACE, space.to_dict())
     study.set_user_attr(BASE, _base(base))
     study.set_user_attr(SEED, seed)
+    if data is not None:
+        record_data(study, base, data)
 
 
-def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace) -> None:
-    """Resuming with another space or base config is refused: the new trials would not compare with the old."""
+def record_data(study: optuna.Study, base: Config, data: Fingerprint) -> None:
+    where = base.portable()
+    study.set_user_attr(DATA, {"path": where.data, "labels": where.labels, "fingerprint": data.to_dict()})
+
+
+def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data: Fingerprint | None = None) -> None:
+    """Resuming with another space, base config or dataset is refused: the new trials would not compare with the
+    old. The dataset is compared by content, so the same folder under another spelling (or moved) resumes."""
     stored = study.user_attrs
     for key, now, label in ((SPACE, space.to_dict(), "search space"), (BASE, _base(base), "base config")):
-        if key in stored and stored[key] != now:
-            diff = sorted(k for k in set(stored[key]) | set(now) if stored[key].get(k) != now.get(k))
+        then = _base(stored[key]) if key == BASE and key in stored else stored.get(key)
+        if then is not None and then != now:
+            diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
             raise ConfigError(f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "
                               "use a new --study name or the same settings")
+    check_same_data(study, base, data)
+
+
+def check_same_data(study: optuna.Study, base: Config, data: Fingerprint | None) -> None:
+    """The images `base` names must be those the study was searched on (a study from before fingerprints passes)."""
+    stored = study.user_attrs.get(DATA)
+    if stored is None or data is None:
+        return
+    before = Fingerprint.from_dict(stored["fingerprint"])
+    if before != data:
+        now = base.labels or base.data or "the built-in demo"
+        then = stored["labels"] or stored["path"] or "the built-in demo"
+        raise ConfigError(f"study {study.study_name!r} was searched on other data than {now}: "
+                          f"{data.differences(before)}; use a new --study name, or the data it was searched on ({then})")
 
 
 def set_goal(study: optuna.Study, trials: int, settings: dict[str, Any]) -> int:
@@ -131,8 +160,10 @@ def read_study_meta(study: optuna.Study) -> StudyMeta:
     attrs = study.user_attrs
     if not {BASE, SPACE, TARGET, SEARCH} <= set(attrs):
         raise ConfigError(f"study {study.study_name!r} was not started by this autoft version's search; it cannot be joined")
-    return StudyMeta(Config.from_dict({**attrs[BASE], "seed": attrs.get(SEED, 0)}), SearchSpace.from_dict(attrs[SPACE]),
-                     attrs[SEARCH])
+    where = {k: v for k, v in attrs.get(DATA, {}).items() if k in ("path", "labels")}
+    data = {"data": where["path"], "labels": where["labels"]} if where else {}
+    return StudyMeta(Config.from_dict({**attrs[BASE], **data, "seed": attrs.get(SEED, 0)}),
+                     SearchSpace.from_dict(attrs[SPACE]), attrs[SEARCH])
 
 
 def enqueue_portfolio(study: optuna.Study, recipes: Sequence[tuple[str, dict[str, Any]]], count: int = 1) -> None:

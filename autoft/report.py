@@ -103,7 +103,7 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
             report.skipped[name] = f"no best.pt in {out} and no weights artifact for trial {best.number}"
             continue
         try:
-            ev = evaluate(model, records.config(best).data, split, out / f"{name}.png", device="auto")
+            ev = evaluate(model, None, split, out / f"{name}.png", device="auto")  # on the data it trained on
         except (AutoftError, OSError) as exc:
             report.skipped[name] = one_line(exc)
             continue

@@ -23,7 +23,7 @@ from .data import Dataset
 from .estimate import Estimate, scored
 from .files import atomic_write_text, check_writable_dir, versions
 from .cache import RunCache
-from .finetune import Report, Result, evaluate_split, finetune, plan_folds, resolve_device, ship
+from .finetune import Report, Result, evaluate_split, finetune, fold_notice, plan_folds, resolve_device, ship
 
 log = logging.getLogger("autoft")
 
@@ -40,6 +40,9 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     cache = RunCache()  # what this run keeps in memory, dropped when it returns
     data = cache.dataset(config)
     folds = [data.everything()] if full else plan_folds(config, data)
+    notice = None if full else fold_notice(config, data)
+    if notice:
+        log.warning(notice)
     log.info("training %s on %d labelled images (%d classes): %s", config.backbone, len(data.labelled),
              len(data.classes), "every image, nothing held out (--full)" if full else
              f"{len(folds)}-fold cross-validation" if len(folds) > 1 else f"holdout of {len(data.holdout.val)}")
@@ -63,7 +66,7 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     save_checkpoint(out / "model.pt", shipped.members, data.classes, config,
                     {k: metrics.get(k) for k in ("best_val_accuracy", "best_val_score", "saved_epoch", "shipped",
                                                  "test_accuracy")},
-                    shipped.shared_stages, result.tau, result.prior)
+                    shipped.shared_stages, result.tau, result.prior, data.fingerprint)
     atomic_write_text(out / "config.yaml", config.portable().to_yaml())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

@@ -27,7 +27,7 @@ from .backbones import AUTO, auto_backbones, build_model
 from .cache import RunCache
 from .checkpoint import shipped
 from .config import Config, check_field
-from .data import Dataset
+from .data import Dataset, Fingerprint
 from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter
@@ -150,8 +150,10 @@ def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: i
     return _Guarded(inner, min_epochs, startup, images, metric)
 
 
-def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int) -> optuna.Study:
-    """Create or resume the study; a resumed study must have the same space and base config."""
+def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int,
+               data: Fingerprint | None = None) -> optuna.Study:
+    """Create or resume the study; a resumed study must have the same space, base config and data (`data`: its
+    fingerprint, compared by content, so another spelling of the same folder resumes)."""
     storage = make_storage(opts.storage)
     try:
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -162,12 +164,12 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
         old = optuna.load_study(study_name=opts.study, storage=storage)
         n_before = len(old.get_trials(deepcopy=False))
         try:
-            records.check_same_meta(old, base, space)
+            records.check_same_meta(old, base, space, data)
         except ConfigError:  # a study none of whose trials finished has no results to keep comparable
             if records.finished_count(old.get_trials(deepcopy=False)):
                 raise
-            log.info("study %r has no finished trial yet: its search space and base config are replaced by this run's",
-                     opts.study)
+            log.info("study %r has no finished trial yet: its search space, base config and data are replaced by "
+                     "this run's", opts.study)
             replace = True
     # Sampler seeded past the trials already run, so a resumed study samples new points, not the same ones again.
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
@@ -175,7 +177,9 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
                                 pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images,
                                                    base.metric))
     if n_before == 0 or replace:
-        records.write_study_meta(study, base, space, seed)
+        records.write_study_meta(study, base, space, seed, data)
+    elif data is not None:  # where the data is now (and, for a study from before fingerprints, what it is)
+        records.record_data(study, base, data)
     return study
 
 
@@ -190,9 +194,9 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     """
     check_outputs(opts)
     cache = RunCache()
-    base, space = search_space(base, opts, space, fixed, cache)
+    base, space = search_space(base.portable(), opts, space, fixed, cache)  # trials record the data's absolute path
     objective = _objective(base, opts, space, cache)
-    study = open_study(base, opts, space, base.seed, objective.validated_images())
+    study = open_study(base, opts, space, base.seed, objective.validated_images(), cache.dataset(base).fingerprint)
     records.set_goal(study, opts.trials, opts.settings())
     records.record_class_counts(study, class_counts(cache.dataset(base)))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
@@ -214,8 +218,9 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
                          **meta.settings)
     cache = RunCache()
-    base, space = search_space(base, opts, meta.space, cache=cache)
+    base, space = search_space(base.portable(), opts, meta.space, cache=cache)
     objective = _objective(base, opts, space, cache)
+    records.check_same_data(found, base, cache.dataset(base).fingerprint)  # --data: the same images, elsewhere
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images(), base.metric)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -100,12 +101,35 @@ def _class_linked_to_train(root: Path) -> None:
     (root / "train" / "all").symlink_to("../train", target_is_directory=True)  # a class holding every image
 
 
-_LOCK: list = []  # the test's `read_only` fixture, for the rows that make a folder unwritable
+_LOCK: list = []  # the test's `read_only` and `monkeypatch` fixtures, for the rows that need them
 
 
 def _read_only(folder: str) -> callable:
     def setup(root: Path) -> list[str]:
         _LOCK[0](root / folder)
+        return []
+    return setup
+
+
+def _cache_at(folder: str, lock: bool = False) -> callable:
+    """$AUTOFT_CACHE pointing at `folder` under the run's root (made read-only with `lock`)."""
+    def setup(root: Path) -> list[str]:
+        (root / "f").write_text("a file, not a folder\n")
+        (root / "ro").mkdir()
+        if lock:
+            _LOCK[0](root / "ro")
+        _LOCK[1].setenv("AUTOFT_CACHE", str(root / folder))
+        return []
+    return setup
+
+
+def _disk_full(err: int) -> callable:
+    """Every atomic write (the decoded-image cache first) fails with `err` after 1,000 bytes, as on a full disk."""
+    def setup(root: Path) -> list[str]:
+        from test_intake import _disk_full_after
+
+        _LOCK[1].setenv("AUTOFT_CACHE", str(root / "fresh_cache"))
+        _disk_full_after(_LOCK[1], 1000, err)
         return []
     return setup
 
@@ -122,6 +146,30 @@ def _bytes(name: str, data: bytes, flag: str) -> callable:
     def setup(root: Path) -> list[str]:
         (root / name).write_bytes(data)
         return [flag, name]
+    return setup
+
+
+def _changed_data(change) -> callable:
+    """The study's own data/ folder, changed since the baseline study was searched on it."""
+    def setup(root: Path) -> list[str]:
+        change(root / "data")
+        return []
+    return setup
+
+
+def _add_images(data: Path) -> None:
+    for i in range(2):
+        shutil.copy(data / "train" / "cat" / "000.png", data / "train" / "cat" / f"new{i}.png")
+
+
+def _labels(text: str) -> callable:
+    """A Kaggle-style set (images/ and labels.csv) whose CSV is `text`; images/0000.png ... exist."""
+    def setup(root: Path) -> list[str]:
+        from test_intake import _csv_set
+
+        _csv_set(root / "k")
+        (root / "k" / "labels.csv").write_text(text)
+        return ["--labels", "k/labels.csv", "--data", "k"]
     return setup
 
 
@@ -153,6 +201,31 @@ CASES = {
     "--val-fraction .nan": (lambda root: ["--val-fraction", ".nan"], "config key 'val_fraction': nan is not a finite number"),
     "space with .nan": (_file("s.yaml", "head_lr: .nan\n", "--space"), "search space: head_lr: nan is not a finite number"),
     "class folder linked to train/": (_data(_class_linked_to_train), "bad/train/all resolves to"),
+    # what a dataset is: its content, whatever its path is called
+    "the study's data gained a class": (_changed_data(lambda d: make_image_folder(d, classes=("bird",), per_class=4)),
+                                        "/run/data: classes added: 'bird'; train: 4 image(s) more (12 -> 16)"),
+    "the study's data gained images": (_changed_data(_add_images), "train: 2 image(s) more (12 -> 14); use a new --study"),
+    "another dataset called data": (_changed_data(lambda d: (shutil.rmtree(d), make_image_folder(d, per_class=5))),
+                                    "train: 2 image(s) fewer (12 -> 10); val: 2 image(s) fewer (6 -> 4); use a new --study name"),
+    "--data 2024 (no such folder)": (_flags("--data", "2024"), "/run/2024' does not exist"),
+    "--data $UNSET_X/photos": (_flags("--data", "$UNSET_X/photos"),
+                               "config key 'data': environment variable $UNSET_X in '$UNSET_X/photos' is not set"),
+    "weights: $UNSET_X/w.pt in a file": (_file("c.yaml", "weights: $UNSET_X/w.pt\n", "--config"),
+                                         "config key 'weights': environment variable $UNSET_X"),
+    # labels from a CSV: the same checks as folders, naming the line
+    "labels CSV empty": (_labels(""), "labels.csv is empty"),
+    "labels CSV without a label column": (_labels("path,class\nimages/0000.png,cat\n"), "has no 'label' column"),
+    "labels CSV names a missing image": (_labels("path,label\nimages/0000.png,cat\nimages/x.png,dog\n"),
+                                         "labels.csv line 3: image 'images/x.png' does not exist"),
+    "labels CSV with split dev": (_labels("path,label,split\nimages/0000.png,cat,dev\n"),
+                                  "labels.csv line 2: split 'dev' is not train, val or test"),
+    "labels CSV with one class": (_labels("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n"),
+                                  "a classifier needs at least two"),
+    "labels CSV with a one-image class": (_labels("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n"
+                                                  "images/0002.png,dog\n"), "class 'dog' has one training image"),
+    "labels CSV is missing": (_flags("--labels", "nope.csv", "--data", "."), "/run/nope.csv' does not exist; expected a CSV with columns path,label[,split]"),
+    "--data is not the CSV's folder": (lambda root: _labels("path,label\n")(root)[:2],  # --data data, from BASE
+                                       "/run/data' is not the folder of the labels file "),
     # outputs, checked before any data is read or trial run
     "read-only studies/": (_read_only("studies"), "is not writable"),
     "--out is a file": (_in_the_way("--out"), "--out f is a file, not a folder"),
@@ -161,6 +234,11 @@ CASES = {
     "storage folder is a file": (_in_the_way("--storage", "sqlite:///f/x.db"), "f is a file, not a folder"),
     "storage under /proc": (_flags("--storage", "sqlite:////proc/autoft/x.db"), "/proc"),
     "journal under /proc": (_flags("--storage", "journal:/proc/autoft/x.log"), "/proc"),
+    # the decoded-image cache and the disk, before or when it happens
+    "$AUTOFT_CACHE read-only": (_cache_at("ro/cache", lock=True), "image cache (AUTOFT_CACHE) "),
+    "$AUTOFT_CACHE is a file": (_cache_at("f"), "image cache (AUTOFT_CACHE) "),
+    "disk full while caching": (_disk_full(errno.ENOSPC), "No space left on device (ENOSPC)"),
+    "file too large while caching": (_disk_full(errno.EFBIG), "File too large (EFBIG)"),
     # config files and search settings
     "binary --config": (_bytes("c.yaml", b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "--config"), "not a text (UTF-8) YAML file"),
     "--config with NUL bytes": (_bytes("c.yaml", b"epochs: 1\n\x00\x01", "--config"), "unacceptable character #x0000"),
@@ -212,7 +290,7 @@ def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys, read_only):
     shutil.copytree(baseline, root, ignore=shutil.ignore_patterns("cache"))
     monkeypatch.chdir(root)
     offline(monkeypatch, root)
-    _LOCK[:] = [read_only]
+    _LOCK[:] = [read_only, monkeypatch]
     extra = setup(root)
     before = _fingerprint(root / "studies")
 

@@ -144,3 +144,33 @@ def test_parse_number_keeps_big_integers_exact():
     assert parse_number("4294967295", "seed", integer=True) == 2**32 - 1
     assert parse_number("1_000", "epochs", integer=True) == 1000
     assert Config.from_dict({"seed": "4294967295"}).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("typed", ["2024", "0123", "1e3", "yes", "0x1F", "3.10"])
+def test_a_path_key_stays_as_typed_in_yaml_and_flags(typed, tmp_path, monkeypatch):
+    """YAML would read these as 2024, 83, 1000.0, True, 31 and 3.1: a folder name is never a number."""
+    from autoft.cli import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"data: {typed}\nweights: {typed}\nlabels: {typed}\nepochs: 2\n")
+    cfg = Config.from_yaml(tmp_path / "c.yaml")
+    assert (cfg.data, cfg.weights, cfg.labels, cfg.epochs) == (typed, typed, typed, 2)
+    args = build_parser().parse_args(["train", "--data", typed, "--weights", typed, "--labels", typed])
+    cfg, _ = resolve_config(args)
+    assert (cfg.data, cfg.weights, cfg.labels) == (typed, typed, typed)
+    args = build_parser().parse_args(["train", "--config", "c.yaml"])
+    assert resolve_config(args)[0].data == typed
+
+
+def test_path_keys_expand_home_and_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PHOTOS", "pics")
+    (tmp_path / "c.yaml").write_text("data: ~/photos\nweights: $HOME/w.pt\nlabels: ${HOME}/x/${PHOTOS}.csv\n")
+    cfg = Config.from_yaml(tmp_path / "c.yaml")
+    assert cfg.data == str(tmp_path / "home" / "photos")
+    assert cfg.weights == str(tmp_path / "home" / "w.pt")
+    assert cfg.labels == str(tmp_path / "home" / "x" / "pics.csv")
+    assert Config(data=tmp_path / "d").data == str(tmp_path / "d")  # a PathLike from Python
+    assert Config(weights="random").weights == "random" and Config(data="null").data is None
+    with pytest.raises(ConfigError, match=r"config key 'data': environment variable \$NOPE_X in '\$NOPE_X/a' is not set"):
+        Config(data="$NOPE_X/a")

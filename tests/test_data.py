@@ -14,7 +14,8 @@ from conftest import make_image_folder
 def test_scan_finds_classes_and_ignores_non_images(tmp_path):
     root = make_image_folder(tmp_path, classes=("a", "b", "c"), per_class=4)
     (root / "train" / "a" / "notes.txt").write_text("not an image")
-    classes, splits = scan(root)
+    found = scan(root)
+    classes, splits = found.classes, found.splits
     assert classes == ["a", "b", "c"]
     paths, labels = splits["train"]
     assert len(paths) == 12 and sorted(set(labels)) == [0, 1, 2]
@@ -158,7 +159,8 @@ def test_augmentation_is_per_sample_and_scales_with_strength():
 
 def test_demo_digits_is_built_offline():
     root = data.demo_digits(per_class=3, val_per_class=1)
-    classes, splits = scan(root)
+    found = scan(root)
+    classes, splits = found.classes, found.splits
     assert classes == [str(i) for i in range(10)]
     assert len(splits["train"][0]) == 30 and len(splits["val"][0]) == 10
 
@@ -222,17 +224,18 @@ def test_16_bit_greyscale_keeps_its_full_range(tmp_path, ext, mode):
     assert out[0, 0, 0] < out[32, 32, 0] < out[63, 63, 0]
 
 
-def test_8_bit_values_in_an_I_image_are_kept():
-    im = Image.fromarray(np.arange(256, dtype=np.int32).reshape(16, 16))
+def test_an_I_image_is_scaled_over_its_own_range():
+    im = Image.fromarray(np.arange(-1000, 1560, 10, dtype=np.int32).reshape(16, 16))
     assert im.mode == "I"
-    assert np.array_equal(np.asarray(data._16bit_to_l(im)), np.arange(256).reshape(16, 16))
+    assert np.array_equal(np.asarray(data._range_to_l(im)), np.arange(256).reshape(16, 16))
 
 
 def test_decode_cache_key_version_changed():
     """Caches decoded before EXIF orientation and 16-bit support hold wrong pixels; they must not be reused."""
     import hashlib
 
-    assert data._store_key([], 16) not in (hashlib.sha1(b"v1:16").hexdigest(), hashlib.sha1(b"v2:16").hexdigest())
+    old = [hashlib.sha1(f"v{v}:16".encode()).hexdigest() for v in (1, 2, 3)]  # v3: I and F images decoded black
+    assert data._store_key([], 16) not in old
 
 
 def _link(link, target):
@@ -266,7 +269,8 @@ def test_links_to_unrelated_folders_and_link_cycles_are_fine(tmp_path):
     import shutil
     shutil.rmtree(root / "val" / "cat")
     _link(root / "val" / "cat", root / "train" / "cat")  # same class in another split: labels agree, allowed
-    classes, splits = scan(root)
+    found = scan(root)
+    classes, splits = found.classes, found.splits
     assert classes == ["bird", "cat", "dog"]
     paths, labels = splits["train"]
     assert len(paths) == 9 and labels.count(0) == 3
