@@ -143,6 +143,9 @@ def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> I
     with atomic_path(path) as tmp:
         writer = NpyWriter(npy.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape))
         offset = writer.array.offset
+        if hasattr(os, "posix_fallocate"):  # claim the disk space now: a full disk is an OSError here, not a SIGBUS
+            with open(tmp, "r+b") as fh:  # when a page of the memory map is first written
+                os.posix_fallocate(fh.fileno(), 0, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
         yield writer
         writer.array.flush()
         del writer.array
