@@ -58,13 +58,11 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
 def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     import optuna
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
 
-    from autoft.backbones import Net, get_backbone
+    from autoft.backbones import get_backbone
     from autoft.config import Config
-    from autoft.data import store_size_for
     from autoft.space import SearchSpace
     from autoft.objective import trial_seed
     from autoft.study import make_sampler
@@ -74,59 +72,19 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
                   epochs=args.epochs, seed=args.seed, device=args.device, cv_folds=1)
     space = SearchSpace.from_yaml(None, base, fixed=["image_size"])
-    root, size = Path(args.data), args.image_size
-    eval_tf = T.Compose([T.Resize(store_size_for(size, spec.crop_pct)), T.CenterCrop(size), T.ToTensor(),
-                         T.Normalize(spec.mean, spec.std)])
+    root = Path(args.data)
+    eval_tf, train_tf = tutorial_transforms(spec, args.image_size)
     device = torch.device(args.device)
-
-    def train_tf(s: float) -> T.Compose:
-        if s == 0:
-            return eval_tf
-        r = math.log(4 / 3) * s
-        return T.Compose([T.RandomResizedCrop(size, scale=(1 - 0.92 * s, 1.0), ratio=(math.exp(-r), math.exp(r))),
-                          T.RandomHorizontalFlip(0.5 * s), T.RandomRotation(30 * s),
-                          T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
     def objective(trial: optuna.Trial) -> float:
         t_trial = time.perf_counter()
         cfg = space.suggest(trial, base)
         torch.manual_seed(trial_seed(args.seed, trial.number))
-        stages, n_features = spec.build(cfg.weights)  # pretrained weights read from disk, as a tutorial does
         train_ds = datasets.ImageFolder(str(root / "train"), train_tf(cfg.aug_strength))
         val_ds = datasets.ImageFolder(str(root / "val"), eval_tf)
         train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=args.workers)
         val_dl = DataLoader(val_ds, cfg.batch_size * 2, num_workers=args.workers)
-        model = Net(stages, n_features, len(train_ds.classes)).to(device)
-        for p in model.stages[:cfg.freeze_depth].parameters():
-            p.requires_grad_(False)
-        n = len(model.stages)
-        groups = [{"params": model.head.parameters(), "lr": cfg.head_lr}] + [
-            {"params": model.stages[i].parameters(), "lr": cfg.base_lr * cfg.layer_decay ** (n - 1 - i)}
-            for i in range(cfg.freeze_depth, n)]
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-        else:
-            opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
-        best = 0.0
-        for epoch in range(cfg.epochs):
-            depth = len(model.stages) if epoch < cfg.head_only_epochs else cfg.freeze_depth
-            model.train()
-            for i, stage in enumerate(model.stages):
-                stage.train(i >= depth)
-                stage.requires_grad_(i >= depth)
-            for x, y in train_dl:
-                loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            sched.step()
-            model.eval()
-            correct = 0
-            with torch.no_grad():
-                for x, y in val_dl:
-                    correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-            best = max(best, correct / len(val_ds))
+        best = max(tutorial_fit(cfg, spec, len(train_ds.classes), train_dl, val_dl, device)) / len(val_ds)
         print(f"plain trial {trial.number}: {cfg.epochs} epochs, {time.perf_counter() - t_trial:.1f} s, "
               f"val_accuracy {best:.3f}, {_params(trial.params)}", file=sys.stderr)
         return best
@@ -138,6 +96,69 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     study.optimize(objective, n_trials=args.trials)
     return {"seconds": time.perf_counter() - t0, "best": study.best_value, "pruned": 0,
             "epochs_run": args.trials * args.epochs}
+
+
+def tutorial_transforms(spec, size: int):
+    """(eval transform, train transform of an aug strength): PIL/torchvision, as a tutorial writes them."""
+    from torchvision import transforms as T
+
+    from autoft.data import store_size_for
+
+    eval_tf = T.Compose([T.Resize(store_size_for(size, spec.crop_pct)), T.CenterCrop(size), T.ToTensor(),
+                         T.Normalize(spec.mean, spec.std)])
+
+    def train_tf(s: float) -> T.Compose:
+        if s == 0:
+            return eval_tf
+        r = math.log(4 / 3) * s
+        return T.Compose([T.RandomResizedCrop(size, scale=(1 - 0.92 * s, 1.0), ratio=(math.exp(-r), math.exp(r))),
+                          T.RandomHorizontalFlip(0.5 * s), T.RandomRotation(30 * s),
+                          T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    return eval_tf, train_tf
+
+
+def tutorial_fit(cfg, spec, num_classes: int, train_dl, val_dl, device) -> list[int]:
+    """A tutorial's training loop: the pretrained model read from disk, fp32, no caching; frozen stages via
+    requires_grad=False and eval-mode BatchNorm; head and stage learning rates (layer decay), cosine over
+    T_max epochs. Returns the validation images right after each epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    from autoft.backbones import Net
+
+    stages, n_features = spec.build(cfg.weights)  # pretrained weights read from disk, as a tutorial does
+    model = Net(stages, n_features, num_classes).to(device)
+    for p in model.stages[:cfg.freeze_depth].parameters():
+        p.requires_grad_(False)
+    n = len(model.stages)
+    groups = [{"params": model.head.parameters(), "lr": cfg.head_lr}] + [
+        {"params": model.stages[i].parameters(), "lr": cfg.base_lr * cfg.layer_decay ** (n - 1 - i)}
+        for i in range(cfg.freeze_depth, n)]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    else:
+        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
+    correct_per_epoch = []
+    for epoch in range(cfg.epochs):
+        depth = len(model.stages) if epoch < cfg.head_only_epochs else cfg.freeze_depth
+        model.train()
+        for i, stage in enumerate(model.stages):
+            stage.train(i >= depth)
+            stage.requires_grad_(i >= depth)
+        for x, y in train_dl:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_dl:
+                correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        correct_per_epoch.append(correct)
+    return correct_per_epoch
 
 
 def _params(params: dict) -> str:
