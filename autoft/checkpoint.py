@@ -71,11 +71,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, Config]:
     """Rebuild the network (a Net, or an Ensemble of them) without reading pretrained weights: the checkpoint
     has all of them."""
     config = Config.from_dict(ckpt["config"])
-    first = ckpt["state_dict"]
-    members = [first] + [{**first, **rest} for rest in ckpt.get("members", [])]
     adjustment = ckpt.get("logit_adjustment") or {}
-    return assemble(config.backbone, len(ckpt["classes"]), members, ckpt.get("shared_stages", 0),
+    return assemble(config.backbone, len(ckpt["classes"]), members(ckpt), ckpt.get("shared_stages", 0),
                     adjustment.get("tau", 0.0), adjustment.get("prior", ())).eval(), config
+
+
+def members(ckpt: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """Every member's complete state dict (the shared frozen stages are stored once, in the first)."""
+    first = ckpt["state_dict"]
+    return [first] + [{**first, **rest} for rest in ckpt.get("members", [])]
 
 
 def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.Tensor]], shared_stages: int,

@@ -18,7 +18,7 @@ from .exceptions import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PATH_KEYS = ("data", "weights", "labels")  # always a path as typed: `2024` and `0123` stay strings; ~ and $VARS expand
-FINALS = ("ensemble", "refit")
+FINALS = ("ensemble", "refit", "soup")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -63,8 +63,9 @@ class Config:
     cv_max_images: int = field(default=5000, metadata=_rng(0, 10**9) | {
         "help": "from this many labelled images on, validate on the holdout instead: k folds cost k trainings"})
     final: str = field(default="ensemble", metadata=_rng(choices=FINALS) | {
-        "help": "what is shipped: the validated fold models averaged as one model, or one model refit on every "
-                "labelled image for the epochs cross-validation chose"})
+        "help": "what is shipped: the validated fold models averaged as one model (ensemble), their uniform weight "
+                "average (soup: one model's cost), or one model refit on every labelled image for the epochs "
+                "cross-validation chose"})
 
     metric: str = field(default="accuracy", metadata=_rng(choices=METRICS) | {
         "help": "what every epoch is scored, pruned, selected and reported on (balanced ones for imbalanced classes)"})

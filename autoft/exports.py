@@ -1,7 +1,8 @@
 """What a search leaves in studies/<study>/: best.pt (and its artifact), best.yaml and trials.csv.
 
-best.pt is the winner's shipped model: the fold models its estimate validated (one ensemble), or with
-`final: refit` that recipe retrained on every labelled image, made once the search ends. All writes
+best.pt is the winner's shipped model: the fold models its estimate validated (one ensemble), or as its
+`final` says their weight average (`soup`) or that recipe retrained on every labelled image (`refit`), made
+once the search ends. All writes
 are atomic, so an interrupted run leaves the previous complete files.
 """
 
@@ -19,13 +20,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from . import records
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, members, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
 from .exceptions import AutoftError
 from .files import atomic_write_text, versions
 from .cache import RunCache
-from .finetune import Result, finetune, refit
+from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
 from .storage import attach_file
 
 log = logging.getLogger("autoft")
@@ -56,44 +57,53 @@ class Exporter:
         return best
 
     def export_weights(self, trial: optuna.Trial, cfg: Config, result: Result) -> None:
-        """Called while the trial still runs (artifacts can only be attached then)."""
+        """Called while the trial still runs (artifacts can only be attached then): its fold models, as validated."""
         if not records.is_new_best(trial.study, trial.number, result):
             return
-        self._save(cfg, result, trial.number, trial.study.study_name, refit=False)
+        self._save(cfg, result, trial.number, trial.study.study_name, "ensemble", shipped_kind(result, result))
         records.record_weights(trial, attach_file(trial, self.out / "best.pt", "application/octet-stream", self.artifacts))
 
     def finalize(self, study: optuna.Study, best: FrozenTrial) -> None:
-        """Make best.pt the winner's shipped model. Its fold models were saved when it won, unless the winner
-        changed afterwards (a later trial narrowed the ties): then it is trained again from its config, which
-        reproduces it. With `final: refit`, the recipe is retrained on every labelled image."""
+        """Make best.pt the winner's shipped model, as its `final` says. Its fold models were saved when it won,
+        unless the winner changed afterwards (a later trial narrowed the ties): then they are trained again
+        from its config, which reproduces them. `soup` averages the fold models' weights; `refit` retrains the
+        recipe on every labelled image."""
         cfg = records.config(best)
-        want_refit = cfg.final == "refit"
-        if self.saved() == (study.study_name, best.number, want_refit):
+        saved = self.saved()
+        if saved == (study.study_name, best.number, cfg.final):
+            return
+        if cfg.final == "soup" and saved == (study.study_name, best.number, "ensemble"):
+            ckpt = load_checkpoint(self.out / "best.pt")
+            folds = members(ckpt)
+            kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
+            save_checkpoint(self.out / "best.pt", [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)], ckpt["classes"], cfg,
+                            ckpt["metrics"] | {"final": "soup", "shipped": kind})
             return
         data = self.cache.dataset(cfg)
-        if want_refit:
+        if cfg.final == "refit":
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            result = refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0))
-        else:
-            log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
-                     best.number)
-            result = finetune(cfg, data, cache=self.cache)  # final is not refit: the fold models themselves ship
-        self._save(cfg, result, best.number, study.study_name, refit=want_refit)
+            self._save(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
+                       best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
+            return
+        log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
+                 best.number)
+        result = finetune(cfg, data, cache=self.cache)
+        shipped = ship(cfg, data, result, cache=self.cache)
+        self._save(cfg, shipped, best.number, study.study_name, cfg.final if shipped is not result else "ensemble",
+                   shipped_kind(result, shipped))
 
-    def saved(self) -> tuple[str | None, int | None, bool]:
-        """(study, trial, refit?) of the model in best.pt, if there is one."""
+    def saved(self) -> tuple[str | None, int | None, str | None]:
+        """(study, trial, final) of the model in best.pt, if there is one."""
         try:
             metrics = load_checkpoint(self.out / "best.pt")["metrics"]
         except AutoftError:
-            return None, None, False
-        return metrics.get("study"), metrics.get("trial"), bool(metrics.get("refit"))
+            return None, None, None
+        return metrics.get("study"), metrics.get("trial"), metrics.get("final")
 
-    def _save(self, cfg: Config, result: Result, trial: int, study: str, refit: bool) -> None:
-        kind = (f"refit on every labelled image for {result.config.epochs} epoch(s)" if refit else
-                f"ensemble of {len(result.members)} fold models" if len(result.members) > 1 else "one model")
+    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str) -> None:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
-                                   "trial": trial, "study": study, "refit": refit, "shipped": kind}
+                                   "trial": trial, "study": study, "final": final, "shipped": kind}
         save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
                         result.tau, result.prior, self.cache.dataset(cfg).fingerprint)  # loaded already: no work
 

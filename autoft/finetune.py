@@ -22,6 +22,7 @@ ICLR 2021), with tau chosen on the out-of-fold predictions when it is `auto`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import resource
 import time
@@ -39,6 +40,7 @@ from .config import Config
 from .data import Dataset, Fold, Split, augment, center_crop, normalize
 from .estimate import Estimate, fold_of, scores
 from .exceptions import ConfigError, TrialFailure
+from .probe import applies as exact_probe, fit_heads
 
 Report = Callable[[int, dict[str, Any]], Any]
 TAUS = tuple(i / 4 for i in range(9))  # logit_adjustment auto's grid: 0, 0.25, ..., 2 (Menon et al. found 1 best)
@@ -187,6 +189,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     history: list[dict[str, Any]] = []
     best = _Best(cfg.freeze_depth, cfg.metric)
     log_prior = np.log(np.maximum(prior, 1e-12))
+    exact = exact_probe(cfg, n_stages)  # a linear head on fixed features: fitted exactly in one step (probe.py)
     try:
         for epoch in range(cfg.epochs):
             # Freeze, then unfreeze: during head-only epochs every stage is frozen.
@@ -194,18 +197,18 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             features = None  # without augmentation, the frozen stages' output for the training images never changes
             if cfg.aug_strength == 0 and depth:
                 features = frozen_features(runs[0].model, spec, cfg, images, depth, device, cache)  # validation too
+            exact = exact and features is not None  # features too big to hold: the head trains by epochs instead
 
             t_epoch = time.perf_counter()
-            loss_sum, seen = 0.0, 0
-            for run in runs:
-                loss, n = run.train_epoch(images, labels, depth, features)
-                loss_sum, seen = loss_sum + loss * n, seen + n
+            if exact:
+                train_loss, seen, fitted = fit_heads([(r.model.head, r.fold.train) for r in runs], features, labels, cfg)
+            else:
+                (train_loss, seen), fitted = train_epoch(runs, images, labels, depth, features), {}
             train_time = time.perf_counter() - t_epoch
-            train_loss = loss_sum / seen
             if not math.isfinite(train_loss):
                 raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
 
-            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss} | fitted
             held_out, oof = validate(runs, cfg, images, labels, depth, device, log_prior, cache)
             metrics |= held_out
             metrics |= {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
@@ -214,18 +217,28 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             best.update(metrics, runs, oof)
             if report is not None:
                 report(epoch, metrics)
-            if cfg.patience and best.stale >= cfg.patience:
+            if exact or (cfg.patience and best.stale >= cfg.patience):
                 break
         if not best.members:  # nothing validated (a refit): the last epoch's weights, copied once
             best.keep(runs)
         return Result(best.metrics, history[-1], history, best.members, cfg.freeze_depth, data.classes, cfg, str(device),
-                      time.perf_counter() - t0, peak_memory_mb(device), len(history) < cfg.epochs,
+                      time.perf_counter() - t0, peak_memory_mb(device), not exact and len(history) < cfg.epochs,
                       sum(len(r.fold.val) for r in runs), best.oof,
                       fold_of([r.fold.val.cpu().numpy() for r in runs], len(data.labelled)), prior)
     finally:
         del runs, images
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def train_epoch(runs: Sequence[_FoldRun], images: torch.Tensor, labels: torch.Tensor, depth: int,
+                features: torch.Tensor | None) -> tuple[float, int]:
+    """One epoch of every fold's model: the mean training loss over all of them, and the images seen."""
+    loss_sum, seen = 0.0, 0
+    for run in runs:
+        loss, n = run.train_epoch(images, labels, depth, features)
+        loss_sum, seen = loss_sum + loss * n, seen + n
+    return loss_sum / seen, seen
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -421,12 +434,78 @@ def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
 
 def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None,
          cache: RunCache | None = None) -> Result:
-    """What a validated run ships: `result` itself (its fold models, the ensemble the score validated), or, when
-    `final` is refit and anything was validated, the recipe retrained on every labelled image for the epochs
-    the score chose."""
-    if cfg.final != "refit" or not result.validated:
+    """What a validated run ships, as `final` says: `result` itself (its fold models, the ensemble the score
+    validated); their uniform soup (`soup`); or the recipe retrained on every labelled image for the epochs the
+    score chose (`refit`). Nothing validated (a refit itself): `result`."""
+    if cfg.final == "ensemble" or not result.validated:
         return result
+    if cfg.final == "soup":
+        return dataclasses.replace(result, members=[make_soup(cfg, data, result.members, cache)]) if len(result.members) > 1 \
+            else result
     return refit(cfg, data, result.best["epoch"], report, cache, result.tau)
+
+
+def soup(members: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform model soup (Wortsman et al., ICML 2022): every floating-point tensor averaged over the members;
+    integer counters (BatchNorm's num_batches_tracked) from the first member."""
+    return {k: torch.stack([m[k] for m in members]).mean(0) if v.is_floating_point() else v.clone()
+            for k, v in members[0].items()}
+
+
+def make_soup(cfg: Config, data: Dataset, members: Sequence[Mapping[str, torch.Tensor]],
+              cache: RunCache | None = None) -> dict[str, torch.Tensor]:
+    """The fold models as one model at one model's prediction cost: their uniform `soup`, then the BatchNorm
+    statistics of the stages that trained recomputed on every labelled image (eval transform), as SWA does
+    (Izmailov et al. 2018; torch.optim.swa_utils.update_bn): averaged weights change the activations, so
+    averaged statistics would not match them (measured: a soup with averaged statistics fell to chance where
+    the recomputed one kept the fold models' accuracy). Frozen stages are the same in every member: untouched."""
+    device = resolve_device(cfg.device)
+    cache = RunCache() if cache is None else cache
+    model, spec = build_on_device(cfg, len(data.classes), device, cache=cache)
+    model.load_state_dict(soup(members))
+    recompute_batchnorm(model, spec, cfg, cache.images(data.labelled, device), cfg.freeze_depth, device, cache)
+    return _cpu_copy(model)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int,
+                        device: torch.device, cache: RunCache) -> None:
+    """Running statistics of every BatchNorm after stage `depth`: the plain average over batches of `images` of
+    their batch statistics (momentum None, as torch.optim.swa_utils.update_bn), stages before `depth` in eval."""
+    norms = [m for s in model.stages[depth:] for m in s.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for stage in model.stages[depth:]:
+        stage.train()
+    feats = frozen_features(model, spec, cfg, images, depth, device, cache) if depth else None
+    chunks = torch.arange(len(images)).split(max(2, cfg.batch_size * 2))
+    chunks = chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) == 1 else chunks  # one image has no batch statistics
+    pixels = images.batches(chunks) if feats is None else iter(())
+    for chunk in chunks:
+        x = feats[chunk.to(feats.device)] if feats is not None else model.features(
+            _eval_input(next(pixels).to(device), spec, cfg.image_size), depth)
+        with autocast(device):
+            model(x, start=depth)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+def shipped_kind(result: Result, shipped: Result) -> str:
+    """What `ship` made of `result`, in words, for metrics and summaries."""
+    n, epoch = len(result.members), result.best["epoch"]
+    if shipped is result:
+        if n > 1:
+            return f"ensemble of {n} fold models at epoch {epoch}"
+        return f"one model at epoch {epoch}" + ("" if result.validated else " (nothing validated)")
+    if result.config.final == "soup":
+        return f"soup (uniform weight average) of {n} fold models at epoch {epoch}"
+    return f"refit on every labelled image for {shipped.config.epochs} epoch(s)"
 
 
 def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,

@@ -20,6 +20,7 @@ from .exceptions import TrialFailure, one_line
 from .exports import Exporter
 from .cache import RunCache
 from .finetune import Result, finetune, fold_notice, plan_folds, resolve_device
+from .probe import EXACT
 from .space import SearchSpace
 
 log = logging.getLogger("autoft")
@@ -64,9 +65,11 @@ class Objective:
         def report(epoch: int, metrics: dict[str, Any]) -> None:
             history.append(metrics)
             records.record_history(trial, history)
-            trial.report(metrics[score], epoch + 1)
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, cfg.epochs, metrics)
+            if metrics.get(EXACT):  # fitted in one step: no learning curve for the pruner to compare, nothing to stop
+                return
+            trial.report(metrics[score], epoch + 1)
             if epoch + 1 == cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
                 return
             if self.deadline is not None and time.monotonic() >= self.deadline:

@@ -1,8 +1,9 @@
 """`autoft train`: one recipe from a config, validated, shipped as validated, and scored on test/ when there is one.
 
 The run validates as the search does (cross-validation on small data, else the holdout) and ships what
-`final` says: the fold models at the best pooled epoch as one ensemble, or a refit on every labelled image
-for that many epochs. So `autoft train --config best.yaml` rebuilds the model a search exported.
+`final` says: the fold models at the best pooled epoch as one ensemble, their uniform weight average (a
+soup), or a refit on every labelled image for that many epochs. So `autoft train --config best.yaml`
+rebuilds the model a search exported.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .data import Dataset
 from .estimate import Estimate, scored
 from .files import atomic_write_text, check_writable_dir, versions
 from .cache import RunCache
-from .finetune import Report, Result, evaluate_split, finetune, fold_notice, plan_folds, resolve_device, ship
+from .finetune import (Report, Result, evaluate_split, finetune, fold_notice, plan_folds, resolve_device, ship,
+                       shipped_kind)
 
 log = logging.getLogger("autoft")
 
@@ -72,17 +74,10 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     return metrics
 
 
-def shipped_kind(result: Result, shipped: Result) -> str:
-    if shipped is not result:
-        return f"refit on every labelled image for {shipped.config.epochs} epoch(s)"
-    if len(result.members) > 1:
-        return f"ensemble of {len(result.members)} fold models at epoch {result.best['epoch']}"
-    return f"one model at epoch {result.best['epoch']}" + ("" if result.validated else " (nothing validated)")
-
-
 def run_metrics(result: Result, shipped: Result, data: Dataset, full: bool) -> dict[str, Any]:
     """metrics.json: flat keys for scripts, then the detail."""
     validated = bool(result.validated)
+    refitted = shipped is not result and result.config.final == "refit"
     metric = result.config.metric
     estimate = Estimate.of(result.best, result.validated, metric) if validated else None
     return {"best_val_accuracy": result.best["val_accuracy"] if validated else None,
@@ -91,7 +86,7 @@ def run_metrics(result: Result, shipped: Result, data: Dataset, full: bool) -> d
             "epochs_run": len(result.history), "saved_epoch": shipped.best["epoch"], "shipped": shipped_kind(result, shipped),
             "estimate": estimate.to_dict() if estimate else None,
             "best": result.best, "final": result.final, "history": result.history,
-            "refit_history": shipped.history if shipped is not result else None,
-            "wall_time_s": result.wall_time + (shipped.wall_time if shipped is not result else 0.0),
+            "refit_history": shipped.history if refitted else None,
+            "wall_time_s": result.wall_time + (shipped.wall_time if refitted else 0.0),
             "device": result.device, "full": full, "skipped_images": len(data.skipped), "versions": versions()}
 

@@ -13,7 +13,7 @@ LAYERS = {
     "exceptions": 1, "config": 1, "storage": 1, "files": 1, "estimate": 1,  # nothing of autoft's but exceptions
     "data": 2, "backbones": 2,
     "cache": 2.5,  # what a run keeps in memory: datasets, device copies, features, pretrained stages
-    "finetune": 3, "checkpoint": 3, "space": 3,
+    "probe": 3, "finetune": 3, "checkpoint": 3, "space": 3,
     "records": 4,  # what a study stores
     "plots": 5, "dashboard": 5, "predict": 5,
     "exports": 6, "objective": 6,
