@@ -10,6 +10,7 @@ import copy
 import functools
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -106,14 +107,15 @@ class Net(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Several Nets averaged as one model: the cross-validation fold models a score validated.
+    """Several Nets averaged as one model: the cross-validation fold models a score validated, or the fold models
+    of several trials, each weighted (`weights`, normalized to sum 1; uniform by default).
 
     Their first `shared` stages (frozen, so the same pretrained weights in every member) are the same
     module objects and run once per batch. The output is the log of the mean of the members'
     probabilities, so softmax of it is that mean: callers treat it as logits.
     """
 
-    def __init__(self, members: list[Net], shared: int):
+    def __init__(self, members: list[Net], shared: int, weights: Sequence[float] | None = None):
         super().__init__()
         for m in members[1:]:
             for i in range(shared):
@@ -121,6 +123,8 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.shared = shared
         self.num_classes = members[0].num_classes
+        w = torch.full((len(members),), 1 / len(members)) if weights is None else torch.tensor(list(weights))
+        self.register_buffer("weights", (w / w.sum()).view(-1, 1, 1), persistent=False)
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -133,7 +137,7 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         if start < self.shared:
             x, start = self.members[0].features(x, self.shared, start), self.shared
-        probs = torch.stack([m(x, start=start).float().softmax(1) for m in self.members]).mean(0)
+        probs = (torch.stack([m(x, start=start).float().softmax(1) for m in self.members]) * self.weights).sum(0)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
