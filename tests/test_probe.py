@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from autoft import probe
 from autoft.checkpoint import assemble
+from autoft.cache import RunCache
 from autoft.finetune import build_on_device, finetune, frozen_features, load_data, plan_folds, predict_logits
 from autoft.predict import image_paths, load_model
 from autoft.runs import train
@@ -48,8 +49,9 @@ def test_exact_probe_is_scikit_learns_fit_on_the_same_features(tmp_path, tiny_co
     data = load_data(cfg)
     result = finetune(cfg, data)
     assert len(result.history) == 1 and result.best[probe.EXACT] and not result.stopped_early  # one exact fit
-    model, spec = build_on_device(cfg, len(classes), CPU)
-    x = frozen_features(model, spec, cfg, data.labelled.images, 3, CPU).double().numpy()
+    cache = RunCache()
+    model, spec = build_on_device(cfg, len(classes), CPU, cache=cache)
+    x = frozen_features(model, spec, cfg, cache.images(data.labelled, CPU), 3, CPU, cache).double().numpy()
     y = data.labelled.labels.numpy()
     oof = np.zeros((len(y), len(classes)))
     for i, fold in enumerate(plan_folds(cfg, data)):
@@ -64,7 +66,7 @@ def test_exact_probe_is_scikit_learns_fit_on_the_same_features(tmp_path, tiny_co
         expected = ref.predict_proba(scaler.transform(x[va]))
         # the shipped fold model, run from the images through every stage (nothing cached), gives the same
         net = assemble(cfg.backbone, len(classes), [result.members[i]], 0)
-        got = predict_logits(net, spec, cfg, data.labelled.images, 0, CPU, fold.val).softmax(1).double().numpy()
+        got = predict_logits(net, spec, cfg, data.labelled, 0, CPU, fold.val).softmax(1).double().numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4)
         oof[va] = expected
     assert 0.5 < result.best["val_accuracy"] < 1.0  # noisy labels: neither trivial nor perfect

@@ -37,11 +37,11 @@ def test_soup_of_probe_folds_is_one_model_whose_logits_are_the_folds_mean(tmp_pa
     folds = finetune(cfg.replace(final="ensemble"))  # the same folds, seed and fit
     model = load_model(tmp_path / "run" / "model.pt", device="cpu")
     data = load_data(cfg)
-    got = predict_logits(model.model, model.spec, cfg, data.labelled.images, 0, CPU)
+    got = predict_logits(model.model, model.spec, cfg, data.labelled, 0, CPU)
     nets = [build_model(cfg.backbone, 2)[0] for _ in folds.members]
     for net, state in zip(nets, folds.members):
         net.load_state_dict(state)
-    mean = torch.stack([predict_logits(n, model.spec, cfg, data.labelled.images, 0, CPU) for n in nets]).mean(0)
+    mean = torch.stack([predict_logits(n, model.spec, cfg, data.labelled, 0, CPU) for n in nets]).mean(0)
     torch.testing.assert_close(got, mean, atol=1e-4, rtol=0)  # frozen stages, linear head: the soup is exact
     paths = image_paths([tiny_config.data + "/val"])
     assert model.predict(paths) == [p.split("/")[-2] for p in paths]
