@@ -76,8 +76,10 @@ class Exporter:
             ckpt = load_checkpoint(self.out / "best.pt")
             folds = members(ckpt)
             kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
-            save_checkpoint(self.out / "best.pt", [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)], ckpt["classes"], cfg,
-                            ckpt["metrics"] | {"final": "soup", "shipped": kind})
+            adjustment = ckpt.get("logit_adjustment") or {}
+            save_checkpoint(self.out / "best.pt", [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)],
+                            ckpt["classes"], cfg, ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0,
+                            adjustment.get("tau", 0.0), adjustment.get("prior", ()), self.cache.dataset(cfg).fingerprint)
             return
         data = self.cache.dataset(cfg)
         if cfg.final == "refit":

@@ -201,7 +201,8 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
 
             t_epoch = time.perf_counter()
             if exact:
-                train_loss, seen, fitted = fit_heads([(r.model.head, r.fold.train) for r in runs], features, labels, cfg)
+                heads = [(r.model.head, r.fold.train, r.loss_weight) for r in runs]
+                train_loss, seen, fitted = fit_heads(heads, features, labels, cfg)
             else:
                 (train_loss, seen), fitted = train_epoch(runs, images, labels, depth, features), {}
             train_time = time.perf_counter() - t_epoch

@@ -40,16 +40,12 @@ def applies(cfg: Config, n_stages: int) -> bool:
     return cfg.freeze_depth == n_stages and cfg.aug_strength == 0
 
 
-def class_weight(cfg: Config) -> str | None:
-    """How images are weighted in the fit: all alike, as accuracy counts them. (A metric that weights every
-    class alike, balanced accuracy or macro F1, asks for "balanced" here.)"""
-    return None
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, weight: str | None = None) -> tuple[LogisticRegression, float]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, weight: dict[int, float] | None = None
+                 ) -> tuple[LogisticRegression, float]:
     """scikit-learn's L-BFGS multinomial logistic regression on `x` (n, d), labels `y` (n,), with C chosen by a
     stratified inner `INNER_FOLDS`-fold cross-validation over `CS` by log loss (fewer inner folds when a class
-    has fewer images; C=1 when one has a single image). Returns the model refitted on all of `x` and its C."""
+    has fewer images; C=1 when one has a single image); `weight`: scikit-learn's class_weight, per class.
+    Returns the model refitted on all of `x` and its C."""
     folds = min(INNER_FOLDS, int(np.bincount(y)[np.unique(y)].min()))
     # One BLAS thread: these matrices are small, and on a shared CPU spinning BLAS threads made the same fit 25x
     # slower (LogisticRegressionCV on 480 x 1280 features, 10 classes: 260 s against 10 s at load 25 on 2 cores).
@@ -81,18 +77,20 @@ def linear_head(model: LogisticRegression, scaler: StandardScaler, num_classes: 
 
 
 @torch.no_grad()
-def fit_heads(heads: Sequence[tuple[nn.Linear, torch.Tensor]], features: torch.Tensor, labels: torch.Tensor,
-              cfg: Config) -> tuple[float, int, dict[str, Any]]:
-    """Fit each (head, training indices) exactly on `features[indices]` (pooled features, (N, d)) and write the
-    solution into the head. Returns the mean training log loss, the images fitted, and metrics for the epoch
-    (`EXACT`, the C each fold chose)."""
+def fit_heads(heads: Sequence[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]], features: torch.Tensor,
+              labels: torch.Tensor, cfg: Config) -> tuple[float, int, dict[str, Any]]:
+    """Fit each (head, training indices, class weights or None) exactly on `features[indices]` (pooled features,
+    (N, d)), the classes weighted as the loss would weight them (`class_weight`), and write the solution into
+    the head. Returns the mean training log loss, the images fitted, and metrics for the epoch (`EXACT`, the C
+    each fold chose)."""
     x = features.float().cpu().numpy().astype(np.float64)
     y = labels.cpu().numpy()
     loss_sum, seen, chosen = 0.0, 0, []
-    for head, train in heads:
+    for head, train, weight in heads:
         idx = train.cpu().numpy()
         scaler = StandardScaler().fit(x[idx])
-        model, c = fit_logistic(scaler.transform(x[idx]), y[idx], cfg.seed, class_weight(cfg))
+        per_class = None if weight is None else dict(enumerate(weight.tolist()))
+        model, c = fit_logistic(scaler.transform(x[idx]), y[idx], cfg.seed, per_class)
         weight, bias = linear_head(model, scaler, head.out_features)
         head.weight.copy_(torch.from_numpy(weight).to(head.weight))
         head.bias.copy_(torch.from_numpy(bias).to(head.bias))

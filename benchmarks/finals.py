@@ -22,7 +22,7 @@ import torch
 
 from autoft.checkpoint import assemble
 from autoft.config import Config
-from autoft.estimate import scored
+from autoft.estimate import Estimate
 from autoft.finetune import evaluate_split, finetune, load_data, resolve_device, ship
 from autoft.backbones import get_backbone
 
@@ -63,8 +63,8 @@ def main() -> int:
             t0 = time.perf_counter()
             _, acc = evaluate_split(model, spec, cfg, data.test, 0, device)
             predict_ms = (time.perf_counter() - t0) / len(data.test) * 1000
-            row[final] = scored(acc, len(data.test)) | {"test_accuracy": acc, "ship_seconds": ship_seconds,
-                                                        "predict_ms_per_image": predict_ms}
+            row[final] = {"test_accuracy": acc, "interval": list(Estimate(acc, len(data.test)).interval),
+                          "images": len(data.test), "ship_seconds": ship_seconds, "predict_ms_per_image": predict_ms}
             print(f"{name:<13} {final:<9} test {acc:.4f} ({row[final]['interval'][0]:.3f}-"
                   f"{row[final]['interval'][1]:.3f})  +{ship_seconds:6.1f} s to ship after {cv_seconds:.1f} s of CV, "
                   f"{predict_ms:.2f} ms/image", file=sys.stderr, flush=True)

@@ -33,7 +33,7 @@ def test_complementary_trials_are_mixed_equally_and_a_loser_is_left_out():
     assert mix.score == 1.0
     nested = nested_scores(np.stack(cands), y, accuracy)
     assert nested[0] == 1.0 and nested[1] <= 0.7  # on images neither chose on
-    assert wins_beyond_noise(mix, nested, Estimate(nested[1], n).binomial_se)
+    assert wins_beyond_noise(mix, nested, Estimate(nested[1], n).noise)
 
 
 def _softmax(z):
@@ -63,7 +63,7 @@ def test_a_shipped_mix_is_never_worse_than_the_single_winner_on_fresh_images(see
     mix = ensemble_selection(cands, y, accuracy)
     nested = nested_scores(cands, y, accuracy)
     fresh = np.stack([_softmax(fresh_x @ w) for w in weights])
-    if wins_beyond_noise(mix, nested, Estimate(nested[1], n).binomial_se):
+    if wins_beyond_noise(mix, nested, Estimate(nested[1], n).noise):
         assert accuracy(fresh_y, np.tensordot(mix.weights, fresh, 1).argmax(1)) >= accuracy(
             fresh_y, fresh[single].argmax(1)) - 0.005
 

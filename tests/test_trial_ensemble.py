@@ -19,7 +19,7 @@ def test_weighted_ensemble_predicts_the_weighted_mean_and_exports_as_one_graph(t
     weights = [0.6, 0.3, 0.1]
     cfg = Config(backbone="tiny_cnn", image_size=32, device="cpu")
     path = tmp_path / "mix.pt"
-    save_checkpoint(path, [n.state_dict() for n in nets], ["a", "b", "c"], cfg, {"shipped": "mix"}, 0, weights)
+    save_checkpoint(path, [n.state_dict() for n in nets], ["a", "b", "c"], cfg, {"shipped": "mix"}, 0, weights=weights)
     model = load_model(path, device="cpu")
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     spec = model.spec
