@@ -444,11 +444,14 @@ def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -
         if split not in SPLITS:
             raise DataError(f"{csv_path} line {n}: split {row[at['split']]!r} is not train, val or test")
         path = os.path.join(base, rel)
+        if os.path.isdir(path):
+            raise DataError(f"{csv_path} line {n}: {rel!r} is a folder, not an image")
         if not os.path.isfile(path):
             raise DataError(f"{csv_path} line {n}: image {rel!r} does not exist (paths are relative to {base})")
-        if path in seen:
-            raise DataError(f"{csv_path} line {n}: {rel!r} is listed twice (also on line {seen[path]})")
-        seen[path] = n
+        same = os.path.realpath(path)  # one file however it is spelled (./x, a/../x, absolute, a link)
+        if same in seen:
+            raise DataError(f"{csv_path} line {n}: {rel!r} is listed twice (also on line {seen[same]})")
+        seen[same] = n
         entries.append((split, path, label))
         lines.setdefault((split, label), n)
     if not entries:

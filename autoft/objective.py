@@ -48,13 +48,15 @@ class Objective:
         self.on_epoch: EpochHook | None = None
 
     def validated_images(self) -> int:
-        """How many images each epoch's score rests on (every labelled image under cross-validation); asked once
-        per search or worker, so it also says, once, when a small class makes cross-validation use fewer folds."""
-        data = self.cache.dataset(self.base)
-        notice = fold_notice(self.base, data)
+        """How many images each epoch's score rests on (every labelled image under cross-validation)."""
+        return sum(len(f.val) for f in plan_folds(self.base, self.cache.dataset(self.base)))
+
+    def say_folds(self) -> None:
+        """Says, once per search or worker, when a small class makes cross-validation use fewer folds: after the
+        study's checks, so that a refused resume prints its one-line error alone."""
+        notice = fold_notice(self.base, self.cache.dataset(self.base))
         if notice:
             log.warning(notice)
-        return sum(len(f.val) for f in plan_folds(self.base, data))
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))

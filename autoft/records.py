@@ -104,7 +104,9 @@ def record_data(study: optuna.Study, base: Config, data: Fingerprint) -> None:
 
 def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data: Fingerprint | None = None) -> None:
     """Resuming with another space, base config or dataset is refused: the new trials would not compare with the
-    old. The dataset is compared by content, so the same folder under another spelling (or moved) resumes."""
+    old. The dataset is compared by content, so the same folder under another spelling (or moved) resumes. It is
+    compared first: other data can change the default space (imbalance remedies), and the data is what to name."""
+    check_same_data(study, base, data)
     stored = study.user_attrs
     for key, now, label in ((SPACE, space.to_dict(), "search space"), (BASE, _base(base), "base config")):
         then = _base(stored[key]) if key == BASE and key in stored else stored.get(key)
@@ -112,7 +114,6 @@ def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data:
             diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
             raise ConfigError(f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "
                               "use a new --study name or the same settings")
-    check_same_data(study, base, data)
 
 
 def check_same_data(study: optuna.Study, base: Config, data: Fingerprint | None) -> None:

@@ -197,6 +197,7 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     base, space = search_space(base.portable(), opts, space, fixed, cache)  # trials record the data's absolute path
     objective = _objective(base, opts, space, cache)
     study = open_study(base, opts, space, base.seed, objective.validated_images(), cache.dataset(base).fingerprint)
+    objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
     records.record_class_counts(study, class_counts(cache.dataset(base)))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
@@ -224,6 +225,7 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images(), base.metric)
+    objective.say_folds()
     return _run(found, objective, opts, spawn=False, ship=False)
 
 

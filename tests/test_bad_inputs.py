@@ -204,6 +204,8 @@ CASES = {
     # what a dataset is: its content, whatever its path is called
     "the study's data gained a class": (_changed_data(lambda d: make_image_folder(d, classes=("bird",), per_class=4)),
                                         "/run/data: classes added: 'bird'; train: 4 image(s) more (12 -> 16)"),
+    "the study's data gained a class too small for 5 folds": (  # the fold notice would come before the error
+        _changed_data(lambda d: make_image_folder(d, classes=("bird",), per_class=2)), "classes added: 'bird'"),
     "the study's data gained images": (_changed_data(_add_images), "train: 2 image(s) more (12 -> 14); use a new --study"),
     "another dataset called data": (_changed_data(lambda d: (shutil.rmtree(d), make_image_folder(d, per_class=5))),
                                     "train: 2 image(s) fewer (12 -> 10); val: 2 image(s) fewer (6 -> 4); use a new --study name"),
@@ -217,6 +219,12 @@ CASES = {
     "labels CSV without a label column": (_labels("path,class\nimages/0000.png,cat\n"), "has no 'label' column"),
     "labels CSV names a missing image": (_labels("path,label\nimages/0000.png,cat\nimages/x.png,dog\n"),
                                          "labels.csv line 3: image 'images/x.png' does not exist"),
+    "labels CSV lists an image twice as ./path": (_labels("path,label\nimages/0000.png,cat\n./images/0000.png,dog\n"),
+                                                  "labels.csv line 3: './images/0000.png' is listed twice (also on line 2)"),
+    "labels CSV lists an image twice as a/../path": (_labels("path,label\nimages/0000.png,cat\nimages/../images/0000.png,cat\n"),
+                                                     "is listed twice (also on line 2)"),
+    "labels CSV names a folder": (_labels("path,label\nimages/0000.png,cat\nimages,dog\n"),
+                                  "labels.csv line 3: 'images' is a folder, not an image"),
     "labels CSV with split dev": (_labels("path,label,split\nimages/0000.png,cat,dev\n"),
                                   "labels.csv line 2: split 'dev' is not train, val or test"),
     "labels CSV with one class": (_labels("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n"),
