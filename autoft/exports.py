@@ -16,17 +16,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+import torch
 from optuna.trial import FrozenTrial
 
 from . import records
 from .checkpoint import load_checkpoint, members, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
+from .estimate import Estimate, score
 from .exceptions import AutoftError
 from .files import atomic_write_text, versions
 from .cache import RunCache
 from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
+from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
 from .storage import attach_file
 
 log = logging.getLogger("autoft")
@@ -68,6 +72,12 @@ class Exporter:
         unless the winner changed afterwards (a later trial narrowed the ties): then they are trained again
         from its config, which reproduces them. `soup` averages the fold models' weights; `refit` retrains the
         recipe on every labelled image."""
+        mix = choose_mix(study, best, self.artifacts)
+        if mix is not None:
+            records.record_trial_mix(study, mix)
+            if mix["shipped"]:
+                self._ship_mix(study, best, mix)
+                return
         cfg = records.config(best)
         saved = self.saved()
         if saved == (study.study_name, best.number, cfg.final):
@@ -94,6 +104,36 @@ class Exporter:
         shipped = ship(cfg, data, result, cache=self.cache)
         self._save(cfg, shipped, best.number, study.study_name, cfg.final if shipped is not result else "ensemble",
                    shipped_kind(result, shipped))
+
+    def _ship_mix(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> None:
+        """best.pt as the ensemble of trials `mix`: each member trial trained again from its config (same seed:
+        the same models on CPU) and shipped as its `final` says, its models weighted by its share."""
+        ckpt = None
+        try:
+            ckpt = load_checkpoint(self.out / "best.pt")
+        except AutoftError:
+            pass
+        if ckpt and ckpt["metrics"].get("study") == study.study_name and ckpt["metrics"].get("trial_mix") == \
+                {"members": mix["members"], "weights": mix["weights"]}:
+            return
+        trials = {t.number: t for t in records.completed(study)}
+        states, weights, results = [], [], []
+        for number, w in zip(mix["members"], mix["weights"]):
+            cfg = records.config(trials[number])
+            log.info("ensemble of trials: training trial %d again from its config (weight %.2f)", number, w)
+            data = self.cache.dataset(cfg)
+            shipped = ship(cfg, data, finetune(cfg, data, cache=self.cache), cache=self.cache)
+            states += shipped.members
+            weights += [w / len(shipped.members)] * len(shipped.members)
+            results.append(shipped)
+        first = results[mix["members"].index(best.number)] if best.number in mix["members"] else results[0]
+        metrics: dict[str, Any] = {**{k: v for k, v in first.best.items() if not isinstance(v, list)},
+                                   "trial": best.number, "study": study.study_name, "final": "trials",
+                                   "shipped": describe_mix(mix, len(states)),
+                                   "trial_mix": {"members": mix["members"], "weights": mix["weights"]}}
+        save_checkpoint(self.out / "best.pt", states, first.classes, records.config(best), metrics,
+                        shared_prefix(states, max(r.shared_stages for r in results)), mix["tau"], first.prior,
+                        self.cache.dataset(records.config(best)).fingerprint, weights)
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
         """(study, trial, final) of the model in best.pt, if there is one."""
@@ -132,3 +172,73 @@ class Exporter:
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
         atomic_write_text(self.out / "trials.csv", buf.getvalue())
+
+
+def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
+    """Whether trial `t` can join the winner's ensemble: one preprocessing (backbone, its weights, image size) and
+    one logit adjustment, which predict and export apply to the whole model; and out-of-fold probabilities kept."""
+    if not t.user_attrs.get(records.OOF):
+        return False
+    cfg = records.config(t)
+    return ((cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size)
+            and records.kept_epoch(t).get("tau", 0.0) == tau)
+
+
+def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
+    """The ensemble of trials (selection.ensemble_selection on their out-of-fold probabilities, by the study's
+    metric) among the completed trials that can join the winner (`mixable`), and whether it ships: only when it
+    beats the single best trial by more than the winner's standard error on images it was not chosen on
+    (selection.nested_predictions). None when fewer than two trials kept out-of-fold probabilities.
+
+    Returns {"winner", "members" (trial numbers), "weights", "shipped", "estimate" (Estimate.to_dict of the mix's
+    nested predictions), "single" (the single best's nested score), "noise", "tau", "models" and "single_models"
+    (forward passes per image, shared frozen stages aside)}."""
+    winner, tau = records.config(best), records.kept_epoch(best).get("tau", 0.0)
+    trials = sorted((t for t in records.completed(study) if mixable(t, winner, tau)),
+                    key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
+    oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
+    if not oofs or oofs[0][0].number != best.number:
+        return None
+    oofs = [(t, o) for t, o in oofs if np.array_equal(o.labels, oofs[0][1].labels)]  # the same images, in order
+    if len(oofs) < 2:
+        return None
+    metric = records.study_metric(study)
+    first = oofs[0][1]
+    seen = np.logical_and.reduce([o.fold >= 0 for _, o in oofs])
+    labels, classes = first.labels[seen], first.probabilities.shape[1]
+    # predict adjusts the mix's log probabilities by -tau * log(prior): the same argmax as each candidate's
+    # probabilities times prior ** -tau, averaged
+    scale = np.maximum(first.prior, 1e-12) ** -tau
+    probs = np.stack([o.probabilities[seen] * scale for _, o in oofs])
+
+    def measure(y: np.ndarray, pred: np.ndarray) -> float:
+        return score(metric, y, pred, classes)
+
+    mix = ensemble_selection(probs, labels, measure)
+    mixed, single = nested_predictions(probs, labels, measure)
+    estimate = Estimate.measure(metric, labels, mixed, classes)
+    noise = (records.estimate(best) or Estimate.measure(metric, labels, single, classes)).noise
+    nested = (estimate.value, measure(labels, single))
+    models = [1 if records.config(t).final != "ensemble" else (records.estimate(t) or Estimate(0, 1)).folds
+              for t, _ in oofs]
+    kept = mix.members
+    return {"winner": best.number, "members": [oofs[i][0].number for i in kept],
+            "weights": [float(mix.weights[i]) for i in kept], "shipped": wins_beyond_noise(mix, nested, noise),
+            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau,
+            "models": sum(models[i] for i in kept), "single_models": models[0]}
+
+
+def describe_mix(mix: dict[str, Any], models: int | None = None) -> str:
+    """`ensemble of trials 3 (0.6), 5 (0.4): 10 models`, for checkpoints and summaries."""
+    parts = ", ".join(f"{n} ({w:.2f})" for n, w in zip(mix["members"], mix["weights"]))
+    return f"ensemble of trials {parts}: {mix['models'] if models is None else models} models"
+
+
+def shared_prefix(states: Sequence[dict[str, torch.Tensor]], most: int) -> int:
+    """How many first stages (at most `most`) hold the same tensors in every member: those an Ensemble runs once.
+    Trials share their frozen pretrained stages; with random weights or another freeze depth they may not."""
+    for i in range(most):
+        keys = [k for k in states[0] if k.startswith(f"stages.{i}.")]
+        if not all(k in s and torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys):
+            return i
+    return most

@@ -42,6 +42,7 @@ SEED = "seed"  # the study seed; each trial's derives from it
 TARGET = "target"  # the goal: finished trials the study is to hold
 SEARCH = "search"  # SearchOptions.settings(): what a joining worker must share
 CLASS_COUNTS = "class_counts"  # labelled images per class, as the search found them
+TRIAL_MIX = "trial_mix"  # the last final export's ensemble of trials, shipped or not (exports.choose_mix)
 
 # Trial user attrs.
 CONFIG = "config"  # the complete Config the trial trained
@@ -147,6 +148,17 @@ def record_class_counts(study: optuna.Study, counts: Sequence[int]) -> None:
 
 def class_counts(study: optuna.Study) -> list[int]:
     return study.user_attrs.get(CLASS_COUNTS) or []
+
+
+def record_trial_mix(study: optuna.Study, mix: dict[str, Any]) -> None:
+    """The ensemble of trials the final export considered for winner `mix["winner"]`, and whether it shipped."""
+    study.set_user_attr(TRIAL_MIX, mix)
+
+
+def trial_mix(study: optuna.Study, winner: int) -> dict[str, Any] | None:
+    """That record, if it was made for this winner (a run interrupted before its final export made none)."""
+    mix = study.user_attrs.get(TRIAL_MIX)
+    return mix if mix and mix.get("winner") == winner else None
 
 
 @dataclass

@@ -63,9 +63,16 @@ def ensemble_selection(probs: np.ndarray, labels: np.ndarray, metric: Callable[[
 def nested_scores(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
                   folds: int = 5, seed: int = 0, rounds: int = ROUNDS) -> tuple[float, float]:
     """Honest scores of the two procedures, on images neither chose on: (the selected mix, the single best
-    candidate). Over stratified `folds` of the images (scikit-learn), each is chosen on the other folds and
-    predicts the held-out one; the pooled predictions are scored once. Both are selections, so both are
-    judged the same way, paired on the same images."""
+    candidate), from `nested_predictions`."""
+    mixed, single = nested_predictions(probs, labels, metric, folds, seed, rounds)
+    return metric(labels, mixed), metric(labels, single)
+
+
+def nested_predictions(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+                       folds: int = 5, seed: int = 0, rounds: int = ROUNDS) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted classes (N,) of the two procedures on images neither chose on: (the selected mix, the single
+    best candidate). Over stratified `folds` of the images (scikit-learn), each is chosen on the other folds and
+    predicts the held-out one. Both are selections, so both are judged the same way, paired on the same images."""
     from sklearn.model_selection import StratifiedKFold
 
     probs = np.asarray(probs, dtype=np.float64)
@@ -76,7 +83,7 @@ def nested_scores(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.nd
         mixed[va] = np.tensordot(mix.weights, probs[:, va], axes=1).argmax(1)
         keys = [(metric(labels[tr], p[tr].argmax(1)), -log_loss(p[tr], labels[tr])) for p in probs]
         single[va] = probs[max(range(len(probs)), key=lambda m: keys[m]), va].argmax(1)
-    return metric(labels, mixed), metric(labels, single)
+    return mixed, single
 
 
 def wins_beyond_noise(mix: Selection, nested: tuple[float, float], noise: float) -> bool:

@@ -30,7 +30,7 @@ from .config import Config, check_field
 from .data import Dataset, Fingerprint
 from .estimate import Estimate
 from .exceptions import ConfigError, Terminated
-from .exports import Exporter
+from .exports import Exporter, describe_mix
 from .files import check_writable_dir
 from .objective import Objective, trial_seed
 from .space import SearchSpace, imbalanced
@@ -386,6 +386,24 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in records.searched_keys(best)}}
         width = max(map(len, shown))
         lines += [f"  {k:<{width}}  {records.fmt(v)}" for k, v in shown.items()]
+        mix = records.trial_mix(study, best.number)
+        if mix is not None:
+            lines.append(mix_summary(mix))
         lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
                      f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)
+
+
+def mix_summary(mix: dict[str, Any]) -> str:
+    """The ensemble of trials the export considered: members, weights, its estimate on images it was not chosen
+    on against the single best trial's, its prediction cost against the single model's; shipped or not."""
+    e = Estimate.from_dict(mix["estimate"])
+    lo, hi = e.interval
+    scored = (f"{e.metric} {e.value:.4f} (95 % interval {lo:.3f}-{hi:.3f}) on images it was not chosen on, against "
+              f"{mix['single']:.4f} for the single best trial (one standard error {mix['noise']:.4f})")
+    if mix["shipped"]:
+        return (f"  shipped an {describe_mix(mix)}: {scored}; prediction costs {mix['models']} forward passes per "
+                f"image against {mix['single_models']} for the winner alone")
+    if len(mix["members"]) < 2:
+        return f"  an ensemble of trials was considered: the selection kept trial {mix['members'][0]} alone"
+    return f"  an {describe_mix(mix)} was considered and not shipped, not better beyond noise: {scored}"
