@@ -2,7 +2,7 @@
 
 best.pt is the winner's shipped model: the fold models its estimate validated (one ensemble), or as its
 `final` says their weight average (`soup`) or that recipe retrained on every labelled image (`refit`), made
-once the search ends. All writes
+once the search ends; or, when it wins beyond noise, an ensemble of trials (choose_mix). All writes
 are atomic, so an interrupted run leaves the previous complete files.
 """
 
