@@ -53,7 +53,7 @@ def trained_on(ckpt: dict[str, Any]) -> Fingerprint | None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True: a pickle that carries code is refused, not run."""
     if not os.path.isfile(path):
-        raise AutoftError(f"model file {os.fspath(path)!r} does not exist")
+        raise AutoftError(f"model file {os.fspath(path)!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -348,14 +348,15 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
                             f"{e.name!r} images; {fix(d)}")
 
 
-def scan(root: str | os.PathLike | None, labels: str | os.PathLike | None = None) -> Found:
+def scan(root: str | os.PathLike | None, labels: str | os.PathLike | None = None, say: bool = True) -> Found:
     """Classes and (paths, labels) per split: from ROOT/{train,val,test}/<class>/ (a root holding class folders
     directly, with no train/, is read whole as the train split), or from a labels CSV (`labels`; see `scan_csv`).
 
-    Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders").
+    Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders"), unless
+    `say` is false (a look at the layout before the images are loaded, which says it then).
     """
     found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(root))
-    if found.skipped:
+    if found.skipped and say:
         log.info("%s: %s", found.root, skipped_summary(found.skipped))
     return found
 

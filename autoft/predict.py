@@ -195,7 +195,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
                                         labels=os.fspath(labels_csv) if labels_csv is not None else None)
     trained = trained_on(ckpt)
     if split is None:  # which layout new data has: a scan, nothing decoded
-        found = None if own else scan(where.data, where.labels)
+        found = None if own else scan(where.data, where.labels, say=False)
         split = "all" if found is not None and found.flat and found.fingerprint != trained else "val"
     png = output_file(out, Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png"))
     check_output_file(png, "--out" if out else "confusion matrix")  # before the data are decoded

@@ -410,9 +410,11 @@ def test_evaluate_scores_new_data_whole_and_says_seen_only_when_it_is(tmp_path, 
     ev = evaluate("run/model.pt", labels_csv="k/labels.csv")
     assert (ev["split"], ev["n"], ev["seen_in_training"]) == ("all", 18, False)
     capsys.readouterr()
+    (tmp_path / "new_flat" / "cat" / ".DS_Store").write_text("x")
     assert main(["evaluate", "--model", "run/model.pt", "--data", "new_flat"]) == 0
     out, err = capsys.readouterr()
     assert "all: 20 images from new_flat" in out and "trained on these" not in err
+    assert err.count("skipped 1 hidden file") == 1, err  # said once, though the layout is read before the images
 
 
 def test_a_small_class_is_one_notice_not_library_warnings(tmp_path, monkeypatch, capsys):

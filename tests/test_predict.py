@@ -200,6 +200,8 @@ def test_cli_evaluate_predict_export(trained, tmp_path, capsys):
 
     assert main(["predict", "--model", str(tmp_path / "missing.pt"), str(data)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path)]) == 2
+    assert f"model file {str(tmp_path)!r} is a folder" in capsys.readouterr().err
 
 
 def test_cli_predict_reports_unreadable_files_and_goes_on(trained, tmp_path, capsys):
