@@ -82,16 +82,21 @@ def fit_heads(heads: Sequence[tuple[nn.Linear, torch.Tensor, torch.Tensor | None
     """Fit each (head, training indices, class weights or None) exactly on `features[indices]` (pooled features,
     (N, d)), the classes weighted as the loss would weight them (`class_weight`), and write the solution into
     the head. Returns the mean training log loss, the images fitted, and metrics for the epoch (`EXACT`, the C
-    each fold chose)."""
+    each fold chose; None for a fold that saw one class)."""
     x = features.float().cpu().numpy().astype(np.float64)
     y = labels.cpu().numpy()
     loss_sum, seen, chosen = 0.0, 0, []
     for head, train, weight in heads:
         idx = train.cpu().numpy()
-        scaler = StandardScaler().fit(x[idx])
-        per_class = None if weight is None else dict(enumerate(weight.tolist()))
-        model, c = fit_logistic(scaler.transform(x[idx]), y[idx], cfg.seed, per_class)
-        weight, bias = linear_head(model, scaler, head.out_features)
+        present = np.unique(y[idx])
+        if len(present) == 1:  # a fold whose training part holds one class (a class of one image): it predicts it
+            weight, bias, c = np.zeros((head.out_features, x.shape[1])), np.full(head.out_features, -50.0), None
+            bias[present] = 0.0
+        else:
+            scaler = StandardScaler().fit(x[idx])
+            per_class = None if weight is None else dict(enumerate(weight.tolist()))
+            model, c = fit_logistic(scaler.transform(x[idx]), y[idx], cfg.seed, per_class)
+            weight, bias = linear_head(model, scaler, head.out_features)
         head.weight.copy_(torch.from_numpy(weight).to(head.weight))
         head.bias.copy_(torch.from_numpy(bias).to(head.bias))
         logits = head(features[train].to(head.weight.dtype))

@@ -14,6 +14,7 @@ beats the single candidate there by more than one standard error (the one-standa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,7 +79,10 @@ def nested_predictions(probs: np.ndarray, labels: np.ndarray, metric: Callable[[
     probs = np.asarray(probs, dtype=np.float64)
     mixed, single = np.zeros(len(labels), dtype=int), np.zeros(len(labels), dtype=int)
     folds = max(2, min(folds, int(np.bincount(labels)[np.unique(labels)].min())))
-    for tr, va in StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels):
+    with warnings.catch_warnings():  # a class of one image: the search's fold notice has said so
+        warnings.filterwarnings("ignore", "The least populated class in y has only", UserWarning)
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels))
+    for tr, va in splits:
         mix = ensemble_selection(probs[:, tr], labels[tr], metric, rounds)
         mixed[va] = np.tensordot(mix.weights, probs[:, va], axes=1).argmax(1)
         keys = [(metric(labels[tr], p[tr].argmax(1)), -log_loss(p[tr], labels[tr])) for p in probs]

@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from autoft import probe
 from autoft.checkpoint import assemble
+from autoft.config import Config
 from autoft.cache import RunCache
 from autoft.finetune import build_on_device, finetune, frozen_features, load_data, plan_folds, predict_logits
 from autoft.predict import image_paths, load_model
@@ -110,3 +111,15 @@ def test_a_shipped_probe_predicts(tmp_path, tiny_config, final):
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def test_a_fold_whose_training_part_holds_one_class_predicts_it():
+    """A class of one labelled image leaves one fold's training part with a single class: nothing to regress, so
+    that fold's head predicts the class it saw (as the trained head would), not a crash of the trial."""
+    features = torch.randn(6, 4)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1])
+    heads = [(torch.nn.Linear(4, 2), torch.arange(5), None), (torch.nn.Linear(4, 2), torch.arange(6), None)]
+    loss, seen, metrics = probe.fit_heads(heads, features, labels, Config())
+    assert seen == 11 and metrics[probe.CHOSEN_C][0] is None and metrics[probe.CHOSEN_C][1] > 0
+    assert (heads[0][0](features).argmax(1) == 0).all()
+    assert torch.softmax(heads[0][0](features), 1)[:, 0].min() > 0.99
