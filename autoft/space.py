@@ -105,9 +105,6 @@ PORTFOLIO: dict[str, dict[str, Any]] = {
 }
 
 
-BALANCED_PROBE = "balanced_probe"  # the linear probe with class_weight balanced, on imbalanced data
-
-
 class SearchSpace:
     """Ordered parameters; `suggest(trial, base)` turns one trial into a complete Config."""
 
@@ -194,22 +191,12 @@ class SearchSpace:
 
     def portfolio(self, base: Config) -> list[tuple[str, dict[str, Any]]]:
         """The portfolio as (name, enqueue-able params): the linear probe on every searched backbone, the
-        fine-tune recipes on the first; each value clipped into the space, fixed parameters left out.
-
-        When the space searches class weights (imbalanced data), each probe runs twice: as written and with
-        class_weight balanced, the probe a careful user fits on a long tail (scikit-learn's
-        `class_weight="balanced"`); an exact probe costs seconds.
-        """
-        recipes = dict(PORTFOLIO)
-        if "class_weight" in self.params and self.params["class_weight"].kind == "choice":
-            probe = PORTFOLIO["linear_probe"]
-            recipes = {"linear_probe": probe, BALANCED_PROBE: {**probe, "class_weight": "balanced"}} | recipes
+        fine-tune recipes on the first; each value clipped into the space, fixed parameters left out."""
         out = []
         backbones = self.backbones(base)
-        for name, recipe in recipes.items():
-            probe = recipe["freeze_depth"] == "stages"
-            for backbone in backbones if probe else backbones[:1]:
-                label = f"{name}@{backbone}" if probe and len(backbones) > 1 else name
+        for name, recipe in PORTFOLIO.items():
+            for backbone in backbones if name == "linear_probe" else backbones[:1]:
+                label = f"{name}@{backbone}" if name == "linear_probe" and len(backbones) > 1 else name
                 out.append((label, self._params(recipe, backbone, base)))
         return out
 
