@@ -26,6 +26,7 @@ import numpy as np
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
 LEVEL = 0.95
+BOOTSTRAP_DRAWS = 2**20  # labels drawn, and confusion cells held, at once (8 MiB each) in the bootstrap
 RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under a point between seeds
 
 
@@ -72,17 +73,24 @@ def bootstrap(metric: str, y_true: np.ndarray, y_pred: np.ndarray, classes: int,
     """(low, high, standard error) of `metric` by a stratified, paired percentile bootstrap (Efron & Tibshirani
     1993, ch. 13): each resample draws, within every class, as many of its images as it has, with replacement.
 
-    Seeded, so the same predictions always get the same interval.
+    Seeded, so the same predictions always get the same interval. Drawn in chunks of resamples, so that it
+    runs after every epoch in memory that grows with neither resamples x images nor resamples x classes^2.
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     rng = np.random.default_rng(seed)
-    cm = np.zeros((resamples, classes, classes), dtype=np.int64)
-    rows = np.arange(resamples)[:, None] * classes
-    for c in np.unique(y_true):
-        pred = y_pred[y_true == c]
-        drawn = pred[rng.integers(0, len(pred), size=(resamples, len(pred)))]
-        cm[:, c, :] = np.bincount((rows + drawn).ravel(), minlength=resamples * classes).reshape(resamples, classes)
-    stats = from_confusion(metric, cm)
+    present = np.unique(y_true)
+    groups = [y_pred[y_true == c] for c in present]
+    chunk = max(1, min(resamples, BOOTSTRAP_DRAWS // max(len(y_true), classes * classes)))
+    parts = []
+    for start in range(0, resamples, chunk):
+        n = min(chunk, resamples - start)
+        cm = np.zeros((n, classes, classes), dtype=np.int64)
+        offset = np.arange(n)[:, None] * classes
+        for c, pred in zip(present, groups):
+            drawn = pred[rng.integers(0, len(pred), size=(n, len(pred)))] + offset
+            cm[:, c, :] = np.bincount(drawn.ravel(), minlength=n * classes).reshape(n, classes)
+        parts.append(from_confusion(metric, cm))
+    stats = np.concatenate(parts)
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high), float(stats.std(ddof=1))
