@@ -180,10 +180,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    if not (Path(args.data) / "val").is_dir():
-        sys.exit(f"{args.data} needs a val/ folder so both sides validate on the same images")
+def run_sides(args: argparse.Namespace, argv: list[str] | None, script: str, run_autoft, run_plain) -> dict:
+    """Each side in a fresh child process of `script` (`--only SIDE`), with a cold image cache, so neither inherits
+    the other's caches or memory; returns {side: its JSON}. In the child itself: run that side, print its JSON and
+    return {}."""
     if args.only:
         import optuna
 
@@ -195,11 +195,22 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     res = {}
     for side in ("autoft", "plain"):
-        child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", side],
+        child = subprocess.run([sys.executable, script, *(argv if argv is not None else sys.argv[1:]), "--only", side],
                                stdout=subprocess.PIPE, text=True, check=True)
         res[side] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{side}: {res[side]['seconds']:.1f} s, best val_accuracy {res[side]['best']:.4f}, "
-              f"{res[side]['pruned']} pruned, {res[side]['epochs_run']} epochs run", file=sys.stderr, flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if not (Path(args.data) / "val").is_dir():
+        sys.exit(f"{args.data} needs a val/ folder so both sides validate on the same images")
+    res = run_sides(args, argv, __file__, run_autoft, run_plain)
+    if not res:
+        return {}
+    for side, r in res.items():
+        print(f"{side}: {r['seconds']:.1f} s, best val_accuracy {r['best']:.4f}, {r['pruned']} pruned, "
+              f"{r['epochs_run']} epochs run", file=sys.stderr, flush=True)
     a, b = res["autoft"], res["plain"]
     out = {"trials": args.trials, "image_size": args.image_size, "epochs": args.epochs, "backbone": args.backbone,
            "device": args.device, "autoft_s": round(a["seconds"], 1), "plain_s": round(b["seconds"], 1),

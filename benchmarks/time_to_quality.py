@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -121,20 +118,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.only:
-        import optuna
+    from search import run_sides
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["AUTOFT_CACHE"] = str(Path(tmp) / "cache")  # cold decode cache: decoding is part of the cost
-            run = run_autoft if args.only == "autoft" else run_plain
-            print(json.dumps(run(args, Path(tmp))), flush=True)
+    res = run_sides(args, argv, __file__, run_autoft, run_plain)
+    if not res:
         return {}
-    res = {}
-    for side in ("autoft", "plain"):
-        child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--only", side],
-                               stdout=subprocess.PIPE, text=True, check=True)
-        res[side] = json.loads(child.stdout.strip().splitlines()[-1])
     portfolio = [v for _, v, p in res["autoft"]["finished"] if p]
     if not portfolio:
         sys.exit("no portfolio recipe finished within the budget: raise --budget")
