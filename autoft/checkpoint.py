@@ -7,6 +7,7 @@ stages, so a probe's ensemble costs a few heads, not k backbones.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -54,19 +55,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint with weights_only=True: a pickle that carries code is refused, not run."""
     if not os.path.isfile(path):
         raise AutoftError(f"model file {os.fspath(path)!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
+    return _read(path, os.fspath(path))
+
+
+def checkpoint_from_bytes(data: bytes, name: str) -> dict[str, Any]:
+    """A checkpoint held in memory (an Optuna artifact), read as `load_checkpoint` reads a file; `name` for errors."""
+    return _read(io.BytesIO(data), name)
+
+
+def _read(source: str | os.PathLike | io.BytesIO, name: str) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AutoftError(f"{os.fspath(path)} is not a loadable autoft checkpoint (weights_only refused it: {type(exc).__name__})") from None
+        raise AutoftError(f"{name} is not a loadable autoft checkpoint (weights_only refused it: {type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
-        raise AutoftError(f"{os.fspath(path)} is not an autoft checkpoint (write one with autoft train or autoft search)")
+        raise AutoftError(f"{name} is not an autoft checkpoint (write one with autoft train or autoft search)")
     for key, ok in (("state_dict", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())),
                     ("classes", lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v)),
                     ("config", lambda v: isinstance(v, dict))):
         if key not in ckpt:
-            raise AutoftError(f"{os.fspath(path)} is an incomplete autoft checkpoint: it has no {key!r}")
+            raise AutoftError(f"{name} is an incomplete autoft checkpoint: it has no {key!r}")
         if not ok(ckpt[key]):
-            raise AutoftError(f"{os.fspath(path)} is a damaged autoft checkpoint: its {key!r} is not what autoft writes")
+            raise AutoftError(f"{name} is a damaged autoft checkpoint: its {key!r} is not what autoft writes")
     return ckpt
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -100,11 +101,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_epoch(epoch: int, m: dict[str, Any]) -> None:
+def _print_epoch(step: int, m: dict[str, Any]) -> None:
     val = (f"  val_loss {m['val_loss']:.4f}  " + "  ".join(f"val_{k} {m[f'val_{k}']:.4f}" for k in METRICS)
            + (f" ({len(m['fold_scores'])} folds)" if len(m.get("fold_scores", ())) > 1 else "")
            if "val_loss" in m else "  (nothing held out)")
-    print(f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s", flush=True)
+    print(f"fold {m['fold']} epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s", flush=True)
 
 
 def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:
@@ -118,7 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .study import run_search
 
     config, from_file = resolve_config(args)
-    run_search(config, search_options(args, from_file), fixed=args.given)
+    run_search(config, dataclasses.replace(search_options(args, from_file), started=args.started), fixed=args.given)
     return 0
 
 
@@ -364,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
+    started = time.monotonic()  # a search's --timeout counts from here: the whole command, imports included
     args = build_parser().parse_args(argv)
+    args.started = started
     setup_logging(args.quiet)
     try:
         return args.func(args)

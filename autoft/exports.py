@@ -12,7 +12,8 @@ import csv
 import io
 import logging
 import shlex
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,19 @@ import torch
 from optuna.trial import FrozenTrial
 
 from . import records
-from .checkpoint import load_checkpoint, members, save_checkpoint
+from .checkpoint import checkpoint_from_bytes, load_checkpoint, members, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
 from .estimate import Estimate, score
 from .exceptions import AutoftError
-from .files import atomic_write_text, versions
+from .files import atomic_write_bytes, atomic_write_text, versions
 from .cache import RunCache
 from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
-from .storage import attach_file
+from .storage import attach_file, has_artifact, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
+RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for
 
 
 class Exporter:
@@ -60,19 +62,52 @@ class Exporter:
         self.write_best_yaml(study, best)
         return best
 
-    def export_weights(self, trial: optuna.Trial, cfg: Config, result: Result) -> None:
-        """Called while the trial still runs (artifacts can only be attached then): its fold models, as validated."""
-        if not records.is_new_best(trial.study, trial.number, result):
-            return
-        self._save(cfg, result, trial.number, trial.study.study_name, "ensemble", shipped_kind(result, result))
-        records.record_weights(trial, attach_file(trial, self.out / "best.pt", "application/octet-stream", self.artifacts))
+    def reserve(self, study: optuna.Study) -> float:
+        """Seconds the final export is expected to take, which the trials leave to it: writing the files, and the
+        work `final` asks of the winner so far (a refit trains on every image: about its fold models' training time
+        over folds - 1; a soup recomputes BatchNorm statistics: about one epoch of one fold)."""
+        best = records.best_trial(study)
+        if best is None:
+            return RESERVE_S
+        cfg, seconds = records.config(best), best.user_attrs.get(records.TRAIN_SECONDS, 0.0)
+        folds = max(1, (records.estimate(best) or Estimate(0, 1)).folds)
+        if cfg.final == "refit":
+            return RESERVE_S + seconds / max(1, folds - 1)
+        if cfg.final == "soup":
+            return RESERVE_S + seconds / (folds * max(1, len(records.history(best))))
+        return RESERVE_S
+
+    def keep_weights(self, trial: optuna.Trial, cfg: Config, result: Result) -> None:
+        """Called while the trial still runs (artifacts can only be attached then): when it enters the kept set
+        (records.kept_set), its validated fold models become an artifact, and best.pt when it is the new winner;
+        trials that fell out of the set lose theirs, so the artifact folder holds the kept set's models alone."""
+        candidates, me = records.with_running(trial.study, trial.number, result)
+        kept = records.kept_set(candidates)
+        if trial.number in kept:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"weights_trial_{trial.number}.pt"
+                self._save(cfg, result, trial.number, trial.study.study_name, "ensemble", shipped_kind(result, result),
+                           path)
+                records.record_weights(trial, attach_file(trial, path, "application/octet-stream", self.artifacts))
+                if records.select(candidates) is me:
+                    atomic_write_bytes(self.out / "best.pt", path.read_bytes())
+        for t in records.completed(trial.study):
+            if t.number not in kept and records.weights_artifact(t):
+                remove_artifact(records.weights_artifact(t), self.artifacts)
+
+    def kept_checkpoint(self, t: FrozenTrial) -> dict[str, Any] | None:
+        """The trial's validated models as kept while it ran; None when none were kept (or they were deleted)."""
+        artifact = records.weights_artifact(t)
+        if not artifact or not has_artifact(artifact, self.artifacts):
+            return None
+        return checkpoint_from_bytes(read_artifact(artifact, self.artifacts), f"the weights of trial {t.number}")
 
     def finalize(self, study: optuna.Study, best: FrozenTrial) -> None:
-        """Make best.pt the winner's shipped model, as its `final` says. Its fold models were saved when it won,
-        unless the winner changed afterwards (a later trial narrowed the ties): then they are trained again
-        from its config, which reproduces them. `soup` averages the fold models' weights; `refit` retrains the
-        recipe on every labelled image."""
-        mix = choose_mix(study, best, self.artifacts)
+        """Make best.pt the winner's shipped model, as its `final` says, from the models kept while trials ran:
+        what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold models'
+        weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as it
+        asks). A winner whose kept models are gone (deleted by hand) is the one case trained again, and said."""
+        mix = choose_mix(study, best, self.artifacts, lambda t: self.kept_checkpoint(t) is not None)
         if mix is not None:
             records.record_trial_mix(study, mix)
             if mix["shipped"]:
@@ -82,15 +117,6 @@ class Exporter:
         saved = self.saved()
         if saved == (study.study_name, best.number, cfg.final):
             return
-        if cfg.final == "soup" and saved == (study.study_name, best.number, "ensemble"):
-            ckpt = load_checkpoint(self.out / "best.pt")
-            folds = members(ckpt)
-            kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
-            adjustment = ckpt.get("logit_adjustment") or {}
-            save_checkpoint(self.out / "best.pt", [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)],
-                            ckpt["classes"], cfg, ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0,
-                            adjustment.get("tau", 0.0), adjustment.get("prior", ()), self.cache.dataset(cfg).fingerprint)
-            return
         data = self.cache.dataset(cfg)
         if cfg.final == "refit":
             epochs = best.user_attrs[records.BEST_EPOCH]
@@ -98,41 +124,49 @@ class Exporter:
             self._save(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
                        best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
             return
-        log.info("trial %d is the winner, but its fold models were not kept; training them again from its config",
-                 best.number)
-        result = finetune(cfg, data, cache=self.cache)
-        shipped = ship(cfg, data, result, cache=self.cache)
-        self._save(cfg, shipped, best.number, study.study_name, cfg.final if shipped is not result else "ensemble",
-                   shipped_kind(result, shipped))
+        ckpt = self.kept_checkpoint(best)
+        if ckpt is None:
+            log.warning("the kept models of trial %d (the winner) are gone from %s; training them again from its config",
+                        best.number, self.artifacts)
+            result = finetune(cfg, data, cache=self.cache)
+            shipped = ship(cfg, data, result, cache=self.cache)
+            self._save(cfg, shipped, best.number, study.study_name, cfg.final if shipped is not result else "ensemble",
+                       shipped_kind(result, shipped))
+            return
+        folds = members(ckpt)
+        adjustment = ckpt.get("logit_adjustment") or {}
+        if cfg.final == "soup" and len(folds) > 1:
+            kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
+            folds = [make_soup(cfg, data, folds, self.cache)]
+            metrics = ckpt["metrics"] | {"final": "soup", "shipped": kind}
+        else:
+            metrics = ckpt["metrics"]
+        save_checkpoint(self.out / "best.pt", folds, ckpt["classes"], cfg, metrics,
+                        ckpt.get("shared_stages", 0) if len(folds) > 1 else 0, adjustment.get("tau", 0.0),
+                        adjustment.get("prior", ()), data.fingerprint)
 
     def _ship_mix(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> None:
-        """best.pt as the ensemble of trials `mix`: each member trial trained again from its config (same seed:
-        the same models on CPU) and shipped as its `final` says, its models weighted by its share."""
-        ckpt = None
-        try:
-            ckpt = load_checkpoint(self.out / "best.pt")
-        except AutoftError:
-            pass
-        if ckpt and ckpt["metrics"].get("study") == study.study_name and ckpt["metrics"].get("trial_mix") == \
-                {"members": mix["members"], "weights": mix["weights"]}:
-            return
+        """best.pt as the ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its
+        `final` says (a soup averaged here), its models weighted by its share."""
         trials = {t.number: t for t in records.completed(study)}
-        states, weights, results = [], [], []
+        states, weights, shared, first = [], [], [], None
         for number, w in zip(mix["members"], mix["weights"]):
             cfg = records.config(trials[number])
-            log.info("ensemble of trials: training trial %d again from its config (weight %.2f)", number, w)
-            data = self.cache.dataset(cfg)
-            shipped = ship(cfg, data, finetune(cfg, data, cache=self.cache), cache=self.cache)
-            states += shipped.members
-            weights += [w / len(shipped.members)] * len(shipped.members)
-            results.append(shipped)
-        first = results[mix["members"].index(best.number)] if best.number in mix["members"] else results[0]
-        metrics: dict[str, Any] = {**{k: v for k, v in first.best.items() if not isinstance(v, list)},
-                                   "trial": best.number, "study": study.study_name, "final": "trials",
+            ckpt = self.kept_checkpoint(trials[number])
+            folds = members(ckpt)
+            if cfg.final == "soup" and len(folds) > 1:
+                folds = [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)]
+            states += folds
+            weights += [w / len(folds)] * len(folds)
+            shared.append(ckpt.get("shared_stages", 0))
+            if first is None or number == best.number:
+                first = ckpt
+        metrics: dict[str, Any] = {**first["metrics"], "trial": best.number, "study": study.study_name, "final": "trials",
                                    "shipped": describe_mix(mix, len(states)),
                                    "trial_mix": {"members": mix["members"], "weights": mix["weights"]}}
-        save_checkpoint(self.out / "best.pt", states, first.classes, records.config(best), metrics,
-                        shared_prefix(states, max(r.shared_stages for r in results)), mix["tau"], first.prior,
+        prior = (first.get("logit_adjustment") or {}).get("prior", ())
+        save_checkpoint(self.out / "best.pt", states, first["classes"], records.config(best), metrics,
+                        shared_prefix(states, max(shared)), mix["tau"], prior,
                         self.cache.dataset(records.config(best)).fingerprint, weights)
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
@@ -143,10 +177,11 @@ class Exporter:
             return None, None, None
         return metrics.get("study"), metrics.get("trial"), metrics.get("final")
 
-    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str) -> None:
+    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str,
+              path: Path | None = None) -> None:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "final": final, "shipped": kind}
-        save_checkpoint(self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
+        save_checkpoint(path or self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
                         result.tau, result.prior, self.cache.dataset(cfg).fingerprint)  # loaded already: no work
 
     def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
@@ -184,9 +219,11 @@ def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
             and records.kept_epoch(t).get("tau", 0.0) == tau)
 
 
-def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
+def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str,
+               kept: Callable[[FrozenTrial], bool] = lambda t: True) -> dict[str, Any] | None:
     """The ensemble of trials (selection.ensemble_selection on their out-of-fold probabilities, by the study's
-    metric) among the completed trials that can join the winner (`mixable`), and whether it ships: only when it
+    metric) among the completed trials that can join the winner (`mixable`) and whose models were `kept`, and
+    whether it ships: only when it
     beats the single best trial by more than the winner's standard error on images it was not chosen on
     (selection.nested_predictions). None when fewer than two trials kept out-of-fold probabilities.
 
@@ -194,7 +231,7 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     nested predictions), "single" (the single best's nested score), "noise", "tau", "models" and "single_models"
     (forward passes per image, shared frozen stages aside)}."""
     winner, tau = records.config(best), records.kept_epoch(best).get("tau", 0.0)
-    trials = sorted((t for t in records.completed(study) if mixable(t, winner, tau)),
+    trials = sorted((t for t in records.completed(study) if mixable(t, winner, tau) and kept(t)),
                     key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
     oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
     if not oofs or oofs[0][0].number != best.number:

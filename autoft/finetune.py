@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import resource
 import time
@@ -40,7 +41,7 @@ from .config import Config
 from .data import Dataset, Fold, Split, augment, center_crop, normalize
 from .estimate import Estimate, fold_of, scores
 from .exceptions import ConfigError, TrialFailure
-from .probe import applies as exact_probe, fit_heads
+from .probe import CHOSEN_C, EXACT, applies as exact_probe, fit_heads
 
 Report = Callable[[int, dict[str, Any]], Any]
 TAUS = tuple(i / 4 for i in range(9))  # logit_adjustment auto's grid: 0, 0.25, ..., 2 (Menon et al. found 1 best)
@@ -70,6 +71,7 @@ class Result:
     oof: np.ndarray | None = None  # (N, C) float32 out-of-fold probabilities at the kept epoch; NaN: not validated
     fold: np.ndarray | None = None  # (N,) the fold that validated each labelled image, -1: none
     prior: list[float] = field(default_factory=list)  # class frequencies of the labelled images (logit adjustment)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # every fold's every epoch, as `report` saw them
 
     @property
     def tau(self) -> float:
@@ -163,14 +165,40 @@ def refit_config(cfg: Config, epochs: int, tau: float = 0.0) -> Config:
                        patience=0, logit_adjustment=tau)
 
 
+@dataclass
+class Partial:
+    """What the folds trained so far say, handed to `race` after each fold but the last: the images they validated
+    (indices into the labelled images), their log probabilities at the epoch that scores best pooled over those
+    folds, its logit adjustment, and the labels. Enough to compare a trial with another on the same images."""
+
+    folds_done: int
+    folds: int
+    index: np.ndarray  # (n,) labelled-image indices validated so far
+    log_probs: np.ndarray  # (n, C) unadjusted, at `epoch`
+    labels: np.ndarray  # (n,)
+    tau: float
+    epoch: int  # 1-based
+    seconds: float  # spent so far
+
+
+Race = Callable[[Partial], Any]
+BatchHook = Callable[[int, int, float], Any]  # (batches done, batches in the epoch, training images/s so far)
+
+
 def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None,
-             folds: Sequence[Fold] | None = None, cache: RunCache | None = None) -> Result:
-    """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given), one model per fold.
+             folds: Sequence[Fold] | None = None, cache: RunCache | None = None, race: Race | None = None,
+             on_batch: BatchHook | None = None) -> Result:
+    """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given), one model per fold, fold after fold.
 
     `folds` defaults to `plan_folds`; `[data.everything()]` trains one model on every image (a refit).
-    `report(epoch, metrics)` runs after each epoch; raising from it stops the run (the search prunes
-    this way). A non-finite loss raises TrialFailure. `cache` holds what outlives this call (device copies
-    of the images, frozen features, pretrained stages); None: a private one, dropped at the end.
+    Folds train one after another (all epochs of fold 1, then fold 2, ...), so a recipe that is behind can be
+    stopped after one fold instead of paying for all. `report(step, metrics)` runs after each epoch of each fold
+    (step = fold * epochs + epoch, 0-based; `metrics` scores that fold's held-out images, with "fold" and "epoch"
+    1-based); `race(partial)` after each fold but the last (see Partial). Raising from either stops the run (the
+    search prunes this way). Patience counts on the first fold; the others train as many epochs as it did. The
+    kept epoch is the best pooled over every fold (`score_key`); `Result.history` holds each epoch's pooled
+    metrics. A non-finite loss raises TrialFailure. `cache` holds what outlives this call (device copies of the
+    images, frozen features, pretrained stages); None: a private one, dropped at the end.
     """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -183,63 +211,178 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     labels = data.labelled.labels.to(device)
     counts = torch.bincount(data.labelled.labels, minlength=len(data.classes))
     prior = (counts / counts.sum()).tolist()
-    runs = [_FoldRun(cfg, fold, fold_seed(cfg.seed, i), data.labelled.labels, len(data.classes), device, cache)
-            for i, fold in enumerate(folds)]
-    spec, n_stages = runs[0].spec, len(runs[0].model.stages)
-    history: list[dict[str, Any]] = []
-    best = _Best(cfg.freeze_depth, cfg.metric)
     log_prior = np.log(np.maximum(prior, 1e-12))
-    exact = exact_probe(cfg, n_stages)  # a linear head on fixed features: fitted exactly in one step (probe.py)
+    folds_run = _Folds(cfg, folds, data.labelled.labels.numpy(), len(data.classes), log_prior)
+    make_run = functools.partial(_FoldRun, cfg, labels=data.labelled.labels, num_classes=len(data.classes),
+                                 device=device, cache=cache)
+    first = make_run(folds[0], fold_seed(cfg.seed, 0))
+    n_stages = len(first.model.stages)
     try:
-        for epoch in range(cfg.epochs):
-            # Freeze, then unfreeze: during head-only epochs every stage is frozen.
-            depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth
-            features = None  # without augmentation, the frozen stages' output for the training images never changes
-            if cfg.aug_strength == 0 and depth:
-                features = frozen_features(runs[0].model, spec, cfg, images, depth, device, cache)  # validation too
-            exact = exact and features is not None  # features too big to hold: the head trains by epochs instead
-
-            t_epoch = time.perf_counter()
-            if exact:
-                heads = [(r.model.head, r.fold.train, r.loss_weight) for r in runs]
-                train_loss, seen, fitted = fit_heads(heads, features, labels, cfg)
-            else:
-                (train_loss, seen), fitted = train_epoch(runs, images, labels, depth, features), {}
-            train_time = time.perf_counter() - t_epoch
-            if not math.isfinite(train_loss):
-                raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
-
-            metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss} | fitted
-            held_out, oof = validate(runs, cfg, images, labels, depth, device, log_prior, cache)
-            metrics |= held_out
-            metrics |= {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
-                        "lr_head": runs[0].opt.param_groups[0]["lr"]}
-            history.append(metrics)
-            best.update(metrics, runs, oof)
-            if report is not None:
-                report(epoch, metrics)
-            if exact or (cfg.patience and best.stale >= cfg.patience):
-                break
-        if not best.members:  # nothing validated (a refit): the last epoch's weights, copied once
-            best.keep(runs)
-        return Result(best.metrics, history[-1], history, best.members, cfg.freeze_depth, data.classes, cfg, str(device),
-                      time.perf_counter() - t0, peak_memory_mb(device), not exact and len(history) < cfg.epochs,
-                      sum(len(r.fold.val) for r in runs), best.oof,
-                      fold_of([r.fold.val.cpu().numpy() for r in runs], len(data.labelled)), prior)
+        if exact_probe(cfg, n_stages):  # a linear head on fixed features: fitted exactly in one step (probe.py)
+            features = frozen_features(first.model, first.spec, cfg, images, n_stages, device, cache)
+            if features is not None:  # else too big to hold: the head trains by epochs instead
+                runs = [first] + [make_run(f, fold_seed(cfg.seed, i)) for i, f in enumerate(folds) if i]
+                _fit_exactly(runs, cfg, features, labels, images, device, cache, folds_run, report)
+                return folds_run.result(data.classes, device, time.perf_counter() - t0, prior)
+        epochs = cfg.epochs
+        for i, fold in enumerate(folds):
+            run = first if i == 0 else make_run(fold, fold_seed(cfg.seed, i))
+            first = None  # each fold's model is dropped once its epochs are kept
+            for epoch in range(epochs):
+                metrics = _train_and_score(run, cfg, images, labels, i, epoch, n_stages, device, cache, log_prior,
+                                           on_batch)
+                folds_run.add(i, run, metrics)
+                if report is not None:
+                    report(i * cfg.epochs + epoch, metrics)
+                if i == 0 and cfg.patience and folds_run.stale >= cfg.patience:
+                    epochs = epoch + 1
+                    break
+            del run
+            if race is not None and i + 1 < len(folds):
+                race(folds_run.partial(i + 1, time.perf_counter() - t0))
+        return folds_run.result(data.classes, device, time.perf_counter() - t0, prior, stopped=epochs < cfg.epochs)
     finally:
-        del runs, images
+        del first, images
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def train_epoch(runs: Sequence[_FoldRun], images: torch.Tensor, labels: torch.Tensor, depth: int,
-                features: torch.Tensor | None) -> tuple[float, int]:
-    """One epoch of every fold's model: the mean training loss over all of them, and the images seen."""
-    loss_sum, seen = 0.0, 0
-    for run in runs:
-        loss, n = run.train_epoch(images, labels, depth, features)
-        loss_sum, seen = loss_sum + loss * n, seen + n
-    return loss_sum / seen, seen
+def _train_and_score(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, fold: int, epoch: int,
+                     n_stages: int,
+                     device: torch.device, cache: RunCache, log_prior: np.ndarray,
+                     on_batch: BatchHook | None) -> dict[str, Any]:
+    """One epoch of one fold's model, then its held-out images scored: the epoch's metrics for `report`."""
+    depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth  # freeze, then unfreeze
+    features = None  # without augmentation, the frozen stages' output for the training images never changes
+    if cfg.aug_strength == 0 and depth:
+        features = frozen_features(run.model, run.spec, cfg, images, depth, device, cache)  # validation too
+    t_epoch = time.perf_counter()
+    train_loss, seen = run.train_epoch(images, labels, depth, features, on_batch)
+    train_time = time.perf_counter() - t_epoch
+    if not math.isfinite(train_loss):
+        raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
+    metrics: dict[str, Any] = {"fold": fold + 1, "epoch": epoch + 1, "train_loss": train_loss}
+    metrics |= validate(run, cfg, images, labels, depth, device, log_prior, cache)
+    return metrics | {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
+                      "lr_head": run.opt.param_groups[0]["lr"]}
+
+
+def _fit_exactly(runs: Sequence[_FoldRun], cfg: Config, features: torch.Tensor, labels: torch.Tensor, images: Images,
+                 device: torch.device, cache: RunCache, folds_run: _Folds, report: Report | None) -> None:
+    """Every fold's head fitted exactly (probe.fit_heads) in one step, then each fold scored and reported once."""
+    t_fit = time.perf_counter()
+    heads = [(r.model.head, r.fold.train, r.loss_weight) for r in runs]
+    train_loss, seen, fitted = fit_heads(heads, features, labels, cfg)
+    train_time = time.perf_counter() - t_fit
+    depth = cfg.freeze_depth
+    for i, run in enumerate(runs):
+        metrics = {"fold": i + 1, "epoch": 1, "train_loss": train_loss} | fitted
+        metrics |= validate(run, cfg, images, labels, depth, device, folds_run.log_prior, cache)
+        metrics |= {"images_per_s": seen / train_time, "epoch_time_s": train_time / len(runs),
+                    "lr_head": run.opt.param_groups[0]["lr"]}
+        folds_run.add(i, run, metrics)
+        if report is not None:
+            report(i * cfg.epochs, metrics)
+
+
+class _Folds:
+    """The folds trained so far: every fold's held-out log probabilities and a CPU copy of its weights at every epoch
+    (the kept epoch is the best pooled over all folds, known only at the end), and, on the first fold, the epochs
+    since its best (patience). Frozen stages are the same pretrained tensors in every copy: held once."""
+
+    def __init__(self, cfg: Config, folds: Sequence[Fold], labels: np.ndarray, classes: int, log_prior: np.ndarray):
+        self.cfg, self.folds, self.labels, self.classes, self.log_prior = cfg, folds, labels, classes, log_prior
+        self.shared_prefix = tuple(f"stages.{i}." for i in range(cfg.freeze_depth))
+        self.shared: dict[str, torch.Tensor] = {}
+        self.weights: list[list[dict[str, torch.Tensor]]] = [[] for _ in folds]
+        self.log_probs: list[list[np.ndarray]] = [[] for _ in folds]
+        self.steps: list[dict[str, Any]] = []
+        self.stale = 0  # epochs of the first fold since its best
+
+    def add(self, i: int, run: _FoldRun, metrics: dict[str, Any]) -> None:
+        """Fold `i`'s epoch just scored (`metrics`, with its log probabilities under _LOG_PROBS): keep them, and a copy
+        of its weights (one fold alone, a holdout or a refit, keeps only its best epoch's, or its latest)."""
+        log_probs = metrics.pop(_LOG_PROBS, None)
+        mine = [s for s in self.steps if s["fold"] == i + 1]
+        self.steps.append(metrics)
+        if log_probs is not None:
+            self.log_probs[i].append(log_probs)
+        validated = "val_loss" in metrics
+        best = validated and all(score_key(metrics, self.cfg.metric) > score_key(s, self.cfg.metric) for s in mine)
+        if len(self.folds) > 1:
+            self.weights[i].append(self._copy(run.model))
+        elif best or not validated:
+            self.weights[i] = [self._copy(run.model)]
+        if i == 0:
+            self.stale = 0 if best else self.stale + 1
+
+    def _copy(self, model: Net) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in model.state_dict().items():
+            if k.startswith(self.shared_prefix):
+                out[k] = self.shared.setdefault(k, v.detach().to("cpu", copy=True))
+            else:
+                out[k] = v.detach().to("cpu", copy=True)
+        return out
+
+    def pooled(self, epoch: int, upto: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray, float] | None:
+        """Epoch `epoch` (0-based) of the first `upto` folds pooled: its metrics (every metric, loss, fold scores, the
+        interval of the chosen one, tau), the validated indices and their unadjusted log probabilities."""
+        held = [(f, lp[epoch]) for f, lp in zip(self.folds[:upto], self.log_probs[:upto]) if len(f.val)]
+        if not held:
+            return None
+        index = np.concatenate([f.val.cpu().numpy() for f, _ in held])
+        log_probs = np.concatenate([lp for _, lp in held])
+        y = self.labels[index]
+        tau = choose_tau(self.cfg, log_probs, y, self.log_prior)
+        pred = adjusted(log_probs, self.log_prior, tau).argmax(1)
+        fold = np.concatenate([np.full(len(f.val), i) for i, (f, _) in enumerate(held)])
+        estimate = Estimate.measure(self.cfg.metric, y, pred, self.classes, fold)
+        metrics = {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+                   **{f"val_{m}": v for m, v in scores(y, pred, self.classes).items()},
+                   **estimate.epoch_metrics(), "tau": tau}
+        return metrics, index, log_probs, tau
+
+    def _history(self, upto: int) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray, float] | None]:
+        epochs = min(len(lp) for lp in self.log_probs[:upto]) if all(self.log_probs[:upto]) else 0
+        return [self.pooled(e, upto) for e in range(epochs)]
+
+    def partial(self, done: int, seconds: float) -> Partial:
+        history = [h for h in self._history(done) if h is not None]
+        e = max(range(len(history)), key=lambda k: score_key(history[k][0], self.cfg.metric))
+        _, index, log_probs, tau = history[e]
+        return Partial(done, len(self.folds), index, log_probs, self.labels[index], tau, e + 1, seconds)
+
+    def result(self, classes: list[str], device: torch.device, seconds: float, prior: list[float],
+               stopped: bool = False) -> Result:
+        """The kept epoch (the best pooled over every fold by `score_key`; the last when nothing is validated), every
+        fold's weights at it and the out-of-fold probabilities."""
+        cfg, n = self.cfg, len(self.labels)
+        per_fold = [[s for s in self.steps if s["fold"] == i + 1] for i in range(len(self.folds))]
+        epochs = min(len(s) for s in per_fold)
+        pooled = self._history(len(self.folds))
+        history = []
+        for e in range(epochs):
+            steps = [s[e] for s in per_fold]
+            m = {"epoch": e + 1, "train_loss": float(np.mean([s["train_loss"] for s in steps])),
+                 "images_per_s": float(np.mean([s["images_per_s"] for s in steps])),
+                 "epoch_time_s": float(sum(s["epoch_time_s"] for s in steps)), "lr_head": steps[0]["lr_head"]}
+            m |= {k: v for k, v in steps[0].items() if k in (EXACT, CHOSEN_C)}
+            if e < len(pooled) and pooled[e] is not None:
+                m |= pooled[e][0]
+            history.append(m)
+        validated = pooled and pooled[0] is not None
+        kept = max(range(epochs), key=lambda e: score_key(history[e], cfg.metric)) if validated else epochs - 1
+        members = [w[kept] if len(w) > 1 else w[0] for w in self.weights]
+        oof = None
+        if validated:
+            _, index, log_probs, _ = pooled[kept]
+            oof = np.full((n, self.classes), np.nan, dtype=np.float32)
+            oof[index] = np.exp(log_probs)
+        fold = fold_of([f.val.cpu().numpy() for f in self.folds], n)
+        return Result(history[kept], history[-1], history, members, cfg.freeze_depth, classes, cfg, str(device),
+                      seconds, peak_memory_mb(device), stopped, sum(len(f.val) for f in self.folds), oof, fold, prior,
+                      self.steps)
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -268,42 +411,37 @@ class _FoldRun:
         self.gen_cpu = torch.Generator().manual_seed(seed)  # the order of training images
         self.gen_dev = torch.Generator(device=device).manual_seed(seed)  # their augmentation
 
-    def train_epoch(self, images: Images, labels: torch.Tensor, depth: int,
-                    features: torch.Tensor | None) -> tuple[float, int]:
+    def train_epoch(self, images: Images, labels: torch.Tensor, depth: int, features: torch.Tensor | None,
+                    on_batch: BatchHook | None = None) -> tuple[float, int]:
         _set_trainable(self.model, depth)
         n = len(self.fold.train)
         pick = (torch.randperm(n, generator=self.gen_cpu) if self.draw is None else
                 torch.multinomial(self.draw, n, replacement=True, generator=self.gen_cpu))
         order = self.fold.train[pick]
         return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
-                               images, labels, depth, self.gen_dev, features, self.loss_weight)
+                               images, labels, depth, self.gen_dev, features, self.loss_weight, on_batch)
+
+
+_LOG_PROBS = "_log_probs"  # validate's (n_val, C) array, taken out of the metrics before they are recorded
 
 
 @torch.no_grad()
-def validate(runs: Sequence[_FoldRun], cfg: Config, images: Images, labels: torch.Tensor, depth: int,
-             device: torch.device, log_prior: np.ndarray,
-             cache: RunCache | None = None) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Every fold's model on its own held-out images, pooled: the loss and every metric over all of them
-    (`val_accuracy`, `val_balanced_accuracy`, `val_f1_macro`), after the logit adjustment `tau` (chosen here when
-    `auto`); each fold's score and the interval of `cfg.metric`; and the (N, C) out-of-fold probabilities,
-    unadjusted (NaN where an image was not validated). Nothing held out: no scores."""
-    held = [r for r in runs if len(r.fold.val)]
-    if not held:
-        return {}, None
-    logits = [predict_logits(r.model, r.spec, cfg, images, depth, device, r.fold.val, cache) for r in held]
-    index = torch.cat([r.fold.val for r in held]).to(device)
-    pooled, truth = torch.cat(logits), labels[index]
-    log_probs, y = pooled.float().log_softmax(1).cpu().numpy(), truth.cpu().numpy()
+def validate(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, depth: int, device: torch.device,
+             log_prior: np.ndarray, cache: RunCache | None = None) -> dict[str, Any]:
+    """One fold's model on its own held-out images: the loss and every metric over them (`val_accuracy`,
+    `val_balanced_accuracy`, `val_f1_macro`) after the logit adjustment `tau` (chosen here when `auto`), the interval
+    of `cfg.metric`, and under `_LOG_PROBS` their (n, C) unadjusted log probabilities. Nothing held out: {}."""
+    index = run.fold.val
+    if not len(index):
+        return {}
+    logits = predict_logits(run.model, run.spec, cfg, images, depth, device, index, cache)
+    log_probs, y = logits.float().log_softmax(1).cpu().numpy(), labels[index.to(device)].cpu().numpy()
     tau = choose_tau(cfg, log_probs, y, log_prior)
     pred = adjusted(log_probs, log_prior, tau).argmax(1)
-    classes = log_probs.shape[1]
-    fold = np.concatenate([np.full(len(r.fold.val), i) for i, r in enumerate(held)])
-    estimate = Estimate.measure(cfg.metric, y, pred, classes, fold)
-    oof = np.full((len(labels), classes), np.nan, dtype=np.float32)
-    oof[index.cpu().numpy()] = np.exp(log_probs)
-    return {"val_loss": F.cross_entropy(pooled, truth).item(),
-            **{f"val_{m}": v for m, v in scores(y, pred, classes).items()},
-            **estimate.epoch_metrics(), "tau": tau}, oof
+    estimate = Estimate.measure(cfg.metric, y, pred, log_probs.shape[1])
+    return {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+            **{f"val_{m}": v for m, v in scores(y, pred, log_probs.shape[1]).items()},
+            **estimate.epoch_metrics(), "tau": tau, "images": len(y), _LOG_PROBS: log_probs}
 
 
 def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: int | None = None,
@@ -337,17 +475,18 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps: int) -> torch
 def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: Images,
                     labels: torch.Tensor, depth: int, generator: torch.Generator,
-                    features: torch.Tensor | None = None, class_weight: torch.Tensor | None = None) -> tuple[float, int]:
+                    features: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
+                    on_batch: BatchHook | None = None) -> tuple[float, int]:
     """One optimizer step per batch of indices into `images`/`labels`; returns the mean loss and the images seen.
 
     Stages before `depth` are frozen: their output comes from `features` (cached, when there is no
     augmentation) or is computed under no_grad; images are augmented on the device with `generator`.
-    `class_weight` (C,) weighs each class in the cross-entropy.
+    `class_weight` (C,) weighs each class in the cross-entropy; `on_batch(done, total, images/s)` sees each step.
     """
     device = labels.device
-    total_loss, seen = torch.zeros((), device=device), 0
+    total_loss, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     pixels = images.batches(batches) if features is None else iter(())
-    for idx in batches:
+    for done, idx in enumerate(batches, 1):
         if features is not None:
             x = features[idx.to(features.device)]
         else:
@@ -365,36 +504,9 @@ def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.opti
         sched.step()
         total_loss += loss.detach() * len(idx)
         seen += len(idx)
+        if on_batch is not None:
+            on_batch(done, len(batches), seen / max(time.perf_counter() - t0, 1e-9))
     return (total_loss / seen).item(), seen  # one sync per epoch, not per step
-
-
-class _Best:
-    """The kept epoch so far (best by `score_key`; the latest when nothing is validated), a CPU copy of every
-    fold's weights at it, and the epochs since it (for patience)."""
-
-    def __init__(self, shared_stages: int, metric: str):
-        self.shared = tuple(f"stages.{i}." for i in range(shared_stages))
-        self.metric = metric
-        self.metrics: dict[str, Any] | None = None
-        self.members: list[dict[str, torch.Tensor]] = []
-        self.oof: np.ndarray | None = None
-        self.stale = 0
-
-    def update(self, metrics: dict[str, Any], runs: Sequence[_FoldRun], oof: np.ndarray | None) -> None:
-        if "val_loss" not in metrics:  # nothing held out: the latest epoch, its weights copied after the last
-            self.metrics = metrics
-        elif self.metrics is None or score_key(metrics, self.metric) > score_key(self.metrics, self.metric):
-            self.keep(runs)
-            self.metrics, self.oof, self.stale = metrics, oof, 0
-        else:
-            self.stale += 1
-
-    def keep(self, runs: Sequence[_FoldRun]) -> None:
-        """A CPU copy of every fold's weights now; frozen stages are the same pretrained tensors in every fold:
-        one copy, shared by reference."""
-        first = _cpu_copy(runs[0].model)
-        self.members = [first] + [{k: first[k] if k.startswith(self.shared) else v.detach().to("cpu", copy=True)
-                                   for k, v in r.model.state_dict().items()} for r in runs[1:]]
 
 
 def _cpu_copy(model: Net) -> dict[str, torch.Tensor]:

@@ -7,20 +7,25 @@ and every finished or pruned trial is published to the dashboard.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
-from . import dashboard, records
+from . import dashboard, racing, records
 from .config import Config
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
 from .cache import RunCache
-from .finetune import Result, finetune, fold_notice, plan_folds, resolve_device
+from .finetune import BatchHook, Partial, Race, Report, Result, adjusted, finetune, fold_notice, plan_folds, \
+    resolve_device
 from .probe import EXACT
+from .racing import Verdict
 from .space import SearchSpace
 
 log = logging.getLogger("autoft")
@@ -32,24 +37,35 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 
 EpochHook = Callable[[int, int, dict[str, Any]], None]  # (trial number, epochs planned, the epoch's metrics)
+TrialBatchHook = Callable[[int, int, int, float], None]  # (trial number, batches done, batches in the epoch, images/s)
 
 
 class Objective:
-    """Suggest, fine-tune, report; the pruner (see study.make_pruner) decides when a trial falls behind.
+    """Suggest, fine-tune, report; the pruner (see study.make_pruner) and the fold race decide when a trial falls behind.
 
-    `deadline` (time.monotonic) makes `--timeout` a budget: a trial still running then stops at its next
-    epoch, pruned, and no new one starts. `on_epoch` sees every epoch of every trial (the progress line).
-    `cache` is what the search keeps between trials (datasets, device copies, frozen features, weights).
+    Folds train one after another: every epoch of every fold is a step the pruner sees (the same fold's images at
+    the same epoch in every trial), and after each fold but the last the trial races the leading trial on the
+    images validated so far (racing.py). `deadline` (time.monotonic) makes `--timeout` a budget for the whole run:
+    a running trial stops (pruned, its steps kept) at the first fold or epoch boundary after which the next one
+    would not end before the deadline less what the final export needs (`Exporter.reserve`). `on_epoch` and
+    `on_batch` see every epoch and batch of every trial (the progress line). `cache` is what the search keeps
+    between trials (datasets, device copies, frozen features, weights, the leaders' out-of-fold predictions).
     """
 
     def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter, cache: RunCache):
         self.base, self.space, self.study_seed, self.exporter, self.cache = base, space, study_seed, exporter, cache
         self.deadline: float | None = None
         self.on_epoch: EpochHook | None = None
+        self.on_batch: TrialBatchHook | None = None
+        self.unit_seconds = 0.0  # the last fold-epoch's wall time: what the next one is expected to take
+        self.racing = True  # off with `--pruner none`: every trial runs all its folds
 
     def validated_images(self) -> int:
         """How many images each epoch's score rests on (every labelled image under cross-validation)."""
         return sum(len(f.val) for f in plan_folds(self.base, self.cache.dataset(self.base)))
+
+    def folds(self) -> int:
+        return len(plan_folds(self.base, self.cache.dataset(self.base)))
 
     def say_folds(self) -> None:
         """Says, once per search or worker, when a small class makes cross-validation use fewer folds: after the
@@ -58,48 +74,110 @@ class Objective:
         if notice:
             log.warning(notice)
 
+    def time_left(self, study: optuna.Study) -> float:
+        """Seconds that trials may still use: to the deadline, less what the final export will need."""
+        if self.deadline is None:
+            return math.inf
+        return self.deadline - time.monotonic() - self.exporter.reserve(study)
+
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
         records.record_config(trial, cfg)
-        history: list[dict[str, Any]] = []
+        steps: list[dict[str, Any]] = []
         score = records.metric_name(cfg.metric)
+        folds = self.folds()
+        started = last = time.monotonic()
 
-        def report(epoch: int, metrics: dict[str, Any]) -> None:
-            history.append(metrics)
-            records.record_history(trial, history)
+        def report(step: int, metrics: dict[str, Any]) -> None:
+            nonlocal last
+            now = time.monotonic()
+            self.unit_seconds, last = now - last, now
+            steps.append(metrics)
+            records.record_steps(trial, steps)
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, cfg.epochs, metrics)
-            if metrics.get(EXACT):  # fitted in one step: no learning curve for the pruner to compare, nothing to stop
+            if metrics.get(EXACT):  # fitted in one step: its fold's score holds at every epoch; nothing to stop
+                for s in range(step, step + cfg.epochs):
+                    trial.report(metrics[score], s + 1)
                 return
-            trial.report(metrics[score], epoch + 1)
-            if epoch + 1 == cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
+            trial.report(metrics[score], step + 1)
+            where = f"fold {metrics['fold']}/{folds} epoch {metrics['epoch']}"
+            if step + 1 == folds * cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
                 return
-            if self.deadline is not None and time.monotonic() >= self.deadline:
-                raise optuna.TrialPruned(f"the time budget (--timeout) ran out after epoch {epoch + 1}")
+            if self.time_left(trial.study) < self.unit_seconds:
+                raise optuna.TrialPruned(f"the time budget (--timeout) would run out before the next epoch; stopped "
+                                         f"after {where}")
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} at {score} {metrics[score]:.4f}")
+                raise optuna.TrialPruned(f"pruned after {where} at {score} {metrics[score]:.4f}")
+
+        def race(partial: Partial) -> None:
+            if not self.racing:
+                return
+            verdict = self._race(trial, cfg, partial)
+            if verdict is not None and verdict[1].stop:
+                number, v = verdict
+                raise optuna.TrialPruned(
+                    f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
+                    f"against trial {number}'s {v.theirs:.4f} on the same {v.images} images (p = {v.p:.2g} < "
+                    f"{v.threshold:.2g})")
+
+        def on_batch(done: int, total: int, rate: float) -> None:
+            if self.on_batch is not None:
+                self.on_batch(trial.number, done, total, rate)
 
         records.record_device(trial, str(resolve_device(cfg.device)))
         try:
-            result = self._run(trial, cfg, report)
+            result = self._run(trial, cfg, report, race, on_batch)
         except TrialFailure as exc:  # a diverged trial is a bad region of the space: prune it, keep going
             records.record_failure(trial, str(exc))
+            records.record_cost(trial, steps, time.monotonic() - started)
             raise optuna.TrialPruned(str(exc)) from None
         except optuna.TrialPruned as exc:
             records.record_pruning(trial, str(exc))
-            dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
+            records.record_cost(trial, steps, time.monotonic() - started)
+            dashboard.publish_trial(trial, cfg, records.fold_curve(steps), self.exporter.artifacts)
             raise
-        records.record_result(trial, result, history)
+        records.record_result(trial, result, steps)
         labelled = self.cache.dataset(cfg).labelled
         records.write_oof(trial, result, labelled.labels.numpy(), labelled.paths, self.exporter.artifacts)
-        self.exporter.export_weights(trial, cfg, result)
-        dashboard.publish_trial(trial, cfg, history, self.exporter.artifacts)
+        self.exporter.keep_weights(trial, cfg, result)
+        dashboard.publish_trial(trial, cfg, result.history, self.exporter.artifacts)
         return result.best[score]
 
-    def _run(self, trial: optuna.Trial, cfg: Config, report: Callable[[int, dict[str, float]], None]) -> Result:
+    def _race(self, trial: optuna.Trial, cfg: Config, partial: Partial) -> tuple[int, Verdict] | None:
+        """The trial against the leading completed trial (the highest value) on the images validated so far; None
+        when there is no leader with out-of-fold predictions on them."""
+        leader = max(records.completed(trial.study), key=lambda t: t.value, default=None)
+        if leader is None:
+            return None
+        oof = self._oof(leader)
+        if oof is None or len(oof.labels) <= partial.index.max() or oof.fold[partial.index].min() < 0 \
+                or not np.array_equal(oof.labels[partial.index], partial.labels):
+            return None
+        log_prior = np.log(np.maximum(oof.prior, 1e-12))
+        theirs = adjusted(np.log(np.maximum(oof.probabilities[partial.index], 1e-30)), log_prior, oof.tau).argmax(1)
+        mine = adjusted(partial.log_probs, log_prior, partial.tau).argmax(1)
+        verdict = racing.race(cfg.metric, partial.labels, mine, theirs, partial.log_probs.shape[1], partial.folds,
+                              seed=cfg.seed)
+        records.record_race(trial, {"folds": partial.folds_done, "leader": leader.number, "mine": verdict.mine,
+                                    "theirs": verdict.theirs, "p": verdict.p, "threshold": verdict.threshold,
+                                    "images": verdict.images})
+        return leader.number, verdict
+
+    def _oof(self, t: FrozenTrial) -> records.Oof | None:
+        """A finished trial's out-of-fold predictions, read once per run (they never change)."""
+        key = ("oof", t.user_attrs.get(records.OOF), str(self.exporter.artifacts))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = records.load_oof(t, self.exporter.artifacts)
+            if hit is not None:
+                self.cache.put(key, hit, hit.probabilities.nbytes)
+        return hit
+
+    def _run(self, trial: optuna.Trial, cfg: Config, report: Report, race: Race, on_batch: BatchHook) -> Result:
         """One fine-tune; an out-of-memory error is retried once at half the batch size."""
         try:
-            return finetune(cfg, self.cache.dataset(cfg), report, cache=self.cache)
+            return finetune(cfg, self.cache.dataset(cfg), report, cache=self.cache, race=race, on_batch=on_batch)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.release_memory()
             smaller = max(1, cfg.batch_size // 2)
@@ -107,7 +185,8 @@ class Objective:
             records.record_oom_retry(trial, f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}")
             records.record_config(trial, cfg.replace(batch_size=smaller))
             try:
-                return finetune(cfg.replace(batch_size=smaller), self.cache.dataset(cfg), report, cache=self.cache)
+                return finetune(cfg.replace(batch_size=smaller), self.cache.dataset(cfg), report, cache=self.cache,
+                                race=race, on_batch=on_batch)
             except (torch.OutOfMemoryError, MemoryError) as again:
                 self.release_memory()
                 records.record_failure(trial, f"out of memory at batch size {smaller}: {one_line(again, 200)}")

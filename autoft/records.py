@@ -46,7 +46,9 @@ TRIAL_MIX = "trial_mix"  # the last final export's ensemble of trials, shipped o
 
 # Trial user attrs.
 CONFIG = "config"  # the complete Config the trial trained
-HISTORY = "history"  # finetune's metrics per epoch, rewritten after each
+HISTORY = "history"  # a completed trial's metrics per epoch, pooled over its folds (finetune's Result.history)
+STEPS = "steps"  # every fold's every epoch as reported (fold, epoch, the fold's scores), rewritten after each
+RACE = "race"  # the fold race's looks: after how many folds, against which leader, both scores, p and threshold
 VAL_LOSS = "val_loss"  # of the best epoch, whose val_<metric> is the trial's value
 BEST_EPOCH = "best_epoch"
 ESTIMATE = "estimate"  # Estimate.to_dict(): metric, value, 95 % interval, images, folds, per-fold scores, standard error
@@ -60,7 +62,7 @@ FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
 OOM_RETRY = "oom_retry"
 PORTFOLIO = "portfolio"  # the recipe's name on a portfolio trial
-WEIGHTS = "weights_artifact_id"  # best.pt as uploaded when the trial was a new best
+WEIGHTS = "weights_artifact_id"  # the trial's validated models (a checkpoint), kept while it is in `kept_set`
 WORKER = "worker"  # host:pid of the process that ran it
 SURPLUS = "surplus"  # how the fail_reason of a trial that gave its slot up begins
 
@@ -207,18 +209,29 @@ def record_worker(trial: optuna.Trial) -> None:
     trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")
 
 
-def record_history(trial: optuna.Trial, history: list[dict[str, float]]) -> None:
-    trial.set_user_attr(HISTORY, history)
+def record_steps(trial: optuna.Trial, steps: list[dict[str, Any]]) -> None:
+    trial.set_user_attr(STEPS, steps)
 
 
-def record_result(trial: optuna.Trial, result: Result, history: Sequence[dict[str, float]]) -> None:
-    """What a finished fine-tune adds; `history` is every epoch the trial reported (a retry's included)."""
+def record_race(trial: optuna.Trial, look: dict[str, Any]) -> None:
+    trial.set_user_attr(RACE, [*trial.user_attrs.get(RACE, []), look])
+
+
+def record_cost(trial: optuna.Trial, steps: Sequence[dict[str, Any]], seconds: float) -> None:
+    """What a trial that did not complete spent: its wall time, and the training and validation time of its steps."""
+    trial.set_user_attr(WALL_TIME, seconds)
+    trial.set_user_attr(TRAIN_SECONDS, sum(s["epoch_time_s"] for s in steps))
+
+
+def record_result(trial: optuna.Trial, result: Result, steps: Sequence[dict[str, Any]]) -> None:
+    """What a finished fine-tune adds; `steps` is every fold-epoch the trial reported (a retry's included)."""
+    trial.set_user_attr(HISTORY, result.history)
     trial.set_user_attr(VAL_LOSS, result.best["val_loss"])
     trial.set_user_attr(BEST_EPOCH, result.best["epoch"])
     trial.set_user_attr(ESTIMATE, Estimate.of(result.best, result.validated, result.config.metric).to_dict())
     trial.set_user_attr(WALL_TIME, result.wall_time)
     trial.set_user_attr(TRAIN_SECONDS, sum(h["epoch_time_s"] for h in result.history))
-    trial.set_user_attr(IMAGES_PER_S, sum(h["images_per_s"] for h in history) / len(history))
+    trial.set_user_attr(IMAGES_PER_S, sum(s["images_per_s"] for s in steps) / len(steps))
     trial.set_user_attr(PEAK_MEMORY, result.peak_memory_mb)
 
 
@@ -290,8 +303,23 @@ def config(t: FrozenTrial) -> Config:
     return Config.from_dict(t.user_attrs[CONFIG])
 
 
+def steps(t: FrozenTrial) -> list[dict[str, Any]]:
+    return t.user_attrs.get(STEPS) or []
+
+
+def fold_curve(steps_: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first fold's epochs: the learning curve of a trial that stopped before its folds could be pooled."""
+    return [s for s in steps_ if s.get("fold", 1) == 1]
+
+
 def history(t: FrozenTrial) -> list[dict[str, float]]:
-    return t.user_attrs.get(HISTORY) or []
+    """Per epoch: a completed trial's pooled metrics, else its first fold's."""
+    return t.user_attrs.get(HISTORY) or fold_curve(steps(t))
+
+
+def folds_run(t: FrozenTrial) -> int:
+    """How many folds the trial trained (the last one maybe in part)."""
+    return max((s.get("fold", 1) for s in steps(t)), default=0)
 
 
 def val_loss(t: FrozenTrial, default: float | None = None) -> float | None:
@@ -329,8 +357,16 @@ def estimate(t: FrozenTrial) -> Estimate | None:
 
 
 def epoch(t: FrozenTrial, number: int) -> dict[str, Any]:
-    """The metrics of epoch `number` (1-based) as the trial recorded them; {} when it recorded none."""
-    return next((h for h in history(t) if h.get("epoch") == number), {})
+    """The pooled metrics of epoch `number` (1-based) of a completed trial; {} when it recorded none."""
+    return next((h for h in t.user_attrs.get(HISTORY) or [] if h.get("epoch") == number), {})
+
+
+def step(t: FrozenTrial, number: int, epochs: int) -> dict[str, Any]:
+    """The metrics the trial reported at Optuna step `number` (fold (number - 1) // epochs + 1); {} when none (an exact
+    probe reports each fold once, for all of its steps)."""
+    fold, epoch_ = (number - 1) // epochs + 1, (number - 1) % epochs + 1
+    mine = [s for s in steps(t) if s.get("fold", 1) == fold]
+    return next((s for s in mine if s.get("epoch") == epoch_), mine[0] if mine and mine[0].get("exact_probe") else {})
 
 
 def kept_epoch(t: FrozenTrial) -> dict[str, Any]:
@@ -430,12 +466,28 @@ def best_by(study: optuna.Study, metric: str, artifacts: str | os.PathLike) -> t
     return next(((t, e) for t, e in scored_ if t.number == winner.number), (None, None))
 
 
-def is_new_best(study: optuna.Study, number: int, result: Result) -> bool:
-    """Whether trial `number`, still running with this result, would be the winner were it complete now."""
+KEEP = 5  # completed trials whose weights are kept besides the winner: the pool an ensemble of trials is chosen from
+
+
+def kept_set(candidates: Sequence[Candidate]) -> set[int]:
+    """THE rule for whose validated models a study keeps (as artifacts): the winner (`select`) and the KEEP best by
+    value. Ensemble selection picks its members from them, so the final export trains nothing again."""
+    top = sorted(candidates, key=lambda c: (-c.value, c.number))[:KEEP]
+    winner = select(candidates)
+    return {c.number for c in top} | ({winner.number} if winner else set())
+
+
+def with_running(study: optuna.Study, number: int, result: Result) -> tuple[list[Candidate], Candidate]:
+    """The completed trials as candidates plus trial `number`, still running with this result (and that one)."""
     e = Estimate.of(result.best, result.validated, result.config.metric)
     me = Candidate(number, e.value, e.noise, result.best["val_loss"], sum(h["epoch_time_s"] for h in result.history))
-    winner = select([Candidate.of(t) for t in completed(study) if t.number != number] + [me])
-    return winner is me
+    return [Candidate.of(t) for t in completed(study) if t.number != number] + [me], me
+
+
+def is_new_best(study: optuna.Study, number: int, result: Result) -> bool:
+    """Whether trial `number`, still running with this result, would be the winner were it complete now."""
+    candidates, me = with_running(study, number, result)
+    return select(candidates) is me
 
 
 def state_counts(trials: Sequence[FrozenTrial]) -> Counter[TrialState]:
@@ -483,6 +535,7 @@ COLUMNS: list[tuple[str, Callable[[FrozenTrial], Any]]] = [
     (VAL_LOSS, val_loss),
     (BEST_EPOCH, lambda t: t.user_attrs.get(BEST_EPOCH)),
     ("epochs_run", lambda t: len(history(t))),
+    ("folds_run", folds_run),
     ("backbone", lambda t: t.user_attrs.get(CONFIG, {}).get("backbone")),
     ("image_size", lambda t: t.user_attrs.get(CONFIG, {}).get("image_size")),
     (TRAIN_SECONDS, lambda t: t.user_attrs.get(TRAIN_SECONDS)),

@@ -227,6 +227,29 @@ def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes:
                           "study wrote to") from None
 
 
+def has_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bool:
+    """Whether the artifact is still in the folder `artifacts` (a user may have deleted it)."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        with FileSystemArtifactStore(str(artifacts)).open_reader(artifact_id):
+            return True
+    except ArtifactNotFound:
+        return False
+
+
+def remove_artifact(artifact_id: str, artifacts: str | os.PathLike) -> None:
+    """Delete an artifact from the folder `artifacts`; one already gone is fine."""
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        FileSystemArtifactStore(str(artifacts)).remove(artifact_id)
+    except ArtifactNotFound:
+        pass
+
+
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna's own INFO lines ("A new study created...", "Trial 0 finished...") kept out of a run's output.

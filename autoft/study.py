@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -33,6 +34,7 @@ from .exceptions import ConfigError, Terminated
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
 from .objective import Objective, trial_seed
+from .probe import EXACT
 from .space import SearchSpace, imbalanced
 from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
                       make_storage, mask_url)
@@ -52,19 +54,22 @@ class SearchOptions:
     """
 
     trials: int = _option(10, "trials to add to the study", lo=1)
-    timeout: float | None = _option(None, "time budget in seconds: no trial starts after it, a running one stops at "
-                                          "its next epoch", lo=0, lo_open=True)
+    timeout: float | None = _option(None, "time budget in seconds for the whole run, the final export included: a "
+                                          "running trial stops at the fold or epoch that would end past it",
+                                    lo=0, lo_open=True)
     study: str = _option("autoft", "study name (letters, digits, '.', '_', '-'); an existing one is resumed")
     storage: str = _option(DEFAULT_STORAGE, "Optuna storage URL")
     space: str | None = _option(None, "YAML search space that fixes or reshapes parameters", metavar="FILE")
     sampler: str = _option("tpe", "sampler", choices=("tpe", "random", "cmaes", "gp"))
-    pruner: str = _option("median", "pruner (Optuna's), never pruning a trial that could still end within noise of "
-                                    "the best", choices=("median", "hyperband", "none"))
+    pruner: str = _option("sha", "pruner (Optuna's: successive halving, median, Hyperband) over every fold's epochs, "
+                                 "never pruning a trial within noise of the leader", choices=("sha", "median", "hyperband",
+                                                                                              "none"))
     out: str | None = _option(None, "export folder (default: studies/<study>)")
     artifacts: str = _option(DEFAULT_ARTIFACTS, "folder of the weights and learning curves the dashboard serves")
-    min_epochs: int = _option(1, "never prune before this many epochs", lo=1)
+    min_epochs: int = _option(1, "never prune before this many steps (epochs of the first fold)", lo=1)
     startup_trials: int = _option(1, "never prune before this many trials finished", lo=0)
     progress: bool = True  # progress bar and summary; the Python API may turn them off
+    started: float | None = None  # time.monotonic() when the command began: the budget counts from it (None: the call)
     workers: int = _option(1, "worker processes sharing the study: one per GPU, else a share of the CPU cores", lo=1)
 
     def settings(self) -> dict[str, Any]:
@@ -99,20 +104,21 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 class _Guarded(optuna.pruners.BasePruner):
-    """Around every pruner: never before `min_epochs` epochs or `startup` finished trials, and never a trial that
-    could still end within noise of the best.
+    """Around every pruner: never before `min_epochs` steps or `startup` finished trials, and never a trial within noise
+    of the leader at the same step.
 
-    "Could still": its score now, `z` standard errors up (Estimate.noise of `images` images), plus the largest gain
-    any completed trial made from this epoch to its best epoch, reaches the best score `z` standard errors
-    down. In a study of a few dozen trials a near-best trial is a candidate the winner is chosen among (see
-    records.select), and curves cross: pruning it saves little and may lose the winner. Among the trials that
-    cannot catch up, the inner pruner (Optuna's) decides.
+    A step is one epoch of one fold (folds train one after another), so at a given step every trial has scored the
+    same fold's images at the same epoch: the trial is spared while its score there, `z` standard errors of the
+    difference up (binomial on the fold's images for accuracy, the step's bootstrap for the other metrics), reaches
+    the leader's score at that step (its final value when it has none). The inner pruner (Optuna's) is asked first,
+    so its bookkeeping (successive halving's rungs) sees every step; the guard only vetoes its "prune". With z = 1 it
+    spares the trials that a one-standard-error tie could make the winner, and lets successive halving prune the rest.
     """
 
     def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, metric: str,
-                 z: float = 2.0):
+                 epochs: int = 1, z: float = 1.0):
         self.inner, self.min_epochs, self.startup, self.images = inner, min_epochs, startup, images
-        self.metric, self.z = metric, z
+        self.metric, self.epochs, self.z = metric, epochs, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         workers.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
@@ -123,37 +129,42 @@ class _Guarded(optuna.pruners.BasePruner):
         if len(finished) < self.startup:
             return False
         done = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
-        if not done:
+        if not done or not self.inner.prune(study, trial):
             return False
         top = max(done, key=lambda t: t.value)
-        best = top.value
-        gain = max(max(0.0, t.value - t.intermediate_values.get(step, t.value)) for t in done)
+        theirs = top.intermediate_values.get(step, top.value)
         now = trial.intermediate_values[step]
-        epoch = records.epoch(trial, step)  # its bootstrap, for a metric other than accuracy
-        now_noise = (Estimate.of(epoch, self.images, self.metric) if epoch else
-                     Estimate(now, self.images)).noise
-        best_noise = (records.estimate(top) or Estimate(best, self.images)).noise
-        if now + self.z * now_noise + gain >= best - self.z * best_noise:
-            return False
-        return self.inner.prune(study, trial)
+        noise = math.hypot(self._noise(trial, step, now), self._noise(top, step, theirs))
+        return now + self.z * noise < theirs
+
+    def _noise(self, t: FrozenTrial, step: int, value: float) -> float:
+        """The standard error of a trial's score at `step`: on its fold's images (all of them for an exact probe's
+        pooled value)."""
+        metrics = records.step(t, step, self.epochs)
+        n = metrics.get("images") or self.images
+        return (Estimate.of(metrics, n, self.metric) if metrics else Estimate(value, n)).noise
 
 
 def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: int,
-                metric: str = "accuracy") -> optuna.pruners.BasePruner:
-    """`images`: how many validation images each epoch's score (of `metric`) rests on (the noise the guard allows for)."""
+                metric: str = "accuracy", folds: int = 1) -> optuna.pruners.BasePruner:
+    """`images`: how many validation images a step's score (of `metric`) rests on, one fold's (the noise the guard
+    allows for); a trial has `folds` x `epochs` steps, the resource successive halving and Hyperband divide."""
     if name == "none":
         inner = optuna.pruners.NopPruner()
     elif name == "median":
         inner = optuna.pruners.MedianPruner(n_startup_trials=startup)  # its median needs that many completed trials
+    elif name == "sha":
+        inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     else:
-        inner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs), reduction_factor=3)
-    return _Guarded(inner, min_epochs, startup, images, metric)
+        inner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, folds * epochs), reduction_factor=3)
+    return _Guarded(inner, min_epochs, startup, images, metric, epochs)
 
 
 def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int,
-               data: Fingerprint | None = None) -> optuna.Study:
+               data: Fingerprint | None = None, folds: int = 1) -> optuna.Study:
     """Create or resume the study; a resumed study must have the same space, base config and data (`data`: its
-    fingerprint, compared by content, so another spelling of the same folder resumes)."""
+    fingerprint, compared by content, so another spelling of the same folder resumes; `images`: one fold's validation
+    images, of `folds`)."""
     storage = make_storage(opts.storage)
     try:
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
@@ -175,7 +186,7 @@ def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int,
     study = optuna.create_study(storage=storage, study_name=opts.study, direction="maximize", load_if_exists=True,
                                 sampler=make_sampler(opts.sampler, trial_seed(seed, n_before)),
                                 pruner=make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials, images,
-                                                   base.metric))
+                                                   base.metric, folds))
     if n_before == 0 or replace:
         records.write_study_meta(study, base, space, seed, data)
     elif data is not None:  # where the data is now (and, for a study from before fingerprints, what it is)
@@ -192,24 +203,27 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     choice among the offline ones (the first is the base the portfolio's fine-tunes use). `fixed`: the config
     keys the user set; the search does not overrule them.
     """
+    started = opts.started if opts.started is not None else time.monotonic()
     check_outputs(opts)
     cache = RunCache()
     base, space = search_space(base.portable(), opts, space, fixed, cache)  # trials record the data's absolute path
     objective = _objective(base, opts, space, cache)
-    study = open_study(base, opts, space, base.seed, objective.validated_images(), cache.dataset(base).fingerprint)
+    study = open_study(base, opts, space, base.seed, objective.validated_images() // objective.folds(),
+                       cache.dataset(base).fingerprint, objective.folds())
     objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
     records.record_class_counts(study, class_counts(cache.dataset(base)))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
-    return _run(study, objective, opts, spawn=opts.workers > 1)
+    return _run(study, objective, opts, started, spawn=opts.workers > 1)
 
 
 def join(storage: str, study: str, *, data: str | None = None, device: str = "auto", out: str | None = None,
          artifacts: str = DEFAULT_ARTIFACTS, threads: int | None = None, timeout: float | None = None,
          progress: bool = True) -> optuna.Study:
     """`autoft worker`: one more worker on an existing study, until its goal is met, with the settings it recorded."""
+    started = time.monotonic()
     if threads:
         torch.set_num_threads(threads)
     check_outputs(SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout))
@@ -224,9 +238,9 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     records.check_same_data(found, base, cache.dataset(base).fingerprint)  # --data: the same images, elsewhere
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
-                               objective.validated_images(), base.metric)
+                               objective.validated_images() // objective.folds(), base.metric, objective.folds())
     objective.say_folds()
-    return _run(found, objective, opts, spawn=False, ship=False)
+    return _run(found, objective, opts, started, spawn=False, ship=False)
 
 
 def check_outputs(opts: SearchOptions) -> None:
@@ -262,15 +276,19 @@ def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: Run
     if base.weights != "random":  # a bad file, or pretrained weights that cannot be downloaded (kept for the trials)
         build_model(base.backbone, 2, base.weights, pretrained=cache.pretrained_stages)
     objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, cache), cache)
+    objective.racing = opts.pruner != "none"
     cache.dataset(base)
     return objective
 
 
-def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: bool,
+def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started: float, spawn: bool,
          ship: bool = True) -> optuna.Study:
-    """Trials until the study's goal is met (or the time budget is spent), here or in `opts.workers` spawned
-    processes; then the exports, with `ship` the winner's shipped model too unless the run was interrupted
-    (the search ships it; its workers, which end with it, would each train the same model again)."""
+    """Trials until the study's goal is met (or the time budget, counted from `started`, is spent), here or in
+    `opts.workers` spawned processes; then the exports, with `ship` the winner's shipped model too unless the run was
+    interrupted (the search ships it; its workers, which end with it, would each train the same model again).
+
+    The budget holds for the whole run: trials get the time left less what the final export needs
+    (`Exporter.reserve`), and a trial that would not end before that stops at its next fold or epoch boundary."""
     target = records.goal(study)
     todo = max(0, target - records.finished_count(study.get_trials(deepcopy=False)))
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
@@ -279,20 +297,22 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
     ran = workers.Ran()  # this run's trials, for the progress bar and the summary
     progress = _Progress(todo, study, ran) if opts.progress else None
     objective.on_epoch = progress.epoch if progress else None
-    objective.deadline = time.monotonic() + opts.timeout if opts.timeout else None
+    objective.on_batch = getattr(progress, "batch", None)
+    objective.deadline = started + opts.timeout if opts.timeout else None
     on_main_thread = threading.current_thread() is threading.main_thread()
     workers.clear_stopped()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
-    t0 = time.perf_counter()
     finished = False
     recipes = objective.space.portfolio(objective.base)
     try:
         if spawn:  # queue a recipe per worker now, or they would all start on the first
             records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
+            left = objective.time_left(study)
             workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir), opts.artifacts,
-                          opts.timeout, progress=progress, ran=ran)
+                          left if math.isfinite(left) else None, progress=progress, ran=ran)
         else:
-            workers.work(study, objective, [exporter] + ([progress] if progress else []), opts.timeout, ran=ran,
+            workers.work(study, objective, [exporter] + ([progress] if progress else []),
+                         lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
                          before_trial=lambda s: records.enqueue_portfolio(s, recipes))
         finished = True
     finally:
@@ -300,9 +320,11 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
             progress.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        t_export = time.monotonic()
         best = exporter.export(study, final=finished and ship)
         if opts.progress:
-            print_summary(study, best, time.perf_counter() - t0, opts.out_dir, ran)
+            print_summary(study, best, time.monotonic() - started, opts.out_dir, ran, time.monotonic() - t_export,
+                          opts.timeout)
     return study
 
 
@@ -352,17 +374,23 @@ class _Progress:
         self.bar.close()
 
 
-def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path, ran: workers.Ran) -> None:
+def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path, ran: workers.Ran,
+                  export_seconds: float = 0.0, budget: float | None = None) -> None:
     """What the search found, what it is worth (the winner's estimate with its 95 % interval and the images
-    behind it), what it adds over the portfolio recipes, and where the exports are."""
+    behind it), what it adds over the portfolio recipes, where the budget went, and where the exports are."""
     trials = study.get_trials(deepcopy=False)
-    count = records.state_counts(ran.trials(study))
+    mine = ran.trials(study)
+    count = records.state_counts(mine)
     done = count[TrialState.COMPLETE] + count[TrialState.PRUNED] + count[TrialState.FAIL]
     lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
-             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s; "
-             f"{len(trials)} in the study"]
+             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s"
+             + (f" of a {budget:g} s budget" if budget else "") + f"; {len(trials)} in the study",
+             f"  time: {budget_story(mine)}, final export {export_seconds:.0f} s"]
     if best is not None:
+        e = records.estimate(best)
         lines.append(f"winner: {records.describe(best)}")
+        lines.append(f"  its estimate rests on {e.folds if e else 1} fold(s) x {len(records.history(best))} epoch(s)"
+                     f" ({e.images if e else '?'} images validated)")
         # each recipe's first trial that ended: its estimate, or where it was pruned
         for name, t in records.portfolio_results(trials, (TrialState.COMPLETE, TrialState.PRUNED)).items():
             epoch, value = max(t.intermediate_values.items(), default=(0, float("nan")))
@@ -392,6 +420,26 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
                      f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)
+
+
+def budget_story(trials: Sequence[FrozenTrial]) -> str:
+    """Where the time went, per kind of trial: exact probes, complete fine-tunes, pruned trials (by what stopped
+    them) and failed ones, in wall seconds."""
+    kinds: dict[str, list[float]] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            kind = "probes" if records.history(t) and records.history(t)[0].get(EXACT) else "fine-tunes"
+        elif t.state == TrialState.PRUNED:
+            why = records.reason(t)
+            kind = ("pruned by fold racing" if why.startswith("fold racing") else
+                    "stopped by the budget" if why.startswith("the time budget") else
+                    "pruned by the pruner" if why.startswith("pruned after") else "pruned (diverged)")
+        elif t.state == TrialState.FAIL:
+            kind = "failed"
+        else:
+            continue
+        kinds.setdefault(kind, []).append(t.user_attrs.get(records.WALL_TIME, 0.0))
+    return ", ".join(f"{k} {sum(v):.0f} s ({len(v)})" for k, v in kinds.items()) or "no trials"
 
 
 def mix_summary(mix: dict[str, Any]) -> str:

@@ -256,15 +256,15 @@ def fail_stale(study: optuna.Study) -> None:
 
 
 def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
-         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), timeout: float | None = None,
+         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+         time_left: Callable[[], float] | None = None,
          ran: Ran | None = None, before_trial: Callable[[optuna.Study], None] | None = None) -> None:
-    """Run trials until the study holds exactly its goal of finished trials (or `timeout` seconds pass).
+    """Run trials until the study holds exactly its goal of finished trials (or `time_left()` seconds are no more).
 
     `ran` collects the trials this process started; `before_trial(study)` runs once a slot is free, right
     before a trial starts (to queue the next one).
     """
     slot = _Slot(objective, ran)
-    t0 = time.monotonic()
     crashes, waiting = 0, False
     try:
         while True:
@@ -273,7 +273,7 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
             target = records.goal(study)
             trials = study.get_trials(deepcopy=False)
             done, running = records.finished_count(trials), records.state_counts(trials)[TrialState.RUNNING]
-            if done >= target or (timeout is not None and time.monotonic() - t0 >= timeout):
+            if done >= target or (time_left is not None and time_left() <= 0):
                 return
             if done + running >= target:  # the last trials are running elsewhere; stay in case one dies
                 if not waiting:

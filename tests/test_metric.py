@@ -109,14 +109,14 @@ def test_pruning_uses_the_running_trials_own_metric_noise():
 
     def running(now, se):
         t = study.ask()
-        t.set_user_attr("history", [{"epoch": 1, "val_balanced_accuracy": now, "fold_scores": [],
-                                     "bootstrap": [now - 2 * se, now + 2 * se, se]}])
+        t.set_user_attr("steps", [{"fold": 1, "epoch": 1, "val_balanced_accuracy": now, "fold_scores": [],
+                                   "bootstrap": [now - 2 * se, now + 2 * se, se], "images": 200}])
         t.report(now, 1)
         return t
 
-    # the best's band starts at 0.80 - 2 x 0.01 = 0.78; the largest gain after epoch 1 is +0.10
-    assert not running(0.60, se=0.05).should_prune()  # 0.60 + 2 x 0.05 + 0.10 = 0.80: could still reach it
-    assert running(0.60, se=0.01).should_prune()  # 0.60 + 0.02 + 0.10 = 0.72: cannot
+    # the leader scored 0.70 at the same step (its noise there: binomial on 200 images, 0.032)
+    assert not running(0.60, se=0.10).should_prune()  # 0.60 + hypot(0.10, 0.032) = 0.705: within noise of it
+    assert running(0.60, se=0.01).should_prune()  # 0.60 + 0.034 = 0.634: behind beyond noise
 
 
 # --- out-of-fold predictions kept, and `best --metric` ----------------------------------------------------------
@@ -254,14 +254,14 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
     for f in sorted((data / "train" / "dog").iterdir())[2:]:  # with val/: 18 cats, 8 dogs, imbalanced
         f.unlink()
 
-    def fake_finetune(cfg, data, report, cache=None):  # fake scores, no training
-        m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "val_balanced_accuracy": 0.6,
+    def fake_finetune(cfg, data, report, cache=None, **kw):  # fake scores, no training
+        m = {"fold": 1, "epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "val_balanced_accuracy": 0.6,
              "val_f1_macro": 0.55, "images_per_s": 1.0, "epoch_time_s": 0.1, "tau": 0.0}
         report(0, m)
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=len(data.labelled))
 
     monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "export_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
     monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     cfg = Config(data=str(data), backbone="tiny_cnn", image_size=32, epochs=1, device="cpu")
