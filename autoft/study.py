@@ -495,11 +495,11 @@ def tie_break(best: FrozenTrial, trials: Sequence[FrozenTrial]) -> str | None:
 def time_per_state(trials: Sequence[FrozenTrial]) -> str:
     """The wall time of the finished trials, per state: pruned and failed trials cost time too (Optuna's start
     to end)."""
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     spent: dict[TrialState, list[float]] = {}
     for t in trials:
         if t.state in states and t.duration is not None:
             spent.setdefault(t.state, []).append(t.duration.total_seconds())
     total = sum(map(sum, spent.values()))
-    parts = ", ".join(f"{sum(spent[s]):,.0f} s in {len(spent[s])} {s.name.lower()}" for s in states if s in spent)
+    parts = ", ".join(f"{sum(spent[s]):,.0f} s in {len(spent[s])} {name}" for s, name in states.items() if s in spent)
     return f"{total:,.0f} s" + (f" ({parts})" if parts else "")
