@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+import autoft
 from .config import PATH_KEYS, Config, check_keys, load_yaml
 from .estimate import METRICS, Estimate, span
 from .exceptions import AutoftError, ConfigError, Terminated, disk_full
@@ -261,7 +261,7 @@ def _artifacts_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoft", description="Find the best way to fine-tune a pretrained image classifier.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("--version", action="version", version=f"autoft {__version__}")
+    parser.add_argument("--version", action="version", version=f"autoft {autoft.__version__}")
     # -q after the command too (`autoft search -q`); SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
