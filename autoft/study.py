@@ -280,8 +280,8 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, spawn: 
              todo, target, opts.out_dir)
     exporter = objective.exporter
     ran = workers.Ran()  # this run's trials, for the progress bar and the summary
-    folds = len(plan_folds(objective.base, objective.cache.dataset(objective.base)))
-    progress = _Progress(todo, study, ran, folds) if opts.progress else None
+    progress = (_Progress(todo, study, ran, len(plan_folds(objective.base, objective.cache.dataset(objective.base))))
+                if opts.progress else None)
     objective.on_epoch = progress.epoch if progress else None
     objective.deadline = time.monotonic() + opts.timeout if opts.timeout else None
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -333,7 +333,7 @@ class _Progress:
         self.study, self.ran, self.folds, self.clock, self.total = study, ran, folds, clock, total
         self.score = records.metric_name(records.study_metric(study))
         self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+                        bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self.best, self.running, self.last_epoch = "best=-", "", ""
         self.trial: dict[str, Any] = {}  # the trial batch() follows: its number, plan, and batches so far
         self.fine_tunes: list[float] = []  # wall seconds of this run's finished fine-tunes (exact probes aside)
