@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+import autoft
 from .config import PATH_KEYS, Config, check_keys, load_yaml
-from .estimate import METRICS, Estimate
+from .estimate import METRICS, Estimate, span
 from .exceptions import AutoftError, ConfigError, Terminated, disk_full
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
 from .study import SearchOptions
@@ -96,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"shipped: {metrics['shipped']}; {metrics['seconds']:.1f} s on {metrics['device']}")
     for name, m in (metrics.get("test") or {}).items():
         lo, hi = m["interval"]
-        print(f"test {name} {m['value']:.4f} (95 % interval {lo:.3f}-{hi:.3f}; {m['images']} images)")
+        print(f"test {name} {m['value']:.4f} (95 % interval {span(lo, hi)}; {m['images']} images)")
     print(f"wrote {args.out}/model.pt, config.yaml, metrics.json")
     return 0
 
@@ -145,8 +146,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     else:  # re-ranked from the trials' out-of-fold probabilities; nothing trains
         best, estimate = records.best_by(study, args.metric, args.artifacts)
     if best is None:
-        raise AutoftError(f"study {args.study!r} has no completed trial yet")
-    print(f"# study {args.study}, {records.describe(best, estimate)}")
+        raise AutoftError(f"study {study.study_name!r} has no completed trial yet")
+    print(f"# study {study.study_name}, {records.describe(best, estimate)}")
     print(records.config(best).to_yaml(), end="")
     return 0
 
@@ -201,7 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{ev['split']}: {ev['n']} images from {ev['data'] or 'the built-in demo'}")
     for name, m in ev["metrics"].items():
         lo, hi = m["interval"]
-        print(f"{name:<17} {m['value']:.4f} (95 % interval {lo:.3f}-{hi:.3f} on {m['images']} images)")
+        print(f"{name:<17} {m['value']:.4f} (95 % interval {span(lo, hi)} on {m['images']} images)")
     if ev["seen_in_training"]:
         log.warning("the model trained on these %s images: this is not what it scores on new ones", ev["split"])
     print(ev["report"], end="")
@@ -238,16 +239,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .predict import export
+    from .predict import LOADS, export
 
     ex = export(args.model, args.format, args.out)
     print(f"wrote {ex.path} ({ex.format}); reproduces the PyTorch logits on a sample batch within {ex.max_abs_diff:.1e}")
     print(f"input, preprocessing and class names: {ex.metadata_path}")
+    print(f"load it with {LOADS[ex.format].replace('FILE', repr(str(ex.path)))}")
     return 0
 
 
 def _study_flags(p: argparse.ArgumentParser, artifacts: bool = False) -> None:
-    p.add_argument("--study", default="autoft", help="study name (default: autoft)")
+    p.add_argument("--study", help="study name (default: the storage's only study)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default: {DEFAULT_STORAGE})")
     if artifacts:
         _artifacts_flag(p)
@@ -260,6 +262,7 @@ def _artifacts_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoft", description="Find the best way to fine-tune a pretrained image classifier.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"autoft {autoft.__version__}")
     # -q after the command too (`autoft search -q`); SUPPRESS keeps a -q given before it
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")

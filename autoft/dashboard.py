@@ -34,12 +34,14 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
     url = f"http://{host}:{port}/dashboard"
     if not Path(artifacts).is_dir():  # an existing one is only read (uploads aside): a read-only study can be viewed
         check_writable_dir(artifacts, "--artifacts")
-    if study:
+    names = optuna.get_all_study_names(make_storage(storage_url))
+    if study or len(names) < 2:  # the one study's page; a missing one is an error listing those there
         found = load_study(storage_url, study)
         storage = found._storage
         url += f"/studies/{found._study_id}"
-    else:
+    else:  # several: the dashboard's list of them
         storage = make_storage(storage_url)
+        print(f"{len(names)} studies: {', '.join(names)}", flush=True)
     Path(artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard for {mask_url(storage_url)}: {url}  (Ctrl-C to stop)", flush=True)
     try:

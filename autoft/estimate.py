@@ -170,13 +170,23 @@ class Estimate:
     def describe(self) -> str:
         lo, hi = self.interval
         how = f"{self.folds}-fold cross-validation" if self.folds > 1 else "holdout"
-        return f"{self.metric} {self.value:.4f} (95 % interval {lo:.3f}-{hi:.3f}; {self.images} images, {how})"
+        return f"{self.metric} {self.value:.4f} (95 % interval {span(lo, hi)}; {self.images} images, {how})"
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.interval
         return {"metric": self.metric, "value": self.value, "interval": [lo, hi], "images": self.images,
                 "folds": self.folds, "fold_scores": list(self.fold_scores), "se": self.se,
                 "bootstrap": list(self.boot) if self.boot else None}
+
+
+def span(low: float, high: float) -> str:
+    """An interval as printed, `0.821-0.878`: one of zero width (a bootstrap whose resamples all scored the same,
+    as perfect predictions on a few images do) says so, and one narrower than the digits shown gets more of them,
+    rather than a puzzling `1.000-1.000`."""
+    if high - low <= 1e-12:
+        return f"{low:.3f}, of zero width: every bootstrap resample scored the same"
+    digits = 3 if f"{low:.3f}" != f"{high:.3f}" else 5
+    return f"{low:.{digits}f}-{high:.{digits}f}"
 
 
 def scored(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from . import records
+from . import probe, records
 from .checkpoint import checkpoint_from_bytes, load_checkpoint, members, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
@@ -200,6 +200,9 @@ class Exporter:
         header = (f"# autoft search result: study {study.study_name!r}, {records.describe(best)}\n"
                   f"# reuse: autoft train --config {shlex.quote(str(path))}\n"
                   "# paths (data, weights) are stored absolute, so this file works from any folder\n")
+        if probe.exact(records.history(best)):  # its head is fitted: the keys that shape training by epochs are moot
+            header += (f"# an exact linear probe (its head fitted, C by cross-validation): {', '.join(probe.UNUSED)} "
+                       "unused\n")
         atomic_write_text(self.out / "best.yaml", header + records.config(best).portable().to_yaml(result))
 
     def write_trials_csv(self, trials: Sequence[FrozenTrial]) -> None:

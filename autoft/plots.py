@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import AutoftError
 from . import records
+from .estimate import span
+from .exceptions import AutoftError
 from .files import atomic_open
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
@@ -35,6 +36,17 @@ def _save(fig, path: str | os.PathLike) -> Path:
     with atomic_open(path) as fh:  # like every output: old or new file, never half of one
         fig.savefig(fh, format="png", dpi=PNG_DPI)
     return path
+
+
+def score_range(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """A score axis around `values` that stays near [0, 1], where every metric lives: left to itself, an axis
+    of one or two points is padded to 0.2-1.8. None when there is no value."""
+    shown = [v for v in values if v is not None and np.isfinite(v)]
+    if not shown:
+        return None
+    lo, hi = min(shown), max(shown)
+    pad = max(0.02, 0.1 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0 + pad / 2, hi + pad)
 
 
 def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], metric: str = "accuracy",
@@ -56,6 +68,7 @@ def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], met
                                      **(common | {"line": {"color": color, "dash": "dash"}})), 1, 1)
         fig.add_trace(go.Scatter(x=epochs, y=[h.get(score) for h in hist], name=f"{label} {score}", **common), 1, 2)
     fig.update_xaxes(title_text="epoch", dtick=1)
+    fig.update_yaxes(range=score_range([h.get(score) for hist in histories.values() for h in hist]), row=1, col=2)
     fig.update_layout(title="Learning curves", height=420, margin={"t": 60})
     return fig
 
@@ -77,6 +90,7 @@ def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, pa
             ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend()
+    ax_acc.set_ylim(score_range([h.get(score) for h in history]))
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -121,13 +135,15 @@ def estimates_figure(points: Sequence[Point], metric: str = "accuracy"):
                 "arrayminus": [p.value - p.low for p in mine]}
         marker = {"color": qualitative.Plotly[i % len(qualitative.Plotly)],
                   "line": {"width": [3 if p.winner else 0 for p in mine], "color": "black"}, "size": 9}
-        text = [f"trial {p.number}" + (" (winner)" if p.winner else "") for p in mine]
+        text = [f"trial {p.number}" + (" (winner)" if p.winner else "") + f": {p.value:.4f} ({span(p.low, p.high)}), "
+                f"{p.seconds:.0f} s" for p in mine]
         for col, x in ((1, [p.number for p in mine]), (2, [p.seconds for p in mine])):
             fig.add_trace(go.Scatter(x=x, y=[p.value for p in mine], error_y=bars, mode="markers", marker=marker,
-                                     text=text, name=backbone, legendgroup=backbone, showlegend=col == 1), 1, col)
+                                     text=text, hovertemplate="%{text}", name=backbone, legendgroup=backbone,
+                                     showlegend=col == 1), 1, col)
     fig.update_xaxes(title_text="trial", row=1, col=1)
     fig.update_xaxes(title_text="trial wall time (s)", type="log", row=1, col=2)
-    fig.update_yaxes(title_text=f"{records.metric_name(metric)} (95 % interval)")
+    fig.update_yaxes(title_text=f"{records.metric_name(metric)} (95 % interval)", range=_interval_range(points))
     fig.update_layout(title="Estimates with their intervals, and what they cost", height=460, margin={"t": 70})
     return fig
 
@@ -148,11 +164,16 @@ def save_estimates_png(points: Sequence[Point], path: str | os.PathLike, metric:
     by_trial.set_ylabel(f"{records.metric_name(metric)} (95 % interval)")
     by_cost.set_xlabel("trial wall time (s)")
     by_cost.set_xscale("log")
+    by_trial.set_ylim(_interval_range(points))
     for ax in (by_trial, by_cost):
         ax.grid(alpha=0.3)
     by_trial.legend()
     fig.suptitle("Estimates with their intervals (winner ringed), and what they cost")
     return _save(fig, path)
+
+
+def _interval_range(points: Sequence[Point]) -> tuple[float, float] | None:
+    return score_range([v for p in points for v in (p.low, p.high)])
 
 
 def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path: str | os.PathLike) -> Path:
@@ -168,9 +189,10 @@ def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path:
     return _save(fig, path)
 
 
-def optuna_plot(study, fn: str, kwargs: dict[str, Any], png: Path):
+def optuna_plot(study, fn: str, kwargs: dict[str, Any], png: Path, y_range: tuple[float, float] | None = None):
     """One of Optuna's plots (`fn` in optuna.visualization) from the same arguments twice: the interactive
-    figure, returned, and its matplotlib twin saved as `png`. An empty plot is an error, not a blank image."""
+    figure, returned, and its matplotlib twin saved as `png`, their y axes (colour bars aside) spanning `y_range`
+    when given. An empty plot is an error, not a blank image."""
     import matplotlib
     import matplotlib.pyplot as plt
     import optuna.visualization as vis
@@ -181,10 +203,15 @@ def optuna_plot(study, fn: str, kwargs: dict[str, Any], png: Path):
         figure = getattr(vis, fn)(study, **kwargs)
         if not figure.data:
             raise AutoftError("optuna drew an empty plot (not enough finished trials with this data)")
+        if y_range:
+            figure.update_yaxes(range=y_range)
         with matplotlib.rc_context():  # optuna switches pyplot to its ggplot style; keep that from leaking out
             fig = np.asarray(getattr(vis_mpl, fn)(study, **kwargs)).flat[0].figure
             try:
                 fig.set_size_inches(PNG_SIZE[0] / PNG_DPI, PNG_SIZE[1] / PNG_DPI)
+                for ax in fig.axes if y_range else ():
+                    if ax.get_label() != "<colorbar>":
+                        ax.set_ylim(y_range)
                 if len(fig.axes) == 1:  # with a colorbar axis, tight layout squashes it: keep optuna's layout
                     fig.tight_layout()
                 _save(fig, png)

@@ -36,6 +36,11 @@ from .plots import save_confusion_png
 log = logging.getLogger("autoft")
 SPLITS = ("train", "val", "test")
 FORMATS = ("torchscript", "onnx")
+# How each format loads, for the export's metadata and `autoft export`: TorchScript is deprecated upstream, and
+# torch.jit.load warns so (a FutureWarning) but loads; onnxruntime loads an ONNX file without a warning.
+LOADS = {"torchscript": "torch.jit.load(FILE) (warns that TorchScript is deprecated, and loads; --format onnx "
+                        "gives a model onnxruntime loads without a warning)",
+         "onnx": "onnxruntime.InferenceSession(FILE)"}
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 
 
@@ -306,7 +311,8 @@ def export(model_path: str | os.PathLike, format: str = "torchscript", out: str 
                       "color": "RGB", "normalization": "inside the model",
                       "preprocessing": f"resize shorter side to {predictor.store_size} px (bicubic), centre-crop "
                                        f"{predictor.store_size}x{predictor.store_size}, then centre-crop {cfg.image_size}x{cfg.image_size}"},
-            "output": "logits (N, num_classes); softmax for probabilities", "check_max_abs_diff": diff}
+            "output": "logits (N, num_classes); softmax for probabilities", "check_max_abs_diff": diff,
+            "load": LOADS[format].replace("FILE", repr(out.name))}
     meta_path = out.with_name(out.name + ".json")
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return Exported(out, meta_path, format, diff)
@@ -325,7 +331,8 @@ def _export_onnx(module: nn.Module, sample: torch.Tensor, out: Path) -> torch.Te
         import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime
     except ImportError:
-        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime") from None
+        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install 'autoft[onnx]' "
+                          "(or pip install onnx onnxruntime)") from None
     torch.onnx.export(module, (sample,), str(out), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -33,11 +33,19 @@ INNER_FOLDS = 5
 MAX_ITER = 2000
 EXACT = "exact_probe"  # in the metrics of the one epoch an exact probe reports
 CHOSEN_C = "probe_C"  # the C each fold's inner cross-validation chose
+# The config keys that shape training by epochs, which an exact probe never runs: its summary marks them unused.
+UNUSED = ("epochs", "head_only_epochs", "head_lr", "base_lr", "layer_decay", "optimizer", "momentum", "weight_decay",
+          "t_max", "warmup_epochs", "label_smoothing", "patience", "balanced_sampling")
 
 
 def applies(cfg: Config, n_stages: int) -> bool:
     """Whether a trial is an exact probe: every stage frozen (a linear head on pooled features), no augmentation."""
     return cfg.freeze_depth == n_stages and cfg.aug_strength == 0
+
+
+def exact(history: Sequence[dict[str, Any]]) -> bool:
+    """Whether a run's recorded epochs are an exact probe's (one epoch, fitted)."""
+    return any(h.get(EXACT) for h in history)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, weight: dict[int, float] | None = None

@@ -18,13 +18,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
+from .estimate import span
 from .exceptions import AutoftError, one_line
 from .files import atomic_write_text, check_writable_dir
-from .plots import estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png, save_learning_curves_png
+from .plots import (estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png,
+                    save_learning_curves_png, score_range)
 from .predict import evaluate
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
+from .study import tie_break, time_per_state
 
 SLICE_PARAMS = ("freeze_depth", "head_lr", "base_lr")
+SCORE_AXIS = ("optimization_history", "intermediate_values", "slice")  # plots whose y axis is the study's metric
+COLOURED = ("parallel_coordinate", "slice")  # plots coloured by trial or score
 MIN_TRIALS_FOR_IMPORTANCE = 4  # fANOVA on fewer finished trials splits importance evenly: it would look like an answer
 
 # name -> (heading, function in optuna.visualization and optuna.visualization.matplotlib)
@@ -46,19 +51,21 @@ class Report:
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> predict.evaluate's result
 
 
-def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE, out_dir: str | os.PathLike | None = None,
+def write_report(study_name: str | None = None, storage_url: str = DEFAULT_STORAGE,
+                 out_dir: str | os.PathLike | None = None,
                  artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS) -> Report:
-    """Write `<out_dir>/report.html` (default out_dir: studies/<study>) and one PNG per plot next to it.
+    """Write `<out_dir>/report.html` (default out_dir: studies/<study>) and one PNG per plot next to it;
+    `study_name` None: the storage's only study.
 
     The confusion matrices score the exported best model (`best.pt` in out_dir, else the best trial's
     weights artifact) on the data its config names: validation, and test when there is one.
     A plot that cannot be drawn (too few trials, data gone) is listed in the report with the reason.
     """
-    out = check_writable_dir(Path(out_dir) if out_dir else export_dir(study_name), "report folder")
     study = load_study(storage_url, study_name)
+    out = check_writable_dir(Path(out_dir) if out_dir else export_dir(study.study_name), "report folder")
     best = records.best_trial(study)
     if best is None:
-        raise AutoftError(f"study {study_name!r} has no completed trial yet; nothing to report")
+        raise AutoftError(f"study {study.study_name!r} has no completed trial yet; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
     metric = records.study_metric(study)
     report = Report(out / "report.html")
@@ -108,7 +115,7 @@ def write_report(study_name: str = "autoft", storage_url: str = DEFAULT_STORAGE,
             report.skipped[name] = one_line(exc)
             continue
         report.evaluations[split], report.pngs[name] = ev, Path(ev["confusion_png"])
-        scores = ", ".join(f"{m} {v['value']:.4f} ({v['interval'][0]:.3f}-{v['interval'][1]:.3f})"
+        scores = ", ".join(f"{m} {v['value']:.4f} ({span(*v['interval'])})"
                            for m, v in ev["metrics"].items())
         sections.append(_section(f"Best model on {split}: {scores} ({ev['n']} images"
                                  f"{'; it trained on them, so this is no estimate' if ev['seen_in_training'] else ''})",
@@ -127,12 +134,17 @@ def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path, metric: str
         if done < MIN_TRIALS_FOR_IMPORTANCE:
             raise AutoftError(f"{done} finished trial(s); importances need at least {MIN_TRIALS_FOR_IMPORTANCE}")
         kwargs["evaluator"] = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    if name in COLOURED and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        raise AutoftError("one completed trial: its colour scale (by trial) would compare nothing")
     if name == "slice":
         searched = {p for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for p in t.params}
         kwargs["params"] = [p for p in SLICE_PARAMS if p in searched]
         if not kwargs["params"]:
             raise AutoftError(f"none of {', '.join(SLICE_PARAMS)} was searched")
-    return optuna_plot(study, fn, kwargs, png), png
+    trials = study.get_trials(deepcopy=False)
+    scores = [t.value for t in trials if t.state == TrialState.COMPLETE] + [
+        v for t in trials for v in t.intermediate_values.values()]
+    return optuna_plot(study, fn, kwargs, png, score_range(scores) if name in SCORE_AXIS else None), png
 
 
 # --- html ----------------------------------------------------------------------------------------------------
@@ -144,14 +156,16 @@ def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: R
     counts = records.state_counts(trials)
     recipes = records.portfolio_results(trials)
     gain = records.gain_over_portfolio(best, trials)
-    wall = sum(t.user_attrs.get(records.WALL_TIME) or 0 for t in trials)
+    tie = tie_break(best, trials)
     facts = [("study", study.study_name), ("storage", mask_url(storage_url)),
              ("trials", f"{len(trials)}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
                         f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"),
              ("winner", records.describe(best)),
+             *((("tie-break", tie),) if tie else ()),
              *((f"portfolio: {name}", records.describe(t)) for name, t in recipes.items()),
-             ("gain over the best portfolio recipe", f"{gain:+.4f}" if gain is not None else "no portfolio recipe completed"),
-             ("training time", f"{wall:.0f} s in finished trials")]
+             ("gain over the best portfolio recipe", "no portfolio recipe completed" if gain is None else
+              f"{gain:+.4f}" + (" (below it, within one standard error: see the tie-break)" if gain < 0 else "")),
+             ("time in trials", time_per_state(trials))]
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report.skipped.items())
     config = html.escape(records.config(best).to_yaml())
@@ -162,7 +176,7 @@ def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: R
 <html lang="en"><head><meta charset="utf-8"><title>autoft report: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}} th,td{{text-align:left;padding:2px 10px;
 font-size:90%}} table.trials td{{font-family:monospace}} .note{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}
-img{{max-width:100%}} section{{margin-top:2em}}</style>
+img{{max-width:100%}} section{{margin-top:2em}} .wide{{overflow-x:auto}} pre{{overflow-x:auto}}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
 <body>{head}{''.join(sections)}{_section('All trials', _trials_table(trials))}</body></html>
 """
@@ -170,9 +184,10 @@ img{{max-width:100%}} section{{margin-top:2em}}</style>
 
 def _trials_table(trials: list[FrozenTrial]) -> str:
     header, rows = records.trial_rows(trials)
-    return ("<table class=trials><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
+    return ("<div class=wide><table class=trials><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{html.escape(records.fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-            + "</table>")
+            + "</table></div>")
 
 
 def _section(title: str, body: str) -> str:

@@ -196,13 +196,22 @@ def export_dir(study: str) -> Path:
     return EXPORTS / check_study_name(study)
 
 
-def load_study(url: str, name: str, **kwargs) -> optuna.Study:
-    """An existing study (`kwargs` go to optuna.load_study); a missing one is a one-line error saying what to do."""
+def load_study(url: str, name: str | None = None, **kwargs) -> optuna.Study:
+    """An existing study (`kwargs` go to optuna.load_study); `name` None: the storage's only one. A missing or
+    ambiguous one is a one-line error listing the studies the storage holds."""
     storage = make_storage(url)
-    try:
+    names = optuna.get_all_study_names(storage)
+    if name is None and len(names) == 1:
+        name = names[0]
+    if name is not None and name in names:
         return optuna.load_study(study_name=name, storage=storage, **kwargs)
-    except KeyError:
-        raise ConfigError(f"no study named {name!r} in {mask_url(url)}; run autoft search first") from None
+    listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    if not names:
+        missing = f"no study named {name!r}" if name else "no study"
+        raise ConfigError(f"{missing} in {mask_url(url)}; run autoft search first")
+    if name is None:
+        raise ConfigError(f"{len(names)} studies in {mask_url(url)}: {listed}; pick one with --study NAME")
+    raise ConfigError(f"no study named {name!r} in {mask_url(url)}; it holds {listed} (--study NAME)")
 
 
 def attach_file(trial: optuna.Trial, path: str | os.PathLike, mimetype: str, artifacts: str | os.PathLike) -> str:

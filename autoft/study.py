@@ -14,25 +14,27 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import records, workers
-from .backbones import AUTO, auto_backbones, build_model
+from . import probe, records, workers
+from .backbones import AUTO, auto_backbones, build_model, get_backbone
 from .cache import RunCache
 from .checkpoint import shipped
 from .config import Config, check_field
 from .data import Dataset, Fingerprint
-from .estimate import Estimate
+from .estimate import Estimate, span
 from .exceptions import ConfigError, Terminated
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
+from .finetune import plan_folds
 from .objective import Objective, trial_seed
 from .probe import EXACT
 from .space import SearchSpace, imbalanced
@@ -295,7 +297,8 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started
              todo, target, opts.out_dir)
     exporter = objective.exporter
     ran = workers.Ran()  # this run's trials, for the progress bar and the summary
-    progress = _Progress(todo, study, ran) if opts.progress else None
+    progress = (_Progress(todo, study, ran, len(plan_folds(objective.base, objective.cache.dataset(objective.base))))
+                if opts.progress else None)
     objective.on_epoch = progress.epoch if progress else None
     objective.on_batch = getattr(progress, "batch", None)
     objective.deadline = started + opts.timeout if opts.timeout else None
@@ -333,30 +336,86 @@ def _raise_terminated(signum, frame):
 
 
 class _Progress:
-    """A bar with finished trials i/N, best so far, pruned/failed counts and the running trial's last epoch.
+    """A bar with finished trials i/N, best so far, pruned/failed counts and where the running trial is.
 
     Trial counts are redrawn from the storage when a trial ends (and when `--workers` polls), so the bar also
-    follows trials other processes run; an epoch only updates the text, without a storage round trip.
+    follows trials other processes run; an epoch or a batch only updates the text, without a storage round trip
+    (but for a trial's first batch, which reads its config). The ETA is this process's own, not tqdm's mean over
+    trials (a one-pass exact probe first made a 17-minute fine-tune look seconds away): the running trial's from
+    its own batch rate and its planned epochs x `folds`, or, for an exact probe, its one feature pass; the study's
+    adds the trials still to run at the median wall time of this run's fine-tunes (this trial's total until one
+    ended).
     """
 
-    def __init__(self, total: int, study: optuna.Study, ran: workers.Ran):
+    def __init__(self, total: int, study: optuna.Study, ran: workers.Ran, folds: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
         from tqdm.auto import tqdm
 
-        self.study, self.ran = study, ran
+        self.study, self.ran, self.folds, self.clock, self.total = study, ran, folds, clock, total
         self.score = records.metric_name(records.study_metric(study))
-        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
-        self.best, self.running = "best=-", ""
+        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True,
+                        bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.best, self.running, self.last_epoch = "best=-", "", ""
+        self.trial: dict[str, Any] = {}  # the trial batch() follows: its number, plan, and batches so far
+        self.fine_tunes: list[float] = []  # wall seconds of this run's finished fine-tunes (exact probes aside)
+        self.drawn = -math.inf
 
     def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
         """The objective's per-epoch hook: where the running trial is."""
+        self.last_epoch = f"{self.score} {metrics[self.score]:.3f} at epoch {metrics['epoch']}"
         self.running = f"trial {number} epoch {metrics['epoch']}/{epochs} {self.score} {metrics[self.score]:.3f}"
         self._draw()
+
+    def batch(self, number: int, done: int, total: int, images_per_s: float) -> None:
+        """The fine-tune's per-batch hook: `done` of the `total` batches of the current epoch (of one fold)."""
+        now, t = self.clock(), self.trial
+        if t.get("number") != number:
+            t = self.trial = self._plan(number, now)
+        if done < t["done"]:  # a new pass (epoch or fold) began
+            t["before"] += t["total"]
+            t["passes"] += 1
+        if t["first"] is None:  # timed from here: what came before (building the model, caching) is no batch
+            t["first"], t["start"] = done, now
+        t["done"], t["total"] = done, total
+        if done < total and now - self.drawn < self.bar.mininterval:
+            return  # many batches a second: redraw at tqdm's pace
+        seen = t["before"] + done - t["first"]  # batches since the first call, timed by the clock
+        per_batch = ((now - t["start"]) / seen if seen > 0 else
+                     t["batch_size"] / images_per_s if images_per_s > 0 else math.nan)
+        passes = 1 if t["exact"] else t["epochs"] * self.folds
+        left = per_batch * ((total - done) + max(0, passes - t["passes"] - 1) * total)
+        if t["exact"]:
+            where = f"trial {number} exact probe: features batch {done}/{total}"
+        else:
+            fold, epoch = divmod(min(t["passes"], passes - 1), t["epochs"])
+            where = (f"trial {number}" + (f" fold {fold + 1}/{self.folds}" if self.folds > 1 else "")
+                     + f" epoch {epoch + 1}/{t['epochs']} batch {done}/{total}")
+        eta = "ETA ?" if math.isnan(left) else f"ETA {self.bar.format_interval(left)}"
+        if not math.isnan(left) and not t["exact"]:
+            trials_after = max(0, self.total - self.bar.n - 1)
+            each = float(np.median(self.fine_tunes)) if self.fine_tunes else now - t["start"] + left
+            eta += f" (study ~{self.bar.format_interval(left + trials_after * each)})"
+        self.running = (f"{where} {images_per_s:.0f} img/s {eta}"
+                        + (f"; {self.last_epoch}" if self.last_epoch and not t["exact"] else ""))
+        self.drawn = now
+        self._draw()
+
+    def _plan(self, number: int, now: float) -> dict[str, Any]:
+        """What a trial will run, from the config it recorded: its epochs, batch size and kind."""
+        cfg = next(records.config(t) for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        exact = probe.applies(cfg, get_backbone(cfg.backbone).num_stages)
+        self.last_epoch = ""
+        return {"number": number, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "exact": exact, "start": now,
+                "first": None, "done": 0, "total": 0, "before": 0, "passes": 0}
 
     def __call__(self, study: optuna.Study | None = None, trial: FrozenTrial | None = None) -> None:
         """An Optuna callback (a trial ended) and what `--workers` polls while other processes work."""
         trials = self.study.get_trials(deepcopy=False)
         best = records.best_trial(self.study)
-        new = records.state_counts(self.ran.trials(self.study))  # this run's, not other runs' on the same study
+        mine = self.ran.trials(self.study)  # this run's, not other runs' on the same study
+        new = records.state_counts(mine)
+        self.fine_tunes = [t.duration.total_seconds() for t in mine if t.state == TrialState.COMPLETE and t.duration
+                           and not probe.exact(records.history(t))]
         self.best = f"best={best.value:.4f} (#{best.number})" if best else "best=-"
         if trial is not None:
             self.running = ""
@@ -385,12 +444,16 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
     lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
              f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s"
              + (f" of a {budget:g} s budget" if budget else "") + f"; {len(trials)} in the study",
-             f"  time: {budget_story(mine)}, final export {export_seconds:.0f} s"]
+             f"  time in trials this run: {time_per_state(mine)}",
+             f"  by kind: {budget_story(mine)}; final export {export_seconds:.0f} s"]
     if best is not None:
         e = records.estimate(best)
         lines.append(f"winner: {records.describe(best)}")
         lines.append(f"  its estimate rests on {e.folds if e else 1} fold(s) x {len(records.history(best))} epoch(s)"
                      f" ({e.images if e else '?'} images validated)")
+        tie = tie_break(best, trials)
+        if tie:
+            lines.append(f"  {tie}")
         # each recipe's first trial that ended: its estimate, or where it was pruned
         for name, t in records.portfolio_results(trials, (TrialState.COMPLETE, TrialState.PRUNED)).items():
             epoch, value = max(t.intermediate_values.items(), default=(0, float("nan")))
@@ -398,7 +461,8 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             lines.append(f"  portfolio {name:<28} trial {t.number:<3} {result}")
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:
-            lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}")
+            lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}"
+                         + (" (below it, within one standard error: the tie-break above)" if gain < 0 else ""))
         counts = records.class_counts(study)
         if imbalanced(counts) and records.study_metric(study) == "accuracy":
             kept = records.kept_epoch(best)
@@ -410,10 +474,15 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         if len(backbones) > 1:  # accuracy against cost, per backbone
             lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
                       for b, (n, acc, sec) in sorted(backbones.items())]
-        cfg = records.config(best)
-        shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in records.searched_keys(best)}}
+        cfg, keys = records.config(best), records.searched_keys(best)
+        unused = [k for k in keys if k in probe.UNUSED] if probe.exact(records.history(best)) else []
+        shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in keys if k not in unused}}
         width = max(map(len, shown))
         lines += [f"  {k:<{width}}  {records.fmt(v)}" for k, v in shown.items()]
+        if unused:
+            chosen = ", ".join(records.fmt(c) for c in records.kept_epoch(best).get(probe.CHOSEN_C) or [])
+            lines.append(f"  an exact probe: its head is fitted (C per fold by cross-validation: {chosen or '-'}); "
+                         f"not used: {', '.join(unused)}")
         mix = records.trial_mix(study, best.number)
         if mix is not None:
             lines.append(mix_summary(mix))
@@ -447,7 +516,7 @@ def mix_summary(mix: dict[str, Any]) -> str:
     on against the single best trial's, its prediction cost against the single model's; shipped or not."""
     e = Estimate.from_dict(mix["estimate"])
     lo, hi = e.interval
-    scored = (f"{e.metric} {e.value:.4f} (95 % interval {lo:.3f}-{hi:.3f}) on images it was not chosen on, against "
+    scored = (f"{e.metric} {e.value:.4f} (95 % interval {span(lo, hi)}) on images it was not chosen on, against "
               f"{mix['single']:.4f} for the single best trial (one standard error {mix['noise']:.4f})")
     if mix["shipped"]:
         return (f"  shipped an {describe_mix(mix)}: {scored}; prediction costs {mix['models']} forward passes per "
@@ -455,3 +524,29 @@ def mix_summary(mix: dict[str, Any]) -> str:
     if len(mix["members"]) < 2:
         return f"  an ensemble of trials was considered: the selection kept trial {mix['members'][0]} alone"
     return f"  an {describe_mix(mix)} was considered and not shipped, not better beyond noise: {scored}"
+
+
+def tie_break(best: FrozenTrial, trials: Sequence[FrozenTrial]) -> str | None:
+    """Why the winner is not the highest-scoring completed trial (records.select's rule), in one line; None when
+    it is."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    top = max(done, key=lambda t: t.value, default=None)
+    if top is None or top.value <= best.value:
+        return None
+    return (f"tie-break: trial {top.number} scored highest ({top.value:.4f}); every trial within one standard error "
+            f"of it ({records.Candidate.of(top).noise:.4f}) ties, and of those the lowest val_loss wins "
+            f"({records.val_loss(best, math.nan):.4f} against {records.val_loss(top, math.nan):.4f}), then the "
+            "cheaper, then the earlier")
+
+
+def time_per_state(trials: Sequence[FrozenTrial]) -> str:
+    """The wall time of the finished trials, per state: pruned and failed trials cost time too (Optuna's start
+    to end)."""
+    states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+    spent: dict[TrialState, list[float]] = {}
+    for t in trials:
+        if t.state in states and t.duration is not None:
+            spent.setdefault(t.state, []).append(t.duration.total_seconds())
+    total = sum(map(sum, spent.values()))
+    parts = ", ".join(f"{sum(spent[s]):,.0f} s in {len(spent[s])} {name}" for s, name in states.items() if s in spent)
+    return f"{total:,.0f} s" + (f" ({parts})" if parts else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import wsgiref.util
 from html.parser import HTMLParser
 from pathlib import Path
@@ -212,5 +213,5 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
     assert {g["id"] for g in detail["plotly_graph_objects"]} == {LEARNING_CURVES_ID, ESTIMATES_ID}
     (figure,) = [g for g in detail["plotly_graph_objects"] if g["id"] == ESTIMATES_ID]
-    shown = {text.split(" (")[0] for trace in json.loads(figure["graph_object"])["data"] for text in trace["text"]}
+    shown = {re.split(r" \(|:", text)[0] for trace in json.loads(figure["graph_object"])["data"] for text in trace["text"]}
     assert shown == {"trial 0", "trial 2"}  # every completed trial, the last one too
