@@ -363,7 +363,8 @@ class _Progress:
     def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
         """The objective's per-epoch hook: where the running trial is."""
         self.last_epoch = f"{self.score} {metrics[self.score]:.3f} at epoch {metrics['epoch']}"
-        self.running = f"trial {number} epoch {metrics['epoch']}/{epochs} {self.score} {metrics[self.score]:.3f}"
+        fold = f"fold {metrics['fold']}/{self.folds} " if self.folds > 1 and "fold" in metrics else ""
+        self.running = f"trial {number} {fold}epoch {metrics['epoch']}/{epochs} {self.score} {metrics[self.score]:.3f}"
         self._draw()
 
     def batch(self, number: int, done: int, total: int, images_per_s: float) -> None:
