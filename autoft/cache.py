@@ -33,14 +33,16 @@ DEVICE_FRACTION = 0.5  # of an accelerator's memory (free plus what this run alr
 MAX_DATASETS = 4  # datasets kept at once (several image sizes or crops in one search)
 
 
-def load_data(cfg: Config) -> Dataset:
-    """The dataset a config names, decoded at the size its backbone's crop needs.
+def load_data(cfg: Config, value_range: tuple[float, float] | None = None) -> Dataset:
+    """The dataset a config names, decoded at the size its backbone's crop needs (32-bit integer and float
+    images scaled by `value_range`, a model's; None: by the one range these images give).
 
     A held-out validation split does not follow `cfg.seed`: every trial, seed and retrain of a
     search must validate on the same images, or their scores would not compare.
     """
     return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=cfg.labels)
+                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=cfg.labels,
+                        value_range=value_range)
 
 
 class Images:

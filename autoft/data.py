@@ -7,9 +7,11 @@ transform is the pretraining one (resize, centre crop) and training crops have r
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -17,7 +19,8 @@ import os
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,13 @@ class ImageStore:
 
     `rows[path]` is the row of each readable image; `skipped[path]` why an image could not be read (it has no
     row). `decoded` counts the images this process decoded to build it (0 when it came from disk).
+    `value_range` is the range its 32-bit integer and float images were scaled by (None: it has none).
     """
 
-    def __init__(self, file: Path, images: np.ndarray, paths: list[str], skipped: dict[str, str], decoded: int):
+    def __init__(self, file: Path, images: np.ndarray, paths: list[str], skipped: dict[str, str], decoded: int,
+                 value_range: tuple[float, float] | None = None):
         self.file, self.images, self.skipped, self.decoded = file, images, skipped, decoded
+        self.value_range = value_range
         self.rows = {p: i for i, p in enumerate(p for p in paths if p not in skipped)}
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -241,18 +247,25 @@ class Fingerprint:
     split a SHA-256 of every image's (class, path relative to the split folder or the CSV's folder, size).
 
     Two spellings of one folder have equal fingerprints; a renamed, added, removed or resized file changes it.
+    A loaded dataset's also carries `value_range`, the one range its 32-bit integer and float images were scaled
+    by (see `dataset_range`), so that checkpoints keep it and new images are scaled alike; it follows from the
+    pixels, known once decoded, so it takes no part in comparing fingerprints.
     """
 
     classes: tuple[str, ...]
     counts: dict[str, list[int]]  # split -> images per class, in the order of `classes`
     hashes: dict[str, str]  # split -> hex SHA-256
+    value_range: tuple[float, float] | None = field(default=None, compare=False)  # None: no such image, or scanned
 
     def to_dict(self) -> dict[str, Any]:
-        return {"classes": list(self.classes), "counts": dict(self.counts), "hashes": dict(self.hashes)}
+        return {"classes": list(self.classes), "counts": dict(self.counts), "hashes": dict(self.hashes),
+                "value_range": list(self.value_range) if self.value_range is not None else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
-        return cls(tuple(d["classes"]), {k: list(v) for k, v in d["counts"].items()}, dict(d["hashes"]))
+        vr = d.get("value_range")  # absent from checkpoints and studies written before it
+        return cls(tuple(d["classes"]), {k: list(v) for k, v in d["counts"].items()}, dict(d["hashes"]),
+                   (float(vr[0]), float(vr[1])) if vr is not None else None)
 
     def differences(self, before: "Fingerprint") -> str:
         """What changed from `before` to this, in words ("classes added: 'bird'; train: 6 images more")."""
@@ -474,14 +487,32 @@ def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -
 
 # --- decoding ---------------------------------------------------------------------------------------------
 
-def decode(path: str, size: int, rescaled: list[str] | None = None) -> np.ndarray:
+WIDE_MODES = ("I", "F")  # 32-bit integer and float greyscale: no fixed range, scaled by one range per dataset
+Extent = tuple[float, float]  # (low, high): a range, or a wide image's smallest and largest finite value
+
+
+def decode(path: str | io.BytesIO, size: int, value_range: Extent | None = None) -> np.ndarray:
     """One image as (size, size, 3) uint8: upright by its EXIF orientation, any mode to RGB (16-bit over its
-    full range; 32-bit integer and float greyscale over the image's own min..max, its path then appended to
-    `rescaled`), shorter side resized to size, centre square.
+    full range; 32-bit integer and float greyscale over `value_range`, see `dataset_range`: None takes the image's
+    own), shorter side resized to size, centre square.
 
     Sizes are checked before decoding (an explicit check: warning filters are not thread-safe, and
     decoding runs in threads): tiny images carry no signal, huge ones may be decompression bombs.
     """
+    with _opened(path, size) as im:
+        return _square(im, size, value_range or dataset_range([extent(im)]) if im.mode in WIDE_MODES else None)
+
+
+def _decode_or_extent(path: str, size: int) -> np.ndarray | Extent:
+    """The store's first pass: a wide image's extent (it is decoded once the dataset's range is known), else the
+    image decoded."""
+    with _opened(path, size) as im:
+        return extent(im) if im.mode in WIDE_MODES else _square(im, size, None)
+
+
+@contextlib.contextmanager
+def _opened(path: str | io.BytesIO, size: int) -> Iterator[Image.Image]:
+    """The image at `path`, its size checked (see `decode`), loaded and turned upright."""
     with Image.open(path) as im:
         w, h = im.size
         if min(w, h) < MIN_SIDE:
@@ -491,24 +522,27 @@ def decode(path: str, size: int, rescaled: list[str] | None = None) -> np.ndarra
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
         im.load()  # decoding errors surface here, before EXIF is read
         _exif_upright(im)
-        if im.mode.startswith("I;16"):
-            im = _16bit_to_l(im)
-        elif im.mode in ("I", "F"):
-            im = _range_to_l(im)
-            if rescaled is not None:
-                rescaled.append(path)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        yield im
+
+
+def _square(im: Image.Image, size: int, value_range: Extent | None) -> np.ndarray:
+    """An opened image as (size, size, 3) uint8 (see `decode`); `value_range` scales a wide one."""
+    if im.mode.startswith("I;16"):
+        im = _16bit_to_l(im)
+    elif im.mode in WIDE_MODES:
+        im = _range_to_l(im, value_range)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.new("RGB", rgba.size, (255, 255, 255))
+        im.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        im = im.convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _exif_upright(im: Image.Image) -> None:
@@ -533,46 +567,83 @@ def _16bit_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
 
 
-def _range_to_l(im: Image.Image) -> Image.Image:
-    """32-bit integer (I) and float (F) greyscale to 8-bit L, scaled from the image's own min..max to 0..255.
+def extent(im: Image.Image) -> Extent:
+    """A wide image's smallest and largest finite value: what `dataset_range` combines."""
+    a = np.asarray(im)
+    finite = a[np.isfinite(a)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (math.inf, -math.inf)
 
-    Such images have no fixed range (floats in 0..1 from microscopy or remote sensing, counts, elevations),
-    and Pillow's conversion clips them (0..1 floats become all black). Non-finite values take the minimum;
-    a constant image becomes mid-grey.
+
+def dataset_range(extents: Iterable[Extent]) -> Extent:
+    """The one range that every wide (I, F) image of a dataset is scaled by, so that a value means the same grey in
+    every image: 0..1 when all values lie in it (reflectances, normalised floats: mapped as 8-bit images are),
+    else the smallest..largest value of them all. A single value v gets v-0.5..v+0.5 (it is mid-grey)."""
+    extents = list(extents)
+    lo, hi = min((e[0] for e in extents), default=math.inf), max((e[1] for e in extents), default=-math.inf)
+    if lo > hi or (0 <= lo and hi <= 1):  # no finite value at all, or all within 0..1
+        return 0.0, 1.0
+    return (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+
+
+def _range_to_l(im: Image.Image, value_range: Extent) -> Image.Image:
+    """32-bit integer (I) and float (F) greyscale to 8-bit L, `value_range` to 0..255 (values beyond it clip).
+
+    Pillow's own conversion clips such images (0..1 floats become all black). NaN takes the range's low end.
     """
-    a = np.asarray(im, dtype=np.float64)
-    finite = np.isfinite(a)
-    lo, hi = (a[finite].min(), a[finite].max()) if finite.any() else (0.0, 0.0)
-    if hi == lo:
-        return Image.fromarray(np.full(a.shape, 128, np.uint8))
-    scaled = (np.where(finite, a, lo) - lo) * (255.0 / (hi - lo))
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+    lo, hi = value_range
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=lo, posinf=hi, neginf=lo)
+    return Image.fromarray(np.rint((a.clip(lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8))
 
 
-def _try_decode(path: str, size: int, rescaled: list[str] | None = None) -> np.ndarray | str:
-    """The decoded image, or a one-line reason it cannot be used."""
+def _attempt(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or a one-line reason it failed (an unreadable, truncated, too small or too large image)."""
     try:
-        return decode(path, size, rescaled)
-    except Exception as exc:  # unreadable, truncated, not an image, too small or too large
+        return fn(*args)
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
+def _try_decode(path: str, size: int, value_range: Extent | None = None) -> np.ndarray | str:
+    """The decoded image, or a one-line reason it cannot be used."""
+    return _attempt(decode, path, size, value_range)
+
+
 DECODE_CHUNK = 256  # images decoded (in parallel threads) per chunk written to the store: bounds decoding's memory
-STORE_VERSION = 4  # v2: EXIF orientation, 16-bit range; v3: the memory-mapped .npy store; v4: I and F over their range
+STORE_VERSION = 5  # v2: EXIF orientation, 16-bit range; v3: the memory-mapped .npy store; v4: I and F over their
+# range; v5: I and F over the dataset's range, kept beside the store; files known by change time and inode too
+CHANGE_TIME = os.name != "nt"  # POSIX ctime: set by every write, and no copy can set it (Windows': creation)
+HASHED = 64 * 1024  # where there is no change time: bytes hashed at each end of a file
 
 
-def rescaled_notice(n: int) -> str:
-    return (f"{n} image(s) are 32-bit integer or float greyscale (Pillow modes I, F): each is scaled from its own "
-            "min..max range to 0..255")
+def rescaled_notice(n: int, value_range: Extent, given: bool = False) -> str:
+    """Which range the wide images were scaled by, in one line."""
+    why = ("the model's, from its training data" if given else "values within 0..1, as 8-bit images"
+           if value_range == (0.0, 1.0) else "the dataset's smallest..largest value")
+    return (f"{n} image(s) are 32-bit integer or float greyscale (Pillow modes I, F): all scaled by one range, "
+            f"{value_range[0]:g}..{value_range[1]:g} to 0..255 ({why})")
 
 
-def _store_key(paths: list[str], size: int) -> str:
-    """Every file's absolute path (as bytes: a non-UTF-8 name is fine), size and modification time, so a file
-    replaced in place is decoded again."""
-    h = hashlib.sha1(f"v{STORE_VERSION}:{size}".encode())
+def _file_id(path: str) -> bytes:
+    """What tells a file replaced in place (cp -p, rsync -t, a restore keep its size and modification time): its
+    change time, device and inode, which a copy cannot keep; a digest of both ends where there is no change time."""
+    st = os.stat(path)
+    if CHANGE_TIME:
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_dev}:{st.st_ino}".encode()
+    with open(path, "rb") as fh:
+        h = hashlib.blake2b(fh.read(HASHED), digest_size=16)
+        if st.st_size > HASHED:
+            fh.seek(max(HASHED, st.st_size - HASHED))
+            h.update(fh.read(HASHED))
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}".encode()
+
+
+def _store_key(paths: list[str], size: int, value_range: Extent | None = None) -> str:
+    """Every file's absolute path (as bytes: a non-UTF-8 name is fine) and `_file_id`, so a changed file is decoded
+    again, and the range wide images are scaled by: `value_range`, or (None) the one these files give."""
+    scale = "found" if value_range is None else ",".join(repr(float(v)) for v in value_range)
+    h = hashlib.sha1(f"v{STORE_VERSION}:{size}:{scale}".encode())
     for p in paths:
-        st = os.stat(p)
-        h.update(os.fsencode(os.path.abspath(p)) + f":{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(os.path.abspath(p)) + b":" + _file_id(p) + b"\n")
     return h.hexdigest()
 
 
@@ -587,57 +658,94 @@ def check_cache() -> Path:
         raise ConfigError(f"{exc}; set AUTOFT_CACHE to a folder you can write") from None
 
 
-def open_store(paths: list[str], size: int) -> ImageStore:
+def open_store(paths: list[str], size: int, value_range: Extent | None = None) -> ImageStore:
     """The images at `paths` decoded at `size`, from the on-disk store when it is there, else decoded into it:
     once per size, ever (later trials, runs and processes map the file). Unreadable images get no row; their
-    reasons are kept beside the store."""
-    key = _store_key(paths, size)
-    file = cache_dir() / "images" / f"{key}.npy"
-    meta = file.with_suffix(".skipped.json")
+    reasons and the range wide images were scaled by are kept beside the store.
+
+    `value_range` (a model's, for new data) scales wide images instead of the range these files give; a store
+    of the files' own range serves when that is the same, or when no image is wide.
+    """
+    file = cache_dir() / "images" / f"{_store_key(paths, size)}.npy"
+    store = _read_store(file, paths, size)
+    if store is not None and (value_range is None or store.value_range in (None, value_range)):
+        return store
+    if value_range is not None:
+        file = file.with_name(f"{_store_key(paths, size, value_range)}.npy")
+        store = _read_store(file, paths, size)
+        if store is not None:
+            return store
+    log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
+            "decoding %d images at %d px into the store %s (once; later runs reuse it)", len(paths), size, file.parent)
+    bad, used = _decode_into(file, paths, size, value_range)
+    meta = {"skipped": sorted(bad.items()), "value_range": used}  # indices: file names need not be valid UTF-8
+    atomic_write_text(file.with_suffix(".json"), json.dumps(meta))
+    return ImageStore(file, np.load(file, mmap_mode="r"), paths, {paths[i]: why for i, why in bad.items()},
+                      len(paths), used)
+
+
+def _read_store(file: Path, paths: list[str], size: int) -> ImageStore | None:
+    """The store at `file`, or None when it is missing or damaged (then it is decoded again)."""
     try:
-        skipped = {paths[i]: why for i, why in json.loads(meta.read_text())}
+        meta = json.loads(file.with_suffix(".json").read_text())
+        skipped = {paths[i]: why for i, why in meta["skipped"]}
+        used = tuple(meta["value_range"]) if meta["value_range"] is not None else None
         images = np.load(file, mmap_mode="r")
         if images.shape != (len(paths) - len(skipped), 3, size, size):
             raise ValueError(f"store {file} has shape {images.shape}")
-        return ImageStore(file, images, paths, skipped, 0)
-    except Exception:  # missing or damaged store: decode again
-        pass
-    log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
-            "decoding %d images at %d px into the store %s (once; later runs reuse it)", len(paths), size, file.parent)
-    bad = _decode_into(file, paths, size)
-    atomic_write_text(meta, json.dumps(sorted(bad.items())))  # indices: file names need not be valid UTF-8
-    skipped = {paths[i]: why for i, why in bad.items()}
-    return ImageStore(file, np.load(file, mmap_mode="r"), paths, skipped, len(paths))
+        return ImageStore(file, images, paths, skipped, 0, used)
+    except Exception:
+        return None
 
 
-def _decode_into(file: Path, paths: list[str], size: int) -> dict[int, str]:
+def _decode_into(file: Path, paths: list[str], size: int,
+                 value_range: Extent | None) -> tuple[dict[int, str], Extent | None]:
     """Decode `paths` chunk by chunk (threads within a chunk) into a new .npy at `file`, good images only, in
-    order; returns index -> reason for the bad ones. The file appears whole or not at all."""
+    order; returns index -> reason for the bad ones, and the range wide images were scaled by (None: none is wide).
+    The file appears whole or not at all.
+
+    Wide images are only opened in this pass (their extents give the dataset's range), and decoded in a second
+    one over them alone: a dataset without them pays nothing for it.
+    """
     n_jobs = min(8, os.cpu_count() or 1)
     bad: dict[int, str] = {}
-    rescaled: list[str] = []  # list.append is atomic: safe from the decoding threads
+    wide: dict[int, tuple[int, Extent]] = {}  # index -> (its reserved row, its extent)
     with atomic_npy(file, (len(paths), 3, size, size), np.uint8) as out, \
             joblib.Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
         row = 0
         for start in range(0, len(paths), DECODE_CHUNK):
             chunk = paths[start:start + DECODE_CHUNK]
-            for i, r in enumerate(parallel(joblib.delayed(_try_decode)(p, size, rescaled) for p in chunk), start):
+            decoded = parallel(joblib.delayed(_attempt)(_decode_or_extent, p, size) for p in chunk)
+            for i, r in enumerate(decoded, start):
                 if isinstance(r, str):
                     bad[i] = r
+                    continue
+                if isinstance(r, tuple):
+                    wide[i] = row, r
                 else:
                     out.array[row] = r.transpose(2, 0, 1)
-                    row += 1
+                row += 1
         out.rows = row
-    if rescaled:
-        log.info(rescaled_notice(len(rescaled)))
-    return bad
+        if not wide:
+            return bad, None
+        used = value_range or dataset_range(e for _, e in wide.values())
+        index = list(wide)
+        for start in range(0, len(index), DECODE_CHUNK):
+            chunk = index[start:start + DECODE_CHUNK]
+            for i, r in zip(chunk, parallel(joblib.delayed(_try_decode)(paths[i], size, used) for i in chunk)):
+                if isinstance(r, str):
+                    raise DataError(f"{paths[i]} changed while it was decoded ({r}); run again")
+                out.array[wide[i][0]] = r.transpose(2, 0, 1)
+    log.info(rescaled_notice(len(wide), used, value_range is not None))
+    return bad, used
 
 
 def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
                  val_fraction: float = 0.2, skip_bad_images: bool = False,
-                 labels: str | os.PathLike | None = None) -> Dataset:
+                 labels: str | os.PathLike | None = None, value_range: Extent | None = None) -> Dataset:
     """Scan (class folders, or the `labels` CSV), decode (or reuse the cache) and split. `root=None` without
-    `labels` uses the built-in digits demo."""
+    `labels` uses the built-in digits demo. `value_range`: the range to scale 32-bit integer and float images by
+    (a model's, for new data; None: the one these images give, see `dataset_range`)."""
     from sklearn.model_selection import train_test_split
 
     check_cache()
@@ -646,7 +754,7 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     classes, found = scanned.classes, scanned.splits
     size = store_size_for(image_size, crop_pct)
     all_paths = [p for paths, _ in found.values() for p in paths]
-    store = open_store(all_paths, size)
+    store = open_store(all_paths, size, value_range)
     bad = store.skipped
     if bad and not skip_bad_images:
         listed = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
@@ -679,7 +787,8 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
         idx_train, idx_val = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=train.labels.numpy())
         labelled, holdout = train, Fold(torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val)))
     test = split(*found["test"]) if "test" in found else None
-    return Dataset(classes, labelled, holdout, test, image_size, size, bad, scanned.fingerprint, scanned.flat)
+    return Dataset(classes, labelled, holdout, test, image_size, size, bad,
+                   replace(scanned.fingerprint, value_range=store.value_range), scanned.flat)
 
 
 # --- demo data ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .backbones import get_backbone
 from .checkpoint import load_checkpoint, model_from_checkpoint, trained_on
 from .config import Config
 from .estimate import scored
-from .data import (Dataset, Fingerprint, _try_decode, center_crop, decode, find_images, normalize, scan,
+from .data import (WIDE_MODES, Dataset, Fingerprint, _try_decode, center_crop, decode, find_images, normalize, scan,
                    skipped_summary, store_size_for)
 from .exceptions import AutoftError, DataError
 from .files import atomic_path, atomic_write_text, check_output_file, output_file
@@ -48,11 +48,14 @@ class Predictor:
     """A checkpoint ready to classify images: `predict`, `predict_proba`, `top_k`.
 
     Images may be file paths, PIL images, or uint8 arrays/tensors (3,H,W or H,W,3); each is decoded by
-    `data.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data.
+    `data.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data;
+    32-bit integer and float images by `value_range`, the one range of the training data's such images (None:
+    it had none, and each such image is scaled by its own, see `data.dataset_range`).
     """
 
-    def __init__(self, model: nn.Module, config: Config, classes: Sequence[str], device: str = "auto"):
-        self.config, self.classes = config, list(classes)
+    def __init__(self, model: nn.Module, config: Config, classes: Sequence[str], device: str = "auto",
+                 value_range: tuple[float, float] | None = None):
+        self.config, self.classes, self.value_range = config, list(classes), value_range
         self.spec = get_backbone(config.backbone)
         self.store_size = store_size_for(config.image_size, self.spec.crop_pct)
         self.device = resolve_device(device)
@@ -60,7 +63,7 @@ class Predictor:
 
     def preprocess(self, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
         """uint8 (N, 3, S, S) at the stored size: what the image store holds for a training image."""
-        return self._batch([_decode(im, self.store_size) for im in _as_list(images)])
+        return self._batch([_decode(im, self.store_size, self.value_range) for im in _as_list(images)])
 
     def _batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
         if not arrays:
@@ -98,7 +101,7 @@ class Predictor:
         """
         for i in range(0, len(paths), chunk):
             part = [os.fspath(p) for p in paths[i:i + chunk]]
-            decoded = [_try_decode(p, self.store_size) for p in part]
+            decoded = [_try_decode(p, self.store_size, self.value_range) for p in part]
             good = [a for a in decoded if not isinstance(a, str)]
             tops = iter(self._top_k(self._logits(self._batch(good)), k) if good else [])
             for path, a in zip(part, decoded):
@@ -111,16 +114,16 @@ def _as_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     return [images] if single else list(images)
 
 
-def _decode(image: ImageLike, size: int) -> np.ndarray:
+def _decode(image: ImageLike, size: int, value_range: tuple[float, float] | None) -> np.ndarray:
     try:
-        return decode(_as_file(image), size)
+        return decode(_as_file(image), size, value_range)
     except (OSError, ValueError) as exc:
         name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"a {type(image).__name__}"
         raise DataError(f"cannot read {name} as an image: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _as_file(image: ImageLike) -> str | io.BytesIO:
-    """A path for `data.decode`; in-memory images are handed over as lossless PNG bytes."""
+    """A path for `data.decode`; in-memory images are handed over as lossless PNG bytes (TIFF for 32-bit ones)."""
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     if isinstance(image, torch.Tensor):
@@ -137,7 +140,7 @@ def _as_file(image: ImageLike) -> str | io.BytesIO:
     except Exception:  # none, or a damaged EXIF block
         pass
     buf = io.BytesIO()
-    image.save(buf, format="PNG", exif=exif)
+    image.save(buf, format="TIFF" if image.mode in WIDE_MODES else "PNG", exif=exif)
     buf.seek(0)
     return buf
 
@@ -146,7 +149,13 @@ def load_model(path: str | os.PathLike, device: str = "auto") -> Predictor:
     """A Predictor for a checkpoint written by `autoft train` (model.pt) or `autoft search` (best.pt)."""
     ckpt = load_checkpoint(path)
     model, config = model_from_checkpoint(ckpt)
-    return Predictor(model, config, ckpt["classes"], device)
+    return Predictor(model, config, ckpt["classes"], device, _value_range(ckpt))
+
+
+def _value_range(ckpt: dict[str, Any]) -> tuple[float, float] | None:
+    """The range the checkpoint's training data scaled 32-bit integer and float images by (None: it had none)."""
+    trained = trained_on(ckpt)
+    return trained.value_range if trained is not None else None
 
 
 def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
@@ -205,8 +214,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     png = output_file(out, Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png"))
     check_output_file(png, "--out" if out else "confusion matrix")  # before the data are decoded
     model, _ = model_from_checkpoint(ckpt)
-    predictor = Predictor(model, cfg, ckpt["classes"], device)
-    data = load_data(where)
+    predictor = Predictor(model, cfg, ckpt["classes"], device, _value_range(ckpt))
+    data = load_data(where, predictor.value_range)  # new images scaled as the training data were
     shown = where.labels or where.data
     if data.classes != predictor.classes:
         raise DataError(f"{shown} has classes {data.classes}, the model was trained on {predictor.classes}")

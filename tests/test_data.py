@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -6,6 +7,8 @@ import torch
 from PIL import Image
 
 import autoft.data as data
+from autoft.backbones import build_model
+from autoft.config import Config
 from autoft.data import augment, center_crop, load_dataset, scan
 from autoft.exceptions import DataError
 from conftest import make_image_folder
@@ -224,18 +227,88 @@ def test_16_bit_greyscale_keeps_its_full_range(tmp_path, ext, mode):
     assert out[0, 0, 0] < out[32, 32, 0] < out[63, 63, 0]
 
 
-def test_an_I_image_is_scaled_over_its_own_range():
+def test_an_I_image_is_scaled_over_its_range():
     im = Image.fromarray(np.arange(-1000, 1560, 10, dtype=np.int32).reshape(16, 16))
     assert im.mode == "I"
-    assert np.array_equal(np.asarray(data._range_to_l(im)), np.arange(256).reshape(16, 16))
+    own = data.dataset_range([data.extent(im)])
+    assert own == (-1000, 1550)
+    assert np.array_equal(np.asarray(data._range_to_l(im, own)), np.arange(256).reshape(16, 16))
+    wider = np.asarray(data._range_to_l(im, (-1000, 4100)))  # a dataset's range: values keep their grey
+    assert wider.max() == round(2550 * 255 / 5100) and wider.min() == 0
 
 
 def test_decode_cache_key_version_changed():
     """Caches decoded before EXIF orientation and 16-bit support hold wrong pixels; they must not be reused."""
     import hashlib
 
-    old = [hashlib.sha1(f"v{v}:16".encode()).hexdigest() for v in (1, 2, 3)]  # v3: I and F images decoded black
+    old = [hashlib.sha1(f"v{v}:16".encode()).hexdigest() for v in (1, 2, 3, 4)]  # v3: I and F decoded black;
+    # v4: each I and F image over its own range
     assert data._store_key([], 16) not in old
+
+
+def _bmp(path, value: int) -> None:
+    """A 24 x 24 grey BMP: the same file size whatever its pixels (as `cp -p new.bmp old.bmp` needs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (24, 24), (value,) * 3).save(path)
+
+
+def _replace_in_place(old, new) -> None:
+    """`cp -p new old` where new has old's modification time (rsync -t, a restore): size and mtime stay."""
+    before = os.stat(old)
+    os.utime(new, ns=(before.st_atime_ns, before.st_mtime_ns))
+    shutil.copy2(new, old)
+    after = os.stat(old)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("change_time", [True, False])  # False: a file system without ctime (a content digest)
+def test_a_file_replaced_in_place_is_decoded_again(tmp_path, monkeypatch, change_time):
+    monkeypatch.setattr(data, "CHANGE_TIME", change_time)
+    for c, v in (("black", 0), ("white", 255)):
+        for i in range(3):
+            _bmp(tmp_path / "d" / "train" / c / f"{i}.bmp", v)
+    first = load_dataset(tmp_path / "d", 16)
+    assert load_dataset(tmp_path / "d", 16).store.decoded == 0  # untouched: not decoded again
+    _bmp(tmp_path / "new.bmp", 255)
+    _replace_in_place(tmp_path / "d" / "train" / "black" / "0.bmp", tmp_path / "new.bmp")
+    again = load_dataset(tmp_path / "d", 16)
+    assert again.store.decoded == 6 and again.store.file != first.store.file
+    row = again.store.rows[str(tmp_path / "d" / "train" / "black" / "0.bmp")]
+    assert again.store.images[row].min() == 255  # the new pixels, not the old store's black
+    assert load_dataset(tmp_path / "d", 16).store.decoded == 0
+
+
+def _brightness_net():
+    """tiny_cnn wired by hand to say 'white' for bright images and 'black' for dark ones (no training)."""
+    net, _ = build_model("tiny_cnn", 2, weights="random")
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 4:  # each conv passes the sum of its input channels (first) or channel 0 (later) on
+                p.zero_()
+                p[0, :, 1, 1] = 1.0 if p.shape[1] == 3 else 0.0
+                p[0, 0, 1, 1] = 1.0
+        net.head.weight.zero_()
+        net.head.weight[1, 0] = 1.0
+        net.head.bias.copy_(torch.tensor([0.5, 0.0]))
+    return net
+
+
+def test_evaluate_scores_the_replaced_pixels(tmp_path):
+    from autoft.checkpoint import save_checkpoint
+    from autoft.predict import evaluate
+
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        for c, v in (("black", 0), ("white", 255)):
+            for i in range(2):
+                _bmp(root / split / c / f"{i}.bmp", v)
+    cfg = Config(data=str(root), backbone="tiny_cnn", image_size=32, device="cpu")
+    save_checkpoint(tmp_path / "m.pt", [_brightness_net().state_dict()], ["black", "white"], cfg)
+    assert evaluate(tmp_path / "m.pt", split="val", device="cpu")["accuracy"] == 1.0
+    _bmp(tmp_path / "new.bmp", 255)
+    for i in range(2):  # both black val images now hold white pixels
+        _replace_in_place(root / "val" / "black" / f"{i}.bmp", tmp_path / "new.bmp")
+    assert evaluate(tmp_path / "m.pt", split="val", device="cpu")["accuracy"] == 0.5
 
 
 def _link(link, target):

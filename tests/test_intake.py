@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -91,29 +92,107 @@ def test_a_folder_beside_train_is_said_not_ignored(tmp_path):
 
 # --- modes ----------------------------------------------------------------------------------------------------
 
-def test_float_and_int32_images_are_scaled_over_their_own_range(tmp_path, caplog):
+def _wide(path: Path, value: float | np.ndarray, dtype=np.float32) -> Path:
+    """A 32 x 32 float (mode F) or int32 (mode I) TIFF of `value` (constant, or an array)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.broadcast_to(np.asarray(value, dtype), (32, 32)).copy()).save(path)
+    return path
+
+
+def _wide_set(root: Path, values: dict[str, float], dtype=np.float32, per_class: int = 3) -> Path:
+    """Class folders of constant wide images: class -> its value."""
+    for split in ("train", "val"):
+        for c, v in values.items():
+            for i in range(per_class):
+                _wide(root / split / c / f"{i}.tif", v, dtype)
+    return root
+
+
+def _pixels(ds, cls: str) -> np.ndarray:
+    """The stored pixels of the labelled images of class `cls`."""
+    return ds.labelled.read()[ds.labelled.labels == ds.classes.index(cls)].numpy()
+
+
+def test_a_float_image_in_0_1_decodes_as_its_values_say(tmp_path):
+    for v in (0.9, 0.1):  # decoded alone (predict, without a training range): as 8-bit images map, not mid-grey
+        assert np.abs(data.decode(str(_wide(tmp_path / f"{v}.tif", v)), 32).astype(int) - round(v * 255)).max() <= 1
+    ds = load_dataset(_wide_set(tmp_path / "d", {"bright": 0.9, "dark": 0.1}), 16)
+    assert ds.store.value_range == ds.fingerprint.value_range == (0.0, 1.0)
+    assert np.abs(_pixels(ds, "bright").astype(int) - 230).max() <= 1  # 0.9 x 255
+    assert np.abs(_pixels(ds, "dark").astype(int) - 26).max() <= 1  # 0.1 x 255
+
+
+def test_int32_images_are_scaled_by_one_range_for_the_dataset(tmp_path, caplog):
+    root = _wide_set(tmp_path / "d", {"high": 900_000, "low": 100_000, "mid": 500_000}, np.int32)
+    with caplog.at_level(logging.INFO, logger="autoft"):
+        ds = load_dataset(root, 16)
+    assert ds.store.value_range == (100_000, 900_000)
+    assert _pixels(ds, "high").min() == 255 and _pixels(ds, "low").max() == 0  # far apart, in order
+    assert np.abs(_pixels(ds, "mid").astype(int) - 128).max() <= 1
+    notices = [r.getMessage() for r in caplog.records if "Pillow modes I, F" in r.getMessage()]
+    assert notices == [data.rescaled_notice(18, (100_000, 900_000))]
+    assert "100000..900000 to 0..255 (the dataset's smallest..largest value)" in notices[0]  # which range, said once
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="autoft"):
+        assert load_dataset(root, 16).store.decoded == 0  # the range is kept beside the store: reused, not re-found
+    assert load_dataset(root, 16).fingerprint.value_range == (100_000, 900_000)
+
+
+def test_wide_images_keep_their_detail_and_odd_values(tmp_path):
     a = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)  # microscopy: floats in 0..1
-    Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
-    Image.fromarray((a * 5e6 - 1e6).astype(np.int32)).save(tmp_path / "i.tif")
-    Image.fromarray(np.full((32, 32), 0.25, np.float32), mode="F").save(tmp_path / "flat.tif")
-    for name in ("f.tif", "i.tif"):
-        out = data.decode(str(tmp_path / name), 32)
-        assert out.min() <= 2 and out.max() >= 253 and len(np.unique(out)) > 200, name  # not all black
-    assert (data.decode(str(tmp_path / "flat.tif"), 32) == 128).all()  # a constant image: mid-grey, no 0/0
+    for name, img in (("f.tif", a), ("i.tif", (a * 5e6 - 1e6).astype(np.int32))):
+        out = data.decode(str(_wide(tmp_path / name, img, img.dtype)), 32)
+        assert out.min() <= 2 and out.max() >= 253 and len(np.unique(out)) > 200, name  # a gradient, not all black
+    assert (data.decode(str(_wide(tmp_path / "flat.tif", 7e5, np.int32)), 32) == 128).all()  # one value: mid-grey
     nan = a.copy()
     nan[0, :4] = np.nan
-    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
-    assert data.decode(str(tmp_path / "nan.tif"), 32).max() >= 253
+    assert data.decode(str(_wide(tmp_path / "nan.tif", nan)), 32).max() >= 253
+    assert data.dataset_range([(0.2, 0.5), (0.0, 0.7)]) == (0.0, 1.0)
+    assert data.dataset_range([(-3.0, 0.5), (0.0, 40.0)]) == (-3.0, 40.0)
+    assert data.dataset_range([data.extent(Image.fromarray(np.full((8, 8), np.nan, np.float32)))]) == (0.0, 1.0)
 
+
+def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "d", per_class=3, splits=("train",))
-    for i in range(2):
-        shutil.copy(tmp_path / "f.tif", root / "train" / "cat" / f"f{i}.tif")
-    shutil.copy(tmp_path / "i.tif", root / "train" / "dog" / "i.tif")
-    with caplog.at_level(logging.INFO, logger="autoft"):
-        load_dataset(root, 16)
-        load_dataset(root, 24)
-    notices = [r.getMessage() for r in caplog.records if "min..max" in r.getMessage()]
-    assert notices == [data.rescaled_notice(3)] * 2  # one line per decode of the dataset (one per size), counted
+    _wide(root / "train" / "cat" / "w.tif", 5000, np.int32)
+    opened = Counter()
+    real = data._opened
+
+    def counted(path, size):
+        opened[Path(path).suffix] += 1
+        return real(path, size)
+
+    monkeypatch.setattr(data, "_opened", counted)
+    assert load_dataset(root, 16).store.value_range is not None
+    assert opened == {".png": 6, ".tif": 2}  # the wide one twice (its extent, then its pixels), 8-bit ones once
+    (root / "train" / "cat" / "w.tif").unlink()
+    opened.clear()
+    assert load_dataset(root, 16).store.value_range is None
+    assert opened == {".png": 6}
+
+
+def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, monkeypatch):
+    from autoft.backbones import get_backbone
+    from autoft.checkpoint import load_checkpoint, trained_on
+    from autoft.predict import load_model
+
+    _wide_set(tmp_path / "d", {"high": 900_000, "low": 100_000}, np.int32)
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "train", "--data", "d", *FAST, "--out", "run"]) == 0
+    assert trained_on(load_checkpoint("run/model.pt")).value_range == (100_000, 900_000)
+    predictor = load_model("run/model.pt", device="cpu")
+    assert predictor.value_range == (100_000, 900_000)
+    new = _wide(tmp_path / "new.tif", 900_000, np.int32)  # alone its own range would make it mid-grey
+    assert (predictor.preprocess(str(new)) == 255).all()
+    assert (predictor.preprocess(Image.open(new)) == 255).all()  # an image in memory alike
+    assert main(["-q", "predict", "--model", "run/model.pt", str(new)]) == 0
+
+    _wide_set(tmp_path / "other", {"high": 2_000_000, "low": 500_000}, np.int32)  # new data, another range
+    assert main(["-q", "evaluate", "--model", "run/model.pt", "--data", "other", "--json"]) == 0
+    ds = load_dataset("other", 32, get_backbone("tiny_cnn").crop_pct, value_range=(100_000, 900_000))
+    assert ds.store.decoded == 0  # the store that evaluate wrote: the training range, not 500,000..2,000,000
+    assert _pixels(ds, "high").min() == 255 and _pixels(ds, "low").max() == 128
+    assert ds.store.value_range == (100_000, 900_000)
 
 
 # --- names that are not UTF-8 --------------------------------------------------------------------------------
