@@ -377,32 +377,34 @@ def split_lists_hint(root: Path) -> str | None:
     """One line when `root`, read as class folders without train/, also holds CSVs that look like lists of
     splits (train.csv, validation.csv, test.csv, or one with a `split` column): every image then trains or
     validates, those files' test rows included, and `--labels` is what reads their splits."""
-    found: dict[str, list[tuple[Path, list[list[str]]]]] = {}
+    named: dict[str, list[Path]] = {}  # split -> files named for it
+    with_column, heads = [], {}
     for p in sorted(root.glob("*.csv")):
         try:
             with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
-                head = [row for _, row in zip(range(2), csv.reader(fh))]
+                heads[p] = [*(row for _, row in zip(range(2), csv.reader(fh))), [], []][:2]  # header, first row
         except (OSError, csv.Error):
             continue
         word = _SPLIT_WORD.search(p.stem.lower())
-        split = "train" if head and any(h.strip().casefold() == "split" for h in head[0]) else \
-            SPLIT_NAMES.get(word.group(1).removesuffix("ing")) if word else None
-        if split:
-            found.setdefault(split, []).append((p, head))
-    if not found:
+        if word:
+            named.setdefault(SPLIT_NAMES[word.group(1).removesuffix("ing")], []).append(p)
+        elif any(h.strip().casefold() == "split" for h in heads[p][0]):
+            with_column.append(p)
+    if not named and not with_column:
         return None
     flags = {"train": "--labels", "val": "--val-labels", "test": "--test-labels"}
-    splits = [s for s in SPLITS if s in found]
-    use = " ".join(f"{flags[s]} {found[s][0][0]}" for s in splits)
-    header, first = [*found[splits[0]][0][1], [], []][:2]  # of the first file: its header and first row
+    use = {"train": with_column[0]} if with_column and "train" not in named else {s: ps[0] for s, ps in named.items()}
+    header, first = heads[use.get("train") or next(iter(use.values()))]
+    command = " ".join(f"{flags[s]} {use.get(s, 'TRAIN.csv')}" for s in SPLITS if s in use or s == "train")
     if not {"path", "label"} <= {h.strip().casefold() for h in header}:
         paths = [h for h, v in zip(header, first) if v.strip() and (root / v.strip()).is_file()]
         path = paths[0] if paths else "NAME"
         others = ", ".join(h for h in header if h.strip() and h != path)
-        use += f" --path-column {path} --label-column NAME (one of {others})"
-    names = ", ".join(p.name for s in splits for p, _ in found[s])
-    return (f"{root} holds {names}, which look like lists of splits, but --data reads every image in its class "
-            f"folders as labelled, test rows included; to use their splits, pass {use} instead of --data")
+        command += f" --path-column {path} --label-column NAME (one of {others})"
+    files = [*(p.name for s in SPLITS for p in named.get(s, [])), *(p.name for p in with_column)]
+    look = "look like lists" if len(files) > 1 else "looks like a list"
+    return (f"{root} holds {', '.join(files)}, which {look} of splits, but --data reads every image in its class "
+            f"folders as labelled, test rows included; to use their splits, pass {command} instead of --data")
 
 
 def _scan_folders(root: Path) -> Found:

@@ -511,6 +511,9 @@ def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_f
     assert (best["labels"], best["val_labels"], best["test_labels"]) == tuple(
         str(root / f"{s}.csv") for s in ("train", "validation", "test"))  # absolute, so it trains from anywhere
     assert (best["path_column"], best["label_column"]) == ("Filename", "ClassName")
+    from autoft import records
+    joined = records.read_study_meta(optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")).base
+    assert (joined.val_labels, joined.label_column) == (best["val_labels"], "ClassName")  # what a worker reads
     assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0  # resumes
     assert main(["-q", "search", "--labels", "k/one.csv", *FAST, "--trials", "1"]) == 0  # the same data, one file
     elsewhere = tmp_path / "elsewhere"
@@ -564,6 +567,12 @@ def test_a_data_folder_with_split_csvs_beside_its_class_folders_says_so(tmp_path
             "k/train.csv --val-labels k/validation.csv --test-labels k/test.csv --path-column Filename "
             "--label-column NAME (one of Label, ClassName) instead of --data")
     assert err.count(hint) == 1, err
+    for split in ("train", "validation", "test"):
+        (tmp_path / "k" / f"{split}.csv").unlink()
+    (tmp_path / "k" / "labels.csv").write_text("path,label,split\ncat/000.png,cat,train\n")  # one file, split column
+    assert data.split_lists_hint(Path("k")) == (
+        "k holds labels.csv, which looks like a list of splits, but --data reads every image in its class folders as "
+        "labelled, test rows included; to use their splits, pass --labels k/labels.csv instead of --data")
     make_image_folder(tmp_path / "plain", per_class=3, splits=("train",))
     (tmp_path / "plain" / "train" / "notes.csv").write_text("a,b\n1,2\n")  # no split list: nothing said
     assert main(["train", "--data", "plain/train", *FAST, "--out", "run2"]) == 0
