@@ -26,7 +26,7 @@ from torch import nn
 
 from .backbones import get_backbone, pretrained_stages
 from .config import Config
-from .data import Dataset, Split, load_dataset
+from .data import Dataset, Labels, Split, load_dataset
 
 MAX_BYTES = 3 * 2**30  # frozen-prefix features and pretrained stages together, wherever they live
 DEVICE_FRACTION = 0.5  # of an accelerator's memory (free plus what this run already holds there) for image copies
@@ -41,8 +41,15 @@ def load_data(cfg: Config, value_range: tuple[float, float] | None = None) -> Da
     search must validate on the same images, or their scores would not compare.
     """
     return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=cfg.labels,
+                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=label_files(cfg),
                         value_range=value_range)
+
+
+def label_files(cfg: Config) -> Labels | None:
+    """The labels CSVs `cfg` names and their columns; None for class folders."""
+    if cfg.labels is None:
+        return None
+    return Labels(cfg.labels, cfg.val_labels, cfg.test_labels, cfg.path_column, cfg.label_column)
 
 
 class Images:
@@ -146,7 +153,7 @@ class RunCache:
 
     def dataset(self, cfg: Config) -> Dataset:
         """The dataset `cfg` names, loaded once for this cache: by data folder, decoded size and split settings."""
-        key = (cfg.data, cfg.labels, cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction,
+        key = (cfg.data, label_files(cfg), cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction,
                cfg.skip_bad_images)
         if key in self._datasets:
             self._datasets.move_to_end(key)

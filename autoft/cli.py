@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 import autoft
-from .config import PATH_KEYS, Config, check_keys, load_yaml
+from .config import TEXT_KEYS, Config, check_keys, load_yaml
 from .estimate import METRICS, Estimate, span
 from .exceptions import AutoftError, ConfigError, Terminated, disk_full
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
@@ -55,10 +55,10 @@ def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[datacl
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """Every Config key as a flag, its value read as YAML like the config file's; a path key's kept as typed."""
+    """Every Config key as a flag, its value read as YAML like the config file's; a path or column name as typed."""
     p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
     add_flags(p.add_argument_group("config keys (override the file)"), Config,
-              lambda f: str if f.name in PATH_KEYS else _scalar)
+              lambda f: str if f.name in TEXT_KEYS else _scalar)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -67,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     `args.given` becomes the config keys set by flag: a search does not overrule what was typed for this run
     (a file's keys, such as a best.yaml's, are only the base it searches from)."""
     path = args.config or (PROJECT_FILE if os.path.isfile(PROJECT_FILE) else None)
-    values = load_yaml(path, raw=PATH_KEYS) if path else {}
+    values = load_yaml(path, raw=TEXT_KEYS) if path else {}
     values.pop("result", None)  # an exported best.yaml carries its score here
     search = values.pop("search", None) or {}
     if not isinstance(search, dict):
@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="best.pt or model.pt")
     p.add_argument("--data", help="dataset root (default: the data the model was trained on); a folder of class "
                                   "folders without train/ is scored whole")
-    p.add_argument("--labels", metavar="FILE.csv", help="score the images a CSV lists (path,label[,split]) instead")
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="score the images a CSV lists (path,label[,split]; columns named as in training) instead")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="split to score; all = train and val (default: val; new data without train/: all)")
     p.add_argument("--out", help="confusion matrix PNG (default: <model>_<split>_confusion.png)")

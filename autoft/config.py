@@ -17,7 +17,9 @@ from .estimate import METRICS
 from .exceptions import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PATH_KEYS = ("data", "weights", "labels")  # always a path as typed: `2024` and `0123` stay strings; ~ and $VARS expand
+# always a path as typed: `2024` and `0123` stay strings; ~ and $VARS expand
+PATH_KEYS = ("data", "weights", "labels", "val_labels", "test_labels")
+TEXT_KEYS = (*PATH_KEYS, "path_column", "label_column")  # read as typed: paths, and column names (`1` is a name)
 FINALS = ("ensemble", "refit", "soup")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -35,6 +37,15 @@ class Config:
     labels: str | None = field(default=None, metadata={
         "help": "CSV file with columns path,label[,split] (paths relative to its folder), instead of class folders",
         "metavar": "FILE.csv"})
+    val_labels: str | None = field(default=None, metadata={
+        "help": "CSV file of the val rows (path,label), when they are not in the labels file", "metavar": "FILE.csv"})
+    test_labels: str | None = field(default=None, metadata={
+        "help": "CSV file of the test rows (path,label), only ever scored", "metavar": "FILE.csv"})
+    path_column: str = field(default="path", metadata={
+        "help": "the labels CSVs' column of image paths (an exact match first, else case-insensitive)",
+        "metavar": "NAME"})
+    label_column: str = field(default="label", metadata={
+        "help": "the labels CSVs' column of class names", "metavar": "NAME"})
     backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
     weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
     image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
@@ -85,6 +96,12 @@ class Config:
             setattr(self, f.name, _check(f, value))
         if self.head_only_epochs > self.epochs:
             raise ConfigError(f"config key 'head_only_epochs': {self.head_only_epochs} is more than epochs ({self.epochs})")
+        for key in ("val_labels", "test_labels"):
+            if getattr(self, key) is not None and self.labels is None:
+                raise ConfigError(f"config key {key!r} needs 'labels' too: the CSV of the train rows (--labels FILE)")
+        for key in ("path_column", "label_column"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"config key {key!r}: a column name is required")
         if not _DEVICE.match(self.device):
             raise ConfigError(f"config key 'device': {self.device!r} is not auto, cpu, cuda, cuda:N or mps")
 
@@ -102,7 +119,7 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides: Any) -> "Config":
         """Read a config (or an exported best.yaml, whose extra `result:` block is ignored)."""
-        values = load_yaml(path, raw=PATH_KEYS)
+        values = load_yaml(path, raw=TEXT_KEYS)
         values.pop("result", None)
         values.update(overrides)
         return cls.from_dict(values)
@@ -114,12 +131,12 @@ class Config:
         return Config.from_dict({**self.to_dict(), **changes})
 
     def portable(self) -> "Config":
-        """The config as exports store it: local paths (data, a weights file) made absolute, so an exported
-        best.yaml or checkpoint works from any folder."""
+        """The config as exports store it: local paths (data, a weights file, the labels CSVs) made absolute, so an
+        exported best.yaml or checkpoint works from any folder."""
         def absolute(path: str | None) -> str | None:
             return path if path in (None, "random") else os.path.abspath(os.path.expanduser(path))
 
-        return self.replace(data=absolute(self.data), weights=absolute(self.weights), labels=absolute(self.labels))
+        return self.replace(**{key: absolute(getattr(self, key)) for key in PATH_KEYS})
 
     def to_yaml(self, result: dict[str, Any] | None = None) -> str:
         """YAML that `autoft train --config` reads back; `result` goes under a key it ignores."""

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -177,6 +178,10 @@ def cache_dir() -> Path:
 # --- discovery --------------------------------------------------------------------------------------------
 
 SPLITS = ("train", "val", "test")
+SPLIT_NAMES = {  # a labels CSV's split column: what Kaggle and Hugging Face call val too
+    "train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val",
+    "test": "test"}
+SPLIT_WORDS = "train, val (validation, valid, dev) or test"
 
 
 def is_image(path: str | os.PathLike) -> bool:
@@ -296,6 +301,7 @@ class Found:
     flat: bool  # no split structure (class folders at the root, a CSV without a split column): all is train
     skipped: Counter[str]
     fingerprint: Fingerprint
+    warning: str | None = None  # what the layout may not mean as read (split lists beside class folders)
 
 
 def _fingerprint(classes: list[str], splits: dict[str, tuple[list[str], list[int]]],
@@ -361,17 +367,57 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
                             f"{e.name!r} images; {fix(d)}")
 
 
-def scan(root: str | os.PathLike | None, labels: str | os.PathLike | None = None, say: bool = True) -> Found:
+def scan(root: str | os.PathLike | None, labels: str | os.PathLike | Labels | None = None, say: bool = True) -> Found:
     """Classes and (paths, labels) per split: from ROOT/{train,val,test}/<class>/ (a root holding class folders
-    directly, with no train/, is read whole as the train split), or from a labels CSV (`labels`; see `scan_csv`).
+    directly, with no train/, is read whole as the train split), or from labels CSVs (`labels`; see `scan_csv`).
 
-    Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders"), unless
-    `say` is false (a look at the layout before the images are loaded, which says it then).
+    Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders"), and warns
+    when the layout may not mean what it is read as, unless `say` is false (a look at the layout before the
+    images are loaded, which says it then).
     """
     found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(root))
     if found.skipped and say:
         log.info("%s: %s", found.root, skipped_summary(found.skipped))
+    if found.warning and say:
+        log.warning(found.warning)
     return found
+
+
+_SPLIT_WORD = re.compile(r"(?<![a-z])(train|training|val|valid|validation|dev|test|testing)(?![a-z])")
+
+
+def split_lists_hint(root: Path) -> str | None:
+    """One line when `root`, read as class folders without train/, also holds CSVs that look like lists of
+    splits (train.csv, validation.csv, test.csv, or one with a `split` column): every image then trains or
+    validates, those files' test rows included, and `--labels` is what reads their splits."""
+    named: dict[str, list[Path]] = {}  # split -> files named for it
+    with_column, heads = [], {}
+    for p in sorted(root.glob("*.csv")):
+        try:
+            with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
+                heads[p] = [*(row for _, row in zip(range(2), csv.reader(fh))), [], []][:2]  # header, first row
+        except (OSError, csv.Error):
+            continue
+        word = _SPLIT_WORD.search(p.stem.lower())
+        if word:
+            named.setdefault(SPLIT_NAMES[word.group(1).removesuffix("ing")], []).append(p)
+        elif any(h.strip().casefold() == "split" for h in heads[p][0]):
+            with_column.append(p)
+    if not named and not with_column:
+        return None
+    flags = {"train": "--labels", "val": "--val-labels", "test": "--test-labels"}
+    use = {"train": with_column[0]} if with_column and "train" not in named else {s: ps[0] for s, ps in named.items()}
+    header, first = heads[use.get("train") or next(iter(use.values()))]
+    command = " ".join(f"{flags[s]} {use.get(s, 'TRAIN.csv')}" for s in SPLITS if s in use or s == "train")
+    if not {"path", "label"} <= {h.strip().casefold() for h in header}:
+        paths = [h for h, v in zip(header, first) if v.strip() and (root / v.strip()).is_file()]
+        path = paths[0] if paths else "NAME"
+        others = ", ".join(h for h in header if h.strip() and h != path)
+        command += f" --path-column {path} --label-column NAME (one of {others})"
+    files = [*(p.name for s in SPLITS for p in named.get(s, [])), *(p.name for p in with_column)]
+    look = "look like lists" if len(files) > 1 else "looks like a list"
+    return (f"{root} holds {', '.join(files)}, which {look} of splits, but --data reads every image in its class "
+            f"folders as labelled, test rows included; to use their splits, pass {command} instead of --data")
 
 
 def _scan_folders(root: Path) -> Found:
@@ -408,26 +454,41 @@ def _scan_folders(root: Path) -> Found:
         if paths:
             splits[split] = (paths, labels)
     fingerprint = _fingerprint(classes, splits, {s: str(f) for s, f in folders.items()})
-    return Found(os.path.abspath(root), classes, splits, flat, skipped, fingerprint)
+    return Found(os.path.abspath(root), classes, splits, flat, skipped, fingerprint,
+                 split_lists_hint(root) if flat else None)
 
 
-CSV_COLUMNS = ("path", "label")  # and optionally "split"
+@dataclass(frozen=True)
+class Labels:
+    """Labels from CSV files instead of class folders: `train` lists the train rows (or every split, by a `split`
+    column), `val` and `test` each list one split as Kaggle ships them; `path_column` and `label_column` name
+    the columns that hold each image's path and class."""
+
+    train: str | os.PathLike
+    val: str | os.PathLike | None = None
+    test: str | os.PathLike | None = None
+    path_column: str = "path"
+    label_column: str = "label"
 
 
-def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -> Found:
-    """Labels from a CSV file (csv module; UTF-8, a BOM allowed): a header with the columns `path` and `label`
-    (any order, other columns ignored) and optionally `split` (train, val or test; without it every row is
-    train, as a folder of class folders is). Paths are relative to the CSV's folder (or absolute); `data`, when
-    given, must be that folder. Classes are the train rows' labels, sorted. Every error names the CSV line.
-    """
-    csv_path = Path(labels)
+def _column(csv_path: Path, header: list[str], name: str, role: str) -> int | None:
+    """The column named `name`: an exact match first, else one equal case-folded (`Path` for `path`); two that
+    match equally are an error naming both, never the first silently."""
+    exact = [i for i, h in enumerate(header) if h.strip() == name]
+    found = exact or [i for i, h in enumerate(header) if h.strip().casefold() == name.casefold()]
+    if len(found) > 1:
+        both = " and ".join(f"{i + 1} ({header[i]!r})" for i in found[:2])
+        how = "rename one" + ("" if exact or role == "split" else
+                              f", or pass --{role}-column with the exact name of the one to use")
+        raise DataError(f"{csv_path}: columns {both} both match the {role} column {name!r}; {how}")
+    return found[0] if found else None
+
+
+def _read_csv(csv_path: Path) -> list[list[str]]:
+    """Every row of a labels CSV (csv module; UTF-8, a BOM allowed), the header first."""
     if not csv_path.is_file():
         raise DataError(f"labels file {str(csv_path)!r} {'is a folder' if csv_path.is_dir() else 'does not exist'}; "
                         "expected a CSV with columns path,label[,split]")
-    base = os.path.abspath(csv_path.parent)
-    if data is not None and os.path.realpath(data) != os.path.realpath(base):
-        raise ConfigError(f"data {os.fspath(data)!r} is not the folder of the labels file {csv_path}: its paths are "
-                          f"relative to its own folder ({base}); leave out data")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -439,41 +500,78 @@ def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -
         raise DataError(f"cannot read labels file {csv_path}: {exc.strerror or exc}") from None
     if not rows:
         raise DataError(f"{csv_path} is empty; expected a header path,label[,split] and one row per image")
-    header = [h.strip().lower() for h in rows[0]]
-    for column in CSV_COLUMNS:
-        if column not in header:
-            raise DataError(f"{csv_path} has no {column!r} column (its header: {','.join(rows[0])}); expected "
-                            "path,label[,split]")
-    at = {c: header.index(c) for c in (*CSV_COLUMNS, "split") if c in header}
+    return rows
+
+
+def scan_csv(labels: str | os.PathLike | Labels, data: str | os.PathLike | None = None) -> Found:
+    """Labels from CSV files (see `Labels`): a header naming the path and label columns (`path`, `label` unless
+    named otherwise; any order, other columns ignored) and, in the train file, optionally `split` (train, val or
+    test; validation, valid and dev are val; without it every row is train, as a folder of class folders is).
+    Separate val and test files list one split each. Paths are relative to each CSV's folder (or absolute);
+    `data`, when given, must be the train file's folder. Classes are the train rows' labels, sorted. Every error
+    names the file and line; a path is listed once across all the files.
+    """
+    spec = labels if isinstance(labels, Labels) else Labels(labels)
+    main = Path(spec.train)
+    base = os.path.abspath(main.parent)
+    if data is not None and os.path.realpath(data) != os.path.realpath(base):
+        raise ConfigError(f"data {os.fspath(data)!r} is not the folder of the labels file {main}: its paths are "
+                          f"relative to its own folder ({base}); leave out data")
+    files = {"train": main} | {s: Path(f) for s, f in (("val", spec.val), ("test", spec.test)) if f is not None}
+    flags = {"val": "--val-labels", "test": "--test-labels"}
+    bases = dict.fromkeys(SPLITS, base) | {s: os.path.abspath(f.parent) for s, f in files.items()}
     entries, lines, seen = [], {}, {}
-    for n, row in enumerate(rows[1:], start=2):
-        if not any(v.strip() for v in row):
-            continue
-        if len(row) < len(header):
-            raise DataError(f"{csv_path} line {n}: {len(row)} value(s), but the header has {len(header)}")
-        rel, label = row[at["path"]].strip(), row[at["label"]].strip()
-        split = row[at["split"]].strip().lower() if "split" in at else "train"
-        if not rel or not label:
-            raise DataError(f"{csv_path} line {n}: the {'path' if not rel else 'label'} is empty")
-        if split not in SPLITS:
-            raise DataError(f"{csv_path} line {n}: split {row[at['split']]!r} is not train, val or test")
-        path = os.path.join(base, rel)
-        if os.path.isdir(path):
-            raise DataError(f"{csv_path} line {n}: {rel!r} is a folder, not an image")
-        if not os.path.isfile(path):
-            raise DataError(f"{csv_path} line {n}: image {rel!r} does not exist (paths are relative to {base})")
-        same = os.path.realpath(path)  # one file however it is spelled (./x, a/../x, absolute, a link)
-        if same in seen:
-            raise DataError(f"{csv_path} line {n}: {rel!r} is listed twice (also on line {seen[same]})")
-        seen[same] = n
-        entries.append((split, path, label))
-        lines.setdefault((split, label), n)
-    if not entries:
-        raise DataError(f"{csv_path} has a header but no rows; expected one row per image")
+    has_split = False
+    for own, csv_path in files.items():
+        rows = _read_csv(csv_path)
+        header = rows[0]
+        at = {role: _column(csv_path, header, name, role)
+              for role, name in (("path", spec.path_column), ("label", spec.label_column), ("split", "split"))}
+        for role, name in (("path", spec.path_column), ("label", spec.label_column)):
+            if at[role] is None and name == role:
+                raise DataError(f"{csv_path} has no {name!r} column (its header: {','.join(header)}); expected "
+                                "path,label[,split], or name yours with --path-column and --label-column")
+            if at[role] is None:
+                raise DataError(f"{csv_path} has no {name!r} column (--{role}-column; its header: {','.join(header)})")
+        has_split |= own == "train" and at["split"] is not None
+        folder, before = bases[own], len(entries)
+        for n, row in enumerate(rows[1:], start=2):
+            if not any(v.strip() for v in row):
+                continue
+            if len(row) < len(header):
+                raise DataError(f"{csv_path} line {n}: {len(row)} value(s), but the header has {len(header)}")
+            rel, label = row[at["path"]].strip(), row[at["label"]].strip()
+            written = row[at["split"]].strip() if at["split"] is not None else own
+            split = SPLIT_NAMES.get(written.lower())
+            if not rel or not label:
+                raise DataError(f"{csv_path} line {n}: the {'path' if not rel else 'label'} is empty")
+            if split is None:
+                raise DataError(f"{csv_path} line {n}: split {written!r} is not {SPLIT_WORDS}")
+            if own != "train" and split != own:
+                raise DataError(f"{csv_path} line {n}: split {written!r} in the {own} labels file ({flags[own]}); "
+                                f"it lists {own} rows only")
+            if own == "train" and split in files and split != "train":
+                raise DataError(f"{csv_path} line {n}: a {split} row, but the {split} rows come from {files[split]} "
+                                f"({flags[split]}); keep them in one of the two")
+            path = os.path.join(folder, rel)
+            if os.path.isdir(path):
+                raise DataError(f"{csv_path} line {n}: {rel!r} is a folder, not an image")
+            if not os.path.isfile(path):
+                raise DataError(f"{csv_path} line {n}: image {rel!r} does not exist (paths are relative to {folder})")
+            same = os.path.realpath(path)  # one file however it is spelled (./x, a/../x, absolute, a link)
+            if same in seen:
+                then, m = seen[same]
+                where = f"line {m}" if then == csv_path else f"line {m} of {then}"
+                raise DataError(f"{csv_path} line {n}: {rel!r} is listed twice (also on {where})")
+            seen[same] = csv_path, n
+            entries.append((split, path, label))
+            lines.setdefault((split, label), (csv_path, n))
+        if len(entries) == before:
+            raise DataError(f"{csv_path} has a header but no rows; expected one row per image")
     classes = sorted({label for split, _, label in entries if split == "train"})
     if len(classes) < 2:
-        raise DataError(f"{csv_path} has {len(classes)} class(es) in its train rows; a classifier needs at least two")
-    for (split, label), n in lines.items():
+        raise DataError(f"{main} has {len(classes)} class(es) in its train rows; a classifier needs at least two")
+    for (split, label), (csv_path, n) in lines.items():
         if label not in classes:
             raise DataError(f"{csv_path} line {n}: class {label!r} is in {split} but has no train rows")
     splits = {}
@@ -481,8 +579,8 @@ def scan_csv(labels: str | os.PathLike, data: str | os.PathLike | None = None) -
         rows_ = sorted((p, classes.index(label)) for s, p, label in entries if s == split)
         if rows_:
             splits[split] = ([p for p, _ in rows_], [y for _, y in rows_])
-    fingerprint = _fingerprint(classes, splits, dict.fromkeys(splits, base))
-    return Found(base, classes, splits, "split" not in at, Counter(), fingerprint)
+    fingerprint = _fingerprint(classes, splits, bases)
+    return Found(base, classes, splits, not has_split and len(files) == 1, Counter(), fingerprint)
 
 
 # --- decoding ---------------------------------------------------------------------------------------------
@@ -742,8 +840,8 @@ def _decode_into(file: Path, paths: list[str], size: int,
 
 def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
                  val_fraction: float = 0.2, skip_bad_images: bool = False,
-                 labels: str | os.PathLike | None = None, value_range: Extent | None = None) -> Dataset:
-    """Scan (class folders, or the `labels` CSV), decode (or reuse the cache) and split. `root=None` without
+                 labels: str | os.PathLike | Labels | None = None, value_range: Extent | None = None) -> Dataset:
+    """Scan (class folders, or the `labels` CSVs), decode (or reuse the cache) and split. `root=None` without
     `labels` uses the built-in digits demo. `value_range`: the range to scale 32-bit integer and float images by
     (a model's, for new data; None: the one these images give, see `dataset_range`)."""
     from sklearn.model_selection import train_test_split

@@ -23,6 +23,7 @@ from PIL import ExifTags, Image
 from torch import nn
 
 from .backbones import get_backbone
+from .cache import label_files
 from .checkpoint import load_checkpoint, model_from_checkpoint, trained_on
 from .config import Config
 from .estimate import scored
@@ -185,7 +186,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
              out: str | os.PathLike | None = None, device: str = "auto",
              labels_csv: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score a checkpoint on labelled images: the data it was trained on (default), or new data (`data_dir`, a
-    folder, or `labels_csv`, a CSV as `autoft train --labels` takes).
+    folder, or `labels_csv`, a CSV as `autoft train --labels` takes, read with the model's path and label columns).
 
     `split`: train, val, test, or all (every labelled image: train and val). By default val, except that new data
     without train/ (a folder of class folders, a CSV without a split column) is scored whole. A val split carved
@@ -205,11 +206,12 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     ckpt = load_checkpoint(model_path)
     cfg = Config.from_dict(ckpt["config"])
     own = data_dir is None and labels_csv is None
-    where = cfg if own else cfg.replace(data=os.fspath(data_dir) if data_dir is not None else None,
-                                        labels=os.fspath(labels_csv) if labels_csv is not None else None)
+    where = cfg if own else cfg.replace(data=os.fspath(data_dir) if data_dir is not None else None,  # columns kept
+                                        labels=os.fspath(labels_csv) if labels_csv is not None else None,
+                                        val_labels=None, test_labels=None)
     trained = trained_on(ckpt)
     if split is None:  # which layout new data has: a scan, nothing decoded
-        found = None if own else scan(where.data, where.labels, say=False)
+        found = None if own else scan(where.data, label_files(where), say=False)
         split = "all" if found is not None and found.flat and found.fingerprint != trained else "val"
     png = output_file(out, Path(model_path).with_name(f"{Path(model_path).stem}_{split}_confusion.png"))
     check_output_file(png, "--out" if out else "confusion matrix")  # before the data are decoded

@@ -36,7 +36,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a stu
 
 # Study user attrs.
 BASE = "base"  # the base config less device and seed (may differ between machines and runs) and the data's path
-DATA = "data"  # what the study was searched on: {"path", "labels"} absolute, and the data's Fingerprint.to_dict()
+DATA = "data"  # what the study was searched on: {"path", *WHERE} (paths absolute), and its Fingerprint.to_dict()
+WHERE = ("labels", "val_labels", "test_labels", "path_column", "label_column")  # with data: where the images are
 SPACE = "space"  # SearchSpace.to_dict()
 SEED = "seed"  # the study seed; each trial's derives from it
 TARGET = "target"  # the goal: finished trials the study is to hold
@@ -69,7 +70,7 @@ SURPLUS = "surplus"  # how the fail_reason of a trial that gave its slot up begi
 
 # --- the study -------------------------------------------------------------------------------------------------
 
-_NOT_BASE = ("device", "seed", "data", "labels")  # the data is identified by its content (DATA), not its spelling
+_NOT_BASE = ("device", "seed", "data", *WHERE)  # the data is identified by its content (DATA), not its spelling
 
 
 def metric_name(metric: str) -> str:
@@ -102,7 +103,8 @@ def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed
 
 def record_data(study: optuna.Study, base: Config, data: Fingerprint) -> None:
     where = base.portable()
-    study.set_user_attr(DATA, {"path": where.data, "labels": where.labels, "fingerprint": data.to_dict()})
+    study.set_user_attr(DATA, {"path": where.data, **{k: getattr(where, k) for k in WHERE},
+                               "fingerprint": data.to_dict()})
 
 
 def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data: Fingerprint | None = None) -> None:
@@ -175,8 +177,8 @@ def read_study_meta(study: optuna.Study) -> StudyMeta:
     attrs = study.user_attrs
     if not {BASE, SPACE, TARGET, SEARCH} <= set(attrs):
         raise ConfigError(f"study {study.study_name!r} was not started by this autoft version's search; it cannot be joined")
-    where = {k: v for k, v in attrs.get(DATA, {}).items() if k in ("path", "labels")}
-    data = {"data": where["path"], "labels": where["labels"]} if where else {}
+    stored = attrs.get(DATA, {})
+    data = {"data": stored["path"], **{k: stored[k] for k in WHERE if k in stored}} if stored else {}
     return StudyMeta(Config.from_dict({**attrs[BASE], **data, "seed": attrs.get(SEED, 0)}),
                      SearchSpace.from_dict(attrs[SPACE]), attrs[SEARCH])
 

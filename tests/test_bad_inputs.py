@@ -225,8 +225,18 @@ CASES = {
                                                      "is listed twice (also on line 2)"),
     "labels CSV names a folder": (_labels("path,label\nimages/0000.png,cat\nimages,dog\n"),
                                   "labels.csv line 3: 'images' is a folder, not an image"),
-    "labels CSV with split dev": (_labels("path,label,split\nimages/0000.png,cat,dev\n"),
-                                  "labels.csv line 2: split 'dev' is not train, val or test"),
+    "labels CSV with split holdout": (_labels("path,label,split\nimages/0000.png,cat,holdout\n"),
+                                      "labels.csv line 2: split 'holdout' is not train, val (validation, valid, dev) or test"),
+    "labels CSV with Label and LABEL": (_labels("path,Label,LABEL\nimages/0000.png,cat,dog\n"),
+                                        "labels.csv: columns 2 ('Label') and 3 ('LABEL') both match the label column"),
+    "labels CSV without the named column": (lambda root: [*_labels("path,label\n")(root), "--path-column", "Filename"],
+                                            "labels.csv has no 'Filename' column (--path-column; its header: path,label)"),
+    "--val-labels without --labels": (_flags("--val-labels", "v.csv"),
+                                      "config key 'val_labels' needs 'labels' too: the CSV of the train rows"),
+    "val rows in two files": (lambda root: [*_labels("path,label,split\nimages/0000.png,cat,train\n"
+                                                     "images/0001.png,dog,validation\n")(root),
+                                            "--val-labels", "k/labels.csv"],
+                              "labels.csv line 3: a val row, but the val rows come from /"),  # absolute: as stored
     "labels CSV with one class": (_labels("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n"),
                                   "a classifier needs at least two"),
     "labels CSV with a one-image class": (_labels("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n"

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import yaml
 from PIL import Image, features
 
 import autoft.files
 from autoft import data
+from autoft.checkpoint import load_checkpoint, trained_on
 from autoft.cli import main
 from autoft.data import load_dataset, scan
 from autoft.exceptions import DataError, DiskFullError, disk_full, one_line
@@ -435,10 +437,17 @@ def test_train_and_search_take_labels_from_a_csv(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, message", [
     ("", "labels.csv is empty; expected a header path,label[,split]"),
     ("path,label\n", "labels.csv has a header but no rows"),
-    ("file,class\na.png,cat\n", "labels.csv has no 'path' column (its header: file,class); expected path,label[,split]"),
+    ("file,class\na.png,cat\n", "labels.csv has no 'path' column (its header: file,class); expected path,label[,split], "
+     "or name yours with --path-column and --label-column"),
+    ("path,Label,LABEL\nimages/0000.png,cat,dog\n",
+     "labels.csv: columns 2 ('Label') and 3 ('LABEL') both match the label column 'label'; rename one, or pass "
+     "--label-column with the exact name of the one to use"),
+    ("path,label,label\nimages/0000.png,cat,dog\n",
+     "labels.csv: columns 2 ('label') and 3 ('label') both match the label column 'label'; rename one"),
     ("path,label,split\nimages/0000.png,cat,train\nnope.png,dog,train\n",
      "labels.csv line 3: image 'nope.png' does not exist (paths are relative to "),
-    ("path,label,split\nimages/0000.png,cat,dev\n", "labels.csv line 2: split 'dev' is not train, val or test"),
+    ("path,label,split\nimages/0000.png,cat,holdout\n",
+     "labels.csv line 2: split 'holdout' is not train, val (validation, valid, dev) or test"),
     ("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n", "has 1 class(es) in its train rows; a classifier needs"),
     ("path,label\nimages/0000.png,cat\nimages/0001.png,cat\nimages/0002.png,dog\n",
      "class 'dog' has one training image; a validation split needs at least two"),
@@ -509,3 +518,141 @@ def test_a_small_class_is_one_notice_not_library_warnings(tmp_path, monkeypatch,
     notice = "class 'dog' has 1 labelled image: cross-validation uses 2 folds, not 5, and 'dog' is validated in only one"
     assert err.count(notice) == 1, err
     assert "least populated class" not in err and not [w for w in caught if "least populated" in str(w.message)]
+
+
+# --- a Kaggle-style set as it ships: class folders of images and split CSVs with their own header -------------
+
+KAGGLE_HEADER = ",Filename,Label,ClassName"
+KAGGLE_COLUMNS = ["--path-column", "Filename", "--label-column", "ClassName"]
+
+
+def _kaggle_set(root: Path, per_class: int = 8) -> Path:
+    """root/<class>/*.png and train.csv, validation.csv, test.csv (half, a quarter and a quarter of each class),
+    with Kaggle's header: an unnamed index column, the path, an integer Label and the class name."""
+    make_image_folder(root / "src", classes=("cat", "dog"), per_class=per_class, splits=("train",))
+    rows = {"train": [], "validation": [], "test": []}
+    for y, c in enumerate(("cat", "dog")):
+        shutil.move(root / "src" / "train" / c, root / c)
+        for i, p in enumerate(sorted((root / c).iterdir())):
+            split = "train" if i < per_class // 2 else "validation" if i < 3 * per_class // 4 else "test"
+            rows[split].append(f"{c}/{p.name},{y},{c}")
+    shutil.rmtree(root / "src")
+    for split, lines in rows.items():
+        numbered = [f"{i},{r}" for i, r in enumerate(lines)]
+        (root / f"{split}.csv").write_text("\n".join([KAGGLE_HEADER, *numbered]) + "\n")
+    return root
+
+
+def _split_files(root: Path) -> list[str]:
+    return ["--labels", str(root / "train.csv"), "--val-labels", str(root / "validation.csv"),
+            "--test-labels", str(root / "test.csv")]
+
+
+def test_an_exact_column_name_wins_over_one_equal_only_case_folded(tmp_path, monkeypatch):
+    """The user's `label` (class names) beside Kaggle's integer `Label`: the classes are the names, in the model."""
+    root = _kaggle_set(tmp_path / "k")
+    merged = [f"{KAGGLE_HEADER},path,label,split"]
+    for split in ("train", "validation", "test"):
+        for line in (root / f"{split}.csv").read_text().splitlines()[1:]:
+            _, name, _, c = line.split(",")
+            merged.append(f"{line},{name},{c},{split}")
+    (root / "all.csv").write_text("\n".join(merged) + "\n")
+    assert scan(None, root / "all.csv").classes == ["cat", "dog"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "train", "--labels", "k/all.csv", *FAST, "--out", "run"]) == 0
+    assert load_checkpoint("run/model.pt")["classes"] == ["cat", "dog"]
+    # `Path` alone (no exact match) is still the path column, as before
+    (root / "upper.csv").write_text("Path,Label\n" + "".join(",".join(r.split(",")[1:4:2]) + "\n" for r in merged[1:]))
+    assert scan(None, root / "upper.csv").classes == ["cat", "dog"]
+
+
+def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_files(tmp_path, monkeypatch, capsys):
+    from autoft.predict import evaluate
+
+    root = _kaggle_set(tmp_path / "k")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--out", "run"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "4 images)" in out  # test.csv scored: 2 per class
+    ckpt = load_checkpoint("run/model.pt")
+    assert ckpt["classes"] == ["cat", "dog"]
+    found = scan(None, data.Labels("k/train.csv", "k/validation.csv", "k/test.csv", "Filename", "ClassName"))
+    assert [len(found.splits[s][0]) for s in ("train", "val", "test")] == [8, 4, 4] and not found.flat
+    assert trained_on(ckpt) == found.fingerprint
+    # the same images listed in one file with a split column are the same data (a study resumes on either)
+    lines = ["path,label,split"] + [f"{r.split(',')[1]},{r.split(',')[3]},{s}" for s in ("train", "validation", "test")
+                                    for r in (root / f"{s}.csv").read_text().splitlines()[1:]]
+    (root / "one.csv").write_text("\n".join(lines) + "\n")
+    assert scan(None, root / "one.csv").fingerprint == found.fingerprint
+
+    assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0
+    best = yaml.safe_load((tmp_path / "studies" / "autoft" / "best.yaml").read_text())
+    assert (best["labels"], best["val_labels"], best["test_labels"]) == tuple(
+        str(root / f"{s}.csv") for s in ("train", "validation", "test"))  # absolute, so it trains from anywhere
+    assert (best["path_column"], best["label_column"]) == ("Filename", "ClassName")
+    from autoft import records
+    joined = records.read_study_meta(optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")).base
+    assert (joined.val_labels, joined.label_column) == (best["val_labels"], "ClassName")  # what a worker reads
+    assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0  # resumes
+    assert main(["-q", "search", "--labels", "k/one.csv", *FAST, "--trials", "1"]) == 0  # the same data, one file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["-q", "train", "--config", str(tmp_path / "studies" / "autoft" / "best.yaml"), "--epochs", "1",
+                 "--out", "again"]) == 0
+    assert load_checkpoint("again/model.pt")["classes"] == ["cat", "dog"]
+    ev = evaluate("again/model.pt", labels_csv=root / "test.csv")
+    assert (ev["split"], ev["n"], ev["seen_in_training"]) == ("all", 4, False)  # the model's columns read it
+
+
+@pytest.mark.parametrize("split", ["validation", "Valid", "dev", "val"])
+def test_validation_valid_and_dev_are_the_val_split(tmp_path, split):
+    csv_file = _csv_set(tmp_path / "k")
+    text = csv_file.read_text()
+    csv_file.write_text(text.replace(",val\n", f",{split}\n"))
+    found = scan(None, csv_file)
+    assert [len(found.splits[s][0]) for s in ("train", "val")] == [12, 6]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"test.csv": ",Filename,Label,ClassName\n0,cat/nope.png,0,cat\n"},
+     "test.csv line 2: image 'cat/nope.png' does not exist (paths are relative to "),
+    ({"test.csv": ",Filename,Label,ClassName\n0,cat/000.png,0,cat\n"},
+     "test.csv line 2: 'cat/000.png' is listed twice (also on line 2 of "),
+    ({"validation.csv": ",Filename,Label,ClassName\n0,cat/004.png,0,bird\n"},
+     "validation.csv line 2: class 'bird' is in val but has no train rows"),
+    ({"validation.csv": "Filename,ClassName,split\ncat/004.png,cat,test\n"},
+     "validation.csv line 2: split 'test' in the val labels file (--val-labels); it lists val rows only"),
+    ({"test.csv": ",Filename,Label,ClassName\n"}, "test.csv has a header but no rows"),
+    ({"test.csv": "Filename,Label\ncat/006.png,0\n"}, "test.csv has no 'ClassName' column (--label-column; its "
+                                                        "header: Filename,Label)"),
+])
+def test_the_checks_hold_across_the_split_files(tmp_path, files, message):
+    root = _kaggle_set(tmp_path / "k")
+    for name, text in files.items():
+        (root / name).write_text(text)
+    with pytest.raises(DataError) as err:
+        scan(None, data.Labels(*(root / f"{s}.csv" for s in ("train", "validation", "test")), "Filename", "ClassName"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_data_folder_with_split_csvs_beside_its_class_folders_says_so(tmp_path, monkeypatch, capsys):
+    _kaggle_set(tmp_path / "k")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "k", *FAST, "--out", "run"]) == 0
+    err = capsys.readouterr().err
+    hint = ("k holds train.csv, validation.csv, test.csv, which look like lists of splits, but --data reads every "
+            "image in its class folders as labelled, test rows included; to use their splits, pass --labels "
+            "k/train.csv --val-labels k/validation.csv --test-labels k/test.csv --path-column Filename "
+            "--label-column NAME (one of Label, ClassName) instead of --data")
+    assert err.count(hint) == 1, err
+    for split in ("train", "validation", "test"):
+        (tmp_path / "k" / f"{split}.csv").unlink()
+    (tmp_path / "k" / "labels.csv").write_text("path,label,split\ncat/000.png,cat,train\n")  # one file, split column
+    assert data.split_lists_hint(Path("k")) == (
+        "k holds labels.csv, which looks like a list of splits, but --data reads every image in its class folders as "
+        "labelled, test rows included; to use their splits, pass --labels k/labels.csv instead of --data")
+    make_image_folder(tmp_path / "plain", per_class=3, splits=("train",))
+    (tmp_path / "plain" / "train" / "notes.csv").write_text("a,b\n1,2\n")  # no split list: nothing said
+    assert main(["train", "--data", "plain/train", *FAST, "--out", "run2"]) == 0
+    assert "look like lists of splits" not in capsys.readouterr().err
