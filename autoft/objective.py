@@ -52,6 +52,8 @@ class Objective:
     between trials (datasets, device copies, frozen features, weights, the leaders' out-of-fold predictions).
     """
 
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # what the deadline is read on (a test's fake clock)
+
     def __init__(self, base: Config, space: SearchSpace, study_seed: int, exporter: Exporter, cache: RunCache):
         self.base, self.space, self.study_seed, self.exporter, self.cache = base, space, study_seed, exporter, cache
         self.deadline: float | None = None
@@ -78,7 +80,7 @@ class Objective:
         """Seconds that trials may still use: to the deadline, less what the final export will need."""
         if self.deadline is None:
             return math.inf
-        return self.deadline - time.monotonic() - self.exporter.reserve(study)
+        return self.deadline - self.clock() - self.exporter.reserve(study)
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.suggest(trial, self.base).replace(seed=trial_seed(self.study_seed, trial.number))
@@ -86,11 +88,11 @@ class Objective:
         steps: list[dict[str, Any]] = []
         score = records.metric_name(cfg.metric)
         folds = self.folds()
-        started = last = time.monotonic()
+        started = last = self.clock()
 
         def report(step: int, metrics: dict[str, Any]) -> None:
             nonlocal last
-            now = time.monotonic()
+            now = self.clock()
             self.unit_seconds, last = now - last, now
             steps.append(metrics)
             records.record_steps(trial, steps)
@@ -130,11 +132,11 @@ class Objective:
             result = self._run(trial, cfg, report, race, on_batch)
         except TrialFailure as exc:  # a diverged trial is a bad region of the space: prune it, keep going
             records.record_failure(trial, str(exc))
-            records.record_cost(trial, steps, time.monotonic() - started)
+            records.record_cost(trial, steps, self.clock() - started)
             raise optuna.TrialPruned(str(exc)) from None
         except optuna.TrialPruned as exc:
             records.record_pruning(trial, str(exc))
-            records.record_cost(trial, steps, time.monotonic() - started)
+            records.record_cost(trial, steps, self.clock() - started)
             dashboard.publish_trial(trial, cfg, records.fold_curve(steps), self.exporter.artifacts)
             raise
         records.record_result(trial, result, steps)

@@ -163,7 +163,7 @@ def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkey
     clock = FakeClock()
     objective_mod = importlib.import_module("autoft.objective")
     study_mod = importlib.import_module("autoft.study")
-    monkeypatch.setattr(objective_mod.time, "monotonic", clock)
+    monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
 
     def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
         steps = 5 * cfg.epochs
