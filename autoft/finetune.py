@@ -406,7 +406,9 @@ class _FoldRun:
         self.draw = (1 / counts.clamp_min(1).double())[train_labels] if cfg.balanced_sampling else None
         self.model, self.spec = build_on_device(cfg, num_classes, device, seed, cache)
         self.opt = make_optimizer(self.model, cfg)
-        self.batch, self.steps = batch_plan(len(fold.train), cfg.batch_size)
+        # epoch_images: each epoch a fresh draw of that many training images; the schedule's steps follow it
+        self.per_epoch = min(cfg.epoch_images, len(fold.train)) if cfg.epoch_images else len(fold.train)
+        self.batch, self.steps = batch_plan(self.per_epoch, cfg.batch_size)
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         self.gen_cpu = torch.Generator().manual_seed(seed)  # the order of training images
         self.gen_dev = torch.Generator(device=device).manual_seed(seed)  # their augmentation
@@ -414,9 +416,9 @@ class _FoldRun:
     def train_epoch(self, images: Images, labels: torch.Tensor, depth: int, features: torch.Tensor | None,
                     on_batch: BatchHook | None = None) -> tuple[float, int]:
         _set_trainable(self.model, depth)
-        n = len(self.fold.train)
-        pick = (torch.randperm(n, generator=self.gen_cpu) if self.draw is None else
-                torch.multinomial(self.draw, n, replacement=True, generator=self.gen_cpu))
+        n, k = len(self.fold.train), self.per_epoch
+        pick = (torch.randperm(n, generator=self.gen_cpu)[:k] if self.draw is None else
+                torch.multinomial(self.draw, k, replacement=True, generator=self.gen_cpu))
         order = self.fold.train[pick]
         return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
                                images, labels, depth, self.gen_dev, features, self.loss_weight, on_batch)

@@ -219,29 +219,55 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     predictor = Predictor(model, cfg, ckpt["classes"], device, _value_range(ckpt))
     data = load_data(where, predictor.value_range)  # new images scaled as the training data were
     shown = where.labels or where.data
-    if data.classes != predictor.classes:
-        raise DataError(f"{shown} has classes {data.classes}, the model was trained on {predictor.classes}")
+    classes = predictor.classes
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise DataError(f"{shown} has classes the model was not trained on: {', '.join(map(repr, unknown))} (the "
+                        f"model knows {', '.join(map(repr, classes))}); remove them or evaluate another model")
     part = data.labelled if split == "all" else getattr(data, split)
     if part is None or len(part) == 0:
         raise DataError(f"{shown} has no {split}/ images to evaluate on")
     y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
-    y_true = part.labels.numpy()
+    y_true = np.array([classes.index(c) for c in data.classes])[part.labels.numpy()]  # the data's classes -> the model's
+    present = [c for i, c in enumerate(classes) if i in set(y_true.tolist())]
+    absent = [c for c in classes if c not in present]
+    if absent:
+        log.info("%s holds %d of the model's %d classes: scored on those; absent: %s", shown, len(present), len(classes),
+                 ", ".join(absent))
     seen = _seen_in_training(cfg, trained, data, split, own)
-    labels = list(range(len(data.classes)))
-    per_class = classification_report(y_true, y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    metrics = scored(y_true, y_pred, len(data.classes))
-    save_confusion_png(cm, data.classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
-                                         f"accuracy {metrics['balanced_accuracy']['value']:.3f}", png)
+    labels = list(range(len(classes)))
+    per_class = classification_report(y_true, y_pred, labels=labels, target_names=classes, output_dict=True,
+                                      zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)  # the model's classes: predictions of absent ones show
+    metrics = _over_present(scored(y_true, y_pred, len(classes)), len(classes), len(present))
+    save_confusion_png(cm, classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
+                                    f"accuracy {metrics['balanced_accuracy']['value']:.3f}", png)
     return {
         "model": os.fspath(model_path), "data": shown, "split": split, "n": len(part),
         "metrics": metrics, "accuracy": metrics["accuracy"]["value"], "interval": metrics["accuracy"]["interval"],
         "balanced_accuracy": metrics["balanced_accuracy"]["value"], "f1_macro": metrics["f1_macro"]["value"],
         "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
-                          "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in data.classes},
-        "classes": data.classes, "confusion_matrix": cm.tolist(), "confusion_png": str(png), "seen_in_training": seen,
-        "report": classification_report(y_true, y_pred, labels=labels, target_names=data.classes, digits=4, zero_division=0),
+                          "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in present},
+        "classes": classes, "absent_classes": absent, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+        "seen_in_training": seen,
+        "report": classification_report(y_true, y_pred, labels=[classes.index(c) for c in present], target_names=present,
+                                        digits=4, zero_division=0),
     }
+
+
+def _over_present(metrics: dict[str, dict[str, Any]], classes: int, present: int) -> dict[str, dict[str, Any]]:
+    """Macro-F1 averaged over the `present` classes the data holds, not over all the model's `classes`.
+
+    An absent class has no true positive, so its F1 is 0 in the data and in every bootstrap resample: the mean
+    over the present ones is the mean over all times classes / present, value and interval alike. Accuracy and
+    balanced accuracy (which averages the recall of the classes that have images) need nothing.
+    """
+    if present == classes:
+        return metrics
+    f1 = dict(metrics["f1_macro"])
+    f1["value"] *= classes / present
+    f1["interval"] = [v * classes / present for v in f1["interval"]]
+    return {**metrics, "f1_macro": f1}
 
 
 def _seen_in_training(cfg: Config, trained: Fingerprint | None, data: Dataset, split: str, own: bool) -> bool:

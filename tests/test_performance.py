@@ -251,3 +251,27 @@ def test_device_copies_stay_under_the_device_budget_and_go_with_their_dataset(ti
     assert isinstance(cache.images(data.train, meta), Streamed)  # over the budget: streamed, nothing copied
     cache.dataset(tiny_config.replace(image_size=24))  # one dataset at a time: the first goes, and its copy with it
     assert cache.device_held() == 0
+
+
+def test_fixed_steps_epochs_read_only_the_rows_their_batches_name(tiny_config, monkeypatch):
+    """epoch_images=k: each epoch trains on a fresh draw of k training images (the schedule's steps follow it), and
+    the store is read for exactly those rows and the validation images, never the rest of the training set."""
+    from autoft.data import ImageStore
+
+    cfg = tiny_config.replace(epoch_images=10, batch_size=4, epochs=2, cv_folds=1, aug_strength=0.5)
+    data = load_data(cfg)
+    reads = []
+    read = ImageStore.read
+    monkeypatch.setattr(ImageStore, "read", lambda self, rows: reads.append(list(rows)) or read(self, rows))
+    trained = []
+    step = ft.train_one_epoch
+    monkeypatch.setattr(ft, "train_one_epoch", lambda *a, **k: trained.append(torch.cat(list(a[5]))) or step(*a, **k))
+    result = finetune(cfg, data)
+    assert [len(t) for t in trained] == [10, 10] and not torch.equal(trained[0], trained[1])  # a fresh draw each epoch
+    assert all(len(set(t.tolist())) == 10 and set(t.tolist()) <= set(data.holdout.train.tolist()) for t in trained)
+    train_rows = {int(r) for t in trained for r in data.labelled.rows[t]}
+    val_rows = set(data.val.rows.tolist())
+    read_rows = [r for batch in reads for r in batch]
+    assert set(read_rows) == train_rows | val_rows and len(read_rows) == 20 + 2 * len(val_rows)
+    assert len(data.train) > 10 and result.history[0]["images_per_s"] > 0
+    assert all(h["lr_head"] == pytest.approx(0.0, abs=1e-9) for h in result.history[-1:])  # cosine ends on the last step

@@ -111,6 +111,30 @@ def test_evaluate_matches_a_hand_computation(tmp_path):
     torch.testing.assert_close(probs, torch.tensor([[0.0, 3.0]]).softmax(1))
 
 
+def test_evaluate_on_new_data_with_some_of_the_classes_scores_those_and_names_the_absent(tmp_path, caplog):
+    """A 3-class model that always says 'bee', on new data holding bees and cats (6 each in val/) but no ants."""
+    cfg = Config(data=str(make_image_folder(tmp_path / "own", classes=("ant", "bee", "cat"))), backbone="tiny_cnn",
+                 image_size=32, device="cpu")
+    net, _ = build_model("tiny_cnn", 3, weights="random")
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([0.0, 3.0, 0.0]))
+    save_checkpoint(tmp_path / "always_bee.pt", [net.state_dict()], ["ant", "bee", "cat"], cfg)
+    new = make_image_folder(tmp_path / "new", classes=("bee", "cat"))
+    with caplog.at_level("INFO", logger="autoft"):
+        ev = evaluate(tmp_path / "always_bee.pt", new, device="cpu")
+    assert ev["n"] == 12 and ev["absent_classes"] == ["ant"] and "absent: ant" in caplog.text
+    assert ev["accuracy"] == pytest.approx(0.5) and ev["balanced_accuracy"] == pytest.approx(0.5)
+    assert ev["f1_macro"] == pytest.approx((2 / 3 + 0) / 2)  # over bee and cat, not ant's 0 as well
+    lo, hi = ev["metrics"]["f1_macro"]["interval"]
+    assert lo <= ev["f1_macro"] <= hi
+    assert set(ev["per_class"]) == {"bee", "cat"} and ev["per_class"]["bee"]["recall"] == 1.0
+    assert ev["confusion_matrix"] == [[0, 0, 0], [0, 6, 0], [0, 6, 0]]  # rows and columns: the model's classes
+    alien = make_image_folder(tmp_path / "alien", classes=("bee", "wasp"))
+    with pytest.raises(DataError, match="not trained on: 'wasp'"):
+        evaluate(tmp_path / "always_bee.pt", alien, device="cpu")
+
+
 def test_evaluate_counts_agree_with_predictions(trained, tmp_path):
     model, data = trained
     paths = image_paths([data / "test"])
@@ -135,7 +159,7 @@ def test_evaluate_says_when_a_split_is_missing(tmp_path):
     with pytest.raises(AutoftError, match="not one of"):
         evaluate(tmp_path / "m.pt", split="holdout", device="cpu")
     other = make_image_folder(tmp_path / "other", classes=("ant", "bee"))
-    with pytest.raises(DataError, match="trained on"):
+    with pytest.raises(DataError, match="not trained on: 'ant', 'bee'"):
         evaluate(tmp_path / "m.pt", other, device="cpu")
 
 
