@@ -188,21 +188,28 @@ def test_pruner_spares_every_trial_that_could_still_end_within_noise_of_the_best
     t = study.ask()
     t.report(0.0, 1)
     assert not t.should_prune()  # before min_epochs, and before any trial has finished
-    # the best ends at 0.93; the largest gain after epoch 2 is the late bloomer's 0.70 -> 0.86 (+0.16)
     for curve in ([0.80, 0.90, 0.92, 0.93], [0.60, 0.70, 0.80, 0.86], [0.60, 0.75, 0.78, 0.80]):
         done = study.ask()
         for step, v in enumerate(curve, 1):
             done.report(v, step)
         study.tell(done, max(curve))
-    # over 600 images the best's band starts at 0.93 - 2 x 0.0104 = 0.909; a trial's own noise lifts it 2 SE too
-    late = study.ask()  # below the median at epoch 2, but 0.72 + 2 x 0.018 + 0.16 = 0.916 could still reach the band
-    late.report(0.5, 1)
-    late.report(0.72, 2)
-    assert not late.should_prune()
-    behind = study.ask()  # 0.68 + 2 x 0.019 + 0.16 = 0.878: it cannot, even growing like the best late bloomer
+    behind = study.ask()  # below the median at step 2 (0.75) and far below the leader's 0.90 there
     behind.report(0.5, 1)
     behind.report(0.68, 2)
     assert behind.should_prune()
+
+    class Always(optuna.pruners.BasePruner):  # an inner pruner that always says prune: only the guard can spare
+        def prune(self, study, trial):
+            return True
+
+    study.pruner = _Guarded(Always(), 2, 2, 600, "accuracy", 4)
+    near = study.ask()  # the leader scored 0.90 at step 2: 0.89 + hypot(0.0128, 0.0122) = 0.908 reaches it
+    near.report(0.89, 2)
+    assert not near.should_prune()
+    far = study.ask()  # 0.85 + 0.019 = 0.869: behind beyond noise at the same step
+    far.report(0.85, 2)
+    assert far.should_prune()
+    assert isinstance(make_pruner("sha", 4, 1, 1, 600).inner, optuna.pruners.SuccessiveHalvingPruner)
     assert isinstance(make_pruner("hyperband", 9, 1, 3, 600).inner, optuna.pruners.HyperbandPruner)
 
 
