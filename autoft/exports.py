@@ -107,7 +107,7 @@ class Exporter:
         what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold models'
         weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as it
         asks). A winner whose kept models are gone (deleted by hand) is the one case trained again, and said."""
-        mix = choose_mix(study, best, self.artifacts, lambda t: self.kept_checkpoint(t) is not None)
+        mix = choose_mix(study, best, self.artifacts)
         if mix is not None:
             records.record_trial_mix(study, mix)
             if mix["shipped"]:
@@ -153,6 +153,15 @@ class Exporter:
         for number, w in zip(mix["members"], mix["weights"]):
             cfg = records.config(trials[number])
             ckpt = self.kept_checkpoint(trials[number])
+            if ckpt is None:  # kept by no run (an older autoft) or deleted by hand: the one case trained again
+                log.warning("ensemble of trials: the kept models of trial %d are gone; training it again from its "
+                            "config", number)
+                data = self.cache.dataset(cfg)
+                result = finetune(cfg, data, cache=self.cache)
+                shipped = ship(cfg, data, result, cache=self.cache)
+                ckpt = {"state_dict": shipped.members[0], "members": shipped.members[1:], "shared_stages": 0,
+                        "classes": shipped.classes, "logit_adjustment": {"tau": shipped.tau, "prior": shipped.prior},
+                        "metrics": {k: v for k, v in shipped.best.items() if not isinstance(v, list)}}
             folds = members(ckpt)
             if cfg.final == "soup" and len(folds) > 1:
                 folds = [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)]
