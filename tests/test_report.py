@@ -203,7 +203,7 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
-    study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=3, study="p", progress=False))
+    study = run_search(tiny_config.replace(epochs=2), SearchOptions(trials=3, study="p", progress=False, pruner="none"))
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     detail = _study_page(study)
     assert len(detail["trials"]) == 3
