@@ -209,7 +209,7 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
     assert len(detail["trials"]) == 3
     for t in detail["trials"]:
         assert "```yaml" in t["note"]["body"]
-        assert ("pruned after epoch" in t["note"]["body"]) == (t["state"] == "Pruned")
+        assert ("pruned after fold" in t["note"]["body"]) == (t["state"] == "Pruned")
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
     assert {g["id"] for g in detail["plotly_graph_objects"]} == {LEARNING_CURVES_ID, ESTIMATES_ID}
     (figure,) = [g for g in detail["plotly_graph_objects"] if g["id"] == ESTIMATES_ID]
