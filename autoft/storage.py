@@ -199,6 +199,8 @@ def export_dir(study: str) -> Path:
 def load_study(url: str, name: str | None = None, **kwargs) -> optuna.Study:
     """An existing study (`kwargs` go to optuna.load_study); `name` None: the storage's only one. A missing or
     ambiguous one is a one-line error listing the studies the storage holds."""
+    if name is not None:
+        check_study_name(name)
     storage = make_storage(url)
     names = optuna.get_all_study_names(storage)
     if name is None and len(names) == 1:

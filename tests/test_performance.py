@@ -127,9 +127,9 @@ def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeyp
 
     at_start = []
 
-    def measured(cfg, data=None, report=None, folds=None, cache=None):
+    def measured(cfg, data=None, report=None, folds=None, cache=None, **kwargs):
         at_start.append(_live_tensor_bytes(cache))
-        return ft.finetune(cfg, data, report, folds, cache)
+        return ft.finetune(cfg, data, report, folds, cache, **kwargs)
 
     monkeypatch.setattr(objective_module, "finetune", measured)
     run_search(tiny_config.replace(epochs=1), SearchOptions(trials=10, progress=False, sampler="random", pruner="none"))

@@ -228,7 +228,7 @@ def test_summary_counts_this_runs_trials_only(tmp_path, monkeypatch, image_folde
             load().add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"worker": "elsewhere:1"}))
 
     _patched_finetune(monkeypatch, elsewhere)
-    assert main(search_args(image_folder, "--trials", "2")) == 0
+    assert main(search_args(image_folder, "--trials", "2", "--pruner", "none")) == 0  # this run's trial completes
     summary = capsys.readouterr().out.splitlines()[0]
     assert summary.startswith("study autoft: 1 trials this run (1 complete, 0 pruned, 0 failed) in ")
     assert summary.endswith("; 4 in the study")
@@ -247,10 +247,10 @@ def _patched_finetune(monkeypatch, fault):
     """Wrap the trainer: `fault(call_number, cfg)` may raise; otherwise train for real."""
     real, calls = autoft.objective.finetune, []
 
-    def finetune(cfg, data=None, report=None, cache=None):
+    def finetune(cfg, data=None, report=None, **kwargs):
         calls.append(cfg)
         fault(len(calls), cfg)
-        return real(cfg, data, report, cache=cache)
+        return real(cfg, data, report, **kwargs)
 
     monkeypatch.setattr(autoft.objective, "finetune", finetune)
     return calls
