@@ -457,8 +457,10 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             lines.append(f"  {tie}")
         # each recipe's first trial that ended: its estimate, or where it was pruned
         for name, t in records.portfolio_results(trials, (TrialState.COMPLETE, TrialState.PRUNED)).items():
-            epoch, value = max(t.intermediate_values.items(), default=(0, float("nan")))
-            result = records.fmt(t.value) if t.state == TrialState.COMPLETE else f"pruned at epoch {epoch} ({value:.4f})"
+            _, value = max(t.intermediate_values.items(), default=(0, float("nan")))
+            last = (records.steps(t) or [{}])[-1]
+            where = f"fold {last['fold']} epoch {last['epoch']}" if "fold" in last else "its first epoch"
+            result = records.fmt(t.value) if t.state == TrialState.COMPLETE else f"pruned after {where} ({value:.4f})"
             lines.append(f"  portfolio {name:<28} trial {t.number:<3} {result}")
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:

@@ -224,15 +224,16 @@ def _peak_anonymous_bytes(root) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
 def test_anonymous_memory_of_a_run_does_not_grow_with_the_images(tmp_path):
     """Decoded pixels live in the memory-mapped store (file-backed pages), never in the process's own memory:
-    ten times the images adds only their labels and paths, not one more decoded copy (110 px stored: 36 KB each).
+    ten times the images adds their labels and paths, far under one more decoded copy (110 px stored: 36 KB each).
     Batches of 16: the small set's last batches are full too, so the peaks compare like for like."""
     from conftest import make_image_folder
 
     small = make_image_folder(tmp_path / "small", per_class=100, splits=("train",), size=16)
     large = make_image_folder(tmp_path / "large", per_class=1000, splits=("train",), size=16)
     grown = _peak_anonymous_bytes(large) - _peak_anonymous_bytes(small)
-    one_copy = 1800 * 3 * 110 * 110
-    assert grown < 1800 * 4096 < one_copy / 5, f"{grown / 2**20:.1f} MiB more for 1,800 more images"
+    one_copy = 1800 * 3 * 110 * 110  # 65 MiB: what holding the added images' pixels would cost
+    # Measured: 4-7 MiB more (paths, labels, the store's index, allocator slack), from run to run.
+    assert grown < one_copy / 4, f"{grown / 2**20:.1f} MiB more for 1,800 more images"
 
 
 def test_device_copies_stay_under_the_device_budget_and_go_with_their_dataset(tiny_config):
