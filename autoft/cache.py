@@ -13,14 +13,17 @@ a background thread that reads the next batch while the device computes on this 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,6 +34,28 @@ from .data import Dataset, Split, load_dataset
 MAX_BYTES = 3 * 2**30  # frozen-prefix features and pretrained stages together, wherever they live
 DEVICE_FRACTION = 0.5  # of an accelerator's memory (free plus what this run already holds there) for image copies
 MAX_DATASETS = 4  # datasets kept at once (several image sizes or crops in one search)
+MMAP_THRESHOLD = 128 * 1024  # glibc's default, made fixed: blocks from this size on are mapped, unmapped on free
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+@functools.cache
+def fixed_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold at MMAP_THRESHOLD, once per process; True when set.
+
+    By default glibc raises the threshold to the size of each mapped block freed (up to 32 MB), so after the
+    first steps every batch buffer, augmented copy and activation under 32 MB comes from the heap, whose freed
+    holes the next step's differently ordered sizes cannot fill: measured at 224 px and batch 64 on the CPU, the
+    heap held 170-320 MB free between steps and the peak anonymous memory rose with the steps a run took (0.94
+    GB at 4,000 images, 1.20 GB at 16,000). Pinned, those buffers are mapped and returned on free (heap free
+    space 0-1 MB, peak 0.74 GB). A threshold the user set (MALLOC_MMAP_THRESHOLD_) is left as it is; elsewhere
+    than glibc this does nothing.
+    """
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # a C library without mallopt
+        return False
 
 
 def load_data(cfg: Config) -> Dataset:
@@ -90,9 +115,8 @@ class Streamed(Images):
 
     def _host(self, index: torch.Tensor) -> torch.Tensor:
         rows = self.split.rows[index.cpu()].numpy()
-        order = np.argsort(rows, kind="stable")
         out = torch.empty((len(rows), *self.split.store.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        out.numpy()[order] = self.split.store.images[rows[order]]  # ascending rows: sequential reads of the file
+        self.split.store.read(rows, out.numpy())
         return out
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
@@ -132,6 +156,7 @@ class RunCache:
     """
 
     def __init__(self, max_bytes: int = MAX_BYTES, device_bytes: int | None = None, max_datasets: int = MAX_DATASETS):
+        fixed_mmap_threshold()  # the run's per-step buffers go back to the system when freed, not into heap holes
         self.max_bytes, self.device_bytes, self.max_datasets = max_bytes, device_bytes, max_datasets
         self.decoded = 0
         self._datasets: OrderedDict[tuple, Dataset] = OrderedDict()
