@@ -1,19 +1,21 @@
-"""Memory and speed of one epoch as the dataset grows: the on-disk image store at 1k to 64k images.
+"""Memory and speed as the dataset grows: the on-disk image store from 4,000 to 100,000 images, fixed steps.
 
-    python benchmarks/scale.py --sizes 1000,4000,16000 --workdir /tmp/autoft-scale --device cpu
+    python benchmarks/scale.py --sizes 4000,16000,64000,100000 --steps 40 --workdir /tmp/autoft-scale --clean
 
 Generates N synthetic 160x120 JPEGs (10 classes as folders; class i is a bright block at a place and
 colour of its own on noise, so a small CNN learns it), once, into --workdir (a pool of the largest N,
 each size a folder of hard links to its first N), and per N runs, in a fresh subprocess with an empty
-store: `finetune` for one epoch on a holdout (`cv_folds 1`) at --image-size (224: a 256 px store) with
-tiny_cnn, and with efficientnet_lite0 at the smallest N. Prints one JSON line per run: decode seconds,
-peak resident (VmHWM) and peak anonymous memory (RssAnon, sampled every 5 ms from a thread) in GB,
-training images/s of the epoch, the store's size on disk, wall time, and how the images reached the
-model (`memmap` on CPU, `resident` or `streamed` on an accelerator). With --in-memory N (default 4000,
-when in --sizes) that size also runs with the labelled images read into one tensor first (the
-pre-store loop) for comparison. On CUDA both paths run: the device copy (default budget) and streamed
-(--device-budget, default 1 byte, forces it). --clean deletes the stores (and, with --clean-data, the
-images) afterwards.
+store: `finetune` for one epoch of --steps steps (`epoch_images` = steps x batch: a whole CPU epoch of
+100,000 images at 224 px takes hours) on a holdout (`cv_folds 1`) at --image-size (224: a 256 px store)
+with tiny_cnn, and with --lite0 efficientnet_lite0 (batch --lite0-batch-size) at the smallest N. Prints
+one JSON line per run: scan, fingerprint and decode seconds, the store's size on disk, training images/s,
+validation seconds, peak anonymous memory (RssAnon, sampled every 5 ms from a thread) while decoding,
+training and validating, peak resident memory (VmHWM, which counts the store's mapped file pages), the
+load average and wall time, and how the images reached the model (`memmap` on CPU, `resident` or
+`streamed` on an accelerator). With --in-memory N (default 4000, when in --sizes) that size also runs
+with the labelled images read into one tensor first (the pre-store loop) for comparison. On CUDA both
+paths run: the device copy (default budget) and streamed (--device-budget, default 1 byte, forces it).
+--clean deletes each store after its run (and, with --clean-data, the images at the end).
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ print(json.dumps({
     "path": path, "image_size": cfg.image_size, "store_px": data.store_size,
     "store_gb": round(data.store.images.nbytes / 1e9, 2), "decoded": cache.decoded,
     "scan_s": round(timed["scan"] - timed["fingerprint"], 2), "fingerprint_s": round(timed["fingerprint"], 2),
-    "decode_s": round(timed["decode"], 1), "steps": ft.batch_plan(min(cfg.epoch_images, len(data.train)), cfg.batch_size)[1],
+    "decode_s": round(timed["decode"], 1),
+    "steps": ft.batch_plan(min(cfg.epoch_images, len(data.train)), cfg.batch_size)[1],
     "train_img_s": round(h["images_per_s"], 1), "validate_s": round(timed["validate"], 1),
     "val_images": len(data.val), "val_accuracy": round(h["val_accuracy"], 3),
     "peak_anon_decode_gb": round(peak.get("decode", 0) / 1e9, 3),
