@@ -47,7 +47,8 @@ def fixed_mmap_threshold() -> bool:
     holes the next step's differently ordered sizes cannot fill: measured at 224 px and batch 64 on the CPU, the
     heap held 170-320 MB free between steps and the peak anonymous memory rose with the steps a run took (0.94
     GB at 4,000 images, 1.20 GB at 16,000). Pinned, those buffers are mapped and returned on free (heap free
-    space 0-1 MB, peak 0.74 GB). A threshold the user set (MALLOC_MMAP_THRESHOLD_) is left as it is; elsewhere
+    space 0-1 MB, peak 0.74 GB), at a cost in CPU speed (fresh pages each step: about a quarter of the training
+    images/s at 224 px, README). A threshold the user set (MALLOC_MMAP_THRESHOLD_) is left as it is; elsewhere
     than glibc this does nothing.
     """
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
