@@ -20,7 +20,6 @@ from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -99,9 +98,8 @@ class Streamed(Images):
 
     def _host(self, index: torch.Tensor) -> torch.Tensor:
         rows = self.split.rows[index.cpu()].numpy()
-        order = np.argsort(rows, kind="stable")
         out = torch.empty((len(rows), *self.split.store.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
-        out.numpy()[order] = self.split.store.images[rows[order]]  # ascending rows: sequential reads of the file
+        self.split.store.read(rows, out.numpy())
         return out
 
     def get(self, index: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ class Config:
     batch_size: int = field(default=32, metadata=_rng(1, 4096) | {"help": "images per training step"})
     epochs: int = field(default=5, metadata=_rng(1, 10000) | {"help": "passes over the training images"})
     epoch_images: int = field(default=0, metadata=_rng(0, 10**9) | {
-        "help": "training images per epoch, a fresh seeded draw each epoch (fixed steps, or a cheap fidelity on a large "
-                "set); 0 = every training image"})
+        "help": "training images per epoch, a fresh seeded draw each epoch (fixed steps, or a cheap fidelity on a "
+                "large set); 0 = every training image"})
     freeze_depth: int = field(default=0, metadata=_rng(0, 1000) | {"help": "leading backbone stages kept frozen"})
     head_only_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"})
     head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the new head"})

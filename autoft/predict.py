@@ -228,12 +228,12 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     if part is None or len(part) == 0:
         raise DataError(f"{shown} has no {split}/ images to evaluate on")
     y_pred = predict_logits(predictor.model, predictor.spec, cfg, part, 0, predictor.device).argmax(1).cpu().numpy()
-    y_true = np.array([classes.index(c) for c in data.classes])[part.labels.numpy()]  # the data's classes -> the model's
+    y_true = np.array([classes.index(c) for c in data.classes])[part.labels.numpy()]  # data's classes -> model's
     present = [c for i, c in enumerate(classes) if i in set(y_true.tolist())]
     absent = [c for c in classes if c not in present]
     if absent:
-        log.info("%s holds %d of the model's %d classes: scored on those; absent: %s", shown, len(present), len(classes),
-                 ", ".join(absent))
+        log.info("%s holds %d of the model's %d classes: scored on those; absent: %s", shown, len(present),
+                 len(classes), ", ".join(absent))
     seen = _seen_in_training(cfg, trained, data, split, own)
     labels = list(range(len(classes)))
     per_class = classification_report(y_true, y_pred, labels=labels, target_names=classes, output_dict=True,
@@ -250,8 +250,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
                           "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in present},
         "classes": classes, "absent_classes": absent, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
         "seen_in_training": seen,
-        "report": classification_report(y_true, y_pred, labels=[classes.index(c) for c in present], target_names=present,
-                                        digits=4, zero_division=0),
+        "report": classification_report(y_true, y_pred, labels=[classes.index(c) for c in present],
+                                        target_names=present, digits=4, zero_division=0),
     }
 
 

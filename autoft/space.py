@@ -33,8 +33,9 @@ from .config import CLASS_WEIGHTS, OPTIMIZERS, Config, check_keys, load_yaml, pa
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# what a trial is scored on and shipped as, and what it costs (epoch_images), must be the same for all of them
 _NOT_SEARCHABLE = {"data", "device", "seed", "weights", "skip_bad_images", "cv_folds", "cv_max_images", "final",
-                   "val_fraction", "metric", "epoch_images"}  # what a trial is scored on and shipped as must be the same for all of them
+                   "val_fraction", "metric", "epoch_images"}
 SYMBOLS = ("stages", "native", "native/2")  # bounds that a backbone resolves
 RESOLUTION_STEP = 32
 IMBALANCE_RATIO = 2  # largest class / smallest class from which the remedies are searched

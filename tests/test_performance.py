@@ -214,11 +214,14 @@ def _peak_anonymous_bytes(root) -> int:
     import sys
 
     # A fixed mmap threshold: glibc's sliding one lets freed batch buffers fragment the heap, by an amount that
-    # varies from run to run (10-40 MB here) and says nothing about what the run holds per image.
+    # grows with the steps a run takes and says nothing about what the run holds per image (README).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _ANON_RUN, str(root)], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.split()[-1])
+
+
+ALLOWANCE = 600 * 2**20  # tiny_cnn at 96 px, batch 16: the framework and one step's buffers, whatever the images
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
@@ -230,7 +233,9 @@ def test_anonymous_memory_of_a_run_does_not_grow_with_the_images(tmp_path):
 
     small = make_image_folder(tmp_path / "small", per_class=100, splits=("train",), size=16)
     large = make_image_folder(tmp_path / "large", per_class=1000, splits=("train",), size=16)
-    grown = _peak_anonymous_bytes(large) - _peak_anonymous_bytes(small)
+    peaks = _peak_anonymous_bytes(small), _peak_anonymous_bytes(large)
+    assert max(peaks) < ALLOWANCE, [p / 2**20 for p in peaks]
+    grown = peaks[1] - peaks[0]
     one_copy = 1800 * 3 * 110 * 110  # 65 MiB: what holding the added images' pixels would cost
     # Measured: 4-7 MiB more (paths, labels, the store's index, allocator slack), from run to run.
     assert grown < one_copy / 4, f"{grown / 2**20:.1f} MiB more for 1,800 more images"
@@ -275,4 +280,4 @@ def test_fixed_steps_epochs_read_only_the_rows_their_batches_name(tiny_config, m
     read_rows = [r for batch in reads for r in batch]
     assert set(read_rows) == train_rows | val_rows and len(read_rows) == 20 + 2 * len(val_rows)
     assert len(data.train) > 10 and result.history[0]["images_per_s"] > 0
-    assert all(h["lr_head"] == pytest.approx(0.0, abs=1e-9) for h in result.history[-1:])  # cosine ends on the last step
+    assert result.history[-1]["lr_head"] == pytest.approx(0.0, abs=1e-9)  # the cosine ends on the last step
