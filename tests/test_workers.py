@@ -345,12 +345,17 @@ def test_diverged_loss_is_pruned_with_its_reason(tmp_path, monkeypatch, image_fo
 def test_signal_mid_trial_keeps_finished_work_and_resumes(tmp_path, monkeypatch, sig, code):
     data = make_image_folder(tmp_path / "data", per_class=24)
     proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "20", epochs=6)],
-                            cwd=tmp_path, env=one_thread(), stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env={**one_thread(), "PYTHONFAULTHANDLER": "1"}, stderr=subprocess.PIPE,
+                            text=True)
     url = f"sqlite:///{tmp_path}/studies/autoft.db"
     study = wait_for(lambda: (tmp_path / "studies" / "autoft.db").exists() and _try_load(url), what="the study")
     victim = wait_for(lambda: running_mid_trial(study, after_finished=1), what="a trial mid-way after one finished")
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail("no exit 120 s after the signal; its threads:\n" + proc.communicate(timeout=30)[1][-8000:])
     assert proc.returncode == code, err
     trials = study.get_trials(deepcopy=False)
     assert trials[victim.number].state == TrialState.FAIL
