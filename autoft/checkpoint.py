@@ -29,18 +29,26 @@ def save_checkpoint(path: str | os.PathLike, members: Sequence[dict[str, torch.T
                     config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0,
                     tau: float = 0.0, prior: Sequence[float] = (), data: Fingerprint | None = None,
                     weights: Sequence[float] | None = None) -> None:
+    """Write `checkpoint(...)` of these arguments to `path`, atomically."""
+    atomic_torch_save(path, checkpoint(members, classes, config, metrics, shared_stages, tau, prior, data, weights))
+
+
+def checkpoint(members: Sequence[dict[str, torch.Tensor]], classes: list[str], config: Config,
+               metrics: dict[str, Any] | None = None, shared_stages: int = 0, tau: float = 0.0,
+               prior: Sequence[float] = (), data: Fingerprint | None = None,
+               weights: Sequence[float] | None = None) -> dict[str, Any]:
     """One model (one member) or an ensemble whose members share their first `shared_stages` stages, averaged
     with `weights` (one per member; uniform when None); with its logit adjustment `tau` for the class `prior`
     (applied by every reader: predict, evaluate, export), and `data`, the fingerprint of the images it trained on
-    (so `evaluate` knows new data from seen data)."""
+    (so `evaluate` knows new data from seen data). What `load_checkpoint` returns."""
     shared = _prefixes(shared_stages)
     rest = [{k: v for k, v in m.items() if not k.startswith(shared)} for m in members[1:]]
-    atomic_torch_save(path, {"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
-                             "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
-                             "metrics": dict(metrics or {}), "versions": versions(),
-                             "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]},
-                             "data": data.to_dict() if data is not None else None}
-                      | ({"member_weights": [float(w) for w in weights]} if weights is not None else {}))
+    return ({"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
+             "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
+             "metrics": dict(metrics or {}), "versions": versions(),
+             "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]},
+             "data": data.to_dict() if data is not None else None}
+            | ({"member_weights": [float(w) for w in weights]} if weights is not None else {}))
 
 
 def trained_on(ckpt: dict[str, Any]) -> Fingerprint | None:

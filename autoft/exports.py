@@ -23,12 +23,12 @@ import torch
 from optuna.trial import FrozenTrial
 
 from . import probe, records
-from .checkpoint import checkpoint_from_bytes, load_checkpoint, members, save_checkpoint
+from .checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members, save_checkpoint
 from .config import Config
 from .dashboard import publish_estimates
 from .estimate import Estimate, score
 from .exceptions import AutoftError
-from .files import atomic_write_bytes, atomic_write_text, versions
+from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, versions
 from .cache import RunCache
 from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
@@ -156,12 +156,8 @@ class Exporter:
             if ckpt is None:  # kept by no run (an older autoft) or deleted by hand: the one case trained again
                 log.warning("ensemble of trials: the kept models of trial %d are gone; training it again from its "
                             "config", number)
-                data = self.cache.dataset(cfg)
-                result = finetune(cfg, data, cache=self.cache)
-                shipped = ship(cfg, data, result, cache=self.cache)
-                ckpt = {"state_dict": shipped.members[0], "members": shipped.members[1:], "shared_stages": 0,
-                        "classes": shipped.classes, "logit_adjustment": {"tau": shipped.tau, "prior": shipped.prior},
-                        "metrics": {k: v for k, v in shipped.best.items() if not isinstance(v, list)}}
+                result = finetune(cfg, self.cache.dataset(cfg), cache=self.cache)
+                ckpt = self._checkpoint(cfg, result, number, study.study_name, "ensemble", shipped_kind(result, result))
             folds = members(ckpt)
             if cfg.final == "soup" and len(folds) > 1:
                 folds = [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)]
@@ -186,12 +182,15 @@ class Exporter:
             return None, None, None
         return metrics.get("study"), metrics.get("trial"), metrics.get("final")
 
-    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str,
-              path: Path | None = None) -> None:
+    def _checkpoint(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str) -> dict[str, Any]:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "final": final, "shipped": kind}
-        save_checkpoint(path or self.out / "best.pt", result.members, result.classes, cfg, metrics, result.shared_stages,
-                        result.tau, result.prior, self.cache.dataset(cfg).fingerprint)  # loaded already: no work
+        return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
+                          self.cache.dataset(cfg).fingerprint)  # loaded already: no work
+
+    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str,
+              path: Path | None = None) -> None:
+        atomic_torch_save(path or self.out / "best.pt", self._checkpoint(cfg, result, trial, study, final, kind))
 
     def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)

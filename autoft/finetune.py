@@ -178,7 +178,6 @@ class Partial:
     labels: np.ndarray  # (n,)
     tau: float
     epoch: int  # 1-based
-    seconds: float  # spent so far
 
 
 Race = Callable[[Partial], Any]
@@ -239,7 +238,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                     break
             del run
             if race is not None and i + 1 < len(folds):
-                race(folds_run.partial(i + 1, time.perf_counter() - t0))
+                race(folds_run.partial(i + 1))
         return folds_run.result(data.classes, device, time.perf_counter() - t0, prior, stopped=epochs < cfg.epochs)
     finally:
         del first, images
@@ -347,11 +346,11 @@ class _Folds:
         epochs = min(len(lp) for lp in self.log_probs[:upto]) if all(self.log_probs[:upto]) else 0
         return [self.pooled(e, upto) for e in range(epochs)]
 
-    def partial(self, done: int, seconds: float) -> Partial:
+    def partial(self, done: int) -> Partial:
         history = [h for h in self._history(done) if h is not None]
         e = max(range(len(history)), key=lambda k: score_key(history[k][0], self.cfg.metric))
         _, index, log_probs, tau = history[e]
-        return Partial(done, len(self.folds), index, log_probs, self.labels[index], tau, e + 1, seconds)
+        return Partial(done, len(self.folds), index, log_probs, self.labels[index], tau, e + 1)
 
     def result(self, classes: list[str], device: torch.device, seconds: float, prior: list[float],
                stopped: bool = False) -> Result:

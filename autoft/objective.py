@@ -120,7 +120,7 @@ class Objective:
                 number, v = verdict
                 raise optuna.TrialPruned(
                     f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
-                    f"against trial {number}'s {v.theirs:.4f} on the same {v.images} images (p = {v.p:.2g} < "
+                    f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same {v.images} images (p = {v.p:.2g} < "
                     f"{v.threshold:.2g})")
 
         def on_batch(done: int, total: int, rate: float) -> None:

@@ -68,7 +68,7 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
                 index = np.arange(n)
                 right = np.ones(n, bool) if good else np.arange(n) % 2 == 0
                 pred = np.where(right, labels[index], 1 - labels[index])
-                race(Partial(f + 1, folds, index, np.log(np.eye(2)[pred] * 0.98 + 0.01), labels[index], 0.0, 1, 1.0))
+                race(Partial(f + 1, folds, index, np.log(np.eye(2)[pred] * 0.98 + 0.01), labels[index], 0.0, 1))
         oof = np.eye(2, dtype=np.float32)[labels] * 0.98 + 0.01
         m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.1, "val_accuracy": 1.0, "images_per_s": 1.0,
              "epoch_time_s": 0.1, "fold_scores": [1.0] * 5, "tau": 0.0}
