@@ -218,6 +218,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     predictor = load_model(args.model, args.device)
+    if predictor.value_range is not None:
+        low, high = predictor.value_range
+        log.info("32-bit integer and float greyscale images (Pillow modes I, F) are scaled by the model's range, "
+                 "%g..%g to 0..255, from its training data", low, high)
     paths = image_paths(args.images)
     rows, failed = [], 0
     for path, top, error in predictor.top_k_files(paths, args.top_k):  # an unreadable file is reported, the rest go on

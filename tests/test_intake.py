@@ -173,7 +173,7 @@ def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
     assert opened == {".png": 6}
 
 
-def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, monkeypatch):
+def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, monkeypatch, capsys):
     from autoft.backbones import get_backbone
     from autoft.checkpoint import load_checkpoint, trained_on
     from autoft.predict import load_model
@@ -187,7 +187,9 @@ def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, m
     new = _wide(tmp_path / "new.tif", 900_000, np.int32)  # alone its own range would make it mid-grey
     assert (predictor.preprocess(str(new)) == 255).all()
     assert (predictor.preprocess(Image.open(new)) == 255).all()  # an image in memory alike
-    assert main(["-q", "predict", "--model", "run/model.pt", str(new)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", "run/model.pt", str(new)]) == 0
+    assert "scaled by the model's range, 100000..900000 to 0..255" in capsys.readouterr().err  # said in one line
 
     _wide_set(tmp_path / "other", {"high": 2_000_000, "low": 500_000}, np.int32)  # new data, another range
     assert main(["-q", "evaluate", "--model", "run/model.pt", "--data", "other", "--json"]) == 0
