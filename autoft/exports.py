@@ -107,7 +107,8 @@ class Exporter:
         what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold models'
         weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as it
         asks). A winner whose kept models are gone (deleted by hand) is the one case trained again, and said."""
-        mix = choose_mix(study, best, self.artifacts)
+        kept = records.kept_set([records.Candidate.of(t) for t in records.completed(study)])
+        mix = choose_mix(study, best, self.artifacts, kept=lambda t: t.number in kept)  # whose models are kept
         if mix is not None:
             records.record_trial_mix(study, mix)
             if mix["shipped"]:

@@ -104,3 +104,16 @@ def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_
     print_summary(study, best, 1.0, out, Ran())
     summary = capsys.readouterr().out
     assert "was considered and not shipped, not better beyond noise" in summary
+
+
+def test_an_ensemble_of_trials_is_chosen_from_the_kept_set_only(tmp_path, tiny_config, monkeypatch):
+    """A trial that fell out of the kept set lost its models while the search ran: the ensemble must not choose it
+    (it would be trained again after the deadline). Each of three trials is wrong on its own third of the images,
+    so all three together are right everywhere; with room for two, the third is left out."""
+    from autoft import records
+
+    monkeypatch.setattr(records, "KEEP", 2)
+    study, best, _ = _search_with_fake_oof(tmp_path, tiny_config, lambda k, i: i % 3 == k)
+    kept = records.kept_set([records.Candidate.of(t) for t in records.completed(study)])
+    assert kept == {0, 1}
+    assert set(records.trial_mix(study, best.number)["members"]) <= kept
