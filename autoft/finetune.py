@@ -194,7 +194,8 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     stopped after one fold instead of paying for all. `report(step, metrics)` runs after each epoch of each fold
     (step = fold * epochs + epoch, 0-based; `metrics` scores that fold's held-out images, with "fold" and "epoch"
     1-based); `race(partial)` after each fold but the last (see Partial). Raising from either stops the run (the
-    search prunes this way). Patience counts on the first fold; the others train as many epochs as it did. The
+    search prunes this way); `report` returning True in the last fold ends it there, on what every fold has trained
+    (the search's deadline: the kept epoch is then the best of the epochs all folds reached). Patience counts on the first fold; the others train as many epochs as it did. The
     kept epoch is the best pooled over every fold (`score_key`); `Result.history` holds each epoch's pooled
     metrics. A non-finite loss raises TrialFailure. `cache` holds what outlives this call (device copies of the
     images, frozen features, pretrained stages); None: a private one, dropped at the end.
@@ -223,7 +224,7 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                 runs = [first] + [make_run(f, fold_seed(cfg.seed, i)) for i, f in enumerate(folds) if i]
                 _fit_exactly(runs, cfg, features, labels, images, device, cache, folds_run, report)
                 return folds_run.result(data.classes, device, time.perf_counter() - t0, prior)
-        epochs = cfg.epochs
+        epochs, cut = cfg.epochs, False
         for i, fold in enumerate(folds):
             run = first if i == 0 else make_run(fold, fold_seed(cfg.seed, i))
             first = None  # each fold's model is dropped once its epochs are kept
@@ -231,15 +232,17 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
                 metrics = _train_and_score(run, cfg, images, labels, i, epoch, n_stages, device, cache, log_prior,
                                            on_batch)
                 folds_run.add(i, run, metrics)
-                if report is not None:
-                    report(i * cfg.epochs + epoch, metrics)
+                cut = report is not None and report(i * cfg.epochs + epoch, metrics) is True and i + 1 == len(folds)
+                if cut:
+                    break
                 if i == 0 and cfg.patience and folds_run.stale >= cfg.patience:
                     epochs = epoch + 1
                     break
             del run
             if race is not None and i + 1 < len(folds):
                 race(folds_run.partial(i + 1))
-        return folds_run.result(data.classes, device, time.perf_counter() - t0, prior, stopped=epochs < cfg.epochs)
+        return folds_run.result(data.classes, device, time.perf_counter() - t0, prior,
+                                stopped=epochs < cfg.epochs or cut)
     finally:
         del first, images
         if device.type == "cuda":

@@ -90,7 +90,7 @@ class Objective:
         folds = self.folds()
         started = last = self.clock()
 
-        def report(step: int, metrics: dict[str, Any]) -> None:
+        def report(step: int, metrics: dict[str, Any]) -> bool:
             nonlocal last
             now = self.clock()
             self.unit_seconds, last = now - last, now
@@ -101,16 +101,21 @@ class Objective:
             if metrics.get(EXACT):  # fitted in one step: its fold's score holds at every epoch; nothing to stop
                 for s in range(step, step + cfg.epochs):
                     trial.report(metrics[score], s + 1)
-                return
+                return False
             trial.report(metrics[score], step + 1)
             where = f"fold {metrics['fold']}/{folds} epoch {metrics['epoch']}"
             if step + 1 == folds * cfg.epochs:  # its cost is paid: a finished trial is worth keeping, never pruned
-                return
+                return False
             if self.time_left(trial.study) < self.unit_seconds:
+                if metrics["fold"] == folds:  # every fold has come this far: it completes on the epochs they share
+                    log.info("trial %d: the time budget ends its last fold after epoch %d; it completes on the epochs "
+                             "every fold reached", trial.number, metrics["epoch"])
+                    return True
                 raise optuna.TrialPruned(f"the time budget (--timeout) would run out before the next epoch; stopped "
                                          f"after {where}")
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {where} at {score} {metrics[score]:.4f}")
+            return False
 
         def race(partial: Partial) -> None:
             if not self.racing:

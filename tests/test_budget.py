@@ -187,3 +187,37 @@ def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkey
     assert len(states) == 2 and clock.now <= 1000.0 + 95  # the second stopped in flight, none started after
     assert len(records.steps(study.trials[-1])) == 4  # what it has is kept
     assert study_mod is not None and (tmp_path / "studies" / "autoft" / "trials.csv").is_file()
+
+
+def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(tmp_path, tiny_config, monkeypatch):
+    """10 fake seconds a fold-epoch, 2 epochs, a 200 s budget: the second trial reaches the deadline after epoch 1
+    of its last fold. Every fold has been validated that far, so it completes (not pruned) with what it has."""
+    from autoft.finetune import Result
+
+    clock = FakeClock()
+    objective_mod = importlib.import_module("autoft.objective")
+    monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
+    asked = []
+
+    def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
+        for s in range(5 * cfg.epochs):
+            clock.now += 10.0
+            fold, epoch = s // cfg.epochs + 1, s % cfg.epochs + 1
+            stop = report(s, {"fold": fold, "epoch": epoch, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8,
+                              "images_per_s": 1.0, "epoch_time_s": 10.0})
+            asked.append(stop)
+            if stop and fold == 5:
+                break
+        m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "images_per_s": 1.0,
+             "epoch_time_s": 10.0}
+        return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 10.0, 1.0, validated=36)
+
+    monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports"), "RESERVE_S", 5.0)
+    monkeypatch.chdir(tmp_path)
+    study = run_search(tiny_config.replace(epochs=2), _opts(trials=10, pruner="none", timeout=200, started=clock.now))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert len(records.steps(study.trials[1])) == 9 and asked[-1] is True and not any(asked[:-1])
+    assert clock.now <= 1000.0 + 200

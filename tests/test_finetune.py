@@ -91,6 +91,24 @@ def test_report_can_stop_the_run_and_best_weights_are_kept(tiny_config):
     assert len(calls) == 2 and {"val_accuracy", "val_loss", "train_loss", "images_per_s"} <= set(calls[0])
 
 
+def test_report_ends_the_last_fold_early_on_the_epochs_every_fold_reached(tiny_config):
+    """The search's deadline: True from `report` in the last fold ends the run there, and the result stands on the
+    epochs all folds trained (every image still scored out of fold); True in an earlier fold changes nothing."""
+    cfg = tiny_config.replace(epochs=3)
+    calls = []
+
+    def report(step, metrics):
+        calls.append((metrics["fold"], metrics["epoch"]))
+        return metrics["epoch"] == 2  # asks to stop at epoch 2 of every fold: only the last one's counts
+
+    result = finetune(cfg, report=report)
+    assert calls == [(f, e) for f in range(1, 5) for e in (1, 2, 3)] + [(5, 1), (5, 2)]
+    assert result.stopped_early and len(result.history) == 2 and result.best["epoch"] in (1, 2)
+    assert result.oof.shape == (36, 2) and np.allclose(result.oof.sum(1), 1, atol=1e-5)
+    full = finetune(cfg)  # the same seeds: up to the cut, the same models and scores
+    assert [h["val_loss"] for h in result.history] == [h["val_loss"] for h in full.history[:2]]
+
+
 def test_early_stopping_with_patience(tiny_config):
     result = finetune(tiny_config.replace(epochs=30, patience=1, head_lr=1e-6, base_lr=1e-6))
     assert result.stopped_early and len(result.history) < 30
