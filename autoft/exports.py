@@ -13,7 +13,7 @@ import io
 import logging
 import shlex
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,7 @@ class Exporter:
         what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold models'
         weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as it
         asks). A winner whose kept models are gone (deleted by hand) is the one case trained again, and said."""
-        kept = records.kept_set([records.Candidate.of(t) for t in records.completed(study)])
-        mix = choose_mix(study, best, self.artifacts, kept=lambda t: t.number in kept)  # whose models are kept
+        mix = choose_mix(study, best, self.artifacts)
         if mix is not None:
             records.record_trial_mix(study, mix)
             if mix["shipped"]:
@@ -231,19 +230,20 @@ def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
             and records.kept_epoch(t).get("tau", 0.0) == tau)
 
 
-def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str,
-               kept: Callable[[FrozenTrial], bool] = lambda t: True) -> dict[str, Any] | None:
+def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
     """The ensemble of trials (selection.ensemble_selection on their out-of-fold probabilities, by the study's
-    metric) among the completed trials that can join the winner (`mixable`) and whose models were `kept`, and
-    whether it ships: only when it
-    beats the single best trial by more than the winner's standard error on images it was not chosen on
+    metric) among the completed trials that can join the winner (`mixable`) and whose models are kept
+    (records.kept_set: the others' were deleted as the search ran), and whether it ships: only when it beats the
+    single best trial by more than the winner's standard error on images it was not chosen on
     (selection.nested_predictions). None when fewer than two trials kept out-of-fold probabilities.
 
     Returns {"winner", "members" (trial numbers), "weights", "shipped", "estimate" (Estimate.to_dict of the mix's
     nested predictions), "single" (the single best's nested score), "noise", "tau", "models" and "single_models"
     (forward passes per image, shared frozen stages aside)}."""
     winner, tau = records.config(best), records.kept_epoch(best).get("tau", 0.0)
-    trials = sorted((t for t in records.completed(study) if mixable(t, winner, tau) and kept(t)),
+    done = records.completed(study)
+    kept = records.kept_set([records.Candidate.of(t) for t in done])
+    trials = sorted((t for t in done if mixable(t, winner, tau) and t.number in kept),
                     key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
     oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
     if not oofs or oofs[0][0].number != best.number:

@@ -195,10 +195,11 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     (step = fold * epochs + epoch, 0-based; `metrics` scores that fold's held-out images, with "fold" and "epoch"
     1-based); `race(partial)` after each fold but the last (see Partial). Raising from either stops the run (the
     search prunes this way); `report` returning True in the last fold ends it there, on what every fold has trained
-    (the search's deadline: the kept epoch is then the best of the epochs all folds reached). Patience counts on the first fold; the others train as many epochs as it did. The
-    kept epoch is the best pooled over every fold (`score_key`); `Result.history` holds each epoch's pooled
-    metrics. A non-finite loss raises TrialFailure. `cache` holds what outlives this call (device copies of the
-    images, frozen features, pretrained stages); None: a private one, dropped at the end.
+    (the search's deadline: the kept epoch is then the best of the epochs all folds reached). Patience counts on
+    the first fold; the others train as many epochs as it did. The kept epoch is the best pooled over every fold
+    (`score_key`); `Result.history` holds each epoch's pooled metrics. A non-finite loss raises TrialFailure.
+    `cache` holds what outlives this call (device copies of the images, frozen features, pretrained stages); None:
+    a private one, dropped at the end.
     """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)

@@ -125,8 +125,8 @@ class Objective:
                 number, v = verdict
                 raise optuna.TrialPruned(
                     f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
-                    f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same {v.images} images (p = {v.p:.2g} < "
-                    f"{v.threshold:.2g})")
+                    f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same "
+                    f"{v.images} images (p = {v.p:.2g} < {v.threshold:.2g})")
 
         def on_batch(done: int, total: int, rate: float) -> None:
             if self.on_batch is not None:

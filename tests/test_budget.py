@@ -155,15 +155,25 @@ class FakeClock:
         return self.now
 
 
+def _train_on_the_clock(monkeypatch, tmp_path, clock: FakeClock, fake_finetune) -> None:
+    """Trials run `fake_finetune` and read `clock`; kept weights and the final export are skipped, 5 s reserved."""
+    exports = importlib.import_module("autoft.exports")
+    objective_mod = importlib.import_module("autoft.objective")
+    monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
+    monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
+    monkeypatch.setattr(exports.Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(exports.Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(exports, "RESERVE_S", 5.0)
+    monkeypatch.chdir(tmp_path)
+
+
 def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkeypatch):
     """Every fold-epoch costs 10 fake seconds; a 95 s budget: the trial running when the next step would not fit is
     stopped at that boundary (pruned, its steps kept), no trial starts after, and the exports are written."""
     from autoft.finetune import Result
 
     clock = FakeClock()
-    objective_mod = importlib.import_module("autoft.objective")
     study_mod = importlib.import_module("autoft.study")
-    monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
 
     def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
         steps = 5 * cfg.epochs
@@ -175,11 +185,7 @@ def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkey
              "epoch_time_s": 10.0 * steps}
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 10.0 * steps, 1.0, validated=36)
 
-    monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports"), "RESERVE_S", 5.0)
-    monkeypatch.chdir(tmp_path)
+    _train_on_the_clock(monkeypatch, tmp_path, clock, fake_finetune)
     study = run_search(tiny_config.replace(epochs=1), _opts(trials=10, pruner="none", timeout=95, started=clock.now))
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.COMPLETE  # 50 s
@@ -195,8 +201,6 @@ def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(
     from autoft.finetune import Result
 
     clock = FakeClock()
-    objective_mod = importlib.import_module("autoft.objective")
-    monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
     asked = []
 
     def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
@@ -212,11 +216,7 @@ def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(
              "epoch_time_s": 10.0}
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 10.0, 1.0, validated=36)
 
-    monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports"), "RESERVE_S", 5.0)
-    monkeypatch.chdir(tmp_path)
+    _train_on_the_clock(monkeypatch, tmp_path, clock, fake_finetune)
     study = run_search(tiny_config.replace(epochs=2), _opts(trials=10, pruner="none", timeout=200, started=clock.now))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert len(records.steps(study.trials[1])) == 9 and asked[-1] is True and not any(asked[:-1])

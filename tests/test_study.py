@@ -368,7 +368,8 @@ def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tin
     hand.set_user_attr(records.PORTFOLIO, "hand_recipe")
     hand.report(0.4, 1)
     hand.report(0.3, 4)
-    hand.set_user_attr(records.STEPS, [{"fold": 1, "epoch": 1, "accuracy": 0.4}, {"fold": 2, "epoch": 1, "accuracy": 0.3}])
+    hand.set_user_attr(records.STEPS, [{"fold": 1, "epoch": 1, "accuracy": 0.4},
+                                       {"fold": 2, "epoch": 1, "accuracy": 0.3}])
     study.tell(hand, state=TrialState.PRUNED)
     print_summary(study, study.trials[0], 1.0, tmp_path, Ran())
     out = capsys.readouterr().out
