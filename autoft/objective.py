@@ -17,7 +17,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from . import dashboard, racing, records
+from . import dashboard, interrupts, racing, records
 from .config import Config
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
@@ -129,6 +129,7 @@ class Objective:
                     f"{v.images} images (p = {v.p:.2g} < {v.threshold:.2g})")
 
         def on_batch(done: int, total: int, rate: float) -> None:
+            interrupts.check_stopped()  # a signal that came inside a storage write stops the trial here
             if self.on_batch is not None:
                 self.on_batch(trial.number, done, total, rate)
 

@@ -10,8 +10,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,14 +22,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import probe, records, workers
+from . import interrupts, probe, records, workers
 from .backbones import AUTO, auto_backbones, build_model, get_backbone
 from .cache import RunCache
 from .checkpoint import shipped
 from .config import Config, check_field
 from .data import Dataset, Fingerprint
 from .estimate import Estimate, span
-from .exceptions import ConfigError, Terminated
+from .exceptions import ConfigError
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
 from .finetune import plan_folds
@@ -123,7 +121,7 @@ class _Guarded(optuna.pruners.BasePruner):
         self.metric, self.epochs, self.z = metric, epochs, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        workers.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
+        interrupts.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False
@@ -302,37 +300,29 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started
     objective.on_epoch = progress.epoch if progress else None
     objective.on_batch = getattr(progress, "batch", None)
     objective.deadline = started + opts.timeout if opts.timeout else None
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    workers.clear_stopped()
-    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
     finished = False
     recipes = objective.space.portfolio(objective.base)
     try:
-        if spawn:  # queue a recipe per worker now, or they would all start on the first
-            records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
-            left = objective.time_left(study)
-            workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir), opts.artifacts,
-                          left if math.isfinite(left) else None, progress=progress, ran=ran)
-        else:
-            workers.work(study, objective, [exporter] + ([progress] if progress else []),
-                         lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
-                         before_trial=lambda s: records.enqueue_portfolio(s, recipes))
+        with interrupts.handled():
+            if spawn:  # queue a recipe per worker now, or they would all start on the first
+                records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
+                left = objective.time_left(study)
+                workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir),
+                              opts.artifacts, left if math.isfinite(left) else None, progress=progress, ran=ran)
+            else:
+                workers.work(study, objective, [exporter] + ([progress] if progress else []),
+                             lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
+                             before_trial=lambda s: records.enqueue_portfolio(s, recipes))
         finished = True
     finally:
         if progress:
             progress.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         t_export = time.monotonic()
         best = exporter.export(study, final=finished and ship)
         if opts.progress:
             print_summary(study, best, time.monotonic() - started, opts.out_dir, ran, time.monotonic() - t_export,
                           opts.timeout)
     return study
-
-
-def _raise_terminated(signum, frame):
-    workers.stop(Terminated)
 
 
 class _Progress:

@@ -40,6 +40,7 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
+from .interrupts import check_stopped
 from .exceptions import AutoftError, ConfigError, Terminated
 from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
 
@@ -67,26 +68,6 @@ class _QuietTrialEnds(logging.Filter):
 
 
 logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
-
-
-_STOPPED: list[type[KeyboardInterrupt]] = []  # the signal's exception, for when the place it was raised swallowed it
-
-
-def stop(exc_type: type[KeyboardInterrupt]) -> None:
-    """Raise a signal's exception (from its handler) and remember it. Python runs a handler wherever the main
-    thread is; inside a weakref callback or a __del__, the exception is printed and dropped ("Exception ignored
-    in ..."), so `check_stopped` raises it again at the next safe place: each epoch, and between trials."""
-    _STOPPED[:] = [exc_type]
-    raise exc_type()
-
-
-def check_stopped() -> None:
-    if _STOPPED:
-        raise _STOPPED[0]()
-
-
-def clear_stopped() -> None:
-    _STOPPED.clear()
 
 
 def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:

@@ -16,11 +16,12 @@ import torch
 from optuna.trial import TrialState
 
 import autoft.objective
+import autoft.interrupts
 import autoft.workers
 from autoft.storage import make_storage
 from autoft.cli import main
 from autoft.config import Config
-from autoft.exceptions import TrialFailure
+from autoft.exceptions import Terminated, TrialFailure
 from autoft.workers import Surplus, _Slot, has_slot, plan
 
 from conftest import make_image_folder
@@ -392,8 +393,6 @@ def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp
     import gc
     import weakref
 
-    import autoft.study
-
     monkeypatch.chdir(tmp_path)
 
     def sigterm_in_a_weakref_callback(n, cfg):
@@ -402,7 +401,7 @@ def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp
                 pass
 
             thing = Thing()
-            ref = weakref.ref(thing, lambda _: autoft.study._raise_terminated(signal.SIGTERM, None))
+            ref = weakref.ref(thing, lambda _: autoft.interrupts.stop(Terminated))
             del thing  # the callback raises Terminated; Python prints "Exception ignored" and goes on
             gc.collect()
             assert ref() is None
