@@ -121,7 +121,7 @@ class _Guarded(optuna.pruners.BasePruner):
         self.metric, self.epochs, self.z = metric, epochs, z
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        interrupts.check_stopped()  # a SIGTERM whose exception Python dropped stops the run here, at the epoch's end
+        interrupts.check_stopped()  # a signal that waited out a storage write, or that Python dropped, stops here
         step = trial.last_step
         if step is None or step < self.min_epochs:
             return False

@@ -40,8 +40,8 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
-from .interrupts import check_stopped
 from .exceptions import AutoftError, ConfigError, Terminated
+from .interrupts import check_stopped
 from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
 
 log = logging.getLogger("autoft")
