@@ -18,7 +18,8 @@ from types import FrameType
 
 from .exceptions import Terminated
 
-STORAGE_CODE = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2", "pymysql", "redis")  # module name prefixes
+STORAGE_CODE = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2", "pymysql")  # module name prefixes
+EXCEPTIONS: dict[int, type[KeyboardInterrupt]] = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 _STOPPED: list[type[KeyboardInterrupt]] = []  # the signal's exception, until a safe place raises it
 
@@ -44,30 +45,20 @@ def check_stopped() -> None:
         raise _STOPPED[0]()
 
 
-def clear_stopped() -> None:
-    _STOPPED.clear()
-
-
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    stop(KeyboardInterrupt, frame)
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    stop(Terminated, frame)
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    stop(EXCEPTIONS[signum], frame)
 
 
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
     """SIGINT (KeyboardInterrupt, exit 130) and SIGTERM (Terminated, exit 143) handled as above while inside; off the
     main thread, where Python allows no handlers, nothing changes."""
-    clear_stopped()
     main = threading.current_thread() is threading.main_thread()
-    old = (signal.signal(signal.SIGINT, _on_sigint), signal.signal(signal.SIGTERM, _on_sigterm)) if main else None
+    old = {sig: signal.signal(sig, _on_signal) for sig in EXCEPTIONS} if main else {}
     try:
         yield
         check_stopped()  # one that came in the last storage write
     finally:
-        clear_stopped()  # raised by now: it stops this run, not the next one in this process
-        if old is not None:
-            signal.signal(signal.SIGINT, old[0])
-            signal.signal(signal.SIGTERM, old[1])
+        _STOPPED.clear()  # raised by now: it stops this run, not the next one in this process
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
