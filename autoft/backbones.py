@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .exceptions import ConfigError
+from .files import torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -201,10 +202,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a local state dict safely (weights_only), accepting our own checkpoints too."""
     if not os.path.isfile(path):
         raise ConfigError(f"weights file {path!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled code, a truncated or non-torch file
-        raise ConfigError(f"weights file {path!r} is not a plain state dict (refused by weights_only loading: {type(exc).__name__})") from None
+    obj = torch_load(path, f"weights file {path!r}")  # pickled code, a truncated or non-torch file: one line
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -19,7 +19,7 @@ from .backbones import Ensemble, LogitAdjusted, build_model
 from .config import Config
 from .data import Fingerprint
 from .exceptions import AutoftError, ConfigError
-from .files import atomic_torch_save, versions
+from .files import atomic_torch_save, torch_load, versions
 
 FORMAT = "autoft-checkpoint/2"
 READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members
@@ -72,10 +72,7 @@ def checkpoint_from_bytes(data: bytes, name: str) -> dict[str, Any]:
 
 
 def _read(source: str | os.PathLike | io.BytesIO, name: str) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AutoftError(f"{name} is not a loadable autoft checkpoint (weights_only refused it: {type(exc).__name__})") from None
+    ckpt = torch_load(source, name)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE:
         raise AutoftError(f"{name} is not an autoft checkpoint (write one with autoft train or autoft search)")
     for key, ok in (("state_dict", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())),

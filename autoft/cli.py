@@ -16,8 +16,10 @@ import yaml
 
 import autoft
 from .config import TEXT_KEYS, Config, check_keys, load_yaml
+from . import interrupts
 from .estimate import METRICS, Estimate, span
 from .exceptions import AutoftError, ConfigError, Terminated, disk_full
+from .processes import started_monotonic
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
 from .study import SearchOptions
 
@@ -132,7 +134,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     join(args.storage, args.study, data=args.data, device=args.device, out=args.out, artifacts=args.artifacts,
-         threads=args.threads, timeout=args.timeout, progress=not args.quiet)
+         threads=args.threads, timeout=args.timeout, progress=not args.quiet, started=args.started)
     return 0
 
 
@@ -195,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .predict import evaluate
 
-    ev = evaluate(args.model, args.data, args.split, args.out, args.device, args.labels)
+    ev = evaluate(args.model, args.data, args.split, args.out, args.device, args.labels, args.skip_bad_images)
     if args.json:
         print(json.dumps({k: v for k, v in ev.items() if k != "report"}, indent=2))
         return 0
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to score; all = train and val (default: val; new data without train/: all)")
     p.add_argument("--out", help="confusion matrix PNG (default: <model>_<split>_confusion.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (said) instead of stopping")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -373,21 +376,23 @@ def main(argv: list[str] | None = None) -> int:
     for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
-    started = time.monotonic()  # a search's --timeout counts from here: the whole command, imports included
     args = build_parser().parse_args(argv)
-    args.started = started
+    # A search's --timeout counts from the process's start: the whole command, the interpreter and imports included.
+    args.started = started_monotonic() if argv is None else time.monotonic()
     setup_logging(args.quiet)
     try:
-        return args.func(args)
+        if args.func is cmd_dashboard:  # the web server ends on Ctrl-C by itself
+            return args.func(args)
+        with interrupts.handled():  # from the first line to the last: scan, decode, trials, the final export
+            return args.func(args)
     except AutoftError as exc:
         print(f"autoft: error: {mask_url(str(exc))}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("autoft: terminated; finished trials and exports are kept, run again to resume", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("autoft: interrupted; finished trials and exports are kept, run again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (Terminated), from the first line to the last
+        code, what = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
+        why = exc.args[0] if exc.args else "finished trials and exports are kept, run again to resume"
+        print(f"autoft: {what}; {why}", file=sys.stderr)
+        return code
     except Exception as exc:  # out of space in a library's write (the study's SQLite file, ...): name the cause
         full = disk_full(exc)
         if full is None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from .estimate import METRICS
 from .exceptions import ConfigError, one_line
 from .files import check_writable_dir
 from .finetune import score_key
-from .plots import estimates_figure, learning_curves_figure, points, save_learning_curves_png
-from .storage import DEFAULT_ARTIFACTS, attach_file, load_study, make_storage, mask_url
+from .plots import estimates_figure, learning_curves_figure, learning_curves_png, points
+from .storage import DEFAULT_ARTIFACTS, attach_bytes, load_study, make_storage, mask_url
 
 log = logging.getLogger("autoft")
 LEARNING_CURVES_ID = "learning-curves"  # the study page's figures, rewritten after every trial
@@ -83,10 +82,8 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
         summary += f"; estimate {estimate.describe()}" + (f"; per fold {folds}" if folds else "")
     if records.reason(trial):
         summary += f"; {records.reason(trial)}"
-    with tempfile.TemporaryDirectory() as tmp:
-        png = save_learning_curves_png(history, f"trial {trial.number}: {summary}",
-                                       Path(tmp) / f"learning_curves_trial_{trial.number}.png", cfg.metric)
-        artifact_id = attach_file(trial, png, "image/png", artifacts)
+    png = learning_curves_png(history, f"trial {trial.number}: {summary}", cfg.metric)
+    artifact_id = attach_bytes(trial, f"learning_curves_trial_{trial.number}.png", png, "image/png", artifacts)
     # the dashboard serves trial artifacts at this path, so the note shows the curve full size above the config
     image = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
     save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n")

@@ -370,13 +370,14 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
 
 def scan(root: str | os.PathLike | None, labels: str | os.PathLike | Labels | None = None, say: bool = True) -> Found:
     """Classes and (paths, labels) per split: from ROOT/{train,val,test}/<class>/ (a root holding class folders
-    directly, with no train/, is read whole as the train split), or from labels CSVs (`labels`; see `scan_csv`).
+    directly, with no train/, is read whole as the train split), or from labels CSVs (`labels`; see `scan_csv`);
+    neither: the built-in digits demo.
 
     Logs one line counting what was left out and why ("skipped 3 non-image files, 2 hidden folders"), and warns
     when the layout may not mean what it is read as, unless `say` is false (a look at the layout before the
     images are loaded, which says it then).
     """
-    found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(root))
+    found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(demo_digits() if root is None else root))
     if found.skipped and say:
         log.info("%s: %s", found.root, skipped_summary(found.skipped))
     if found.warning and say:

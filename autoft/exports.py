@@ -1,9 +1,11 @@
-"""What a search leaves in studies/<study>/: best.pt (and its artifact), best.yaml and trials.csv.
+"""What a search leaves in studies/<study>/: best.pt, best.yaml and trials.csv, always of one decision.
 
 best.pt is the winner's shipped model: the fold models its estimate validated (one ensemble), or as its
 `final` says their weight average (`soup`) or that recipe retrained on every labelled image (`refit`), made
-once the search ends; or, when it wins beyond noise, an ensemble of trials (choose_mix). All writes
-are atomic, so an interrupted run leaves the previous complete files.
+once the search ends; or, when it wins beyond noise, an ensemble of trials (choose_mix). While trials run (and
+after an interrupted run) the export is *interim*: best.pt is the winner's validated fold models, as kept while
+it ran. The three files are published together (files.atomic_paths): an interrupted export leaves the previous
+three, a finished one the new three, and best.yaml says what best.pt holds and whether the export is final.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import shlex
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,46 +22,49 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from . import probe, records
-from .checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members, save_checkpoint
+from .checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members
 from .config import Config
 from .dashboard import publish_estimates
 from .estimate import Estimate, score
 from .exceptions import AutoftError
-from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text, versions
+from .files import atomic_paths, versions
 from .cache import RunCache
 from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
-from .storage import attach_file, has_artifact, read_artifact, remove_artifact
+from .storage import attach_bytes, has_artifact, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
 RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for
+Weights = dict[str, Any] | bytes  # a checkpoint, or a checkpoint file's bytes (a kept artifact, copied as it is)
 
 
 class Exporter:
-    """Writes best.pt when a trial becomes the winner, best.yaml and trials.csv after every trial, and at the
-    end of a search makes best.pt the final winner's shipped model."""
+    """Keeps the kept set's validated models while trials run, and publishes best.pt, best.yaml and trials.csv
+    after every trial, when a run starts (a missing best.pt rebuilt, a killed run's leftovers removed) and when it
+    ends (`final`: the winner's shipped model)."""
 
     def __init__(self, out: Path, artifacts: str, cache: RunCache):
         self.out, self.artifacts, self.cache = out, artifacts, cache
+        self._saved: tuple[tuple[int, int], dict[str, Any]] | None = None  # best.pt's (mtime_ns, size) and metrics
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.export(study)
 
     def export(self, study: optuna.Study, final: bool = False) -> FrozenTrial | None:
-        """trials.csv, best.yaml and the dashboard's estimates; with `final`, first the winner's shipped best.pt
-        (which may train)."""
+        """Publish the three files for the study as it stands; with `final`, best.pt is the winner's shipped model
+        (which may train: a refit, or a winner whose kept models are gone), else its validated fold models when
+        they are kept. Returns the winner."""
         trials = study.get_trials(deepcopy=False)
-        self.write_trials_csv(trials)
+        self.forget_weights(trials)
         best = records.best_trial(study)
         publish_estimates(study, trials, best)
-        if best is None:
-            return None
-        if final:
-            self.finalize(study, best)
-        self.write_best_yaml(study, best)
+        weights = None
+        if best is not None:
+            weights = self.shipped(study, best) if final else self.interim(study, best)
+        self.publish(study, trials, best, weights, final)
         return best
 
     def reserve(self, study: optuna.Study) -> float:
@@ -77,77 +82,90 @@ class Exporter:
             return RESERVE_S + seconds / (folds * max(1, len(records.history(best))))
         return RESERVE_S
 
+    # --- the kept models ------------------------------------------------------------------------------------
+
     def keep_weights(self, trial: optuna.Trial, cfg: Config, result: Result) -> None:
         """Called while the trial still runs (artifacts can only be attached then): when it enters the kept set
-        (records.kept_set), its validated fold models become an artifact, and best.pt when it is the new winner;
-        trials that fell out of the set lose theirs, so the artifact folder holds the kept set's models alone."""
-        candidates, me = records.with_running(trial.study, trial.number, result)
-        kept = records.kept_set(candidates)
-        if trial.number in kept:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"weights_trial_{trial.number}.pt"
-                self._save(cfg, result, trial.number, trial.study.study_name, "ensemble", shipped_kind(result, result),
-                           path)
-                records.record_weights(trial, attach_file(trial, path, "application/octet-stream", self.artifacts))
-                if records.select(candidates) is me:
-                    atomic_write_bytes(self.out / "best.pt", path.read_bytes())
-        for t in records.completed(trial.study):
-            if t.number not in kept and records.weights_artifact(t):
-                remove_artifact(records.weights_artifact(t), self.artifacts)
+        (records.kept_set), its validated fold models become an artifact. best.pt follows only once the trial has
+        completed (`export`), so it never holds a trial that did not finish."""
+        candidates, _ = records.with_running(trial.study, trial.number, result)
+        if trial.number in records.kept_set(candidates):
+            data = _serialize(self._checkpoint(cfg, result, trial.number, trial.study.study_name, "ensemble",
+                                               shipped_kind(result, result)))
+            records.record_weights(trial, attach_bytes(trial, f"weights_trial_{trial.number}.pt", data,
+                                                       "application/octet-stream", self.artifacts))
+
+    def forget_weights(self, trials: Sequence[FrozenTrial]) -> None:
+        """The artifact folder holds the kept set's models alone: those of completed trials that fell out of it,
+        and of trials that ended otherwise (failed after keeping them, e.g. killed before completing), go."""
+        kept = records.kept_set([records.Candidate.of(t) for t in trials
+                                 if t.state == TrialState.COMPLETE and t.value is not None])
+        for t in trials:
+            artifact = records.weights_artifact(t)
+            if artifact and t.state.is_finished() and not (t.state == TrialState.COMPLETE and t.number in kept):
+                remove_artifact(artifact, self.artifacts)
 
     def kept_checkpoint(self, t: FrozenTrial) -> dict[str, Any] | None:
         """The trial's validated models as kept while it ran; None when none were kept (or they were deleted)."""
-        artifact = records.weights_artifact(t)
-        if not artifact or not has_artifact(artifact, self.artifacts):
-            return None
-        return checkpoint_from_bytes(read_artifact(artifact, self.artifacts), f"the weights of trial {t.number}")
+        data = self._kept_bytes(t)
+        return None if data is None else checkpoint_from_bytes(data, f"the weights of trial {t.number}")
 
-    def finalize(self, study: optuna.Study, best: FrozenTrial) -> None:
-        """Make best.pt the winner's shipped model, as its `final` says, from the models kept while trials ran:
-        what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold models'
-        weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as it
-        asks). A winner whose kept models are gone (deleted by hand) is the one case trained again, and said."""
+    def _kept_bytes(self, t: FrozenTrial) -> bytes | None:
+        artifact = records.weights_artifact(t)
+        return read_artifact(artifact, self.artifacts) if artifact else None
+
+    # --- what best.pt holds ---------------------------------------------------------------------------------
+
+    def interim(self, study: optuna.Study, best: FrozenTrial) -> Weights | None:
+        """best.pt while trials run: the winner's validated fold models as kept; None to leave best.pt as it is
+        (it holds them already, or they are gone: then the final export trains them again)."""
+        if self.saved()[:2] == (study.study_name, best.number):
+            return None
+        return self._kept_bytes(best)
+
+    def shipped(self, study: optuna.Study, best: FrozenTrial) -> Weights | None:
+        """best.pt at the end: the winner's shipped model as its `final` says, from the models kept while trials
+        ran, so what ships is what was validated, bit for bit, and nothing trains again (`soup` averages the fold
+        models' weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image, as
+        it asks); or an ensemble of trials when it wins beyond noise. A winner whose kept models are gone (deleted,
+        or another --artifacts folder) is the one case trained again, and said. None: best.pt holds it already."""
         mix = choose_mix(study, best, self.artifacts)
         if mix is not None:
             records.record_trial_mix(study, mix)
             if mix["shipped"]:
-                self._ship_mix(study, best, mix)
-                return
+                return self._mix_checkpoint(study, best, mix)
         cfg = records.config(best)
-        saved = self.saved()
-        if saved == (study.study_name, best.number, cfg.final):
-            return
+        if self.saved() == (study.study_name, best.number, cfg.final):
+            return None
         data = self.cache.dataset(cfg)
         if cfg.final == "refit":
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            self._save(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
-                       best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
-            return
-        ckpt = self.kept_checkpoint(best)
-        if ckpt is None:
-            log.warning("the kept models of trial %d (the winner) are gone from %s; training them again from its config",
+            return self._checkpoint(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
+                                    best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
+        kept = self._kept_bytes(best)
+        if kept is None:
+            log.warning("the kept models of trial %d (the winner) are not in %s; training them again from its config",
                         best.number, self.artifacts)
             result = finetune(cfg, data, cache=self.cache)
-            shipped = ship(cfg, data, result, cache=self.cache)
-            self._save(cfg, shipped, best.number, study.study_name, cfg.final if shipped is not result else "ensemble",
-                       shipped_kind(result, shipped))
-            return
+            final = ship(cfg, data, result, cache=self.cache)
+            return self._checkpoint(cfg, final, best.number, study.study_name,
+                                    cfg.final if final is not result else "ensemble", shipped_kind(result, final))
+        if cfg.final != "soup":
+            return kept
+        ckpt = checkpoint_from_bytes(kept, f"the weights of trial {best.number}")
         folds = members(ckpt)
+        if len(folds) == 1:
+            return kept
         adjustment = ckpt.get("logit_adjustment") or {}
-        if cfg.final == "soup" and len(folds) > 1:
-            kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
-            folds = [make_soup(cfg, data, folds, self.cache)]
-            metrics = ckpt["metrics"] | {"final": "soup", "shipped": kind}
-        else:
-            metrics = ckpt["metrics"]
-        save_checkpoint(self.out / "best.pt", folds, ckpt["classes"], cfg, metrics,
-                        ckpt.get("shared_stages", 0) if len(folds) > 1 else 0, adjustment.get("tau", 0.0),
-                        adjustment.get("prior", ()), data.fingerprint)
+        kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
+        return checkpoint([make_soup(cfg, data, folds, self.cache)], ckpt["classes"], cfg,
+                          ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0, adjustment.get("tau", 0.0),
+                          adjustment.get("prior", ()), data.fingerprint)
 
-    def _ship_mix(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> None:
-        """best.pt as the ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its
-        `final` says (a soup averaged here), its models weighted by its share."""
+    def _mix_checkpoint(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> dict[str, Any]:
+        """The ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its `final`
+        says (a soup averaged here), its models weighted by its share."""
         trials = {t.number: t for t in records.completed(study)}
         states, weights, shared, first = [], [], [], None
         for number, w in zip(mix["members"], mix["weights"]):
@@ -170,17 +188,30 @@ class Exporter:
                                    "shipped": describe_mix(mix, len(states)),
                                    "trial_mix": {"members": mix["members"], "weights": mix["weights"]}}
         prior = (first.get("logit_adjustment") or {}).get("prior", ())
-        save_checkpoint(self.out / "best.pt", states, first["classes"], records.config(best), metrics,
-                        shared_prefix(states, max(shared)), mix["tau"], prior,
-                        self.cache.dataset(records.config(best)).fingerprint, weights)
+        return checkpoint(states, first["classes"], records.config(best), metrics, shared_prefix(states, max(shared)),
+                          mix["tau"], prior, self.cache.dataset(records.config(best)).fingerprint, weights)
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
         """(study, trial, final) of the model in best.pt, if there is one."""
-        try:
-            metrics = load_checkpoint(self.out / "best.pt")["metrics"]
-        except AutoftError:
-            return None, None, None
+        metrics = self.saved_metrics()
         return metrics.get("study"), metrics.get("trial"), metrics.get("final")
+
+    def saved_metrics(self) -> dict[str, Any]:
+        """The metrics best.pt carries ({} when there is none, or it is not a checkpoint); read again only when the
+        file changed."""
+        path = self.out / "best.pt"
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return {}
+        if self._saved is None or self._saved[0] != stamp:
+            try:
+                metrics = load_checkpoint(path)["metrics"]
+            except AutoftError:
+                metrics = {}
+            self._saved = stamp, metrics
+        return self._saved[1]
 
     def _checkpoint(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str) -> dict[str, Any]:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
@@ -188,11 +219,34 @@ class Exporter:
         return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
                           self.cache.dataset(cfg).fingerprint)  # loaded already: no work
 
-    def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str,
-              path: Path | None = None) -> None:
-        atomic_torch_save(path or self.out / "best.pt", self._checkpoint(cfg, result, trial, study, final, kind))
+    # --- the three files, together ---------------------------------------------------------------------------
 
-    def write_best_yaml(self, study: optuna.Study, best: FrozenTrial) -> None:
+    def publish(self, study: optuna.Study, trials: Sequence[FrozenTrial], best: FrozenTrial | None,
+                weights: Weights | None, final: bool) -> None:
+        """trials.csv, best.yaml (when there is a winner) and best.pt (when `weights` replace it) in one
+        files.atomic_paths: all old or all new."""
+        if weights is None:
+            holds = self.saved_metrics()
+            holds = holds if holds.get("study") == study.study_name else {}
+        elif isinstance(weights, bytes):
+            holds = checkpoint_from_bytes(weights, "best.pt")["metrics"]
+        else:
+            holds = weights["metrics"]
+        files: dict[str, Any] = {"trials.csv": self.trials_csv(trials).encode()}
+        if best is not None:
+            files["best.yaml"] = self.best_yaml(study, best, holds, final).encode()
+        if weights is not None:
+            files["best.pt"] = weights
+        with atomic_paths([self.out / name for name in files]) as temps:
+            for tmp, content in zip(temps, files.values()):
+                if isinstance(content, bytes):
+                    tmp.write_bytes(content)
+                else:
+                    torch.save(content, tmp)
+
+    def best_yaml(self, study: optuna.Study, best: FrozenTrial, holds: dict[str, Any], final: bool) -> str:
+        """The winner's config, loadable by `autoft train --config`, with its result, what best.pt holds (`holds`:
+        its checkpoint's metrics) and whether the export is final."""
         trials = study.get_trials(deepcopy=False)
         estimate = records.estimate(best)
         kept = records.kept_epoch(best)
@@ -203,21 +257,34 @@ class Exporter:
                   "val_loss": records.val_loss(best), "best_epoch": best.user_attrs.get(records.BEST_EPOCH),
                   "trial": best.number, "recipe": records.portfolio_name(best), "study": study.study_name,
                   "gain_over_portfolio": records.gain_over_portfolio(best, trials),
-                  "weights_file": "best.pt", "versions": versions()}
+                  "weights_file": "best.pt" if holds else None,
+                  "shipped": (f"trial {holds.get('trial')}: {holds.get('shipped', 'one model')}" if holds else
+                              "nothing yet: the final export trains the winner's models again"),
+                  "export": "final" if final else "interim", "versions": versions()}
         path = (self.out / "best.yaml").absolute()
         header = (f"# autoft search result: study {study.study_name!r}, {records.describe(best)}\n"
                   f"# reuse: autoft train --config {shlex.quote(str(path))}\n"
                   "# paths (data, weights) are stored absolute, so this file works from any folder\n")
+        if not final:
+            header += ("# interim export (trials ran, or were interrupted): best.pt is the winner's validated fold "
+                       "models; the search's final export ships it as `final` says\n")
         if probe.exact(records.history(best)):  # its head is fitted: the keys that shape training by epochs are moot
             header += (f"# an exact linear probe (its head fitted, C by cross-validation): {', '.join(probe.UNUSED)} "
                        "unused\n")
-        atomic_write_text(self.out / "best.yaml", header + records.config(best).portable().to_yaml(result))
+        return header + records.config(best).portable().to_yaml(result)
 
-    def write_trials_csv(self, trials: Sequence[FrozenTrial]) -> None:
+    @staticmethod
+    def trials_csv(trials: Sequence[FrozenTrial]) -> str:
         header, rows = records.trial_rows(trials)
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
-        atomic_write_text(self.out / "trials.csv", buf.getvalue())
+        return buf.getvalue()
+
+
+def _serialize(ckpt: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
 
 
 def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:

@@ -1,12 +1,13 @@
 """Atomic writes: a file is either its old version or its new one, never half of each.
 
 Every file autoft writes (exports, checkpoints, the report and its PNGs, TorchScript and ONNX models, the
-decoded-image store) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another process
-reading at the same moment, never sees a torn file. Their temporary files are created like any other file
-(mode 0666 less the umask, so 0644 under the usual 022), are removed when the write fails for any reason
-(Ctrl-C and SystemExit included; a full disk is then a one-line DiskFullError naming the file), and one left
-behind by a process killed mid-write (kill -9, power loss) is removed by the next successful write of the same
-file once it is STALE_TMP_S old.
+decoded-image store, artifacts) goes through `atomic_open` or `atomic_path`, so an interrupted run, or another
+process reading at the same moment, never sees a torn file. Their temporary files are created like any other file
+(mode 0666 less the umask, so 0644 under the usual 022), are removed when the write fails for any reason (Ctrl-C,
+SIGTERM and SystemExit included; a full disk is then a one-line DiskFullError naming the file), and carry their
+writer in their name (this machine, pid and process start time), so one left behind by a process killed mid-write
+(kill -9, power loss) is removed by the next run that looks at its folder (`sweep_temps`, called by the up-front
+checks below) as soon as its writer is gone for sure; one from another machine once it is STALE_TMP_S old.
 
 Also the up-front checks that an output location can be written (`check_writable_dir`, `check_output_file`),
 so a command fails in its first second rather than after training.
@@ -15,22 +16,33 @@ so a command fails in its first second rather than after training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from .exceptions import ConfigError, DiskFullError, disk_full
+from .interrupts import deferred
+from .processes import start_time, this_machine
 
-STALE_TMP_S = 3600  # a temp file untouched this long belongs to a dead writer (no writer of ours pauses that long)
+STALE_TMP_S = 3600  # a temp file of another machine's untouched this long belongs to a dead writer
+_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{6,16}(?:\.(?P<machine>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+))?\.tmp")
+
+
+def _owner() -> str:
+    """This process as its temp files name it: a digest of this machine, the pid and the process's start time."""
+    machine = hashlib.sha1(this_machine().encode()).hexdigest()[:8]
+    return f"{machine}-{os.getpid()}-{start_time(os.getpid()) or 0}"
 
 
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{_owner()}.tmp")
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
@@ -49,29 +61,45 @@ def _discard(tmp: Path) -> None:
         os.unlink(tmp)
 
 
-def _stale_temps(path: Path) -> re.Pattern[str]:
-    # this module's names (12 hex digits) and those of earlier versions, which used mkstemp (8 characters)
-    return re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{6,16}}\.tmp")
+def _writer_gone(match: re.Match[str], age: float) -> bool:
+    """Whether the process that wrote this temp file has ended: for sure when it ran on this machine (its pid is
+    free, or now another process's), else (another machine, or a name without its writer) once it is STALE_TMP_S
+    old. Earlier versions' names (without a writer) follow the age rule."""
+    if match["machine"] is None or match["machine"] != _owner().split("-")[0]:
+        return age > STALE_TMP_S
+    now = start_time(int(match["pid"]))
+    return now is None or (match["start"] != "0" and now not in ("", match["start"]))
 
 
-def sweep_stale_temps(path: str | os.PathLike, older_than: float = STALE_TMP_S) -> list[Path]:
-    """Remove temp files of writes of `path` that a killed process left behind; returns those removed."""
-    path, pattern, removed = Path(path), _stale_temps(Path(path)), []
-    now = time.time()
+def sweep_temps(folder: str | os.PathLike, of: str | None = None) -> list[Path]:
+    """Remove the temp files in `folder` (of writes of the file named `of`, or of any) whose writer is gone
+    (`_writer_gone`); returns those removed. Never one of a live process: its write goes on."""
+    removed, now = [], time.time()
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        if not pattern.fullmatch(entry.name):
+        match = _TEMP.fullmatch(entry.name)
+        if match is None or (of is not None and match["name"] != of):
             continue
         try:
-            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than:
-                os.unlink(entry.path)
+            if _writer_gone(match, now - entry.stat(follow_symlinks=False).st_mtime):
+                if entry.is_dir(follow_symlinks=False):  # a `temp_dir`
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:  # gone already (another process swept it), or not ours to remove
             pass
     return removed
+
+
+def temp_dir(folder: str | os.PathLike) -> tempfile.TemporaryDirectory:
+    """A private folder inside `folder` for files that exist only while they are copied elsewhere (an artifact's
+    upload); named like a temp file, so `sweep_temps` removes it once its writer is gone."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=folder, prefix=".upload.", suffix=f".{_owner()}.tmp")
 
 
 @contextlib.contextmanager
@@ -105,7 +133,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if full and not isinstance(exc, DiskFullError):  # one line naming the cause, not a traceback
             raise DiskFullError(f"cannot write {path}: {full}; free space on its disk and run again") from exc
         raise
-    sweep_stale_temps(path)
+    sweep_temps(path.parent, path.name)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temp files for several `paths` that replace them together when the block ends without an error: all the
+    writing happens before the first rename, and the renames run with signals deferred (interrupts.deferred), so
+    the files are all their old versions or all their new ones (but for a kill -9 between two renames: then the
+    next export writes them again). A study's best.pt, best.yaml and trials.csv are published this way."""
+    targets, temps = [Path(p) for p in paths], []
+    try:
+        for path in targets:
+            fd, tmp = _create_temp(path)
+            os.close(fd)
+            temps.append(tmp)
+        yield temps
+        for tmp in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        with deferred():
+            for tmp, path in zip(temps, targets):
+                os.replace(tmp, path)
+        temps.clear()
+    except BaseException as exc:
+        for tmp in temps:
+            _discard(tmp)
+        full = disk_full(exc) if isinstance(exc, Exception) else None
+        if full and not isinstance(exc, DiskFullError):
+            raise DiskFullError(f"cannot write {', '.join(map(str, targets))}: {full}; free space and run again") from exc
+        raise
+    for path in targets:
+        sweep_temps(path.parent, path.name)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -159,6 +218,29 @@ def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> I
                 fh.truncate(offset + int(np.prod(kept)) * np.dtype(dtype).itemsize)
 
 
+def torch_load(source: str | os.PathLike | IO[bytes], name: str) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers: a pickle that carries code is refused, not
+    run); a refused or unreadable file is one ConfigError naming `name` and which of the two it is."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise ConfigError(f"{name} holds more than tensors (code to run on loading), so weights_only loading "
+                              "refused it; use a plain state dict or an autoft checkpoint") from None
+        raise ConfigError(f"{name} is damaged or not a PyTorch file ({_first_line(exc)})") from None
+    except Exception as exc:  # a truncated zip, a text file, a folder of the wrong kind...
+        raise ConfigError(f"{name} is truncated, damaged or not a PyTorch file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().split(". ")[0].splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
 def versions() -> dict[str, str]:
     """Package versions written into every export, so a result says what produced it."""
     from importlib.metadata import PackageNotFoundError, version
@@ -179,10 +261,12 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
 
     Creates nothing: the nearest existing ancestor must be a folder, writable, and must take a file (a probe
     created and removed at once: that catches what permission bits do not show, such as /proc, a read-only
-    mount or an immutable folder). `what` names the location in the message ("--out", "report folder").
+    mount or an immutable folder). `what` names the location in the message ("--out", "report folder"). Temp files
+    that a killed writer left in the folder are removed (`sweep_temps`): this check is where every run starts.
     """
     path = Path(path)
     _writable_folder(path, f"{what} {os.fspath(path)}", is_folder=True)
+    sweep_temps(path)  # what a killed writer left here
     return path
 
 
@@ -195,6 +279,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{where} is read-only")
     _writable_folder(path.parent, where, is_folder=False)
+    sweep_temps(path.parent, path.name)
     return path
 
 

@@ -17,8 +17,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from . import dashboard, interrupts, racing, records
+from . import dashboard, interrupts, probe, racing, records
+from .backbones import get_backbone
 from .config import Config
+from .data import Dataset
 from .exceptions import TrialFailure, one_line
 from .exports import Exporter
 from .cache import RunCache
@@ -62,17 +64,21 @@ class Objective:
         self.unit_seconds = 0.0  # the last fold-epoch's wall time: what the next one is expected to take
         self.racing = True  # off with `--pruner none`: every trial runs all its folds
 
+    def dataset(self) -> Dataset:
+        """The labelled images, decoded at a size the trials use (space.usable): what folds and counts are read from."""
+        return self.cache.dataset(self.space.usable(self.base))
+
     def validated_images(self) -> int:
         """How many images each epoch's score rests on (every labelled image under cross-validation)."""
-        return sum(len(f.val) for f in plan_folds(self.base, self.cache.dataset(self.base)))
+        return sum(len(f.val) for f in plan_folds(self.base, self.dataset()))
 
     def folds(self) -> int:
-        return len(plan_folds(self.base, self.cache.dataset(self.base)))
+        return len(plan_folds(self.base, self.dataset()))
 
     def say_folds(self) -> None:
         """Says, once per search or worker, when a small class makes cross-validation use fewer folds: after the
         study's checks, so that a refused resume prints its one-line error alone."""
-        notice = fold_notice(self.base, self.cache.dataset(self.base))
+        notice = fold_notice(self.base, self.dataset())
         if notice:
             log.warning(notice)
 
@@ -135,6 +141,7 @@ class Objective:
 
         records.record_device(trial, str(resolve_device(cfg.device)))
         try:
+            self._afford(trial, cfg)
             result = self._run(trial, cfg, report, race, on_batch)
         except TrialFailure as exc:  # a diverged trial is a bad region of the space: prune it, keep going
             records.record_failure(trial, str(exc))
@@ -146,11 +153,28 @@ class Objective:
             dashboard.publish_trial(trial, cfg, records.fold_curve(steps), self.exporter.artifacts)
             raise
         records.record_result(trial, result, steps)
+        if probe.exact(result.history):  # what the next exact probe of this backbone is expected to cost
+            fit = sum(h["epoch_time_s"] for h in result.history)
+            self.cache.put(("probe cost", cfg.backbone), (cfg.image_size, max(0.0, self.clock() - started - fit), fit), 0)
         labelled = self.cache.dataset(cfg).labelled
         records.write_oof(trial, result, labelled.labels.numpy(), labelled.paths, self.exporter.artifacts)
         self.exporter.keep_weights(trial, cfg, result)
         dashboard.publish_trial(trial, cfg, result.history, self.exporter.artifacts)
         return result.best[score]
+
+    def _afford(self, trial: optuna.Trial, cfg: Config) -> None:
+        """An exact probe reports once, so nothing stops it midway: under a deadline, one that would not end before
+        it is pruned before it starts. Its cost is predicted from this run's last exact probe of the backbone: the
+        feature pass scales with the pixels, the fit (probe.fit_heads) does not. The first one runs unpredicted
+        (the portfolio's, at the start)."""
+        seen = self.cache.get(("probe cost", cfg.backbone)) if self.deadline is not None else None
+        if seen is None or not probe.applies(cfg, get_backbone(cfg.backbone).num_stages):
+            return
+        size, features, fit = seen
+        cost, left = features * (cfg.image_size / size) ** 2 + fit, self.time_left(trial.study)
+        if cost > left:
+            raise optuna.TrialPruned(f"the time budget (--timeout): an exact probe of {cfg.backbone} at {cfg.image_size} "
+                                     f"px takes about {cost:.0f} s here, and {max(0.0, left):.0f} s are left")
 
     def _race(self, trial: optuna.Trial, cfg: Config, partial: Partial) -> tuple[int, Verdict] | None:
         """The trial against the leading completed trial (the highest value) on the images validated so far; None
@@ -173,14 +197,17 @@ class Objective:
         return leader.number, verdict
 
     def _oof(self, t: FrozenTrial) -> records.Oof | None:
-        """A finished trial's out-of-fold predictions, read once per run (they never change)."""
+        """A finished trial's out-of-fold predictions, read once per run (they never change); None when they are gone
+        from the artifact folder (said once: trials are then not raced against it)."""
         key = ("oof", t.user_attrs.get(records.OOF), str(self.exporter.artifacts))
         hit = self.cache.get(key)
         if hit is None:
-            hit = records.load_oof(t, self.exporter.artifacts)
-            if hit is not None:
-                self.cache.put(key, hit, hit.probabilities.nbytes)
-        return hit
+            hit = records.load_oof(t, self.exporter.artifacts) or False
+            self.cache.put(key, hit, hit.probabilities.nbytes if hit else 0)
+            if not hit and t.user_attrs.get(records.OOF):
+                log.warning("fold racing: the out-of-fold predictions of trial %d (the leader) are not in %s; trials are "
+                            "not raced against it", t.number, self.exporter.artifacts)
+        return hit or None
 
     def _run(self, trial: optuna.Trial, cfg: Config, report: Report, race: Race, on_batch: BatchHook) -> Result:
         """One fine-tune; an out-of-memory error is retried once at half the batch size."""

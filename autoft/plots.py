@@ -7,6 +7,7 @@ state, except Optuna's own, which are closed at once and kept from leaking their
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from . import records
 from .estimate import span
 from .exceptions import AutoftError
-from .files import atomic_open
+from .files import atomic_open, atomic_write_bytes
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
 PNG_DPI = 100
@@ -75,7 +76,14 @@ def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], met
 
 def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, path: str | os.PathLike,
                              metric: str = "accuracy") -> Path:
-    """Matplotlib: train/val loss and the validation `metric` of one run."""
+    """`learning_curves_png` written to `path`."""
+    path = Path(path)
+    atomic_write_bytes(path, learning_curves_png(history, title, metric))
+    return path
+
+
+def learning_curves_png(history: Sequence[dict[str, float]], title: str, metric: str = "accuracy") -> bytes:
+    """Matplotlib, as a PNG: train/val loss and the validation `metric` of one run."""
     score = records.metric_name(metric)
     fig = _figure()
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -92,7 +100,9 @@ def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, pa
         ax.legend()
     ax_acc.set_ylim(score_range([h.get(score) for h in history]))
     fig.suptitle(title)
-    return _save(fig, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PNG_DPI)
+    return buf.getvalue()
 
 
 @dataclass(frozen=True)

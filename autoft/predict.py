@@ -184,7 +184,7 @@ def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
 
 def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str | None = None,
              out: str | os.PathLike | None = None, device: str = "auto",
-             labels_csv: str | os.PathLike | None = None) -> dict[str, Any]:
+             labels_csv: str | os.PathLike | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
     """Score a checkpoint on labelled images: the data it was trained on (default), or new data (`data_dir`, a
     folder, or `labels_csv`, a CSV as `autoft train --labels` takes, read with the model's path and label columns).
 
@@ -196,7 +196,8 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
 
     Returns every metric (accuracy, balanced accuracy, macro-F1) with its 95 % interval (estimate.py), per-class
     precision/recall/F1/support, the confusion matrix and sklearn's text report, whatever metric the model was
-    chosen on; predictions are logit-adjusted as the checkpoint says; the confusion matrix PNG goes to `out`
+    chosen on; predictions are logit-adjusted as the checkpoint says; unreadable images stop it with their list,
+    unless `skip_bad_images` (then they are left out, and said); the confusion matrix PNG goes to `out`
     (default: next to the model, `<model>_<split>_confusion.png`; into `out` under that name when `out` is a folder).
     """
     from sklearn.metrics import classification_report, confusion_matrix
@@ -209,6 +210,7 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     where = cfg if own else cfg.replace(data=os.fspath(data_dir) if data_dir is not None else None,  # columns kept
                                         labels=os.fspath(labels_csv) if labels_csv is not None else None,
                                         val_labels=None, test_labels=None)
+    where = where.replace(skip_bad_images=skip_bad_images)
     trained = trained_on(ckpt)
     if split is None:  # which layout new data has: a scan, nothing decoded
         found = None if own else scan(where.data, label_files(where), say=False)

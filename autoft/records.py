@@ -13,7 +13,6 @@ import io
 import math
 import os
 import socket
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from .estimate import METRICS, Estimate
 from .exceptions import ConfigError
 from .finetune import Result, adjusted
 from .space import SearchSpace
-from .storage import attach_file, read_artifact
+from .storage import attach_bytes, read_artifact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
 
@@ -265,19 +264,19 @@ def write_oof(trial: optuna.Trial, result: Result, labels: np.ndarray, paths: Se
     buf = io.BytesIO()
     np.savez_compressed(buf, probabilities=result.oof, labels=np.asarray(labels, dtype=np.int64), fold=result.fold,
                         paths=np.asarray(paths, dtype=str), prior=np.asarray(result.prior), tau=np.float64(result.tau))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"oof_trial_{trial.number}.npz")
-        with open(path, "wb") as fh:
-            fh.write(buf.getvalue())
-        trial.set_user_attr(OOF, attach_file(trial, path, "application/octet-stream", artifacts))
+    trial.set_user_attr(OOF, attach_bytes(trial, f"oof_trial_{trial.number}.npz", buf.getvalue(),
+                                          "application/octet-stream", artifacts))
 
 
 def load_oof(t: FrozenTrial, artifacts: str | os.PathLike) -> Oof | None:
-    """The trial's out-of-fold predictions from the artifact folder; None when it kept none."""
+    """The trial's out-of-fold predictions from the artifact folder; None when it kept none, or when they are gone
+    from `artifacts` (deleted, or another folder): what needs them (the fold race, an ensemble of trials, a re-rank)
+    then does without them."""
     artifact = t.user_attrs.get(OOF)
-    if not artifact:
+    data = read_artifact(artifact, artifacts) if artifact else None
+    if data is None:
         return None
-    with np.load(io.BytesIO(read_artifact(artifact, artifacts)), allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return Oof(z["probabilities"], z["labels"], z["fold"], z["paths"], z["prior"], float(z["tau"]))
 
 
@@ -322,6 +321,12 @@ def history(t: FrozenTrial) -> list[dict[str, float]]:
 def folds_run(t: FrozenTrial) -> int:
     """How many folds the trial trained (the last one maybe in part)."""
     return max((s.get("fold", 1) for s in steps(t)), default=0)
+
+
+def seconds(t: FrozenTrial) -> float:
+    """What a finished trial cost, in wall seconds: Optuna's start to end (an interrupted trial's too), else what it
+    recorded."""
+    return t.duration.total_seconds() if t.duration is not None else t.user_attrs.get(WALL_TIME, 0.0)
 
 
 def val_loss(t: FrozenTrial, default: float | None = None) -> float | None:

@@ -216,6 +216,16 @@ class SearchSpace:
             out[key] = _clip(named.get(want, want) if isinstance(want, str) else want, p)
         return out
 
+    def usable(self, base: Config) -> Config:
+        """`base` at an image size a trial of this space trains at (the portfolio's fine-tunes use the base's, clipped
+        into the space): the dataset a search loads before any trial is decoded at a size that is used."""
+        p = self.params.get("image_size")
+        if p is None:
+            return base
+        p = p.resolve(get_backbone(base.backbone))
+        size = p.value if p.kind == "fixed" else _clip(base.image_size, p)
+        return base if size == base.image_size else base.replace(image_size=size)
+
     def to_dict(self) -> dict[str, Any]:
         return {name: p.to_dict() for name, p in self.params.items()}
 

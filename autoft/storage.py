@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from .exceptions import ConfigError
-from .files import check_output_file, check_writable_dir
+from .files import atomic_open, check_output_file, check_writable_dir, temp_dir
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
 DEFAULT_ARTIFACTS = "studies/artifacts"  # weights and learning-curve PNGs uploaded by trials, served by the dashboard
@@ -103,6 +105,11 @@ def sqlite_file(url: str) -> Path | None:
     rest = url.split("?", 1)[0].split("://", 1)[-1] if "://" in url else ""
     db = rest[1:] if rest.startswith("/") else rest  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
     return Path(db) if db and db != ":memory:" and not db.startswith("file::memory:") else None
+
+
+def in_memory(url: str) -> bool:
+    """Whether `url` is a database no other process can open (`sqlite://`, `sqlite:///:memory:`)."""
+    return url.startswith("sqlite:") and sqlite_file(url) is None
 
 
 def check_writable_storage(url: str) -> None:
@@ -216,47 +223,55 @@ def load_study(url: str, name: str | None = None, **kwargs) -> optuna.Study:
     raise ConfigError(f"no study named {name!r} in {mask_url(url)}; it holds {listed} (--study NAME)")
 
 
-def attach_file(trial: optuna.Trial, path: str | os.PathLike, mimetype: str, artifacts: str | os.PathLike) -> str:
-    """Upload `path` as an artifact of the running trial into the folder `artifacts`; returns the artifact id."""
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-    Path(artifacts).mkdir(parents=True, exist_ok=True)
-    return upload_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
-                           study_or_trial=trial, mimetype=mimetype)
-
-
-def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes:
-    """The bytes of an artifact `attach_file` stored in the folder `artifacts`; a missing one is a ConfigError."""
+def _store(artifacts: str | os.PathLike):
+    """Optuna's file-system artifact store, each artifact written under a temp name and renamed into place, so a
+    killed upload leaves no torn artifact (its temp file is swept by the next run: files.sweep_temps)."""
     from optuna.artifacts import FileSystemArtifactStore
+
+    class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+        def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+            with atomic_open(Path(artifacts) / artifact_id) as fh:  # the layout of FileSystemArtifactStore
+                shutil.copyfileobj(content_body, fh)
+
+    return AtomicFileSystemArtifactStore(os.fspath(artifacts))
+
+
+def attach_bytes(trial: optuna.Trial, filename: str, data: bytes, mimetype: str, artifacts: str | os.PathLike) -> str:
+    """Upload `data` as an artifact named `filename` of the running trial into the folder `artifacts`; returns the
+    artifact id. Staged in a temp folder inside `artifacts` (files.temp_dir), never in /tmp, so a killed process
+    leaves nothing behind that the next run does not sweep."""
+    from optuna.artifacts import upload_artifact
+
+    with temp_dir(artifacts) as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(data)
+        return upload_artifact(artifact_store=_store(artifacts), file_path=str(path), study_or_trial=trial,
+                               mimetype=mimetype)
+
+
+def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes | None:
+    """The bytes of an artifact `attach_bytes` stored in the folder `artifacts`; None when it is gone (deleted by
+    hand, or the study's --artifacts pointed elsewhere): callers rebuild what it held or do without."""
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     try:
-        with FileSystemArtifactStore(str(artifacts)).open_reader(artifact_id) as fh:
+        with _store(artifacts).open_reader(artifact_id) as fh:
             return fh.read()
     except ArtifactNotFound:
-        raise ConfigError(f"artifact {artifact_id} is not in {os.fspath(artifacts)}; pass the --artifacts folder the "
-                          "study wrote to") from None
+        return None
 
 
 def has_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bool:
     """Whether the artifact is still in the folder `artifacts` (a user may have deleted it)."""
-    from optuna.artifacts import FileSystemArtifactStore
-    from optuna.artifacts.exceptions import ArtifactNotFound
-
-    try:
-        with FileSystemArtifactStore(str(artifacts)).open_reader(artifact_id):
-            return True
-    except ArtifactNotFound:
-        return False
+    return (Path(artifacts) / artifact_id).is_file()
 
 
 def remove_artifact(artifact_id: str, artifacts: str | os.PathLike) -> None:
     """Delete an artifact from the folder `artifacts`; one already gone is fine."""
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     try:
-        FileSystemArtifactStore(str(artifacts)).remove(artifact_id)
+        _store(artifacts).remove(artifact_id)
     except ArtifactNotFound:
         pass
 

@@ -24,20 +24,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import interrupts, probe, records, workers
 from .backbones import AUTO, auto_backbones, build_model, get_backbone
-from .cache import RunCache
+from .cache import RunCache, label_files
 from .checkpoint import shipped
 from .config import Config, check_field
-from .data import Dataset, Fingerprint
+from .data import Dataset, Fingerprint, Found, scan
 from .estimate import Estimate, span
-from .exceptions import ConfigError
+from .exceptions import AutoftError, ConfigError
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
 from .finetune import plan_folds
 from .objective import Objective, trial_seed
 from .probe import EXACT
 from .space import SearchSpace, imbalanced
-from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, load_study,
-                      make_storage, mask_url)
+from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, in_memory,
+                      load_study, make_storage, mask_url)
 
 log = logging.getLogger("autoft")
 
@@ -53,7 +53,7 @@ class SearchOptions:
     Each field with a `help` is an `autoft search` flag too (cli.add_flags), its choices checked here.
     """
 
-    trials: int = _option(10, "trials to add to the study", lo=1)
+    trials: int = _option(10, "trials to add to the study (0: none; complete the study's exports)", lo=0)
     timeout: float | None = _option(None, "time budget in seconds for the whole run, the final export included: a "
                                           "running trial stops at the fold or epoch that would end past it",
                                     lo=0, lo_open=True)
@@ -206,13 +206,13 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     started = opts.started if opts.started is not None else time.monotonic()
     check_outputs(opts)
     cache = RunCache()
-    base, space = search_space(base.portable(), opts, space, fixed, cache)  # trials record the data's absolute path
+    base, space = search_space(base.portable(), opts, space, fixed)  # trials record the data's absolute path
     objective = _objective(base, opts, space, cache)
     study = open_study(base, opts, space, base.seed, objective.validated_images() // objective.folds(),
-                       cache.dataset(base).fingerprint, objective.folds())
+                       objective.dataset().fingerprint, objective.folds())
     objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
-    records.record_class_counts(study, class_counts(cache.dataset(base)))
+    records.record_class_counts(study, class_counts(objective.dataset()))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
@@ -221,9 +221,11 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
 
 def join(storage: str, study: str, *, data: str | None = None, device: str = "auto", out: str | None = None,
          artifacts: str = DEFAULT_ARTIFACTS, threads: int | None = None, timeout: float | None = None,
-         progress: bool = True) -> optuna.Study:
-    """`autoft worker`: one more worker on an existing study, until its goal is met, with the settings it recorded."""
-    started = time.monotonic()
+         progress: bool = True, started: float | None = None) -> optuna.Study:
+    """`autoft worker`: one more worker on an existing study, until its goal is met, with the settings it recorded;
+    `timeout` counts from `started` (time.monotonic(); None: now). A worker that a search spawned ends with it."""
+    started = time.monotonic() if started is None else started
+    workers.watch_parent()
     if threads:
         torch.set_num_threads(threads)
     check_outputs(SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout))
@@ -233,9 +235,9 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
                          **meta.settings)
     cache = RunCache()
-    base, space = search_space(base.portable(), opts, meta.space, cache=cache)
+    base, space = search_space(base.portable(), opts, meta.space)
     objective = _objective(base, opts, space, cache)
-    records.check_same_data(found, base, cache.dataset(base).fingerprint)  # --data: the same images, elsewhere
+    records.check_same_data(found, base, objective.dataset().fingerprint)  # --data: the same images, elsewhere
     found.sampler = make_sampler(opts.sampler, None)  # seeded at random, so that workers sample different points
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images() // objective.folds(), base.metric, objective.folds())
@@ -246,21 +248,25 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
 def check_outputs(opts: SearchOptions) -> None:
     """Every place a search writes, checked before it loads data or trains: the exports, the artifacts, the
     storage's file; a one-line error at once rather than a traceback after the first trial."""
+    if opts.workers > 1 and in_memory(opts.storage):
+        raise ConfigError(f"--workers {opts.workers} needs a storage that processes share; {mask_url(opts.storage)} is an "
+                          "in-memory database of this process (use sqlite:///FILE.db, journal:FILE or a server)")
     check_writable_dir(opts.out_dir, "--out")
     check_writable_dir(opts.artifacts, "--artifacts")
     check_writable_storage(opts.storage)
 
 
-def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None, fixed: Sequence[str] = (),
-                 cache: RunCache | None = None) -> tuple[Config, SearchSpace]:
+def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None, fixed: Sequence[str] = ()
+                 ) -> tuple[Config, SearchSpace]:
     """The base config and the validated space: `opts.space` over the default one (with the imbalance remedies
-    when the labelled classes of `cache.dataset(base)` are imbalanced), the keys in `fixed` (set by the user) fixed at
-    their values, and `backbone: auto` a searched choice among the offline backbones (the first is the base)."""
+    when the labelled classes of `base`'s data are imbalanced: a scan, nothing decoded), the keys in `fixed` (set by
+    the user) fixed at their values, and `backbone: auto` a searched choice among the offline backbones (the first is
+    the base)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
     if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
         base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
-        uneven = cache is not None and imbalanced(class_counts(cache.dataset(base)))
+        uneven = imbalanced(labelled_counts(scan(base.data, label_files(base), say=False)))
         return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed, uneven)
     space.validate(base)
     return base, space
@@ -270,6 +276,12 @@ def class_counts(data: Dataset) -> list[int]:
     return torch.bincount(data.labelled.labels, minlength=len(data.classes)).tolist()
 
 
+def labelled_counts(found: Found) -> list[int]:
+    """Labelled (train and val) images per class, as a scan found them."""
+    labels = [y for split in ("train", "val") for y in found.splits.get(split, ((), ()))[1]]
+    return np.bincount(labels, minlength=len(found.classes)).tolist()
+
+
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: RunCache) -> Objective:
     """The objective, once what would fail every trial has been tried: a bad weights file or bad data stops
     here, before the study is touched."""
@@ -277,7 +289,7 @@ def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: Run
         build_model(base.backbone, 2, base.weights, pretrained=cache.pretrained_stages)
     objective = Objective(base, space, base.seed, Exporter(opts.out_dir, opts.artifacts, cache), cache)
     objective.racing = opts.pruner != "none"
-    cache.dataset(base)
+    objective.dataset()
     return objective
 
 
@@ -287,42 +299,63 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started
     `opts.workers` spawned processes; then the exports, with `ship` the winner's shipped model too unless the run was
     interrupted (the search ships it; its workers, which end with it, would each train the same model again).
 
-    The budget holds for the whole run: trials get the time left less what the final export needs
-    (`Exporter.reserve`), and a trial that would not end before that stops at its next fold or epoch boundary."""
+    The exports are published before the first trial too: a best.pt deleted by hand comes back from the kept
+    models, and what a killed run left (weights of a trial that never completed) goes. Signals are handled from
+    here to the end of the final export; one that interrupts the export leaves the previous files, and
+    `--trials 0` completes it. The budget holds for the whole run: trials get the time left less what the final
+    export needs (`Exporter.reserve`), and a trial that would not end before that stops at its next fold or epoch
+    boundary; a budget that bought no trial is an error."""
     target = records.goal(study)
     todo = max(0, target - records.finished_count(study.get_trials(deepcopy=False)))
     log.info("study %r on %s: %d trial(s) to go, to %d finished; exports in %s", study.study_name, mask_url(opts.storage),
              todo, target, opts.out_dir)
     exporter = objective.exporter
     ran = workers.Ran()  # this run's trials, for the progress bar and the summary
-    progress = (_Progress(todo, study, ran, len(plan_folds(objective.base, objective.cache.dataset(objective.base))))
-                if opts.progress else None)
+    progress = _Progress(todo, study, ran, objective.folds()) if opts.progress and todo else None
     objective.on_epoch = progress.epoch if progress else None
     objective.on_batch = getattr(progress, "batch", None)
     objective.deadline = started + opts.timeout if opts.timeout else None
     finished = False
     recipes = objective.space.portfolio(objective.base)
-    try:
-        with interrupts.handled():
-            if spawn:  # queue a recipe per worker now, or they would all start on the first
+    with interrupts.handled():
+        exporter.export(study)
+        try:
+            if todo and spawn:  # queue a recipe per worker now, or they would all start on the first
                 records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
                 left = objective.time_left(study)
                 workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir),
                               opts.artifacts, left if math.isfinite(left) else None, progress=progress, ran=ran)
-            else:
+            elif todo:
                 workers.work(study, objective, [exporter] + ([progress] if progress else []),
                              lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
                              before_trial=lambda s: records.enqueue_portfolio(s, recipes))
-        finished = True
-    finally:
-        if progress:
-            progress.close()
-        t_export = time.monotonic()
-        best = exporter.export(study, final=finished and ship)
-        if opts.progress:
-            print_summary(study, best, time.monotonic() - started, opts.out_dir, ran, time.monotonic() - t_export,
-                          opts.timeout)
+            finished = True
+        finally:
+            if progress:
+                progress.close()
+            t_export = time.monotonic()
+            best = _export(study, exporter, final=finished and ship)
+            if opts.progress:
+                print_summary(study, best, time.monotonic() - started, opts.out_dir, ran, time.monotonic() - t_export,
+                              opts.timeout)
+    mine = ran.trials(study)
+    if opts.timeout and todo and not any(t.state in records.FINISHED for t in mine):
+        raise AutoftError(f"the --timeout budget of {opts.timeout:g} s bought no trial ({time.monotonic() - started:.0f} s "
+                          f"went to starting up and exporting); give a larger --timeout"
+                          + (" (the last trial ran out of time before its first epoch)" if mine else ""))
     return study
+
+
+def _export(study: optuna.Study, exporter: Exporter, final: bool) -> FrozenTrial | None:
+    """The exports; a signal in the final one leaves the previous files, and says how to complete it."""
+    try:
+        return exporter.export(study, final=final)
+    except KeyboardInterrupt as exc:
+        if not final:
+            raise
+        raise type(exc)(f"the final export was interrupted: {exporter.out} holds the previous best.pt, best.yaml and "
+                        f"trials.csv; `autoft search --study {study.study_name} --trials 0` (same storage) completes it "
+                        "without new trials") from None
 
 
 class _Progress:
@@ -351,7 +384,13 @@ class _Progress:
         self.drawn = -math.inf
 
     def epoch(self, number: int, epochs: int, metrics: dict[str, Any]) -> None:
-        """The objective's per-epoch hook: where the running trial is."""
+        """The objective's per-epoch hook: where the running trial is; the next batch begins a new pass (an epoch of
+        one batch included)."""
+        t = self.trial
+        if t.get("number") == number and t["done"]:
+            t["before"] += t["total"]
+            t["passes"] += 1
+            t["done"] = 0
         self.last_epoch = f"{self.score} {metrics[self.score]:.3f} at epoch {metrics['epoch']}"
         fold = f"fold {metrics['fold']}/{self.folds} " if self.folds > 1 and "fold" in metrics else ""
         self.running = f"trial {number} {fold}epoch {metrics['epoch']}/{epochs} {self.score} {metrics[self.score]:.3f}"
@@ -362,7 +401,7 @@ class _Progress:
         now, t = self.clock(), self.trial
         if t.get("number") != number:
             t = self.trial = self._plan(number, now)
-        if done < t["done"]:  # a new pass (epoch or fold) began
+        if done < t["done"]:  # a new pass (epoch or fold) began, unless the epoch hook said so
             t["before"] += t["total"]
             t["passes"] += 1
         if t["first"] is None:  # timed from here: what came before (building the model, caching) is no batch
@@ -486,7 +525,7 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
 
 def budget_story(trials: Sequence[FrozenTrial]) -> str:
     """Where the time went, per kind of trial: exact probes, complete fine-tunes, pruned trials (by what stopped
-    them) and failed ones, in wall seconds."""
+    them) and failed ones, in wall seconds (records.seconds, as `time_per_state` counts them)."""
     kinds: dict[str, list[float]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE:
@@ -500,7 +539,7 @@ def budget_story(trials: Sequence[FrozenTrial]) -> str:
             kind = "failed"
         else:
             continue
-        kinds.setdefault(kind, []).append(t.user_attrs.get(records.WALL_TIME, 0.0))
+        kinds.setdefault(kind, []).append(records.seconds(t))
     return ", ".join(f"{k} {sum(v):.0f} s ({len(v)})" for k, v in kinds.items()) or "no trials"
 
 
@@ -538,8 +577,8 @@ def time_per_state(trials: Sequence[FrozenTrial]) -> str:
     states = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     spent: dict[TrialState, list[float]] = {}
     for t in trials:
-        if t.state in states and t.duration is not None:
-            spent.setdefault(t.state, []).append(t.duration.total_seconds())
+        if t.state in states:
+            spent.setdefault(t.state, []).append(records.seconds(t))
     total = sum(map(sum, spent.values()))
     parts = ", ".join(f"{sum(spent[s]):,.0f} s in {len(spent[s])} {name}" for s, name in states.items() if s in spent)
     return f"{total:,.0f} s" + (f" ({parts})" if parts else "")

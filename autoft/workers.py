@@ -23,16 +23,15 @@ opened or joined, is the caller's (study.py).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import optuna
 import torch
@@ -40,8 +39,9 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
-from .exceptions import AutoftError, ConfigError, Terminated
+from .exceptions import AutoftError, Terminated, one_line
 from .interrupts import check_stopped
+from .processes import gone, process_id, this_machine
 from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
 
 log = logging.getLogger("autoft")
@@ -105,13 +105,16 @@ class _Slot:
             records.record_surplus(trial, target)
             raise Surplus()
         records.record_worker(trial)
-        trial.study._storage.set_trial_system_attr(trial._trial_id, PROCESS, process_id(os.getpid()))
+        trial.study._storage.set_trial_system_attr(trial._trial_id, PROCESS, process_id())
         if self.ran is not None:
             self.ran.trial_ids.add(trial._trial_id)
         _RUNNING_HERE.add(trial._trial_id)
         try:
             return self.objective(trial)
-        except (optuna.TrialPruned, AutoftError):
+        except optuna.TrialPruned:
+            raise
+        except AutoftError as exc:  # the user's to fix (a full disk, ...): the run stops; the trial says why
+            records.record_failure(trial, one_line(exc))
             raise
         except KeyboardInterrupt as exc:
             records.record_failure(trial, f"interrupted ({'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'})")
@@ -140,49 +143,8 @@ class _Slot:
 
 # --- zombie trials ------------------------------------------------------------------------------------------
 
-PROCESS = "autoft:process"  # trial system attr: which process runs it, precisely enough to tell it is gone
+PROCESS = "autoft:process"  # trial system attr: which process runs it (processes.process_id)
 _RUNNING_HERE: set[int] = set()  # trial ids this process is running right now
-
-
-@functools.lru_cache(maxsize=1)
-def _this_machine() -> str:
-    """host|boot id|pid namespace: two processes with equal values see the same process table. Containers
-    sharing a host name (or a database) differ in pid namespace, and a reboot changes the boot id."""
-
-    def read(how: Callable[[], str]) -> str:
-        try:
-            return how().strip()
-        except OSError:  # not Linux
-            return ""
-
-    boot = read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text())
-    return f"{socket.gethostname()}|{boot}|{read(lambda: os.readlink('/proc/self/ns/pid'))}"
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux); None when there is no such live process
-    (a zombie is dead too); "" when this system cannot tell (no /proc): then only whether the pid exists counts."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:  # exists, another user's
-            pass
-        return ""
-    except OSError:
-        return ""
-    fields = stat.rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def process_id(pid: int) -> str:
-    """What PROCESS holds: this machine, the pid, and the process's start time (so a reused pid is told apart)."""
-    return f"{_this_machine()}|{pid}|{_start_time(pid) or ''}"
 
 
 def dead_worker(t: FrozenTrial) -> str | None:
@@ -191,16 +153,11 @@ def dead_worker(t: FrozenTrial) -> str | None:
     recorded = t.system_attrs.get(PROCESS)
     if not isinstance(recorded, str) or recorded.count("|") != 4:
         return None
-    machine, pid, started = recorded.rsplit("|", 2)
-    if machine != _this_machine():
-        return None
+    machine, pid, _ = recorded.rsplit("|", 2)
     who = t.user_attrs.get(records.WORKER) or f"{socket.gethostname()}:{pid}"
-    if int(pid) == os.getpid():
+    if machine == this_machine() and pid == str(os.getpid()):
         return None if t._trial_id in _RUNNING_HERE else who  # an earlier process of this pid, or a run that crashed
-    now = _start_time(int(pid))
-    if now is None or (now and started and now != started):  # gone, or the pid now belongs to another process
-        return who
-    return None
+    return who if gone(recorded) else None
 
 
 def fail_stale(study: optuna.Study) -> None:
@@ -229,8 +186,9 @@ def fail_stale(study: optuna.Study) -> None:
         trial = copy.deepcopy(storage.get_trial(trial_id))
         log.warning("trial %d: %s; %s", trial.number, reasons[trial_id],
                     "it runs again" if retry and not trial.system_attrs.get("retry_history") else "it is not retried")
-        if retry is not None:  # the retry copies the trial's attrs: not the reason, nor the dead process's marks
-            trial.user_attrs.pop(records.FAIL_REASON, None)
+        if retry is not None:  # the retry copies the trial's attrs: only what queued it (a recipe's name), not the
+            for key in [k for k in trial.user_attrs if k != records.PORTFOLIO]:  # dead run's record and artifacts
+                trial.user_attrs.pop(key)
             for key in (PROCESS, HEARTBEAT_ATTR):
                 trial.system_attrs.pop(key, None)
             retry(study, trial)
@@ -294,6 +252,26 @@ def plan(n: int, gpus: Sequence[str], cores: int) -> list[dict[str, str]]:
     return [{"threads": str(max(1, cores // n))} for _ in range(n)]
 
 
+PARENT = "AUTOFT_PARENT_PID"  # set by `spawn` for its workers: the search they end with
+
+
+def watch_parent() -> None:
+    """A worker that `autoft search --workers` spawned ends with it: once its parent is gone (kill -9 included),
+    it sends itself SIGTERM, so its trial is marked interrupted and it exits, instead of training on for a search
+    nobody waits for; the next search on the study resumes. Polled (the parent's pid, every POLL_S), so it works
+    wherever Python runs; nothing to do in a worker started by hand."""
+    parent = os.environ.get(PARENT)
+    if not parent or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="autoft-parent", daemon=True).start()
+
+
 def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: str, timeout: float | None,
           progress: Callable[[], None] | None = None, ran: Ran | None = None) -> None:
     """Start `n` `autoft worker` processes on this machine and wait for them.
@@ -301,13 +279,11 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
     The storage URL goes through the environment, not the command line, so `ps` never shows a password.
     Ctrl-C or SIGTERM here is passed on to every worker, which marks its trial and writes its exports.
     """
-    if storage.startswith("sqlite") and ":memory:" in storage:
-        raise ConfigError("--workers needs a storage that processes share; an in-memory SQLite database is not")
     pinned = device in ("auto", "cuda")
     slots = plan(n, gpu_ids() if pinned else [], os.cpu_count() or 1)
     procs = []
     for i, slot in enumerate(slots):
-        env = {**os.environ, "AUTOFT_STORAGE": storage}
+        env = {**os.environ, "AUTOFT_STORAGE": storage, PARENT: str(os.getpid())}
         cmd = [sys.executable, "-m", "autoft.cli", "-q", "worker", "--study", study, "--out", out, "--artifacts", artifacts]
         if "CUDA_VISIBLE_DEVICES" in slot:
             env["CUDA_VISIBLE_DEVICES"] = slot["CUDA_VISIBLE_DEVICES"]

@@ -77,7 +77,7 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
 
     monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
     monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     study = run_search(tiny_config.replace(epochs=1), _opts(trials=2, pruner="median", startup_trials=5))
     probe, loser = study.trials
@@ -142,7 +142,7 @@ def test_a_winner_whose_kept_models_were_deleted_is_trained_again_and_said(tmp_p
 
     with caplog.at_level("WARNING", logger="autoft"):
         Exporter(tmp_path / "studies" / "autoft", str(artifacts), RunCache()).export(study, final=True)
-    assert "are gone" in caplog.text and (tmp_path / "studies" / "autoft" / "best.pt").is_file()
+    assert "are not in" in caplog.text and (tmp_path / "studies" / "autoft" / "best.pt").is_file()
 
 
 # --- the deadline ---------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _train_on_the_clock(monkeypatch, tmp_path, clock: FakeClock, fake_finetune) 
     monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
     monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
     monkeypatch.setattr(exports.Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(exports.Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(exports.Exporter, "shipped", lambda *a: None)
     monkeypatch.setattr(exports, "RESERVE_S", 5.0)
     monkeypatch.chdir(tmp_path)
 

@@ -142,8 +142,7 @@ def test_best_yaml_of_an_exact_probe_says_which_keys_it_does_not_use(tmp_path, t
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, 0.85, config=tiny_config.replace(freeze_depth=5).to_dict(), val_loss=0.4,
                            history=[{"epoch": 1, EXACT: True}], best_epoch=1))
-    Exporter(tmp_path, tmp_path / "artifacts", RunCache()).write_best_yaml(study, study.trials[0])
-    text = (tmp_path / "best.yaml").read_text()
+    text = Exporter(tmp_path, tmp_path / "artifacts", RunCache()).best_yaml(study, study.trials[0], {}, final=True)
     assert "# an exact linear probe (its head fitted, C by cross-validation): epochs, head_only_epochs, head_lr" in text
     assert yaml.safe_load(text)["head_lr"] == tiny_config.head_lr  # still a config `autoft train` reads back
 

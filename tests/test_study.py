@@ -95,7 +95,7 @@ def test_a_trial_far_behind_the_leader_at_the_same_step_is_pruned_and_one_within
               0.02: [0.80, 0.85, 0.90, 0.90]}  # behind at step 1, but within noise of 12 images: spared
     monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", _curves_by_head_lr(curves))
     monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
     cfg = tiny_config.replace(epochs=4, cv_folds=1)  # one fold: a step is an epoch
     run_search(cfg, _opts(trials=1, pruner="median", startup_trials=1))  # the probe
     study = open_study(cfg, _opts(), SearchSpace.default(4), cfg.seed, images=12)
@@ -255,7 +255,7 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
 
     monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
     monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "finalize", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
     cfg = tiny_config.replace(epochs=2, cv_folds=1)  # one fold: a step is an epoch
     opts = _opts(trials=1, pruner="median", startup_trials=1)
     run_search(cfg, opts)  # the linear probe (head_lr 1e-2): 0.9
@@ -291,10 +291,12 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
     monkeypatch.setattr(objective_module, "finetune", slow_finetune)
     monkeypatch.setattr("autoft.finetune.exact_probe", lambda cfg, stages: False)  # the probe trains by epochs too
     t0 = time.monotonic()
-    study = run_search(tiny_config.replace(epochs=20), _opts(trials=5, timeout=1.0))
+    monkeypatch.setattr("autoft.exports.RESERVE_S", 0.0)  # these exports take no time worth reserving
+    study = run_search(tiny_config.replace(epochs=20), _opts(trials=5, timeout=3.0))
     assert time.monotonic() - t0 < 20  # not the 5 x 20 epochs x 0.4 s the trials asked for
     # the budget counts from the call: what a trial that started had run is kept, and it was stopped for the budget
-    assert all(t.state == TrialState.PRUNED and "time budget" in t.user_attrs["prune_reason"] for t in study.trials)
+    assert study.trials and all(t.state == TrialState.PRUNED and "time budget" in t.user_attrs["prune_reason"]
+                                for t in study.trials)
 
 
 @pytest.fixture
