@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from .exceptions import ConfigError, DataError
-from .files import atomic_npy, atomic_write_text, check_writable_dir
+from .files import atomic_npy, atomic_write_text, check_writable_dir, sweep_temps
 
 log = logging.getLogger("autoft")
 
@@ -767,6 +767,7 @@ def open_store(paths: list[str], size: int, value_range: Extent | None = None) -
     of the files' own range serves when that is the same, or when no image is wide.
     """
     file = cache_dir() / "images" / f"{_store_key(paths, size)}.npy"
+    sweep_temps(file.parent)  # a store whose writer was killed (kill -9 while decoding): removed once it is gone
     store = _read_store(file, paths, size)
     if store is not None and (value_range is None or store.value_range in (None, value_range)):
         return store

@@ -10,8 +10,10 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,13 +373,17 @@ class _Progress:
     """
 
     def __init__(self, total: int, study: optuna.Study, ran: workers.Ran, folds: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, live: bool | None = None):
         from tqdm.auto import tqdm
 
         self.study, self.ran, self.folds, self.clock, self.total = study, ran, folds, clock, total
         self.score = records.metric_name(records.study_metric(study))
-        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True,
+        # A live bar on a terminal only (`live` None: whether stderr is one); piped to a file (CI, nohup, a
+        # scheduler), one plain line per finished trial instead of carriage-return frames.
+        self.live = sys.stderr.isatty() if live is None else live
+        self.bar = tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True, disable=not self.live,
                         bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.said: set[int] = set()  # trials whose line was written (not live)
         self.best, self.running, self.last_epoch = "best=-", "", ""
         self.trial: dict[str, Any] = {}  # the trial batch() follows: its number, plan, and batches so far
         self.fine_tunes: list[float] = []  # wall seconds of this run's finished fine-tunes (exact probes aside)
@@ -398,6 +404,8 @@ class _Progress:
 
     def batch(self, number: int, done: int, total: int, images_per_s: float) -> None:
         """The fine-tune's per-batch hook: `done` of the `total` batches of the current epoch (of one fold)."""
+        if not self.live:
+            return
         now, t = self.clock(), self.trial
         if t.get("number") != number:
             t = self.trial = self._plan(number, now)
@@ -455,9 +463,24 @@ class _Progress:
         self.bar.set_description(f"trials (pruned {new[TrialState.PRUNED]}, failed {new[TrialState.FAIL]})", refresh=False)
         self.bar.n = new[TrialState.COMPLETE] + new[TrialState.PRUNED]
         self._draw()
+        if not self.live:
+            self._lines(mine, new)
+
+    def _lines(self, mine: Sequence[FrozenTrial], counts: Counter[TrialState]) -> None:
+        """One plain line per trial of this run that ended since the last call."""
+        done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        for t in mine:
+            if t.state.is_finished() and t.number not in self.said:
+                self.said.add(t.number)
+                name = f" ({records.portfolio_name(t)})" if records.portfolio_name(t) else ""
+                what = (f"{self.score} {t.value:.4f}" if t.state == TrialState.COMPLETE else
+                        records.reason(t) or "no reason recorded")
+                log.info("trial %d%s %s: %s; %s; %d of %d finished", t.number, name, t.state.name.lower(), what,
+                         self.best, done, self.total)
 
     def _draw(self) -> None:
-        self.bar.set_postfix_str(self.best + (f" | {self.running}" if self.running else ""))
+        if self.live:
+            self.bar.set_postfix_str(self.best + (f" | {self.running}" if self.running else ""))
 
     def close(self) -> None:
         self.bar.close()

@@ -48,7 +48,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
     probe_cfg = tiny_config.replace(freeze_depth=get_backbone("tiny_cnn").num_stages, aug_strength=0.0)
     probe_trial = _running(study, probe_cfg)
     ran.trial_ids.add(probe_trial._trial_id)
-    progress = _Progress(4, study, ran, folds=2, clock=clock)
+    progress = _Progress(4, study, ran, folds=2, clock=clock, live=True)
     for done in range(1, 4):  # the probe's one feature pass
         progress.batch(probe_trial.number, done, 10, 500.0)
         clock.now += 0.2
@@ -79,7 +79,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
 def test_progress_redraws_many_batches_a_second_at_tqdms_pace(tiny_config):
     study = optuna.create_study(direction="maximize")
     clock = _Clock()
-    progress = _Progress(1, study, Ran(), clock=clock)
+    progress = _Progress(1, study, Ran(), clock=clock, live=True)
     trial = _running(study, tiny_config)
     progress.batch(trial.number, 1, 100, 900.0)
     first = progress.bar.postfix
