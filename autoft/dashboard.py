@@ -33,13 +33,12 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
     url = f"http://{host}:{port}/dashboard"
     if not Path(artifacts).is_dir():  # an existing one is only read (uploads aside): a read-only study can be viewed
         check_writable_dir(artifacts, "--artifacts")
-    names = optuna.get_all_study_names(make_storage(storage_url))
+    storage = make_storage(storage_url)
+    names = optuna.get_all_study_names(storage)
     if study or len(names) < 2:  # the one study's page; a missing one is an error listing those there
-        found = load_study(storage_url, study)
-        storage = found._storage
-        url += f"/studies/{found._study_id}"
+        found = load_study(storage_url, study, opened=storage)
+        url += f"/studies/{storage.get_study_id_from_name(found.study_name)}"
     else:  # several: the dashboard's list of them
-        storage = make_storage(storage_url)
         print(f"{len(names)} studies: {', '.join(names)}", flush=True)
     Path(artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard for {mask_url(storage_url)}: {url}  (Ctrl-C to stop)", flush=True)
@@ -85,7 +84,9 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     png = learning_curves_png(history, f"trial {trial.number}: {summary}", cfg.metric)
     artifact_id = attach_bytes(trial, f"learning_curves_trial_{trial.number}.png", png, "image/png", artifacts)
     # the dashboard serves trial artifacts at this path, so the note shows the curve full size above the config
-    image = f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+    study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = trial.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    image = f"/artifacts/{study_id}/{trial_id}/{artifact_id}"
     save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n")
     runs = {t.number: records.history(t) for t in trial.study.get_trials(deepcopy=False) if records.history(t)}
     runs[trial.number] = list(history)

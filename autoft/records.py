@@ -334,8 +334,12 @@ def val_loss(t: FrozenTrial, default: float | None = None) -> float | None:
 
 
 def reason(t: FrozenTrial | optuna.Trial) -> str:
-    """Why the trial failed or was pruned; empty when it completed."""
-    return t.user_attrs.get(FAIL_REASON) or t.user_attrs.get(PRUNE_REASON) or ""
+    """Why the trial failed or was pruned; empty when it completed. autoft records a reason on every failure it
+    sees; a FAIL without one was failed by Optuna's heartbeat check (heartbeat.py), which records none."""
+    recorded = t.user_attrs.get(FAIL_REASON) or t.user_attrs.get(PRUNE_REASON)
+    if not recorded and getattr(t, "state", None) == TrialState.FAIL:
+        return "worker stopped sending heartbeats"
+    return recorded or ""
 
 
 def is_surplus(t: FrozenTrial) -> bool:

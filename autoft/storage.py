@@ -4,9 +4,8 @@ Also where a study's files live by default, and the one way to open a study that
 
 Every storage autoft opens has a heartbeat: a worker records one every HEARTBEAT_S seconds while its
 trial runs, and a RUNNING trial whose last beat is older than GRACE_S (its worker was killed, or its
-machine lost) is failed by the next worker that looks and re-queued once by
-RetryHeartbeatStaleTrialCallback. Optuna's RDB storages (SQLite, PostgreSQL, MySQL) have this built in;
-for journal files, which have none, `HeartbeatJournalStorage` adds the same through trial system attrs.
+machine lost) is failed by the next worker that looks and re-queued once (heartbeat.py: Optuna's own on
+its RDB storages, SQLite, PostgreSQL and MySQL; the same protocol on journal files, which Optuna gives none).
 AUTOFT_HEARTBEAT_S / AUTOFT_GRACE_S override the periods (tests and the fault benchmark shrink them).
 """
 
@@ -18,19 +17,17 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
-from datetime import datetime
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial, TrialState
 
 from .exceptions import ConfigError
 from .files import atomic_open, check_output_file, check_writable_dir, temp_dir
+from .heartbeat import requeue_once
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
 DEFAULT_ARTIFACTS = "studies/artifacts"  # weights and learning-curve PNGs uploaded by trials, served by the dashboard
@@ -39,7 +36,6 @@ HEARTBEAT_S = 20
 GRACE_S = 60
 SQLITE_BUSY_TIMEOUT_S = 300  # several workers on one SQLite file wait for its lock instead of failing
 _SECRET = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
-_BEAT = "autoft:heartbeat"
 
 
 def mask_url(text: str) -> str:
@@ -58,42 +54,6 @@ def heartbeat_periods() -> tuple[int, int]:
 
 def is_journal(url: str) -> bool:
     return url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl"))
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal file with Optuna's heartbeat protocol, so killed workers' trials are failed and retried.
-
-    The beat is a trial system attr holding the wall-clock time; workers on several machines sharing
-    one journal file therefore need roughly synchronised clocks (well within GRACE_S).
-    """
-
-    def __init__(self, path: str, heartbeat_interval: int, grace_period: int,
-                 stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None):
-        super().__init__(JournalFileBackend(path))
-        self._beat, self._grace, self._stale_callback = heartbeat_interval, grace_period, stale_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, _BEAT, time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker already declared this trial dead; its own thread ends with the trial
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            last = t.system_attrs.get(_BEAT)
-            if last is None:  # not beating yet (just popped): measure from its start
-                last = (t.datetime_start or datetime.now()).timestamp()
-            if now - last > self._grace:
-                stale.append(t._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._beat
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self._stale_callback
 
 
 def journal_file(url: str) -> Path:
@@ -159,19 +119,18 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 def _make_storage(url: str) -> optuna.storages.BaseStorage:
     beat, grace = heartbeat_periods()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
     if is_journal(url):
         path = journal_file(url)
         if not path.exists():
             check_writable_dir(path.parent, f"storage {url}: folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return HeartbeatJournalStorage(str(path), beat, grace, retry)
+            return JournalStorage(JournalFileBackend(str(path)))  # its heartbeat: heartbeat.Trials
         except OSError as exc:
             raise ConfigError(f"cannot open journal storage {path}: {exc.strerror or exc}") from None
     if "://" not in url:
         raise ConfigError(f"storage {mask_url(url)!r} is not a URL; use sqlite:///path.db, postgresql://..., mysql://... or journal:PATH")
-    heartbeat: dict = {"heartbeat_interval": beat, "grace_period": grace, "heartbeat_stale_trial_callback": retry}
+    heartbeat: dict = {"heartbeat_interval": beat, "grace_period": grace, "heartbeat_stale_trial_callback": requeue_once}
     if url.startswith("sqlite:"):
         db = sqlite_file(url)
         if db is None:  # nothing outlives this process, so no trial can go stale: no heartbeat (its thread would
@@ -203,12 +162,14 @@ def export_dir(study: str) -> Path:
     return EXPORTS / check_study_name(study)
 
 
-def load_study(url: str, name: str | None = None, **kwargs) -> optuna.Study:
-    """An existing study (`kwargs` go to optuna.load_study); `name` None: the storage's only one. A missing or
-    ambiguous one is a one-line error listing the studies the storage holds."""
+def load_study(url: str, name: str | None = None, opened: optuna.storages.BaseStorage | None = None,
+               **kwargs) -> optuna.Study:
+    """An existing study in the storage at `url` (`opened`: that storage, already made; `kwargs` go to
+    optuna.load_study); `name` None: the storage's only one. A missing or ambiguous one is a one-line error listing
+    the studies the storage holds."""
     if name is not None:
         check_study_name(name)
-    storage = make_storage(url)
+    storage = make_storage(url) if opened is None else opened
     names = optuna.get_all_study_names(storage)
     if name is None and len(names) == 1:
         name = names[0]

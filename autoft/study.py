@@ -163,11 +163,12 @@ def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: i
 
 
 def open_study(base: Config, opts: SearchOptions, space: SearchSpace, seed: int, images: int,
-               data: Fingerprint | None = None, folds: int = 1) -> optuna.Study:
-    """Create or resume the study; a resumed study must have the same space, base config and data (`data`: its
-    fingerprint, compared by content, so another spelling of the same folder resumes; `images`: one fold's validation
-    images, of `folds`)."""
-    storage = make_storage(opts.storage)
+               data: Fingerprint | None = None, folds: int = 1,
+               storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create or resume the study in `storage` (None: opened from `opts.storage`); a resumed study must have the same
+    space, base config and data (`data`: its fingerprint, compared by content, so another spelling of the same folder
+    resumes; `images`: one fold's validation images, of `folds`)."""
+    storage = make_storage(opts.storage) if storage is None else storage
     try:
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     except Exception as exc:
@@ -210,15 +211,16 @@ def run_search(base: Config, opts: SearchOptions, space: SearchSpace | None = No
     cache = RunCache()
     base, space = search_space(base.portable(), opts, space, fixed)  # trials record the data's absolute path
     objective = _objective(base, opts, space, cache)
+    storage = make_storage(opts.storage)
     study = open_study(base, opts, space, base.seed, objective.validated_images() // objective.folds(),
-                       objective.dataset().fingerprint, objective.folds())
+                       objective.dataset().fingerprint, objective.folds(), storage)
     objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
     records.record_class_counts(study, class_counts(objective.dataset()))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
-    return _run(study, objective, opts, started, spawn=opts.workers > 1)
+    return _run(study, storage, objective, opts, started, spawn=opts.workers > 1)
 
 
 def join(storage: str, study: str, *, data: str | None = None, device: str = "auto", out: str | None = None,
@@ -231,7 +233,8 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     if threads:
         torch.set_num_threads(threads)
     check_outputs(SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout))
-    found = load_study(storage, study)
+    opened = make_storage(storage)
+    found = load_study(storage, study, opened=opened)
     meta = records.read_study_meta(found)
     base = meta.base.replace(device=device, **({"data": data} if data else {}))
     opts = SearchOptions(study=study, storage=storage, out=out, artifacts=artifacts, timeout=timeout, progress=progress,
@@ -244,7 +247,7 @@ def join(storage: str, study: str, *, data: str | None = None, device: str = "au
     found.pruner = make_pruner(opts.pruner, base.epochs, opts.min_epochs, opts.startup_trials,
                                objective.validated_images() // objective.folds(), base.metric, objective.folds())
     objective.say_folds()
-    return _run(found, objective, opts, started, spawn=False, ship=False)
+    return _run(found, opened, objective, opts, started, spawn=False, ship=False)
 
 
 def check_outputs(opts: SearchOptions) -> None:
@@ -295,8 +298,8 @@ def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: Run
     return objective
 
 
-def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started: float, spawn: bool,
-         ship: bool = True) -> optuna.Study:
+def _run(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: Objective, opts: SearchOptions,
+         started: float, spawn: bool, ship: bool = True) -> optuna.Study:
     """Trials until the study's goal is met (or the time budget, counted from `started`, is spent), here or in
     `opts.workers` spawned processes; then the exports, with `ship` the winner's shipped model too unless the run was
     interrupted (the search ships it; its workers, which end with it, would each train the same model again).
@@ -328,7 +331,7 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started
                 workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir),
                               opts.artifacts, left if math.isfinite(left) else None, progress=progress, ran=ran)
             elif todo:
-                workers.work(study, objective, [exporter] + ([progress] if progress else []),
+                workers.work(study, storage, objective, [exporter] + ([progress] if progress else []),
                              lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
                              before_trial=lambda s: records.enqueue_portfolio(s, recipes))
             finished = True

@@ -1,7 +1,8 @@
 """Many workers on one study: `autoft search --workers N` on one machine, `autoft worker` from any machine.
 
 Optuna's storage is the distributed engine: every worker is an ordinary process running trials of the
-same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL). What autoft adds:
+same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL), with ask and tell. What
+autoft adds:
 
 * an exact trial count. The study keeps a goal, `target` finished (COMPLETE + PRUNED) trials, in its
   user attrs. A worker starts a trial only while finished + running trials are below it; when a race
@@ -10,9 +11,9 @@ same study through the same storage (SQLite file, journal file, PostgreSQL/MySQL
   workers wait instead of leaving, so a trial whose worker dies is retried and the goal is still met.
 * zombie trials: a RUNNING trial whose worker ran on this machine and whose process is gone (kill -9, a
   crash, a reboot) is failed at once with the reason "worker died (host:pid)"; one whose worker ran
-  elsewhere is failed by heartbeats (see storage.py) once its beats stop for the grace period ("worker
-  stopped sending heartbeats"). Workers look for both before each trial and, while idle, every POLL_S
-  seconds; RetryHeartbeatStaleTrialCallback re-queues the trial once, so the goal is still met exactly.
+  elsewhere is failed by heartbeats (heartbeat.py) once its beats stop for the grace period. Workers look
+  for both before each trial and, while idle, every POLL_S seconds; each is re-queued once
+  (heartbeat.requeue_once), so the goal is still met exactly.
 * a trial's own crash (an unexpected exception) is recorded as FAIL with its reason and the study goes
   on; MAX_CRASHES crashes in a row stop the worker, since then it is not the trial that is broken.
 
@@ -22,7 +23,6 @@ opened or joined, is the caller's (study.py).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import signal
@@ -31,43 +31,26 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import optuna
 import torch
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
 from .exceptions import AutoftError, Terminated, one_line
+from .heartbeat import Trials, requeue_once
 from .interrupts import check_stopped
 from .processes import gone, process_id, this_machine
-from .storage import _BEAT as HEARTBEAT_ATTR  # a journal storage's heartbeat, a trial system attr
+from .storage import heartbeat_periods
 
 log = logging.getLogger("autoft")
 POLL_S = 1.0
 MAX_CRASHES = 3
+PROCESS = "autoft:process"  # trial user attr: the process that runs it (processes.process_id)
 
-
-class TrialCrashed(Exception):
-    """An unexpected error inside one trial: that trial ends FAIL with the reason, the study goes on."""
-
-
-class Surplus(Exception):
-    """The study's goal was already taken by other workers' trials when this one started."""
-
-
-class _QuietTrialEnds(logging.Filter):
-    """A given-up slot is bookkeeping, and an interrupt is the user's doing: neither is worth a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, KeyboardInterrupt):
-            record.exc_info = None
-        return not isinstance(exc, Surplus)
-
-
-logging.getLogger("optuna.study._optimize").addFilter(_QuietTrialEnds())
+Callback = Callable[[optuna.Study, FrozenTrial], None]  # after each trial, as Optuna's optimize callbacks
 
 
 def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
@@ -78,46 +61,99 @@ def has_slot(trials: Sequence[FrozenTrial], number: int, target: int) -> bool:
 
 
 class Ran:
-    """The trials one run started, so that its summary counts its own: those of this process (by trial id)
+    """The trials one run started, so that its summary counts its own: those of this process (by number)
     and those of the worker processes it spawned (by host:pid), never another run's on the same study."""
 
     def __init__(self) -> None:
-        self.trial_ids: set[int] = set()
+        self.numbers: set[int] = set()
         self.workers: set[str] = set()
 
     def trials(self, study: optuna.Study) -> list[FrozenTrial]:
         return [t for t in study.get_trials(deepcopy=False)
-                if t._trial_id in self.trial_ids or t.user_attrs.get(records.WORKER) in self.workers]
+                if t.number in self.numbers or t.user_attrs.get(records.WORKER) in self.workers]
 
 
-class _Slot:
-    """Wraps the objective: claims a slot first, and turns a trial's unexpected error into a recorded FAIL."""
+class Worker:
+    """Runs trials of `study` with ask and tell until it holds exactly its goal of finished trials (or
+    `time_left()` seconds are no more): the objective's value is told, a TrialPruned is told PRUNED, and an
+    unexpected error ends the trial FAIL with its reason. `callbacks` see every trial after its tell (the exports,
+    the progress line); `ran` collects the trials this process started; `before_trial(study)` runs once a slot is
+    free, right before a trial is asked for (to queue the next portfolio recipe)."""
 
-    def __init__(self, objective: Callable[[optuna.Trial], float], ran: Ran | None = None):
-        self.objective, self.ran = objective, ran
-        self.trial_id: int | None = None  # the last trial this process started
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                 objective: Callable[[optuna.Trial], float], callbacks: Sequence[Callback] = (),
+                 time_left: Callable[[], float] | None = None, ran: Ran | None = None,
+                 before_trial: Callable[[optuna.Study], None] | None = None):
+        self.study, self.objective, self.callbacks, self.time_left = study, objective, list(callbacks), time_left
+        self.ran, self.before_trial = ran or Ran(), before_trial
+        self.trials = Trials(study, storage, *heartbeat_periods())
+        self.running: int | None = None  # the number of the trial this process runs now
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.trial_id = trial._trial_id
-        check_stopped()
-        target = records.goal(trial.study)
-        if not has_slot(trial.study.get_trials(deepcopy=False), trial.number, target):
-            records.record_surplus(trial, target)
-            raise Surplus()
-        records.record_worker(trial)
-        trial.study._storage.set_trial_system_attr(trial._trial_id, PROCESS, process_id())
-        if self.ran is not None:
-            self.ran.trial_ids.add(trial._trial_id)
-        _RUNNING_HERE.add(trial._trial_id)
+    def run(self) -> None:
+        crashes, waiting = 0, False
         try:
-            return self.objective(trial)
+            while True:
+                check_stopped()
+                self.fail_stale()
+                target = records.goal(self.study)
+                trials = self.study.get_trials(deepcopy=False)
+                done, running = records.finished_count(trials), records.state_counts(trials)[TrialState.RUNNING]
+                if done >= target or (self.time_left is not None and self.time_left() <= 0):
+                    return
+                if done + running >= target:  # the last trials are running elsewhere; stay in case one dies
+                    if not waiting:
+                        log.info("%d of %d trials finished; waiting for the %d running elsewhere", done, target, running)
+                    waiting = True
+                    time.sleep(POLL_S)
+                    continue
+                waiting = False
+                if self.before_trial is not None:
+                    self.before_trial(self.study)
+                last = self.one()
+                crashes = crashes + 1 if last.state == TrialState.FAIL and not records.is_surplus(last) else 0
+                if crashes >= MAX_CRASHES:
+                    raise AutoftError(f"{crashes} trials in a row failed, the last with "
+                                      f"{records.reason(last) or 'no reason'}; see the trials' fail_reason (trials.csv) "
+                                      "and fix the cause")
+        finally:
+            self.abandon()
+
+    def one(self) -> FrozenTrial:
+        """Ask for a trial, claim its slot, run the objective with a heartbeat, tell the outcome, call back."""
+        with warnings.catch_warnings():  # "Heartbeat ... supposed to be used with Study.optimize": this one beats
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = self.study.ask()
+        self.running = trial.number
+        try:
+            check_stopped()
+            target = records.goal(self.study)
+            if not has_slot(self.study.get_trials(deepcopy=False), trial.number, target):
+                records.record_surplus(trial, target)
+                frozen = self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                records.record_worker(trial)
+                trial.set_user_attr(PROCESS, process_id())
+                self.ran.numbers.add(trial.number)
+                frozen = self._tell(trial)
+        finally:
+            self.running = None
+        for callback in self.callbacks:
+            callback(self.study, frozen)
+        return frozen
+
+    def _tell(self, trial: optuna.Trial) -> FrozenTrial:
+        try:
+            with self.trials.beating(trial.number):
+                value = self.objective(trial)
         except optuna.TrialPruned:
-            raise
+            return self.study.tell(trial, state=TrialState.PRUNED)
         except AutoftError as exc:  # the user's to fix (a full disk, ...): the run stops; the trial says why
             records.record_failure(trial, one_line(exc))
+            self.study.tell(trial, state=TrialState.FAIL)
             raise
         except KeyboardInterrupt as exc:
             records.record_failure(trial, f"interrupted ({'SIGTERM' if isinstance(exc, Terminated) else 'Ctrl-C'})")
+            self.study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
@@ -125,112 +161,57 @@ class _Slot:
             if release is not None:
                 release()
             records.record_failure(trial, reason)
-            raise TrialCrashed(reason) from exc
-        finally:
-            _RUNNING_HERE.discard(trial._trial_id)
+            log.warning("trial %d failed: %s", trial.number, reason)
+            return self.study.tell(trial, state=TrialState.FAIL)
+        return self.study.tell(trial, value)
 
-    def abandon(self, study: optuna.Study) -> None:
+    def abandon(self) -> None:
         """Mark this process's trial FAIL if an interrupt left it RUNNING, so nobody waits for it."""
-        if self.trial_id is None:
-            return
-        try:
-            if study._storage.get_trial(self.trial_id).state == TrialState.RUNNING:
-                study._storage.set_trial_user_attr(self.trial_id, records.FAIL_REASON, "interrupted")
-                study._storage.set_trial_state_values(self.trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
+        if self.running is not None and self.trials.get(self.running).state == TrialState.RUNNING:
+            self.trials.fail(self.running, "interrupted", records.FAIL_REASON)
+
+    def fail_stale(self) -> None:
+        """Fail the study's zombie trials with their reason, each exactly once, and have each re-queued once.
+
+        Zombies are RUNNING trials whose worker is dead for sure (`dead_worker`), failed at once, and those whose
+        heartbeat stopped for the grace period (heartbeat.Trials.fail_stale). Only the process whose FAIL lands
+        re-queues a trial."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            who = self.dead_worker(t)
+            if who and self.trials.fail(t.number, f"worker died ({who})", records.FAIL_REASON):
+                self._say_retry(t, f"worker died ({who})")
+                requeue_once(self.study, self.trials.get(t.number))
+        for t in self.trials.fail_stale("worker stopped sending heartbeats", records.FAIL_REASON):
+            self._say_retry(t, "its worker stopped sending heartbeats")
+
+    @staticmethod
+    def _say_retry(t: FrozenTrial, why: str) -> None:
+        log.warning("trial %d: %s; %s", t.number, why,
+                    "it is not retried again" if t.system_attrs.get("retry_history") else "it runs again")
+
+    def dead_worker(self, t: FrozenTrial) -> str | None:
+        """The worker (host:pid) of a RUNNING trial when it ran on this machine and its process is gone for sure;
+        None when it may still run (another machine, or one we cannot tell), which heartbeats then settle."""
+        return dead_worker(t, running_here=self.running)
 
 
-# --- zombie trials ------------------------------------------------------------------------------------------
-
-PROCESS = "autoft:process"  # trial system attr: which process runs it (processes.process_id)
-_RUNNING_HERE: set[int] = set()  # trial ids this process is running right now
-
-
-def dead_worker(t: FrozenTrial) -> str | None:
-    """The worker (host:pid) of a RUNNING trial when it ran on this machine and its process is gone for sure;
-    None when it may still run (another machine, or one we cannot tell), which heartbeats then settle."""
-    recorded = t.system_attrs.get(PROCESS)
+def dead_worker(t: FrozenTrial, running_here: int | None = None) -> str | None:
+    """`Worker.dead_worker` of a process that runs trial `running_here` (None: none)."""
+    recorded = t.user_attrs.get(PROCESS, t.system_attrs.get(PROCESS))  # earlier versions: a system attr
     if not isinstance(recorded, str) or recorded.count("|") != 4:
         return None
     machine, pid, _ = recorded.rsplit("|", 2)
     who = t.user_attrs.get(records.WORKER) or f"{socket.gethostname()}:{pid}"
     if machine == this_machine() and pid == str(os.getpid()):
-        return None if t._trial_id in _RUNNING_HERE else who  # an earlier process of this pid, or a run that crashed
+        return None if t.number == running_here else who  # an earlier process of this pid, or a run that crashed
     return who if gone(recorded) else None
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail the study's zombie trials with their reason, each exactly once, and have the storage re-queue them.
-
-    Zombies are RUNNING trials whose worker is dead for sure (`dead_worker`), failed at once, and those whose
-    heartbeat stopped for the grace period (Optuna's test). Only the process whose FAIL lands re-queues a trial.
-    """
-    storage = study._storage
-    reasons = {t._trial_id: f"worker died ({who})" for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if (who := dead_worker(t))}
-    if is_heartbeat_enabled(storage):
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
-            who = storage.get_trial(trial_id).user_attrs.get(records.WORKER)
-            reasons.setdefault(trial_id, "worker stopped sending heartbeats" + (f" ({who})" if who else ""))
-    failed = []
-    for trial_id, reason in reasons.items():
-        try:
-            storage.set_trial_user_attr(trial_id, records.FAIL_REASON, reason)  # first: a finished trial takes no attrs
-            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or another worker failed it first
-            pass
-    retry = storage.get_heartbeat_stale_trial_callback() if isinstance(storage, BaseHeartbeat) else None
-    for trial_id in failed:
-        trial = copy.deepcopy(storage.get_trial(trial_id))
-        log.warning("trial %d: %s; %s", trial.number, reasons[trial_id],
-                    "it runs again" if retry and not trial.system_attrs.get("retry_history") else "it is not retried")
-        if retry is not None:  # the retry copies the trial's attrs: only what queued it (a recipe's name), not the
-            for key in [k for k in trial.user_attrs if k != records.PORTFOLIO]:  # dead run's record and artifacts
-                trial.user_attrs.pop(key)
-            for key in (PROCESS, HEARTBEAT_ATTR):
-                trial.system_attrs.pop(key, None)
-            retry(study, trial)
-
-
-def work(study: optuna.Study, objective: Callable[[optuna.Trial], float],
-         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-         time_left: Callable[[], float] | None = None,
-         ran: Ran | None = None, before_trial: Callable[[optuna.Study], None] | None = None) -> None:
-    """Run trials until the study holds exactly its goal of finished trials (or `time_left()` seconds are no more).
-
-    `ran` collects the trials this process started; `before_trial(study)` runs once a slot is free, right
-    before a trial starts (to queue the next one).
-    """
-    slot = _Slot(objective, ran)
-    crashes, waiting = 0, False
-    try:
-        while True:
-            check_stopped()
-            fail_stale(study)
-            target = records.goal(study)
-            trials = study.get_trials(deepcopy=False)
-            done, running = records.finished_count(trials), records.state_counts(trials)[TrialState.RUNNING]
-            if done >= target or (time_left is not None and time_left() <= 0):
-                return
-            if done + running >= target:  # the last trials are running elsewhere; stay in case one dies
-                if not waiting:
-                    log.info("%d of %d trials finished; waiting for the %d running elsewhere", done, target, running)
-                waiting = True
-                time.sleep(POLL_S)
-                continue
-            waiting = False
-            if before_trial is not None:
-                before_trial(study)
-            study.optimize(slot, n_trials=1, callbacks=list(callbacks), catch=(TrialCrashed, Surplus), gc_after_trial=False)
-            last = study._storage.get_trial(slot.trial_id)
-            crashes = crashes + 1 if last.state == TrialState.FAIL and not records.is_surplus(last) else 0
-            if crashes >= MAX_CRASHES:
-                raise AutoftError(f"{crashes} trials in a row failed, the last with {records.reason(last) or 'no reason'}; "
-                                  "see the trials' fail_reason (trials.csv) and fix the cause")
-    finally:
-        slot.abandon(study)
+def work(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: Callable[[optuna.Trial], float],
+         callbacks: Sequence[Callback] = (), time_left: Callable[[], float] | None = None, ran: Ran | None = None,
+         before_trial: Callable[[optuna.Study], None] | None = None) -> None:
+    """Run trials until the study holds exactly its goal (see Worker)."""
+    Worker(study, storage, objective, callbacks, time_left, ran, before_trial).run()
 
 
 # --- several processes ----------------------------------------------------------------------------------------

@@ -266,7 +266,7 @@ CASES = {
     "unknown search: key": (_file("c.yaml", "search: {trails: 3}\n", "--config"), "c.yaml: unknown search setting 'trails'"),
     "search: not a mapping": (_file("c.yaml", "search: [1]\n", "--config"), "c.yaml: 'search' must be a mapping"),
     "--trials two": (_flags("--trials", "two"), "search setting 'trials': expected an integer, got 'two'"),
-    "--trials 0": (_flags("--trials", "0"), "search setting 'trials': 0 is out of range (>= 1)"),
+    "--trials -1": (_flags("--trials", "-1"), "search setting 'trials': -1 is out of range (>= 0)"),
     "--min-epochs 0": (_flags("--min-epochs", "0"), "search setting 'min_epochs': 0 is out of range (>= 1)"),
     "--startup-trials -1": (_flags("--startup-trials", "-1"), "search setting 'startup_trials': -1 is out of range (>= 0)"),
     "--timeout -1": (_flags("--timeout", "-1"), "search setting 'timeout': -1.0 is out of range (> 0)"),

@@ -47,7 +47,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
     ran, clock = Ran(), _Clock()
     probe_cfg = tiny_config.replace(freeze_depth=get_backbone("tiny_cnn").num_stages, aug_strength=0.0)
     probe_trial = _running(study, probe_cfg)
-    ran.trial_ids.add(probe_trial._trial_id)
+    ran.numbers.add(probe_trial.number)
     progress = _Progress(4, study, ran, folds=2, clock=clock, live=True)
     for done in range(1, 4):  # the probe's one feature pass
         progress.batch(probe_trial.number, done, 10, 500.0)
@@ -58,7 +58,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
     progress(study, study.trials[0])
 
     trial = _running(study, tiny_config)  # epochs 3, no frozen stages: trained by epochs
-    ran.trial_ids.add(trial._trial_id)
+    ran.numbers.add(trial.number)
     for done in range(1, 6):
         progress.batch(trial.number, done, 10, 4.0)
         clock.now += 2.0

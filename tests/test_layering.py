@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoft"
 LAYERS = {
     # nothing of autoft's but exceptions:
     "exceptions": 1, "config": 1, "storage": 1, "files": 1, "estimate": 1, "selection": 1, "racing": 1, "interrupts": 1,
-    "processes": 1,
+    "processes": 1, "heartbeat": 1,
     "data": 2, "backbones": 2,
     "cache": 2.5,  # what a run keeps in memory: datasets, device copies, features, pretrained stages
     "probe": 3, "finetune": 3, "checkpoint": 3, "space": 3,

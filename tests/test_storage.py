@@ -12,7 +12,9 @@ import pytest
 from optuna.trial import TrialState
 
 import pgtest
-from autoft.storage import HeartbeatJournalStorage, make_storage, mask_url, with_driver
+from autoft import records
+from autoft.heartbeat import Trials
+from autoft.storage import make_storage, mask_url, with_driver
 from autoft.cli import build_parser, main
 from autoft.exceptions import ConfigError
 
@@ -64,27 +66,32 @@ def test_dashboard_binds_loopback_unless_told():
     assert build_parser().parse_args(["dashboard", "--host", "0.0.0.0"]).host == "0.0.0.0"
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_stale_trial_is_failed_and_requeued_once(tmp_path, fast_heartbeat, kind):
-    """A trial whose worker stopped beating becomes FAIL and comes back WAITING with the same params, once."""
+    """A trial whose worker stopped beating becomes FAIL and comes back WAITING with the same params, once: through
+    Optuna's heartbeat on SQLite, autoft's on a journal file (heartbeat.Trials), public API only."""
     url = f"sqlite:///{tmp_path}/s.db" if kind == "sqlite" else f"journal:{tmp_path}/s.journal"
     storage = make_storage(url)
-    if kind == "journal":
-        assert isinstance(storage, HeartbeatJournalStorage)
     study = optuna.create_study(storage=storage, study_name="s")
+    trials = Trials(study, storage, 1, 2)
     zombie = study.ask()
     zombie.suggest_float("lr", 1e-4, 1e-1, log=True)
-    storage.record_heartbeat(zombie._trial_id)  # then its worker "dies": no more beats
+    zombie.set_user_attr("portfolio", "hand_recipe")
+    zombie.set_user_attr("weights_artifact_id", "gone-with-its-worker")
+    with trials.beating(zombie.number):  # it beats, then its worker "dies": no more beats
+        time.sleep(0.1)
     alive = study.ask()
     time.sleep(3.5)  # > grace (2 s) + SQLite CURRENT_TIMESTAMP's one-second resolution
-    storage.record_heartbeat(alive._trial_id)  # this one's worker is still beating
-    optuna.storages.fail_stale_trials(study)
-    optuna.storages.fail_stale_trials(study)  # a second sweep (another worker) must not retry it twice
-    trials = study.get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
-    assert trials[2].params == trials[0].params
-    assert trials[2].system_attrs["failed_trial"] == zombie.number
+    with trials.beating(alive.number):  # this one's worker is still beating
+        time.sleep(0.1)
+        assert [t.number for t in trials.fail_stale("worker stopped sending heartbeats", "fail_reason")] == [0]
+        trials.fail_stale("worker stopped sending heartbeats", "fail_reason")  # another worker's sweep: no 2nd retry
+    found = study.get_trials(deepcopy=False)
+    assert [t.state for t in found] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert found[2].params == found[0].params
+    assert found[2].system_attrs["failed_trial"] == zombie.number
+    assert found[2].user_attrs == {"portfolio": "hand_recipe"}  # what queued it; not the dead run's record
+    assert records.reason(found[0]) == "worker stopped sending heartbeats"
 
 
 def _hammer(url: str) -> None:

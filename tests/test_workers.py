@@ -16,13 +16,14 @@ import torch
 from optuna.trial import TrialState
 
 import autoft.objective
+import autoft.records
 import autoft.interrupts
 import autoft.workers
 from autoft.storage import make_storage
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import Terminated, TrialFailure
-from autoft.workers import Surplus, _Slot, has_slot, plan
+from autoft.workers import Worker, has_slot, plan
 
 from conftest import make_image_folder
 
@@ -104,13 +105,13 @@ def test_has_slot_gives_the_last_slot_to_exactly_one_racer():
     assert not has_slot(retry, 6, target=3) and has_slot(retry, 5, target=3)
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_surplus_trial_gives_its_slot_up_without_training(tmp_path):
-    study = optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path}/s.db"))
+    storage = make_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(storage=storage)
     study.set_user_attr("target", 1)
     study.ask()  # another worker's trial holds the only slot
     ran = []
-    study.optimize(_Slot(lambda trial: ran.append(trial) or 1.0), n_trials=1, catch=(Surplus,))
+    Worker(study, storage, lambda trial: ran.append(trial) or 1.0).one()
     last = study.trials[-1]
     assert not ran and last.state == TrialState.FAIL and last.user_attrs["fail_reason"].startswith("surplus")
 
@@ -155,7 +156,7 @@ def test_dead_runs_zombie_is_retried_by_the_next_search(tmp_path, monkeypatch, i
     assert main(search_args(image_folder, "--trials", "2")) == 0  # the retry runs before the next portfolio recipe
     trials = study.get_trials(deepcopy=False)
     assert trials[zombie.number].state == TrialState.FAIL
-    assert trials[zombie.number].user_attrs["fail_reason"] == "worker stopped sending heartbeats"
+    assert autoft.records.reason(trials[zombie.number]) == "worker stopped sending heartbeats"
     assert any(t.system_attrs.get("failed_trial") == zombie.number and t.state in FINISHED for t in trials)
     assert n_finished(study) == 3
 
@@ -193,10 +194,11 @@ def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_pat
 def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
     """Only a process of this machine that is gone, a zombie, or whose pid now belongs to a later process is dead;
     a live worker, one on another machine, or one recorded by another autoft are left to heartbeats."""
-    from autoft.workers import PROCESS, _this_machine, dead_worker, process_id
+    from autoft.processes import process_id, this_machine
+    from autoft.workers import PROCESS, dead_worker
 
     def trial(recorded: str) -> SimpleNamespace:
-        return SimpleNamespace(system_attrs={PROCESS: recorded}, user_attrs={"worker": "me:1"}, _trial_id=10**6)
+        return SimpleNamespace(user_attrs={PROCESS: recorded, "worker": "me:1"}, system_attrs={}, number=7)
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -215,7 +217,8 @@ def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
         sleeper.wait()
     assert dead_worker(trial(alive)) == "me:1"
     assert dead_worker(trial(process_id(os.getpid()))) == "me:1"  # this process, and not running that trial
-    assert _this_machine().count("|") == 2
+    assert dead_worker(trial(process_id(os.getpid())), running_here=7) is None  # this process runs it
+    assert this_machine().count("|") == 2
 
 
 def test_summary_counts_this_runs_trials_only(tmp_path, monkeypatch, image_folder, capsys):
