@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from .files import atomic_paths, versions
 from .cache import RunCache
 from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
-from .storage import attach_bytes, has_artifact, read_artifact, remove_artifact
+from .storage import attach_bytes, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
 RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for

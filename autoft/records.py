@@ -495,12 +495,6 @@ def with_running(study: optuna.Study, number: int, result: Result) -> tuple[list
     return [Candidate.of(t) for t in completed(study) if t.number != number] + [me], me
 
 
-def is_new_best(study: optuna.Study, number: int, result: Result) -> bool:
-    """Whether trial `number`, still running with this result, would be the winner were it complete now."""
-    candidates, me = with_running(study, number, result)
-    return select(candidates) is me
-
-
 def state_counts(trials: Sequence[FrozenTrial]) -> Counter[TrialState]:
     """Trials per state (a state with none counts 0)."""
     return Counter(t.state for t in trials)

@@ -7,7 +7,7 @@ candidate picked r times out of R rounds weighs r/R. The mix kept is the best ro
 Selection happens on the same out-of-fold predictions it is scored on, so its score is optimistic (on
 synthetic near-copies of one model, 25 greedy rounds gained 3.5 points of pure noise, more than one
 standard error). So the decision is nested: the mix and the single best candidate are each chosen on 4/5
-of the images and scored on the fifth they did not see (`nested_scores`), and a mix ships only when it
+of the images and scored on the fifth they did not see (`nested_predictions`), and a mix ships only when it
 beats the single candidate there by more than one standard error (the one-standard-error rule, as
 `records.select` ranks trials).
 """
@@ -59,14 +59,6 @@ def ensemble_selection(probs: np.ndarray, labels: np.ndarray, metric: Callable[[
             best, kept = keys[pick], counts.copy()
     assert best is not None
     return Selection(kept / kept.sum(), best[0], -best[1])
-
-
-def nested_scores(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
-                  folds: int = 5, seed: int = 0, rounds: int = ROUNDS) -> tuple[float, float]:
-    """Honest scores of the two procedures, on images neither chose on: (the selected mix, the single best
-    candidate), from `nested_predictions`."""
-    mixed, single = nested_predictions(probs, labels, metric, folds, seed, rounds)
-    return metric(labels, mixed), metric(labels, single)
 
 
 def nested_predictions(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],

@@ -222,11 +222,6 @@ def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes | Non
         return None
 
 
-def has_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bool:
-    """Whether the artifact is still in the folder `artifacts` (a user may have deleted it)."""
-    return (Path(artifacts) / artifact_id).is_file()
-
-
 def remove_artifact(artifact_id: str, artifacts: str | os.PathLike) -> None:
     """Delete an artifact from the folder `artifacts`; one already gone is fine."""
     from optuna.artifacts.exceptions import ArtifactNotFound

@@ -34,7 +34,6 @@ from .estimate import Estimate, span
 from .exceptions import AutoftError, ConfigError
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
-from .finetune import plan_folds
 from .objective import Objective, trial_seed
 from .probe import EXACT
 from .space import SearchSpace, imbalanced

@@ -151,7 +151,7 @@ def test_best_metric_reranks_a_finished_study_without_training(tmp_path, monkeyp
     import autoft.finetune
     from autoft.cli import main
 
-    monkeypatch.setattr(autoft.finetune, "finetune", lambda *a, **k: pytest.fail("best --metric trained"))
+    monkeypatch.setattr(autoft.finetune._FoldRun, "__init__", lambda *a, **k: pytest.fail("best --metric trained"))
     labels = np.repeat([0, 1, 2], [80, 10, 10])
     common = np.eye(3)[np.zeros(100, dtype=int)]  # always class 0: accuracy 0.80, balanced accuracy 0.33
     even = np.eye(3)[np.where(np.arange(100) % 2 == 0, labels, (labels + 1) % 3)]  # half right per class: 0.50, 0.50

@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 
 from autoft.estimate import Estimate
-from autoft.selection import ensemble_selection, nested_scores, wins_beyond_noise
+from autoft.selection import ensemble_selection, nested_predictions, wins_beyond_noise
 
 
 def accuracy(y, pred):
     return float((y == pred).mean())
+
+
+def nested_scores(probs, labels, metric):
+    """What exports.choose_mix judges: the mix's and the single best's scores on images neither chose on."""
+    mixed, single = nested_predictions(probs, labels, metric)
+    return metric(labels, mixed), metric(labels, single)
 
 
 def _confident(pred: np.ndarray, classes: int, p: float = 0.8) -> np.ndarray:
