@@ -17,7 +17,7 @@ from .exceptions import ConfigError, one_line
 from .files import check_writable_dir
 from .finetune import score_key
 from .plots import estimates_figure, learning_curves_figure, learning_curves_png, points
-from .storage import DEFAULT_ARTIFACTS, attach_bytes, load_study, make_storage, mask_url
+from .storage import DEFAULT_ARTIFACTS, artifact_store, attach_bytes, load_study, make_storage, mask_url
 
 log = logging.getLogger("autoft")
 LEARNING_CURVES_ID = "learning-curves"  # the study page's figures, rewritten after every trial
@@ -26,9 +26,15 @@ ESTIMATES_ID = "estimates"
 
 def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: int = 8080,
           artifacts: str = DEFAULT_ARTIFACTS) -> None:
-    """Blocks until Ctrl-C. Prints the URL of the study's page when the study exists."""
-    from optuna.artifacts import FileSystemArtifactStore
-    from optuna_dashboard import run_server
+    """Blocks until Ctrl-C or SIGTERM. Prints the URL of the study's page when the study exists.
+
+    optuna-dashboard's WSGI app, served from a thread: the signal reaches the main thread, which only waits, so
+    it always stops the server (raised inside a request, wsgiref would catch it and serve on)."""
+    import signal
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from optuna_dashboard import wsgi
 
     url = f"http://{host}:{port}/dashboard"
     if not Path(artifacts).is_dir():  # an existing one is only read (uploads aside): a read-only study can be viewed
@@ -41,13 +47,28 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
     else:  # several: the dashboard's list of them
         print(f"{len(names)} studies: {', '.join(names)}", flush=True)
     Path(artifacts).mkdir(parents=True, exist_ok=True)
-    print(f"optuna-dashboard for {mask_url(storage_url)}: {url}  (Ctrl-C to stop)", flush=True)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # one line per request is noise in a terminal
+            pass
+
     try:
-        run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(artifacts))
+        server = make_server(host, port, wsgi(storage, artifact_store(artifacts)), handler_class=Quiet)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+    print(f"optuna-dashboard for {mask_url(storage_url)}: {url}  (Ctrl-C to stop)", flush=True)
+    thread = threading.Thread(target=server.serve_forever, name="autoft-dashboard", daemon=True)
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    try:
+        thread.start()  # inside the try: a Ctrl-C right after the first answer still stops it cleanly
+        while thread.is_alive():
+            thread.join(0.5)
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        server.shutdown()
+        server.server_close()
 
 
 def publish_trial(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float]],

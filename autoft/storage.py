@@ -184,7 +184,7 @@ def load_study(url: str, name: str | None = None, opened: optuna.storages.BaseSt
     raise ConfigError(f"no study named {name!r} in {mask_url(url)}; it holds {listed} (--study NAME)")
 
 
-def _store(artifacts: str | os.PathLike):
+def artifact_store(artifacts: str | os.PathLike):
     """Optuna's file-system artifact store, each artifact written under a temp name and renamed into place, so a
     killed upload leaves no torn artifact (its temp file is swept by the next run: files.sweep_temps)."""
     from optuna.artifacts import FileSystemArtifactStore
@@ -206,7 +206,7 @@ def attach_bytes(trial: optuna.Trial, filename: str, data: bytes, mimetype: str,
     with temp_dir(artifacts) as tmp:
         path = Path(tmp) / filename
         path.write_bytes(data)
-        return upload_artifact(artifact_store=_store(artifacts), file_path=str(path), study_or_trial=trial,
+        return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=trial,
                                mimetype=mimetype)
 
 
@@ -216,7 +216,7 @@ def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes | Non
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     try:
-        with _store(artifacts).open_reader(artifact_id) as fh:
+        with artifact_store(artifacts).open_reader(artifact_id) as fh:
             return fh.read()
     except ArtifactNotFound:
         return None
@@ -227,7 +227,7 @@ def remove_artifact(artifact_id: str, artifacts: str | os.PathLike) -> None:
     from optuna.artifacts.exceptions import ArtifactNotFound
 
     try:
-        _store(artifacts).remove(artifact_id)
+        artifact_store(artifacts).remove(artifact_id)
     except ArtifactNotFound:
         pass
 

@@ -88,7 +88,8 @@ def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
     assert main(["search", "--data", str(data), "--trials", "1", "--epochs", "1", "--study", "dash", *TINY]) == 0
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", "dashboard", "--study", "dash", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         body = None
         for _ in range(100):
@@ -102,7 +103,12 @@ def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
         assert [s["study_name"] for s in body["study_summaries"]] == ["dash"]
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, _ = proc.communicate(timeout=20)
+            raise AssertionError(out[:6000])
     assert proc.returncode == 0
     assert f"http://127.0.0.1:{port}/dashboard/studies/" in out
 
