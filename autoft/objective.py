@@ -230,4 +230,4 @@ def versus(metric: str, partial: Partial, leader: records.Oof, delta: float, see
     mixed = np.exp(theirs - top) + np.exp(mine - top)  # choose_mix's average: probabilities x prior ** -tau
     return racing.race(metric, partial.labels, mine.argmax(1), theirs.argmax(1), partial.log_probs.shape[1],
                        partial.folds, seed=seed, delta=delta, validated=int((leader.fold >= 0).sum()),
-                       mixed=mixed.argmax(1))
+                       mixed=mixed.argmax(1), done=partial.folds_done)

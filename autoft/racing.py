@@ -13,9 +13,10 @@ it pays for the next fold only while it may still win. Two stops:
   the leader. This is stochastic curtailment (conditional power; Lan, Simon and Halperin 1982): the trial's final
   difference is its difference so far plus that on the images still to come, predicted from the paired difference
   so far (normal, its standard error from the same paired test). Stopped when that predictive probability,
-  `p_win`, is below WIN_FLOOR. For every look, P(stopped there and it would have won) <= WIN_FLOOR x P(stopped
-  there), so a trial that would have won by more than noise is rarely stopped: the simulation in
-  tests/test_racing.py measures the rate, and benchmarks/pruning.py replays it on recorded studies.
+  `p_win`, is below WIN_FLOOR, at every look but the last (`finalist`). For every look, P(stopped there and it
+  would have won) <= WIN_FLOOR x P(stopped there), so a trial that would have won by more than noise is rarely
+  stopped: the simulation in tests/test_racing.py measures the rate, and benchmarks/pruning.py replays it on
+  recorded studies (docs/search-budget.md).
 
 A near-tie that the ensemble of trials may want (exports.choose_mix needs complete out-of-fold predictions) is the
 one exception (`runs_on_for_mix`). Why not Optuna's WilcoxonPruner: it ranks per-fold scores, and with 5 folds the
@@ -53,6 +54,7 @@ class Verdict:
     p_win: float = 1.0
     delta: float = 0.0
     mix_gain: float = 0.0
+    finalist: bool = False
 
     @property
     def behind(self) -> bool:
@@ -60,7 +62,7 @@ class Verdict:
 
     @property
     def cannot_win(self) -> bool:
-        return self.p_win < WIN_FLOOR
+        return self.p_win < WIN_FLOOR and not self.finalist
 
     @property
     def stop(self) -> bool:
@@ -69,12 +71,14 @@ class Verdict:
 
 
 def race(metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, classes: int, folds: int,
-         seed: int = 0, delta: float = 0.0, validated: int | None = None, mixed: np.ndarray | None = None) -> Verdict:
+         seed: int = 0, delta: float = 0.0, validated: int | None = None, mixed: np.ndarray | None = None,
+         done: int | None = None) -> Verdict:
     """Compare predicted classes `mine` with `theirs` (the leader's) on the same images (`labels`, all (n,)).
 
     `folds`: the study's fold count; each of its folds - 1 looks spends ALPHA / (folds - 1). `delta`: the margin
     a win must exceed (the leader's standard error); `validated`: the images the trial's final score will rest on
-    (None: these); `mixed`: the classes the two predict averaged, for `mix_gain`.
+    (None: these); `mixed`: the classes the two predict averaged, for `mix_gain`; `done`: the folds done (None:
+    a look before the last).
     """
     labels, mine, theirs = (np.asarray(a) for a in (labels, mine, theirs))
     n = len(labels)
@@ -92,7 +96,16 @@ def race(metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, 
         p = float(((diff >= 0).sum() + 1) / (RESAMPLES + 1))
         se = max(float(diff.std(ddof=1)), 1 / n)
     gain = score(metric, labels, np.asarray(mixed), classes) - b if mixed is not None else 0.0
-    return Verdict(a, b, float(p), threshold, n, p_win(a - b, se, delta, n, validated), delta, gain)
+    return Verdict(a, b, float(p), threshold, n, p_win(a - b, se, delta, n, validated), delta, gain,
+                   done is not None and finalist(done, folds))
+
+
+def finalist(done: int, folds: int) -> bool:
+    """THE rule for when "cannot win" no longer stops a trial: at the last look (every fold but one done), where the
+    last fold costs a fold's share of the trial and makes it complete: a candidate for the ensemble of trials, a
+    yardstick for the pruner's guard and a completed point for the sampler (the replays in docs/search-budget.md
+    found stopping there saved less than it cost). Only "behind" stops it there."""
+    return done >= folds - 1
 
 
 def p_win(diff: float, se: float, delta: float, seen: int, validated: int | None) -> float:

@@ -8,7 +8,9 @@ A study recorded without pruning or racing (`--pruner none`) holds every trial's
 would have been decided on (curves.partials/: the Partial after each fold but the last). Each rule is replayed
 through Optuna's ask/tell on those curves: trials arrive in the recorded order, then in `--orders` random orders of
 random subsets (the portfolio always first and whole; between half and all of the sampled trials, so that the
-eventual winner varies); each reports its fold-epochs until the pruner or the fold race (objective.versus, the
+eventual winner varies), and, for the winner figures alone, `--orders` "stress" replays in which each portfolio
+recipe is left out half of the time (so that the linear probe, which never races, is not always the winner);
+each reports its fold-epochs until the pruner or the fold race (objective.versus, the
 product's own code) stops it, and it is never pruned after its last step (as in the product).
 
 Per rule and file, one JSON line: the share of the recorded seconds it saves and the trials a 900 s budget would
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -54,6 +57,9 @@ class Recorded:
     values: dict[int, float]  # Optuna step (1-based) -> the value the product reported there
     partials: dict[int, Partial] = field(default_factory=dict)  # folds done -> what the race after them saw
     oof: records.Oof | None = None
+
+    def __post_init__(self) -> None:
+        self.cfg = records.config(self.trial)
 
     @property
     def exact(self) -> bool:
@@ -107,34 +113,55 @@ class _WithProbes(_Guarded):
 
 def guarded(kind: str, first_rung: int = 1) -> Callable[[int, str, int], optuna.pruners.BasePruner]:
     """A pruner as make_pruner builds it (successive halving, reduction 3, 1 startup trial), its first rung after
-    `first_rung` steps; `kind`: "with probes" (the guard before), "fine-tunes" (now) or "none"."""
+    `first_rung` steps; `kind`: "with probes" (the guard before), "fine-tunes" (now), "best at step" or "none"."""
     def make(images: int, metric: str, epochs: int) -> optuna.pruners.BasePruner:
         if kind == "none":
             return optuna.pruners.NopPruner()
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
-        cls = _WithProbes if kind == "with probes" else _Guarded
+        cls = {"with probes": _WithProbes, "best at step": _BestAtStep}.get(kind, _Guarded)
         return cls(inner, 1, 1, images, metric, epochs)
     return make
 
 
 @dataclass(frozen=True)
 class Race:
-    """A racing rule: off, "behind" only (the rule before), or also "cannot win" below `floor`, with or without
-    the ensemble's near-tie (`mix`: racing.runs_on_for_mix)."""
+    """A racing rule: off, "behind" only (the rule before), or also "cannot win" below `floor` at the looks after
+    folds 1 to `last` (None: every look), with or without the ensemble's near-tie (`mix`: racing.runs_on_for_mix)."""
 
     on: bool = True
     floor: float = 0.0
     mix: bool = True
+    last: int | None = None
 
-    def stops(self, v: racing.Verdict, mixable: bool, others: int) -> bool:
+    def stops(self, v: racing.Verdict, mixable: bool, others: int, look: int) -> bool:
         if not self.on or v.behind:
             return self.on
-        return v.p_win < self.floor and not (self.mix and racing.runs_on_for_mix(v, mixable, others))
+        return self.cannot_win(v, look) and not (self.mix and racing.runs_on_for_mix(v, mixable, others))
+
+    def cannot_win(self, v: racing.Verdict, look: int) -> bool:
+        return v.p_win < self.floor and (self.last is None or look <= self.last)
+
+
+class _BestAtStep(_Guarded):
+    """A guard whose yardstick is the best score at the step among the finished fine-tunes, stopped ones too."""
+
+    def prune(self, study, trial):
+        step = trial.last_step
+        if step is None or step < self.min_epochs or not self.inner.prune(study, trial):
+            return False
+        finished = study.get_trials(deepcopy=False, states=records.FINISHED)
+        there = [t for t in finished if not probe.exact(records.steps(t)) and step in t.intermediate_values]
+        if not there:
+            return False
+        top = max(there, key=lambda t: t.intermediate_values[step])
+        theirs, now = top.intermediate_values[step], trial.intermediate_values[step]
+        return now + self.z * math.hypot(self._noise(trial, step, now), self._noise(top, step, theirs)) < theirs
 
 
 PRUNERS = {
     "sha, probe as yardstick (before)": guarded("with probes"),
-    "sha, fine-tunes as yardstick (now)": guarded("fine-tunes"),
+    "sha, completed fine-tunes as yardstick": guarded("fine-tunes"),
+    "sha, best finished fine-tune at the step as yardstick": guarded("best at step"),
     "sha, first rung at fold 1's end": None,  # filled per file: first_rung = epochs
     "no pruner": guarded("none"),
 }
@@ -144,7 +171,9 @@ RACES = {
     "behind or cannot win, floor 0.05": Race(floor=0.05),
     "behind or cannot win, floor 0.05, no mix near-tie": Race(floor=0.05, mix=False),
     "behind or cannot win, floor 0.1": Race(floor=0.1),
-    "behind or cannot win, floor 0.2": Race(floor=0.2),
+    "behind or cannot win, floor 0.05, after folds 1-3": Race(floor=0.05, last=3),
+    "behind or cannot win, floor 0.1, after folds 1-3": Race(floor=0.1, last=3),
+    "behind or cannot win, floor 0.1, after folds 1-2": Race(floor=0.1, last=2),
 }
 
 
@@ -170,16 +199,15 @@ def replay(trials: list[Recorded], pruner: optuna.pruners.BasePruner, rule: Race
             if step % epochs == 0 and step // epochs < folds and done and step // epochs in r.partials:
                 leader = max(done, key=lambda d: d.trial.value)
                 partial = r.partials[step // epochs]
-                v = versus(metric, partial, leader.oof, records.Candidate.of(leader.trial).noise,
-                           records.config(r.trial).seed)
+                v = versus(metric, partial, leader.oof, records.Candidate.of(leader.trial).noise, r.cfg.seed)
                 if v is None:
                     continue
-                mixable = joins(records.config(r.trial), partial.tau, records.config(leader.trial), leader.oof.tau)
+                mixable = joins(r.cfg, partial.tau, leader.cfg, leader.oof.tau)
                 others = len(ran_on - {r.trial.number})
-                if rule.stops(v, mixable, others):
+                if rule.stops(v, mixable, others, step // epochs):
                     stopped, why = step, "by_race"
                     break
-                if rule.on and v.p_win < rule.floor:  # not stopped, so not behind either
+                if rule.on and rule.cannot_win(v, step // epochs):  # not stopped, so not behind either
                     ran_on.add(r.trial.number)  # it could not win: the ensemble's near-tie ran it on
         if stopped is None:
             study.tell(trial, r.trial.value)
@@ -222,12 +250,11 @@ def _rho(a: list[float], b: list[float]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--orders", type=int, default=100, help="random replays besides the recorded order")
+    ap.add_argument("--orders", type=int, default=100, help="random replays of each kind besides the recorded order")
     ap.add_argument("--table", action="store_true", help="also a Markdown table per file (stderr)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for path in args.files:
-        rows: list[dict] = []
         trials, metric, epochs, folds = load(path)
         if not trials:
             print(f"{path}: no complete trial with every step recorded (record with --pruner none)", file=sys.stderr)
@@ -236,40 +263,54 @@ def main() -> int:
         portfolio = [r for r in trials if records.portfolio_name(r.trial)]
         rest = [r for r in trials if not records.portfolio_name(r.trial)]
         rng = random.Random(0)
-        orders = [trials] + [portfolio + rng.sample(rest, rng.randint((len(rest) + 1) // 2, len(rest)))
-                             for _ in range(args.orders)]
-        full = [sum(r.seconds(len(r.steps)) for r in order) for order in orders]
-        truths = [winner(order) for order in orders]
+
+        def some(pool: list[Recorded]) -> list[Recorded]:
+            return rng.sample(pool, rng.randint((len(pool) + 1) // 2, len(pool)))
+
+        product = [trials] + [portfolio + some(rest) for _ in range(args.orders)]
+        stress = [[r for r in portfolio if rng.random() < 0.5] + some(rest) for _ in range(args.orders)]
         pruners = {**PRUNERS, "sha, first rung at fold 1's end": guarded("fine-tunes", epochs)}
+        rows = []
         for pname, make in pruners.items():
             for rname, rule in RACES.items():
-                runs = [replay(order, make(images, metric, epochs), rule, metric, epochs, folds) for order in orders]
-                lost = [any(truth is s for s in run["stopped"]) for truth, run in zip(truths, runs)]
-                shipped = [winner(run["kept"]) for run in runs]
-                regret = [truth.trial.value - s.trial.value for truth, s in zip(truths, shipped)]
-                real = [g > records.Candidate.of(s.trial).noise for g, s in zip(regret, shipped)]
-                saved = [1 - run["seconds"] / f for run, f in zip(runs, full)]
-                row = {
-                    "file": path, "metric": metric, "trials": len(trials), "sampled": len(rest), "pruner": pname,
-                    "race": rname, "seconds_saved": round(float(np.mean(saved)), 3),
-                    "seconds_recorded_order": round(runs[0]["seconds"]), "seconds_without": round(full[0]),
-                    "trials_per_budget": round(float(np.mean([len(o) * BUDGET_S / r["seconds"]
-                                                              for o, r in zip(orders, runs)])), 1),
-                    "sampled_completed_per_budget": round(float(np.mean([
-                        sum(not records.portfolio_name(k.trial) for k in r["kept"]) * BUDGET_S / r["seconds"]
-                        for r in runs])), 1),
-                    "stopped_by_pruner": round(float(np.mean([r["by_pruner"] for r in runs])), 2),
-                    "stopped_by_race": round(float(np.mean([r["by_race"] for r in runs])), 2),
-                    "ran_on_for_mix": round(float(np.mean([r["mixed"] for r in runs])), 2),
-                    "winner_stopped": round(float(np.mean(lost)), 3),
-                    "winner_lost_beyond_noise": round(float(np.mean(real)), 3),
-                    "mean_regret": round(float(np.mean(regret)), 4), "replays": len(runs)}
+                row = {"file": path, "metric": metric, "trials": len(trials), "sampled": len(rest), "pruner": pname,
+                       "race": rname}
+                for kind, orders in (("", product), ("stress_", stress)):
+                    runs = [replay(order, make(images, metric, epochs), rule, metric, epochs, folds)
+                            for order in orders]
+                    row |= {kind + k: v for k, v in summarize(orders, runs).items()
+                            if not kind or k.startswith("winner") or k == "mean_regret"}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         print(json.dumps({"file": path, "fidelity_spearman": fidelity(trials, epochs, folds, metric)}))
         if args.table:
             print(table(rows), file=sys.stderr)
     return 0
+
+
+def summarize(orders: list[list[Recorded]], runs: list[dict]) -> dict:
+    """What the replays of one rule add up to (see the module's docstring)."""
+    full = [sum(r.seconds(len(r.steps)) for r in order) for order in orders]
+    truths = [winner(order) for order in orders]
+    shipped = [winner(run["kept"]) for run in runs]
+    regret = [truth.trial.value - s.trial.value for truth, s in zip(truths, shipped)]
+
+    def mean(xs) -> float:
+        return float(np.mean(list(xs)))
+
+    return {
+        "seconds_saved": round(mean(1 - run["seconds"] / f for run, f in zip(runs, full)), 3),
+        "seconds_recorded_order": round(runs[0]["seconds"]), "seconds_without": round(full[0]),
+        "trials_per_budget": round(mean(len(o) * BUDGET_S / r["seconds"] for o, r in zip(orders, runs)), 1),
+        "sampled_completed_per_budget": round(mean(sum(not records.portfolio_name(k.trial) for k in r["kept"])
+                                                   * BUDGET_S / r["seconds"] for r in runs), 1),
+        "stopped_by_pruner": round(mean(r["by_pruner"] for r in runs), 2),
+        "stopped_by_race": round(mean(r["by_race"] for r in runs), 2),
+        "ran_on_for_mix": round(mean(r["mixed"] for r in runs), 2),
+        "winner_stopped": round(mean(any(t is s for s in run["stopped"]) for t, run in zip(truths, runs)), 3),
+        "winner_lost_beyond_noise": round(mean(g > records.Candidate.of(s.trial).noise
+                                               for g, s in zip(regret, shipped)), 3),
+        "mean_regret": round(mean(regret), 4), "replays": len(runs)}
 
 
 def table(rows: list[dict]) -> str:
@@ -279,7 +320,9 @@ def table(rows: list[dict]) -> str:
             ("sampled_completed_per_budget", f"sampled completed per {BUDGET_S:g} s"),
             ("stopped_by_pruner", "stopped by pruner"), ("stopped_by_race", "by race"),
             ("ran_on_for_mix", "ran on for the mix"), ("winner_stopped", "winner stopped"),
-            ("winner_lost_beyond_noise", "lost beyond noise"), ("mean_regret", "mean regret")]
+            ("winner_lost_beyond_noise", "lost beyond noise"), ("mean_regret", "mean regret"),
+            ("stress_winner_stopped", "stress: winner stopped"),
+            ("stress_winner_lost_beyond_noise", "stress: lost beyond noise"), ("stress_mean_regret", "stress: regret")]
     head = f"{rows[0]['file']}: {rows[0]['trials']} trials ({rows[0]['sampled']} sampled), {rows[0]['metric']}, " \
            f"{rows[0]['replays']} replays, {rows[0]['seconds_without']} s recorded\n"
     lines = ["| " + " | ".join(name for _, name in cols) + " |", "|" + "---|" * len(cols)]

@@ -334,6 +334,17 @@ def test_a_trial_likely_to_win_runs_every_fold(tmp_path, monkeypatch):
     assert all(look["p_win"] >= 0.05 for look in study.trials[1].user_attrs[records.RACE])
 
 
+def test_a_near_tie_that_reaches_the_last_look_runs_its_last_fold(tmp_path, monkeypatch):
+    """Ahead for three folds, then behind in the fourth: after it, it cannot win (p_win about 0) but is not behind,
+    and the last fold costs a fifth of it: it completes (racing.finalist)."""
+    leader = _right(200, 0.9)
+    late = _flip(_flip(leader, True, {0: 2, 1: 2, 2: 2}), False, {3: 10})
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader}, {"right": late}])
+    assert study.trials[1].state == TrialState.COMPLETE
+    last = study.trials[1].user_attrs[records.RACE][-1]
+    assert last["folds"] == FOLDS - 1 and last["p_win"] < 0.05 and last["p"] >= last["threshold"]
+
+
 def test_one_near_tie_runs_on_for_the_ensemble_of_trials(tmp_path, monkeypatch):
     """Two near-ties that disagree with the leader (their average with it is right where the leader is wrong):
     the first runs every fold for the ensemble, the second does not (racing.MIX_RUNS = 1)."""

@@ -26,7 +26,7 @@ def _races(n: int, leader: float, ahead: float, sims: int, seed: int, shared: fl
         mine = np.where(v < leader + ahead, y, (y + 2) % 5)
         stopped = next((k for k in range(1, FOLDS) if race("accuracy", y[:k * n // FOLDS], mine[:k * n // FOLDS],
                                                             theirs[:k * n // FOLDS], 5, FOLDS, delta=delta,
-                                                            validated=n).stop), None)
+                                                            validated=n, done=k).stop), None)
         yield stopped, (mine == y).mean() - (theirs == y).mean() > delta
 
 
@@ -34,26 +34,26 @@ def _races(n: int, leader: float, ahead: float, sims: int, seed: int, shared: fl
 def test_a_trial_that_would_have_won_beyond_noise_is_rarely_stopped(n, leader):
     """Trials from as good as the leader to 3 standard errors better (the range where winners come from): of those
     whose score over every fold beats the leader's by more than one standard error, the race stops at most
-    2 x WIN_FLOOR (measured 0.03-0.07 at WIN_FLOOR 0.05), sampling noise aside."""
+    WIN_FLOOR (measured 0.02-0.03 at WIN_FLOOR 0.05), sampling noise aside."""
     se = math.sqrt(leader * (1 - leader) / n)
     runs = [r for i, ahead in enumerate((0.0, 1.0, 2.0, 3.0))
             for r in _races(n, leader, ahead * se, 250, seed=i)]
     won = [stopped for stopped, win in runs if win]
     rate = sum(s is not None for s in won) / len(won)
     assert len(won) > 300
-    assert rate <= 2 * WIN_FLOOR + 2 * math.sqrt(2 * WIN_FLOOR / len(won)), rate
+    assert rate <= WIN_FLOOR + 2 * math.sqrt(WIN_FLOOR * (1 - WIN_FLOOR) / len(won)), rate
 
 
 def test_a_trial_that_cannot_win_beyond_noise_stops_early():
-    """As good as the leader: it cannot win beyond noise, and most such races stop before the last fold (measured
-    about 60 %), though McNemar's 'behind' never would; two standard errors worse: nearly all stop, mostly after
-    one or two folds."""
+    """As good as the leader: it cannot win beyond noise, and many such races stop before the last fold (measured
+    39-47 %; it pays 3.6-3.9 folds instead of 5), though McNemar's 'behind' rarely would; two standard errors worse:
+    83-91 % stop, 60-74 % after one or two folds."""
     n, leader = 600, 0.85
     se = math.sqrt(leader * (1 - leader) / n)
     tied = [stopped for stopped, _ in _races(n, leader, 0.0, 200, seed=7)]
-    assert sum(s is not None for s in tied) / len(tied) >= 0.4
+    assert sum(s is not None for s in tied) / len(tied) >= 0.3
     worse = [stopped for stopped, _ in _races(n, leader, -2 * se, 200, seed=8)]
-    assert sum(s is not None for s in worse) / len(worse) >= 0.85
+    assert sum(s is not None for s in worse) / len(worse) >= 0.8
     assert sum(s is not None and s <= 2 for s in worse) / len(worse) >= 0.6
 
 
@@ -68,8 +68,19 @@ def test_identical_predictions_cannot_win_and_are_not_behind():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 10, 240)
     same = np.where(rng.random(240) < 0.85, y, (y + 1) % 10)
-    v = race("accuracy", y, same, same, 10, FOLDS, delta=0.015, validated=600)
+    v = race("accuracy", y, same, same, 10, FOLDS, delta=0.015, validated=600, done=2)
     assert not v.behind and v.cannot_win and v.stop
+
+
+def test_at_the_last_look_only_behind_stops():
+    """A finalist (every fold but one done) runs its last fold unless it is behind: then it completes."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 10, 480)
+    same = np.where(rng.random(480) < 0.85, y, (y + 1) % 10)
+    v = race("accuracy", y, same, same, 10, FOLDS, delta=0.015, validated=600, done=FOLDS - 1)
+    assert v.p_win < WIN_FLOOR and v.finalist and not v.cannot_win and not v.stop
+    worse = np.where(rng.random(480) < 0.6, y, (y + 2) % 10)
+    assert race("accuracy", y, worse, same, 10, FOLDS, delta=0.015, validated=600, done=FOLDS - 1).stop
 
 
 @pytest.mark.parametrize("metric", ["balanced_accuracy", "f1_macro"])
