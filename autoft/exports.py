@@ -287,13 +287,17 @@ def _serialize(ckpt: dict[str, Any]) -> bytes:
 
 
 def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
-    """Whether trial `t` can join the winner's ensemble: one preprocessing (backbone, its weights, image size) and
-    one logit adjustment, which predict and export apply to the whole model; and out-of-fold probabilities kept."""
+    """Whether trial `t` can join the winner's ensemble (`joins`) and kept out-of-fold probabilities."""
     if not t.user_attrs.get(records.OOF):
         return False
-    cfg = records.config(t)
-    return ((cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size)
-            and records.kept_epoch(t).get("tau", 0.0) == tau)
+    return joins(records.config(t), records.kept_epoch(t).get("tau", 0.0), winner, tau)
+
+
+def joins(cfg: Config, tau: float, winner: Config, winner_tau: float) -> bool:
+    """THE rule for who can share an ensemble with the winner: one preprocessing (backbone, its weights, image size)
+    and one logit adjustment, which predict and export apply to the whole model."""
+    return (cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size) \
+        and tau == winner_tau
 
 
 def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from . import dashboard, interrupts, probe, racing, records
 from .backbones import get_backbone
 from .config import Config
 from .data import Dataset
 from .exceptions import TrialFailure, one_line
-from .exports import Exporter
+from .exports import Exporter, joins
 from .cache import RunCache
 from .finetune import BatchHook, Partial, Race, Report, Result, adjusted, finetune, fold_notice, plan_folds, \
     resolve_device
@@ -117,6 +117,7 @@ class Objective:
                     log.info("trial %d: the time budget ends its last fold after epoch %d; it completes on the epochs "
                              "every fold reached", trial.number, metrics["epoch"])
                     return True
+                records.record_unranked(trial)
                 raise optuna.TrialPruned(f"the time budget (--timeout) would run out before the next epoch; stopped "
                                          f"after {where}")
             if trial.should_prune():
@@ -126,13 +127,18 @@ class Objective:
         def race(partial: Partial) -> None:
             if not self.racing:
                 return
-            verdict = self._race(trial, cfg, partial)
-            if verdict is not None and verdict[1].stop:
-                number, v = verdict
-                raise optuna.TrialPruned(
-                    f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
+            raced = self._race(trial, cfg, partial)
+            if raced is None or not raced[1].stop or raced[2]:
+                return
+            number, v, _ = raced
+            records.record_unranked(trial)
+            said = (f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
                     f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same "
-                    f"{v.images} images (p = {v.p:.2g} < {v.threshold:.2g})")
+                    f"{v.images} images")
+            if v.behind:
+                raise optuna.TrialPruned(f"{said} (p = {v.p:.2g} < {v.threshold:.2g})")
+            raise optuna.TrialPruned(f"{said}: {CANNOT_WIN} (P(ahead by more than {v.delta:.4f} over every fold) = "
+                                     f"{v.p_win:.2g} < {racing.WIN_FLOOR:g})")
 
         def on_batch(done: int, total: int, rate: float) -> None:
             interrupts.check_stopped()  # a signal that came inside a storage write stops the trial here
@@ -176,25 +182,27 @@ class Objective:
             raise optuna.TrialPruned(f"the time budget (--timeout): an exact probe of {cfg.backbone} at {cfg.image_size} "
                                      f"px takes about {cost:.0f} s here, and {max(0.0, left):.0f} s are left")
 
-    def _race(self, trial: optuna.Trial, cfg: Config, partial: Partial) -> tuple[int, Verdict] | None:
-        """The trial against the leading completed trial (the highest value) on the images validated so far; None
-        when there is no leader with out-of-fold predictions on them."""
+    def _race(self, trial: optuna.Trial, cfg: Config, partial: Partial) -> tuple[int, Verdict, bool] | None:
+        """The trial against the leading completed trial (the highest value) on the images validated so far: the
+        leader's number, the verdict, and whether a stop is waived because the ensemble of trials may want it
+        (racing.runs_on_for_mix). None when there is no leader with out-of-fold predictions on them."""
         leader = max(records.completed(trial.study), key=lambda t: t.value, default=None)
         if leader is None:
             return None
         oof = self._oof(leader)
-        if oof is None or len(oof.labels) <= partial.index.max() or oof.fold[partial.index].min() < 0 \
-                or not np.array_equal(oof.labels[partial.index], partial.labels):
+        verdict = versus(cfg.metric, partial, oof, records.Candidate.of(leader).noise, cfg.seed) if oof else None
+        if verdict is None:
             return None
-        log_prior = np.log(np.maximum(oof.prior, 1e-12))
-        theirs = adjusted(np.log(np.maximum(oof.probabilities[partial.index], 1e-30)), log_prior, oof.tau).argmax(1)
-        mine = adjusted(partial.log_probs, log_prior, partial.tau).argmax(1)
-        verdict = racing.race(cfg.metric, partial.labels, mine, theirs, partial.log_probs.shape[1], partial.folds,
-                              seed=cfg.seed)
+        mix = False
+        if verdict.cannot_win:
+            others = sum(records.ran_on_for_mix(t) for t in trial.study.get_trials(deepcopy=False)
+                         if t.number != trial.number and t.state != TrialState.FAIL)
+            mix = racing.runs_on_for_mix(verdict, joins(cfg, partial.tau, records.config(leader), oof.tau), others)
         records.record_race(trial, {"folds": partial.folds_done, "leader": leader.number, "mine": verdict.mine,
                                     "theirs": verdict.theirs, "p": verdict.p, "threshold": verdict.threshold,
-                                    "images": verdict.images})
-        return leader.number, verdict
+                                    "images": verdict.images, "p_win": verdict.p_win, "delta": verdict.delta,
+                                    "mix_gain": verdict.mix_gain, records.MIX: mix})
+        return leader.number, verdict, mix
 
     def _oof(self, t: FrozenTrial) -> records.Oof | None:
         """A finished trial's out-of-fold predictions, read once per run (they never change); None when they are gone
@@ -230,3 +238,23 @@ class Objective:
     def release_memory(self) -> None:
         """Let go of what the search keeps between trials (after an out-of-memory error or a crashed trial)."""
         self.cache.clear()
+
+
+CANNOT_WIN = "it cannot win beyond noise"  # how the reason of a trial stopped by racing's second rule says so
+
+
+def versus(metric: str, partial: Partial, leader: records.Oof, delta: float, seed: int = 0) -> Verdict | None:
+    """racing.race between a trial's folds so far and a leader's out-of-fold predictions on the same images (each
+    logit-adjusted by its own tau), `delta` the leader's standard error; None when the leader's predictions do not
+    cover those images. Also what benchmarks/pruning.py replays."""
+    if len(leader.labels) <= partial.index.max() or leader.fold[partial.index].min() < 0 \
+            or not np.array_equal(leader.labels[partial.index], partial.labels):
+        return None
+    log_prior = np.log(np.maximum(leader.prior, 1e-12))
+    theirs = adjusted(np.log(np.maximum(leader.probabilities[partial.index], 1e-30)), log_prior, leader.tau)
+    mine = adjusted(partial.log_probs, log_prior, partial.tau)
+    top = np.maximum(theirs.max(1, keepdims=True), mine.max(1, keepdims=True))
+    mixed = np.exp(theirs - top) + np.exp(mine - top)  # choose_mix's average: probabilities x prior ** -tau
+    return racing.race(metric, partial.labels, mine.argmax(1), theirs.argmax(1), partial.log_probs.shape[1],
+                       partial.folds, seed=seed, delta=delta, validated=int((leader.fold >= 0).sum()),
+                       mixed=mixed.argmax(1), done=partial.folds_done)

@@ -48,7 +48,9 @@ TRIAL_MIX = "trial_mix"  # the last final export's ensemble of trials, shipped o
 CONFIG = "config"  # the complete Config the trial trained
 HISTORY = "history"  # a completed trial's metrics per epoch, pooled over its folds (finetune's Result.history)
 STEPS = "steps"  # every fold's every epoch as reported (fold, epoch, the fold's scores), rewritten after each
-RACE = "race"  # the fold race's looks: after how many folds, against which leader, both scores, p and threshold
+RACE = "race"  # the fold race's looks: after how many folds, against which leader, both scores, p and threshold,
+# p_win, delta, mix_gain and MIX
+MIX = "mix"  # in a look: the trial could not win but ran on for the ensemble of trials (racing.runs_on_for_mix)
 VAL_LOSS = "val_loss"  # of the best epoch, whose val_<metric> is the trial's value
 BEST_EPOCH = "best_epoch"
 ESTIMATE = "estimate"  # Estimate.to_dict(): metric, value, 95 % interval, images, folds, per-fold scores, standard error
@@ -65,6 +67,8 @@ PORTFOLIO = "portfolio"  # the recipe's name on a portfolio trial
 WEIGHTS = "weights_artifact_id"  # the trial's validated models (a checkpoint), kept while it is in `kept_set`
 WORKER = "worker"  # host:pid of the process that ran it
 SURPLUS = "surplus"  # how the fail_reason of a trial that gave its slot up begins
+# An Optuna constraint (Trial.set_constraint), 1 on a trial that the fold race or the time budget stopped (below)
+UNRANKED = "unranked"
 
 
 # --- the study -------------------------------------------------------------------------------------------------
@@ -216,6 +220,20 @@ def record_steps(trial: optuna.Trial, steps: list[dict[str, Any]]) -> None:
 
 def record_race(trial: optuna.Trial, look: dict[str, Any]) -> None:
     trial.set_user_attr(RACE, [*trial.user_attrs.get(RACE, []), look])
+
+
+def ran_on_for_mix(t: FrozenTrial) -> bool:
+    """Whether the fold race let the trial run on, though it could not win, for the ensemble of trials."""
+    return any(look.get(MIX) for look in t.user_attrs.get(RACE) or [])
+
+
+def record_unranked(trial: optuna.Trial) -> None:
+    """A trial the fold race or the time budget stopped is no good point for the sampler. Optuna 5.1's TPE ranks a
+    pruned trial by the last step it reported first and its value there second, and fills its good group with
+    pruned trials, deepest first, when too few completed: exactly these, stopped after some folds. A constraint
+    above 0 makes it infeasible, which TPE ranks after every feasible trial; it stays evidence of where not to look.
+    (The samplers that model constraints read them on completed trials only; CMA-ES says it ignores them.)"""
+    trial.set_constraint(UNRANKED, 1.0)
 
 
 def record_cost(trial: optuna.Trial, steps: Sequence[dict[str, Any]], seconds: float) -> None:

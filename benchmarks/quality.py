@@ -73,9 +73,41 @@ def brief(test: dict) -> str:
     return ", ".join(f"{m} {v['value']:.4f} ({v['interval'][0]:.3f}-{v['interval'][1]:.3f})" for m, v in test.items())
 
 
-def run_the_search(base: Config, budget: float, tmp: Path, pruner: str) -> dict:
+def record_race_inputs(folder: Path) -> None:
+    """Keep what each trial's fold race is decided on (every Partial: after each fold but the last, its predictions
+    on the images validated so far at its best pooled epoch) in folder/trial_<number>.npz, whether or not the
+    search races: what benchmarks/pruning.py replays racing rules on."""
+    from autoft.objective import Objective
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run = Objective._run
+
+    def recording(self, trial, cfg, report, race, on_batch):
+        kept: dict[str, np.ndarray] = {}
+
+        def keep(p):
+            k = p.folds_done
+            kept.update({f"index{k}": p.index, f"log_probs{k}": p.log_probs.astype(np.float32),
+                         f"tau{k}": np.float64(p.tau), f"epoch{k}": np.int64(p.epoch)})
+            np.savez_compressed(folder / f"trial_{trial.number}.npz", **kept)
+            return race(p)
+
+        return run(self, trial, cfg, report, keep, on_batch)
+
+    Objective._run = recording
+
+
+def keep_oof(study: optuna.Study, artifacts: Path, folder: Path) -> None:
+    """Copy every trial's out-of-fold artifact (not its weights) to `folder`, an --artifacts folder for the copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(records.OOF):
+            shutil.copy(artifacts / t.user_attrs[records.OOF], folder / t.user_attrs[records.OOF])
+
+
+def run_the_search(base: Config, budget: float, tmp: Path, pruner: str, trials: int = 10_000) -> dict:
     t0 = time.perf_counter()
-    opts = SearchOptions(trials=10_000, timeout=budget, study="quality", storage=f"sqlite:///{tmp / 'quality.db'}",
+    opts = SearchOptions(trials=trials, timeout=budget, study="quality", storage=f"sqlite:///{tmp / 'quality.db'}",
                          out=str(tmp / "search"), artifacts=str(tmp / "artifacts"), progress=False, pruner=pruner)
     study = run_search(base, opts)
     seconds = time.perf_counter() - t0
@@ -156,7 +188,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-recipes", action="store_true", help="only the search and the probe")
     ap.add_argument("--pruner", default=SearchOptions.pruner, help="the search's pruner (default: the product's)")
-    ap.add_argument("--keep", type=Path, help="copy the study's SQLite file here (learning curves for pruning replays)")
+    ap.add_argument("--keep", type=Path, help="copy the study's SQLite file here (learning curves for pruning "
+                                              "replays), its out-of-fold artifacts to KEEP.artifacts/ and every fold "
+                                              "race's inputs to KEEP.partials/")
+    ap.add_argument("--trials", type=int, default=10_000, help="at most this many trials (default: the budget decides)")
     ap.add_argument("--metric", default="accuracy", choices=METRICS, help="what the search, the recipes and the probe "
                                                                           "choose on (default: accuracy)")
     args = ap.parse_args()
@@ -172,9 +207,12 @@ def main() -> int:
                       metric=args.metric)
 
         log(f"search: {args.budget:.0f} s budget on {args.data}")
-        search = run_the_search(base, args.budget, tmp, args.pruner)
+        if args.keep:
+            record_race_inputs(args.keep.with_suffix(".partials"))
+        search = run_the_search(base, args.budget, tmp, args.pruner, args.trials)
         if args.keep:
             shutil.copy(tmp / "quality.db", args.keep)
+            keep_oof(search["study"], tmp / "artifacts", args.keep.with_suffix(".artifacts"))
         if args.report:
             write_report("quality", f"sqlite:///{tmp / 'quality.db'}", args.report, tmp / "artifacts")
         candidates = auto_backbones() if base.backbone == AUTO else [base.backbone]

@@ -3,6 +3,7 @@
 import importlib
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -26,30 +27,31 @@ def test_a_trial_behind_beyond_noise_after_one_fold_is_stopped():
     mine = np.where(rng.random(120) < 0.6, y, (y + 2) % 10)  # 60 %
     for metric in ("accuracy", "balanced_accuracy", "f1_macro"):
         v = race(metric, y, mine, theirs, 10, folds=5)
-        assert v.stop and v.mine < v.theirs and v.threshold == pytest.approx(ALPHA / 4), metric
+        assert v.behind and v.stop and v.mine < v.theirs and v.threshold == pytest.approx(ALPHA / 4), metric
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
-def test_a_trial_as_good_as_the_leader_is_rarely_stopped_over_the_whole_race(metric):
+def test_a_trial_as_good_as_the_leader_is_rarely_found_behind_over_the_whole_race(metric):
     """Simulated: two trials of the same true accuracy (80 %), errors independent; the race looks after folds 1-4 of
-    5 on the images seen so far. The false-stop rate over the whole race stays within ALPHA (plus sampling noise)."""
+    5 on the images seen so far. The rate at which the first rule ("behind") stops it over the whole race stays
+    within ALPHA (plus sampling noise); the second ("cannot win") is simulated in tests/test_racing.py."""
     rng = np.random.default_rng(1)
     sims, stops = 200 if metric == "accuracy" else 60, 0
     for _ in range(sims):
         y = rng.integers(0, 5, 600)
         a = np.where(rng.random(600) < 0.8, y, (y + 1) % 5)
         b = np.where(rng.random(600) < 0.8, y, (y + 1) % 5)
-        stops += any(race(metric, y[:n], a[:n], b[:n], 5, folds=5).stop for n in (120, 240, 360, 480))
+        stops += any(race(metric, y[:n], a[:n], b[:n], 5, folds=5).behind for n in (120, 240, 360, 480))
     assert stops / sims <= ALPHA + 2 * np.sqrt(ALPHA * (1 - ALPHA) / sims)
 
 
-def test_a_trial_within_noise_is_never_stopped():
+def test_a_trial_within_noise_is_never_found_behind():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 10, 240)
     theirs = np.where(rng.random(240) < 0.85, y, (y + 1) % 10)
     mine = theirs.copy()
     mine[:4] = (y[:4] + 3) % 10  # four images worse: well within noise of 240
-    assert not race("accuracy", y, mine, theirs, 10, folds=5).stop
+    assert not race("accuracy", y, mine, theirs, 10, folds=5).behind
 
 
 def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_config, monkeypatch):
@@ -221,3 +223,205 @@ def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert len(records.steps(study.trials[1])) == 9 and asked[-1] is True and not any(asked[:-1])
     assert clock.now <= 1000.0 + 200
+
+
+# --- evidence per second: through ask/tell, fake curves and costs ----------------------------------------------
+
+FOLDS, EPOCHS, STEP_S = 5, 3, 10.0  # a fold-epoch costs 10 fake seconds
+
+
+def _fold_of(n: int) -> np.ndarray:
+    return np.arange(n) % FOLDS
+
+
+def _fake_trainer(clock: FakeClock, plans: list[dict]):
+    """finetune's stand-in: the i-th trial trained follows plans[i]: `right` (which labelled images its kept epoch
+    gets right), `first` (its score at each fold's first epoch, rising linearly to the fold's final score), `exact`
+    (a probe fitted in one step per fold). It reports every fold-epoch, races after each fold but the last on the
+    images seen so far, and charges STEP_S per fold-epoch (a probe's fold: one)."""
+    from autoft.finetune import Partial, Result
+
+    plans = iter(plans)
+
+    def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
+        plan = next(plans)
+        labels = data.labelled.labels.numpy()
+        fold = _fold_of(len(labels))
+        pred = np.where(plan["right"], labels, 1 - labels)
+        probs = (np.eye(2)[pred] * 0.9 + 0.05).astype(np.float32)
+        for f in range(FOLDS):
+            final = float(plan["right"][fold == f].mean())
+            for e in range(1 if plan.get("exact") else cfg.epochs):
+                clock.now += STEP_S
+                score = final if plan.get("exact") else plan.get("first", final) + (final - plan.get("first", final)) \
+                    * e / (cfg.epochs - 1)
+                report(f * cfg.epochs + e, {"fold": f + 1, "epoch": e + 1, "train_loss": 1.0, "val_loss": 0.3,
+                                            "val_accuracy": score, "images_per_s": 1.0, "epoch_time_s": STEP_S,
+                                            **({"exact_probe": True} if plan.get("exact") else {})})
+            if race is not None and f + 1 < FOLDS:
+                seen = np.flatnonzero(fold <= f)
+                race(Partial(f + 1, FOLDS, seen, np.log(probs[seen]), labels[seen], 0.0, cfg.epochs))
+        m = {"epoch": cfg.epochs, "train_loss": 1.0, "val_loss": 0.3, "val_accuracy": float(plan["right"].mean()),
+             "images_per_s": 1.0, "epoch_time_s": STEP_S, "tau": 0.0,
+             "fold_scores": [float(plan["right"][fold == f].mean()) for f in range(FOLDS)]}
+        return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", STEP_S, 1.0, validated=len(labels), oof=probs,
+                      fold=fold, prior=[0.5, 0.5])
+
+    return fake_finetune
+
+
+def _ask_tell(tmp_path, monkeypatch, plans: list[dict]) -> optuna.Study:
+    """Each plan through the product's Objective by ask/tell, in a study with the product's pruner (successive
+    halving behind the guard) and fold racing; every trial samples the same image size (so any two can mix)."""
+    from autoft.cache import RunCache
+    from autoft.config import Config
+    from autoft.study import _objective, make_pruner, make_sampler, search_space
+    from conftest import make_image_folder
+
+    clock = FakeClock()
+    _train_on_the_clock(monkeypatch, tmp_path, clock, _fake_trainer(clock, plans))
+    monkeypatch.setattr(importlib.import_module("autoft.objective").dashboard, "publish_trial", lambda *a: None)
+    data = make_image_folder(tmp_path / "data", per_class=100, splits=("train",), size=8)
+    base = Config(data=str(data), backbone="tiny_cnn", image_size=32, epochs=EPOCHS, device="cpu")
+    opts = _opts(out=str(tmp_path / "out"), artifacts=str(tmp_path / "artifacts"))
+    cache = RunCache()
+    base, space = search_space(base.portable(), opts, fixed=("image_size",), cache=cache)
+    objective = _objective(base, opts, space, cache)
+    images = objective.validated_images() // objective.folds()
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("random", 0),
+                                pruner=make_pruner("sha", EPOCHS, 1, 1, images, "accuracy", FOLDS))
+    for _ in plans:
+        trial = study.ask()
+        try:
+            study.tell(trial, objective(trial))
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+    return study
+
+
+def _right(n: int, accuracy: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(n) < accuracy
+
+
+def _flip(right: np.ndarray, to: bool, folds: dict[int, int]) -> np.ndarray:
+    """A copy of `right` with `folds[f]` images of fold f turned to `to` (right or wrong)."""
+    out = right.copy()
+    fold = _fold_of(len(right))
+    for f, count in folds.items():
+        out[np.flatnonzero((fold == f) & (right != to))[:count]] = to
+    return out
+
+
+def test_a_trial_that_cannot_win_beyond_noise_stops_after_one_or_two_folds(tmp_path, monkeypatch):
+    """A near-tie of the leader (one image worse per fold): never significantly worse, so the race before this
+    version paid all five folds for it; it cannot beat the leader by more than its standard error, so it stops."""
+    leader = _right(200, 0.9)
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader}, {"right": _flip(leader, False, {0: 1, 1: 1, 2: 1})}])
+    first, near = study.trials
+    assert first.state == TrialState.COMPLETE and near.state == TrialState.PRUNED
+    assert "cannot win" in near.user_attrs["prune_reason"], near.user_attrs["prune_reason"]
+    looks = near.user_attrs[records.RACE]
+    assert len(looks) <= 2 and all(look["p"] >= look["threshold"] for look in looks)  # never "behind"
+    assert records.folds_run(near) <= 2 and near.user_attrs[records.WALL_TIME] <= 2 * EPOCHS * STEP_S
+
+
+def test_a_trial_likely_to_win_runs_every_fold(tmp_path, monkeypatch):
+    leader = _right(200, 0.85)
+    better = _flip(leader, True, {f: 4 for f in range(FOLDS)})  # 0.95: well beyond noise ahead
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader}, {"right": better}])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert records.folds_run(study.trials[1]) == FOLDS
+    assert all(look["p_win"] >= 0.05 for look in study.trials[1].user_attrs[records.RACE])
+
+
+def test_a_near_tie_that_reaches_the_last_look_runs_its_last_fold(tmp_path, monkeypatch):
+    """Ahead for three folds, then behind in the fourth: after it, it cannot win (p_win about 0) but is not behind,
+    and the last fold costs a fifth of it: it completes (racing.finalist)."""
+    leader = _right(200, 0.9)
+    late = _flip(_flip(leader, True, {0: 2, 1: 2, 2: 2}), False, {3: 10})
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader}, {"right": late}])
+    assert study.trials[1].state == TrialState.COMPLETE
+    last = study.trials[1].user_attrs[records.RACE][-1]
+    assert last["folds"] == FOLDS - 1 and last["p_win"] < 0.05 and last["p"] >= last["threshold"]
+
+
+def test_one_near_tie_runs_on_for_the_ensemble_of_trials(tmp_path, monkeypatch):
+    """Two near-ties that disagree with the leader (their average with it is right where the leader is wrong):
+    the first runs every fold for the ensemble, the second does not (racing.MIX_RUNS = 1)."""
+    leader = _right(200, 0.9)
+    other = _flip(_flip(leader, True, {f: 2 for f in range(FOLDS)}), False, {f: 3 for f in range(FOLDS)})
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader}, {"right": other}, {"right": other}])
+    _, first, second = study.trials
+    assert first.state == TrialState.COMPLETE and records.ran_on_for_mix(first)
+    assert second.state == TrialState.PRUNED and "cannot win" in second.user_attrs["prune_reason"]
+
+
+def test_a_probe_never_prunes_a_fine_tune_at_its_first_epoch(tmp_path, monkeypatch):
+    """An exact probe (0.96 at every step it reports) leads; two fine-tunes start at 0.70 and 0.50 after their
+    first epoch. Successive halving's first rung asks to prune the second; against the probe's fitted score it
+    would have been (0.50 + noise < 0.96); no completed fine-tune is there to measure it by, so it trains on, and
+    it meets the probe in the fold race, on whole folds."""
+    probe_right = _right(200, 0.96, seed=1)
+    tune = _right(200, 0.9, seed=2)
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": probe_right, "exact": True},
+                                              {"right": tune, "first": 0.70}, {"right": tune, "first": 0.50}])
+    probe_trial, _, slow = study.trials
+    assert probe_trial.state == TrialState.COMPLETE
+    assert len(records.steps(slow)) >= EPOCHS  # it trained fold 1 to its end
+    assert not slow.user_attrs.get("prune_reason", "").startswith("pruned after fold 1/5 epoch 1")
+
+
+def test_a_fine_tune_behind_the_leading_fine_tune_at_the_same_epoch_is_still_pruned(tmp_path, monkeypatch):
+    """The rung stays where fine-tunes compare: a completed fine-tune that scored 0.85 after one epoch of fold 1
+    is the yardstick for a later one at 0.30 there (beyond noise: pruned at its first epoch)."""
+    leader = _right(200, 0.9)
+    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader, "first": 0.85}, {"right": leader, "first": 0.80},
+                                              {"right": _right(200, 0.5, seed=3), "first": 0.30}])
+    assert study.trials[2].user_attrs["prune_reason"].startswith("pruned after fold 1/5 epoch 1")
+
+
+def test_the_sampler_never_reads_a_trial_stopped_deep_in_its_folds_as_a_good_point():
+    """Optuna's TPE ranks pruned trials by their last step first: with fewer completed trials than its good group
+    wants, the deepest pruned trial (one the race or the budget stopped in fold 5) joins the good group and draws
+    the sampler to it. Marked unranked (records.record_unranked), it does not."""
+    from autoft.study import make_sampler
+
+    def share_near_the_stopped_trial(unranked: bool) -> float:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 0))
+
+        def run(x: float, steps: int, value: float | None, stopped: bool = False) -> None:
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)  # fixed below: study.enqueue_trial sets it
+            for s in range(1, steps + 1):
+                trial.report(0.6 if steps > 1 else 0.3, s)
+            if stopped and unranked:
+                records.record_unranked(trial)
+            study.tell(trial, value, state=TrialState.COMPLETE if value is not None else TrialState.PRUNED)
+
+        study.enqueue_trial({"x": 0.1})
+        run(0.1, 25, 0.8)  # the one completed trial
+        study.enqueue_trial({"x": 0.9})
+        run(0.9, 24, None, stopped=True)  # stopped in its last fold
+        for x in np.linspace(0.3, 0.7, 18):  # pruned at the first rung
+            study.enqueue_trial({"x": float(x)})
+            run(float(x), 1, None)
+        drawn = []
+        for _ in range(40):
+            trial = study.ask()
+            drawn.append(trial.suggest_float("x", 0, 1))
+            study.tell(trial, state=TrialState.FAIL)  # no evidence: every draw reads the same trials
+        return float(np.mean(np.abs(np.array(drawn) - 0.9) < 0.1))
+
+    assert share_near_the_stopped_trial(unranked=False) > 0.2  # Optuna as it is: drawn to it
+    assert share_near_the_stopped_trial(unranked=True) == 0.0
+
+
+def test_the_summary_says_how_many_sampled_trials_ran_to_completion():
+    from optuna.trial import create_trial
+
+    from autoft.study import sampled_story
+
+    trials = [create_trial(value=0.9, user_attrs={records.PORTFOLIO: "linear_probe"}),
+              create_trial(value=0.8), create_trial(state=TrialState.PRUNED), create_trial(value=0.7),
+              create_trial(state=TrialState.FAIL)]
+    assert sampled_story(trials) == "sampled trials (the portfolio aside): 3, of which 2 ran to completion"
