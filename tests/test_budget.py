@@ -285,7 +285,7 @@ def _ask_tell(tmp_path, monkeypatch, plans: list[dict]) -> optuna.Study:
     base = Config(data=str(data), backbone="tiny_cnn", image_size=32, epochs=EPOCHS, device="cpu")
     opts = _opts(out=str(tmp_path / "out"), artifacts=str(tmp_path / "artifacts"))
     cache = RunCache()
-    base, space = search_space(base.portable(), opts, fixed=("image_size",), cache=cache)
+    base, space = search_space(base.portable(), opts, fixed=("image_size",))
     objective = _objective(base, opts, space, cache)
     images = objective.validated_images() // objective.folds()
     study = optuna.create_study(direction="maximize", sampler=make_sampler("random", 0),
