@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .exceptions import ConfigError
@@ -69,6 +70,7 @@ def list_backbones() -> list[BackboneSpec]:
 
 
 AUTO = "auto"  # `autoft search --backbone auto`: compare the backbones that work offline
+JOIN = "+"  # `efficientnet_lite0+efficientnet_lite1`: one probe on several backbones' features side by side
 
 
 def auto_backbones() -> list[str]:
@@ -83,6 +85,8 @@ def get_backbone(name: str) -> BackboneSpec:
     if name == AUTO:
         raise ConfigError(f"backbone 'auto' lets autoft search compare {', '.join(auto_backbones())}; "
                           "anything else needs one named (autoft backbones lists them)")
+    if JOIN in name:
+        return _concatenated_spec(tuple(name.split(JOIN)))
     if name.startswith("timm/"):
         return _timm_spec(name[5:])
     raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}, or timm/NAME for any timm model")
@@ -479,3 +483,94 @@ class _Whole(nn.Module):
 
     def forward(self, x):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+# --- several backbones side by side -------------------------------------------------------------------
+
+class Concatenated(nn.Module):
+    """Several backbones' pooled features side by side, from one input (N, 3, S, S) in [0, 1].
+
+    Each backbone sees the input as its own pretraining eval would have seen the image: the centre crop of the
+    same fraction of the side as its eval crop (native size / stored size), resized to its native size (bicubic,
+    antialiased, as the image store resizes; not at all when the crop is its native size, so that at the size
+    of its own store its features are those of its own probe, bit for bit), and normalised with its own mean and
+    std. The resize is torch's, written as the matrix it is (rows @ x @ rows.T), which TorchScript and ONNX run
+    alike (ONNX export has no antialiased resize).
+    """
+
+    def __init__(self, parts: Sequence[tuple[BackboneSpec, list[nn.Module]]]):
+        super().__init__()
+        from .data import store_size_for
+
+        self.names = [spec.name for spec, _ in parts]
+        self.backbones = nn.ModuleList(nn.Sequential(*stages) for _, stages in parts)
+        self.depths = [len(stages) for _, stages in parts]
+        self.sizes = [spec.native_size for spec, _ in parts]
+        self.fractions = [spec.native_size / store_size_for(spec.native_size, spec.crop_pct) for spec, _ in parts]
+        for i, (spec, _) in enumerate(parts):
+            self.register_buffer(f"mean{i}", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def crop(self, i: int, size: int) -> int:
+        """The side of backbone i's centre crop of a `size` input (as many pixels off each side)."""
+        return size - 2 * round((size - size * self.fractions[i]) / 2)
+
+    def view(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Backbone i's input from the shared one."""
+        size, native = int(x.shape[-1]), self.sizes[i]  # a constant where traced: exports take one size
+        crop = self.crop(i, size)
+        off = (size - crop) // 2
+        x = x[..., off:off + crop, off:off + crop]
+        if crop != native:
+            rows = _resize_matrix(crop, native).to(x.device, x.dtype)
+            x = rows @ x @ rows.T
+        x = (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Backbone i's pooled features of the shared input."""
+        return self.backbones[i](self.view(i, x))
+
+    def view_key(self, i: int, size: int) -> int | tuple[int, int]:
+        """What backbone i's input is at input side `size`, for caching its features: its native size when that is
+        the crop (the key its own probe caches under at that store), else (crop, native size)."""
+        crop = self.crop(i, size)
+        return crop if crop == self.sizes[i] else (crop, self.sizes[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.part(i, x) for i in range(len(self.backbones))], 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src): F.interpolate's antialiased bicubic resize along one axis, as a matrix (resizing is separable)."""
+    if src == dst:
+        return torch.eye(src)
+    eye = torch.eye(src).view(src, 1, 1, src)
+    return F.interpolate(eye, size=(1, dst), mode="bicubic", antialias=True, align_corners=False).view(src, dst).T.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _concatenated_spec(names: tuple[str, ...]) -> BackboneSpec:
+    """`A+B+...`: one stage, the Concatenated backbones (a linear probe on it is one model over all their features),
+    native at the largest stored size among them (its input uncropped: crop_pct 1), normalised inside (mean 0,
+    std 1)."""
+    from .data import store_size_for
+
+    if len(names) < 2 or len(set(names)) < len(names) or any(not n for n in names):
+        raise ConfigError(f"backbone {JOIN.join(names)!r}: join two or more different backbones with {JOIN!r}")
+    specs = [get_backbone(n) for n in names]
+    size = max(store_size_for(s.native_size, s.crop_pct) for s in specs)
+
+    def build(weights: str | None):
+        built = [(s, pretrained_stages(s.name, "random" if weights == "random" else None)) for s in specs]
+        module = Concatenated([(s, stages) for s, (stages, _) in built])
+        if weights not in (None, "random"):
+            load_into(module, read_state_dict(weights), weights)
+        return [module], sum(width for _, (_, width) in built)
+
+    params = sum(s.params or 0 for s in specs) if all(s.params for s in specs) else None
+    return BackboneSpec(JOIN.join(names), build, 1, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0,
+                        "the pooled features of " + ", ".join(names) + " side by side (a probe on all of them)",
+                        native_size=size, offline=all(s.offline for s in specs), params=params,
+                        pretrained=all(s.pretrained for s in specs))

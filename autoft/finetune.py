@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import BackboneSpec, Net, build_model
+from .backbones import BackboneSpec, Concatenated, Net, build_model
 from .cache import Images, RunCache, as_images, load_data  # load_data: re-exported, datasets as a run loads them
 from .config import Config
 from .data import Dataset, Fold, Split, augment, center_crop, normalize
@@ -693,24 +693,42 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images,
     Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights, image
     size and depth share the result. It counts against the cache's byte budget (least recently used out);
     features that would not fit even alone, or of images with no key, are never materialised: None tells
-    the caller to run the prefix per batch, so a huge set costs time, never memory.
+    the caller to run the prefix per batch, so a huge set costs time, never memory. Several backbones side by
+    side (backbones.Concatenated) are cached per backbone, under the key of that backbone's own probe where
+    its input is the same, so a probe on all of them reuses what each one's probe computed.
     """
     if images.key is None:
         return None
+    stage = model.stages[0] if depth == 1 else None
+    if isinstance(stage, Concatenated):
+        parts = [_features(cache, ("features", name, cfg.weights, stage.view_key(i, cfg.image_size), stage.depths[i], images.key,
+                                   str(device)), stage.backbones[i:i + 1], images, cfg, device,
+                           functools.partial(lambda x, i: stage.part(i, _eval_input(x, spec, cfg.image_size)), i=i))
+                 for i, name in enumerate(stage.names)]
+        return None if any(p is None for p in parts) else torch.cat(parts, 1)
     key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device))
+    return _features(cache, key, model.stages[:depth], images, cfg, device,
+                     lambda x: model.features(_eval_input(x, spec, cfg.image_size), depth))
+
+
+def _features(cache: RunCache, key: tuple, frozen: Sequence[torch.nn.Module], images: Images, cfg: Config,
+              device: torch.device, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`compute` (stored images -> features, through the `frozen` modules in eval mode) over every one of
+    `images`, held in `cache` under `key`; each pass over the images is counted there (`feature_passes`)."""
     hit = cache.get(key)
     if hit is not None:
         return hit
-    was_training = [s.training for s in model.stages[:depth]]
-    for s in model.stages[:depth]:
+    was_training = [s.training for s in frozen]
+    for s in frozen:
         s.eval()
     feats = None
     step = max(1, cfg.batch_size * 2)
     chunks = torch.arange(len(images)).split(step)
+    cache.feature_passes[key] += 1
     try:
         with autocast(device):
             for chunk, pixels in zip(chunks, images.batches(chunks)):
-                part = model.features(_eval_input(pixels, spec, cfg.image_size), depth)
+                part = compute(pixels)
                 if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
                     nbytes = part[0].numel() * part.element_size() * len(images)
                     if not cache.make_room(nbytes):
@@ -720,7 +738,7 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images,
                                         memory_format=fmt)
                 feats[chunk[0]:chunk[-1] + 1] = part
     finally:
-        for s, t in zip(model.stages[:depth], was_training):
+        for s, t in zip(frozen, was_training):
             s.train(t)
     if feats is not None:
         cache.put(key, feats, feats.numel() * feats.element_size())
