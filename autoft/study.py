@@ -23,7 +23,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import interrupts, probe, records, workers
-from .backbones import AUTO, auto_backbones, build_model, get_backbone
+from .backbones import AUTO, JOIN, auto_backbones, build_model, get_backbone
 from .cache import RunCache
 from .checkpoint import shipped
 from .config import Config, check_field
@@ -255,8 +255,11 @@ def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = 
                  cache: RunCache | None = None) -> tuple[Config, SearchSpace]:
     """The base config and the validated space: `opts.space` over the default one (with the imbalance remedies
     when the labelled classes of `cache.dataset(base)` are imbalanced), the keys in `fixed` (set by the user) fixed at
-    their values, and `backbone: auto` a searched choice among the offline backbones (the first is the base)."""
+    their values, and `backbone: auto` a searched choice among the offline backbones (the first is the base) and
+    all of them joined (one probe on their features side by side)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
+    if len(backbones) > 1:  # and one probe on all of them side by side
+        backbones.append(JOIN.join(backbones))
     if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
         base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
@@ -301,18 +304,18 @@ def _run(study: optuna.Study, objective: Objective, opts: SearchOptions, started
     objective.on_batch = getattr(progress, "batch", None)
     objective.deadline = started + opts.timeout if opts.timeout else None
     finished = False
-    recipes = objective.space.portfolio(objective.base)
+    space, base = objective.space, objective.base
     try:
         with interrupts.handled():
             if spawn:  # queue a recipe per worker now, or they would all start on the first
-                records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
+                records.enqueue_next(study, space, base, min(opts.workers, todo))
                 left = objective.time_left(study)
                 workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir),
                               opts.artifacts, left if math.isfinite(left) else None, progress=progress, ran=ran)
             else:
                 workers.work(study, objective, [exporter] + ([progress] if progress else []),
                              lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
-                             before_trial=lambda s: records.enqueue_portfolio(s, recipes))
+                             before_trial=lambda s: records.enqueue_next(s, space, base))
         finished = True
     finally:
         if progress:
