@@ -74,8 +74,9 @@ JOIN = "+"  # `efficientnet_lite0+efficientnet_lite1`: one probe on several back
 
 
 def auto_backbones() -> list[str]:
-    """What `--backbone auto` searches: every registered backbone whose pretrained weights need no download."""
-    return [s.name for s in list_backbones() if s.offline and s.pretrained]
+    """What `--backbone auto` searches: every registered backbone whose pretrained weights need no download, then
+    every timm model whose weights are in the local Hugging Face cache (`timm/NAME`)."""
+    return [s.name for s in list_backbones() if s.offline and s.pretrained] + cached_timm_models()
 
 
 def get_backbone(name: str) -> BackboneSpec:
@@ -390,6 +391,36 @@ for _name, _split, _n, _size, _resize, _params in [
 
 # --- any timm model -------------------------------------------------------------------------------------
 
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return os.environ.get("HF_HUB_CACHE") or HF_HUB_CACHE
+
+
+def cached_timm_models() -> list[str]:
+    """`timm/NAME` for every timm model whose pretrained weights are in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        repos = scan_cache_dir(_hub_cache()).repos
+    except Exception:  # no cache folder, or one huggingface_hub cannot read: nothing cached to use
+        return []
+    return sorted(f"timm/{r.repo_id[5:]}" for r in repos if r.repo_type == "model" and r.repo_id.startswith("timm/")
+                  and timm.is_model(r.repo_id[5:].split(".")[0]) and _cached_weights(r.repo_id))
+
+
+def _cached_weights(hub_id: str | None) -> str | None:
+    """The local file of a Hugging Face model's weights, if the cache holds them."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+        path = try_to_load_from_cache(hub_id, filename, cache_dir=_hub_cache())
+        if isinstance(path, str):
+            return path
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _timm_spec(arch: str) -> BackboneSpec:
     import timm
@@ -398,8 +429,10 @@ def _timm_spec(arch: str) -> BackboneSpec:
         raise ConfigError(f"unknown timm model {arch!r}; see timm.list_models() for names")
 
     def build(weights: str | None):
-        try:
-            model = timm.create_model(arch, pretrained=weights is None, num_classes=0)
+        cached = _cached_weights(cfg.get("hf_hub_id")) if weights is None else None
+        try:  # weights in the local cache are read from there, no request made
+            model = timm.create_model(arch, pretrained=weights is None, num_classes=0,
+                                      **({"pretrained_cfg_overlay": {"file": cached}} if cached else {}))
         except OSError as exc:  # the download failed (offline: huggingface_hub's LocalEntryNotFoundError, a URLError)
             if weights is not None:
                 raise
@@ -422,7 +455,7 @@ def _timm_spec(arch: str) -> BackboneSpec:
     native = int(cfg.get("input_size", (3, 224, 224))[-1])
     return BackboneSpec(f"timm/{arch}", build, len(_split_timm(probe)), tuple(cfg.get("mean", IMAGENET_MEAN)),
                         tuple(cfg.get("std", IMAGENET_STD)), float(cfg.get("crop_pct", 0.875)), f"timm {arch}",
-                        native_size=native, offline=False, params=params)
+                        native_size=native, offline=_cached_weights(cfg.get("hf_hub_id")) is not None, params=params)
 
 
 class _Pooled(nn.Module):

@@ -187,3 +187,28 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
     passes = cache.feature_passes
     assert passes and max(passes.values()) == 1  # each backbone's features once per input, across every trial
     assert {k[1] for k in passes} == {"tiny_cnn", OTHER}
+
+
+def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    import autoft.backbones as backbones
+    import autoft.study as study_module
+    from test_backbones import _cache_timm_weights
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _cache_timm_weights(tmp_path / "hub")
+    backbones._timm_spec.cache_clear()
+    monkeypatch.setattr(study_module, "auto_backbones", lambda: ["tiny_cnn", *backbones.cached_timm_models()])
+    root = make_image_folder(tmp_path / "d")
+    base = _cfg(str(root)).replace(backbone="auto", image_size=32, freeze_depth=0, aug_strength=0.5, epochs=1)
+    opts = SearchOptions(trials=5, progress=False, storage=f"sqlite:///{tmp_path / 's.db'}", out=str(tmp_path / "out"),
+                         artifacts=str(tmp_path / "art"), pruner="none")
+    trials = run_search(base, opts, fixed=["backbone", "epochs"]).get_trials(deepcopy=False)
+    timm_name = "timm/test_resnet.r160_in1k"
+    assert trials[1].user_attrs[records.PORTFOLIO] == f"linear_probe@{timm_name}"
+    assert trials[1].state == TrialState.COMPLETE and records.config(trials[1]).image_size == 160
+    assert records.config(trials[2]).backbone == f"tiny_cnn{JOIN}{timm_name}"
+    assert set(trials[3].user_attrs[records.ALLOCATED]["shares"]) == {"tiny_cnn", timm_name}
+    backbones._timm_spec.cache_clear()
