@@ -121,7 +121,9 @@ class Exporter:
         if cfg.final == "refit":
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            self._save(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
+            kept = records.kept_epoch(best)
+            self._save(cfg, refit(cfg, data, epochs, cache=self.cache, tau=kept.get("tau", 0.0),
+                                  tta=kept.get("tta", "none")),
                        best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
             return
         ckpt = self.kept_checkpoint(best)
@@ -143,7 +145,7 @@ class Exporter:
             metrics = ckpt["metrics"]
         save_checkpoint(self.out / "best.pt", folds, ckpt["classes"], cfg, metrics,
                         ckpt.get("shared_stages", 0) if len(folds) > 1 else 0, adjustment.get("tau", 0.0),
-                        adjustment.get("prior", ()), data.fingerprint)
+                        adjustment.get("prior", ()), data.fingerprint, tta=ckpt.get("tta", "none"))
 
     def _ship_mix(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> None:
         """best.pt as the ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its
@@ -172,7 +174,7 @@ class Exporter:
         prior = (first.get("logit_adjustment") or {}).get("prior", ())
         save_checkpoint(self.out / "best.pt", states, first["classes"], records.config(best), metrics,
                         shared_prefix(states, max(shared)), mix["tau"], prior,
-                        self.cache.dataset(records.config(best)).fingerprint, weights)
+                        self.cache.dataset(records.config(best)).fingerprint, weights, mix.get("tta", "none"))
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
         """(study, trial, final) of the model in best.pt, if there is one."""
@@ -186,7 +188,7 @@ class Exporter:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "final": final, "shipped": kind}
         return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
-                          self.cache.dataset(cfg).fingerprint)  # loaded already: no work
+                          self.cache.dataset(cfg).fingerprint, tta=result.tta)  # loaded already: no work
 
     def _save(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str,
               path: Path | None = None) -> None:
@@ -220,14 +222,15 @@ class Exporter:
         atomic_write_text(self.out / "trials.csv", buf.getvalue())
 
 
-def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
-    """Whether trial `t` can join the winner's ensemble: one preprocessing (backbone, its weights, image size) and
-    one logit adjustment, which predict and export apply to the whole model; and out-of-fold probabilities kept."""
+def mixable(t: FrozenTrial, winner: Config, tau: float, tta: str = "none") -> bool:
+    """Whether trial `t` can join the winner's ensemble: one preprocessing (backbone, its weights, image size), one
+    logit adjustment and one test-time augmentation, which predict and export apply to the whole model; and
+    out-of-fold probabilities kept."""
     if not t.user_attrs.get(records.OOF):
         return False
-    cfg = records.config(t)
+    cfg, kept = records.config(t), records.kept_epoch(t)
     return ((cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size)
-            and records.kept_epoch(t).get("tau", 0.0) == tau)
+            and kept.get("tau", 0.0) == tau and kept.get("tta", "none") == tta)
 
 
 def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
@@ -238,12 +241,13 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     (selection.nested_predictions). None when fewer than two trials kept out-of-fold probabilities.
 
     Returns {"winner", "members" (trial numbers), "weights", "shipped", "estimate" (Estimate.to_dict of the mix's
-    nested predictions), "single" (the single best's nested score), "noise", "tau", "models" and "single_models"
+    nested predictions), "single" (the single best's nested score), "noise", "tau", "tta", "models" and "single_models"
     (forward passes per image, shared frozen stages aside)}."""
-    winner, tau = records.config(best), records.kept_epoch(best).get("tau", 0.0)
+    winner, kept_epoch = records.config(best), records.kept_epoch(best)
+    tau, tta = kept_epoch.get("tau", 0.0), kept_epoch.get("tta", "none")
     done = records.completed(study)
     kept = records.kept_set([records.Candidate.of(t) for t in done])
-    trials = sorted((t for t in done if mixable(t, winner, tau) and t.number in kept),
+    trials = sorted((t for t in done if mixable(t, winner, tau, tta) and t.number in kept),
                     key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
     oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
     if not oofs or oofs[0][0].number != best.number:
@@ -273,7 +277,7 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     kept = mix.members
     return {"winner": best.number, "members": [oofs[i][0].number for i in kept],
             "weights": [float(mix.weights[i]) for i in kept], "shipped": wins_beyond_noise(mix, nested, noise),
-            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau,
+            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau, "tta": tta,
             "models": sum(models[i] for i in kept), "single_models": models[0]}
 
 
