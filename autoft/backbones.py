@@ -168,6 +168,33 @@ class LogitAdjusted(nn.Module):
         return self.model(x, start=start).float() - self.offset
 
 
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of a model's logits on the image and on its mirror image (a horizontal flip of
+    the eval input). Only from the image: the mirror of a feature map is not the feature map of the mirror image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start:
+            raise ValueError("a flip-averaged model runs from the image (start=0)")
+        return (self.model(x).float() + self.model(x.flip(-1)).float()) / 2
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth on a built model, as timm's `drop_path_rate` builds it: the k-th of its n residual blocks
+    (timm's, those with a `drop_path`) is skipped in training with probability rate * k / n. Returns n (0: the
+    backbone has no such blocks, and the rate changes nothing). In eval mode a DropPath is the identity."""
+    from timm.layers import DropPath
+
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "drop_path", None), (nn.Identity, DropPath))]
+    for k, block in enumerate(blocks):
+        block.drop_path = DropPath(rate * k / len(blocks)) if k else nn.Identity()
+    return len(blocks)
+
+
 Stages = tuple[list[nn.Module], int]  # a backbone's pretrained stages and its feature width
 
 
@@ -580,7 +607,8 @@ def _resize_matrix(src: int, dst: int) -> torch.Tensor:
     if src == dst:
         return torch.eye(src)
     eye = torch.eye(src).view(src, 1, 1, src)
-    return F.interpolate(eye, size=(1, dst), mode="bicubic", antialias=True, align_corners=False).view(src, dst).T.contiguous()
+    rows = F.interpolate(eye, size=(1, dst), mode="bicubic", antialias=True, align_corners=False)
+    return rows.view(src, dst).T.contiguous()
 
 
 @functools.lru_cache(maxsize=None)

@@ -547,8 +547,9 @@ def describe(t: FrozenTrial, estimate_: Estimate | None = None) -> str:
     e = estimate_ or estimate(t)
     name = f" ({portfolio_name(t)})" if portfolio_name(t) else ""
     score = e.describe() if e else f"value {t.value:.4f}"
-    tau = kept_epoch(t).get("tau")
-    return f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
+    tau, tta = kept_epoch(t).get("tau"), kept_epoch(t).get("tta")
+    return (f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
+            + (", with test-time flips" if tta == "flip" else ""))
 
 
 # The trials table (trials.csv and the report): a column is a name and how to read it from a trial;
@@ -573,6 +574,7 @@ COLUMNS: list[tuple[str, Callable[[FrozenTrial], Any]]] = [
     ("se", _estimated(lambda e: e.se)),
     *((f"val_{m}", lambda t, m=m: kept_epoch(t).get(f"val_{m}")) for m in METRICS),
     ("tau", lambda t: kept_epoch(t).get("tau")),
+    ("tta", lambda t: kept_epoch(t).get("tta")),
     (VAL_LOSS, val_loss),
     (BEST_EPOCH, lambda t: t.user_attrs.get(BEST_EPOCH)),
     ("epochs_run", lambda t: len(history(t))),

@@ -479,12 +479,25 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             chosen = ", ".join(records.fmt(c) for c in records.kept_epoch(best).get(probe.CHOSEN_C) or [])
             lines.append(f"  an exact probe: its head is fitted (C per fold by cross-validation: {chosen or '-'}); "
                          f"not used: {', '.join(unused)}")
+        line = tta_line(records.kept_epoch(best))
+        if line:
+            lines.append(f"  {line}")
         mix = records.trial_mix(study, best.number)
         if mix is not None:
             lines.append(mix_summary(mix))
         lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
                      f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)
+
+
+def tta_line(kept: dict[str, Any]) -> str | None:
+    """What test-time augmentation the winner ships and what the flip was worth out of fold; None when not tried."""
+    if "tta_gain" not in kept:
+        return None
+    gain = f"{kept['tta_gain']:+.4f} out of fold"
+    if kept.get("tta") == "flip":
+        return f"test-time augmentation: flip (the mean of the image's and its mirror image's logits), {gain}"
+    return f"test-time augmentation: none (a flip changed the estimate by {gain})"
 
 
 def budget_story(trials: Sequence[FrozenTrial]) -> str:
