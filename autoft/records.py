@@ -115,7 +115,8 @@ def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data:
     check_same_data(study, base, data)
     stored = study.user_attrs
     for key, now, label in ((SPACE, space.to_dict(), "search space"), (BASE, _base(base), "base config")):
-        then = _base(stored[key]) if key == BASE and key in stored else stored.get(key)
+        # a config key added since the study began reads as its default, which the resumed trials then run with
+        then = _base(Config().to_dict() | stored[key]) if key == BASE and key in stored else stored.get(key)
         if then is not None and then != now:
             diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
             raise ConfigError(f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "

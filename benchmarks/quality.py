@@ -93,7 +93,8 @@ def run_the_search(base: Config, budget: float, tmp: Path, pruner: str) -> dict:
     cfg = records.config(best)
     return {"seconds": seconds, "trials": len(trials), "study": study, "best": best, "metric": estimate.metric,
             "estimate": estimate.value, "interval": list(estimate.interval), "images": estimate.images,
-            "tau": records.kept_epoch(best).get("tau"), "class_weight": cfg.class_weight,
+            "tau": records.kept_epoch(best).get("tau"), "tta": records.kept_epoch(best).get("tta"),
+            "tta_gain": records.kept_epoch(best).get("tta_gain"), "class_weight": cfg.class_weight,
             "balanced_sampling": cfg.balanced_sampling,
             "winner": {"trial": best.number, "recipe": records.portfolio_name(best), "backbone": cfg.backbone,
                        "image_size": cfg.image_size, "freeze_depth": cfg.freeze_depth, "epochs": cfg.epochs,
@@ -229,7 +230,8 @@ def main() -> int:
             "search": {"test": shipped, "estimate": search["estimate"], "interval": search["interval"],
                        "images": search["images"], "estimate_at_test_class_mix": prior_adjusted,
                        "seconds": search["seconds"], "trials": search["trials"], "states": search["states"],
-                       "winner": search["winner"] | {k: search[k] for k in ("tau", "class_weight", "balanced_sampling")}},
+                       "winner": search["winner"] | {k: search[k] for k in ("tau", "tta", "tta_gain", "class_weight",
+                                                                            "balanced_sampling")}},
             "recipes": recipes,
             "probe": {k: p[k] for k in ("test", "seconds", "C", "class_weight", "image_size", "backbone", "cv_score")},
             "probes": careful}

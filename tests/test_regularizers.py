@@ -87,3 +87,20 @@ def test_drop_path_skips_residual_blocks_in_training_only_rising_to_the_rate():
         assert torch.equal(model.eval()(x), reference.eval()(x))  # eval: the model as shipped, unchanged
         torch.manual_seed(0)
         assert not torch.equal(model.train()(x), reference.train()(x))
+
+
+def test_a_study_begun_before_these_keys_resumes_with_their_defaults(tiny_config):
+    import optuna
+
+    from autoft import records
+    from autoft.exceptions import ConfigError
+    from autoft.space import SearchSpace
+
+    space = SearchSpace.default(tiny_config.epochs)
+    study = optuna.create_study(direction="maximize")
+    records.write_study_meta(study, tiny_config, space, 0)
+    new = {*NEUTRAL, "tta"}
+    study.set_user_attr(records.BASE, {k: v for k, v in study.user_attrs[records.BASE].items() if k not in new})
+    records.check_same_meta(study, tiny_config, space)  # the keys it lacks read as their defaults
+    with pytest.raises(ConfigError, match="mixup"):
+        records.check_same_meta(study, tiny_config.replace(mixup=0.2), space)
