@@ -47,7 +47,9 @@ class Config:
         "metavar": "NAME"})
     label_column: str = field(default="label", metadata={
         "help": "the labels CSVs' column of class names", "metavar": "NAME"})
-    backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
+    backbone: str = field(default="efficientnet_lite0", metadata={
+        "help": "registered backbone, torchvision name or timm/NAME; autoft search: auto (compare the offline ones) "
+                "unless one is set (default: efficientnet_lite0)"})
     weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
     image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
     batch_size: int = field(default=32, metadata=_rng(1, 4096) | {"help": "images per training step"})

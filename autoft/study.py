@@ -12,7 +12,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, chec
                       make_storage, mask_url)
 
 log = logging.getLogger("autoft")
+SEARCH_DEFAULTS = {"backbone": AUTO}  # a search's value for a key nobody set (autoft train keeps Config's)
 
 
 def _option(default: Any, help: str, **more: Any) -> Any:
@@ -249,6 +250,12 @@ def check_outputs(opts: SearchOptions) -> None:
     check_writable_dir(opts.out_dir, "--out")
     check_writable_dir(opts.artifacts, "--artifacts")
     check_writable_storage(opts.storage)
+
+
+def search_defaults(config: Config, set_keys: Collection[str]) -> Config:
+    """`config` with SEARCH_DEFAULTS for the keys not in `set_keys` (those set by flag, config file or keyword):
+    a search compares the offline backbones unless one is named (docs/models-and-finals.md has the evidence)."""
+    return config.replace(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in set_keys})
 
 
 def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None, fixed: Sequence[str] = (),

@@ -212,3 +212,31 @@ def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(t
     assert records.config(trials[2]).backbone == f"tiny_cnn{JOIN}{timm_name}"
     assert set(trials[3].user_attrs[records.ALLOCATED]["shares"]) == {"tiny_cnn", timm_name}
     backbones._timm_spec.cache_clear()
+
+
+def test_a_search_compares_the_backbones_unless_one_is_set(tmp_path, monkeypatch):
+    import autoft
+    from autoft.cli import build_parser, resolve_config
+    from autoft.config import Config
+    from autoft.study import search_defaults
+
+    monkeypatch.chdir(tmp_path)
+
+    def searched(*argv):
+        args = build_parser().parse_args(["search", *argv])
+        config, _ = resolve_config(args)
+        return search_defaults(config, args.set_keys).backbone
+
+    assert searched("--data", "d") == "auto"
+    assert searched("--data", "d", "--backbone", "tiny_cnn") == "tiny_cnn"
+    (tmp_path / "autoft.yaml").write_text("backbone: efficientnet_lite1\n")  # a config file's is kept too
+    assert searched("--data", "d") == "efficientnet_lite1"
+    (tmp_path / "autoft.yaml").unlink()
+    assert resolve_config(build_parser().parse_args(["train", "--data", "d"]))[0].backbone == "efficientnet_lite0"
+
+    bases = []
+    monkeypatch.setattr("autoft.study.run_search", lambda base, opts, fixed=(): bases.append(base))
+    autoft.search(data="d", trials=1)
+    autoft.search(data="d", trials=1, backbone="tiny_cnn")
+    autoft.search(Config(data="d"), trials=1)  # a Config is taken as it is
+    assert [b.backbone for b in bases] == ["auto", "tiny_cnn", "efficientnet_lite0"]
