@@ -43,6 +43,7 @@ import torch
 
 from autoft import records
 from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
+from autoft.checkpoint import shipped as what_shipped
 from autoft.config import Config
 from autoft.data import Split, center_crop, load_dataset, normalize
 from autoft.estimate import METRICS, scored
@@ -50,7 +51,7 @@ from autoft.predict import evaluate
 from autoft.report import write_report
 from autoft.runs import train
 from autoft.space import SearchSpace
-from autoft.study import SearchOptions, run_search
+from autoft.study import SEARCH_DEFAULTS, SearchOptions, run_search
 
 
 def log(msg: str) -> None:
@@ -92,6 +93,7 @@ def run_the_search(base: Config, budget: float, tmp: Path, pruner: str) -> dict:
     estimate = records.estimate(best)
     cfg = records.config(best)
     return {"seconds": seconds, "trials": len(trials), "study": study, "best": best, "metric": estimate.metric,
+            "shipped": what_shipped(tmp / "search" / "best.pt"),
             "estimate": estimate.value, "interval": list(estimate.interval), "images": estimate.images,
             "tau": records.kept_epoch(best).get("tau"), "tta": records.kept_epoch(best).get("tta"),
             "tta_gain": records.kept_epoch(best).get("tta_gain"), "class_weight": cfg.class_weight,
@@ -167,9 +169,9 @@ def main() -> int:
     ap.add_argument("data", type=Path)
     ap.add_argument("--budget", type=float, required=True, help="the search's --timeout, in seconds")
     ap.add_argument("--val-as-test", action="store_true", help="score on val/ (data without a test/ split)")
-    ap.add_argument("--backbone", default="efficientnet_lite0",
-                    help="the base config's backbone; auto searches the offline ones (the fine-tune recipes alone then "
-                         "run on the backbone the careful user's probes pick)")
+    ap.add_argument("--backbone", default=SEARCH_DEFAULTS["backbone"],
+                    help="the base config's backbone (default: the search's, auto); auto searches the offline ones (the "
+                         "fine-tune recipes alone then run on the backbone the careful user's probes pick)")
     ap.add_argument("--report", type=Path, help="also write the study's report (HTML and PNGs) to this folder")
     ap.add_argument("--epochs", type=int, default=Config().epochs)
     ap.add_argument("--device", default="auto")
@@ -202,6 +204,7 @@ def main() -> int:
         base = base.replace(backbone=searched[0])
         shipped = test_score(tmp / "search" / "best.pt", root)
         log(f"search: {search['trials']} trials in {search['seconds']:.0f} s; winner {search['winner']}; "
+            f"shipped {search['shipped']}; "
             f"estimate {search['metric']} {search['estimate']:.4f} {search['interval']}; test {brief(shipped)}")
         prior_adjusted = at_test_priors(search["best"], root, base, tmp / "artifacts")
 
@@ -230,6 +233,7 @@ def main() -> int:
             "search": {"test": shipped, "estimate": search["estimate"], "interval": search["interval"],
                        "images": search["images"], "estimate_at_test_class_mix": prior_adjusted,
                        "seconds": search["seconds"], "trials": search["trials"], "states": search["states"],
+                       "shipped": search["shipped"],
                        "winner": search["winner"] | {k: search[k] for k in ("tau", "tta", "tta_gain", "class_weight",
                                                                             "balanced_sampling")}},
             "recipes": recipes,
