@@ -12,6 +12,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +478,9 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         if len(backbones) > 1:  # accuracy against cost, per backbone
             lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
                       for b, (n, acc, sec) in sorted(backbones.items())]
+            line = allocation_line(trials)
+            if line:
+                lines.append(f"  {line}")
         cfg, keys = records.config(best), records.searched_keys(best)
         unused = [k for k in keys if k in probe.UNUSED] if probe.exact(records.history(best)) else []
         shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in keys if k not in unused}}
@@ -495,6 +499,17 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
                      f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)
+
+
+def allocation_line(trials: Sequence[FrozenTrial]) -> str | None:
+    """How the fine-tuning trials were spread over the backbones (space.shares): the trials each got and the shares
+    the last one was queued by; None when no trial was allocated (one backbone)."""
+    allocated = [t.user_attrs[records.ALLOCATED] for t in trials if records.ALLOCATED in t.user_attrs]
+    if not allocated:
+        return None
+    got = Counter(a["backbone"] for a in allocated)
+    shares = ", ".join(f"{b} {s:.0%} ({got.get(b, 0)})" for b, s in allocated[-1]["shares"].items())
+    return f"fine-tuning trials by the probes' evidence (share of being best, trials): {shares}"
 
 
 def tta_line(kept: dict[str, Any]) -> str | None:

@@ -183,6 +183,11 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
     allocated = [t.user_attrs[records.ALLOCATED]["backbone"] for t in trials[3:]]
     assert len(allocated) == 5 and set(allocated) <= {"tiny_cnn", OTHER}  # fine-tunes: never the joined backbone
     assert [records.config(t).backbone for t in trials[3:]] == allocated
+    from autoft.study import allocation_line
+
+    line = allocation_line(trials)
+    assert line.startswith("fine-tuning trials by the probes' evidence") and f"{OTHER} " in line
+    assert sum(int(part.rsplit("(", 1)[1].rstrip(")")) for part in line.split(": ", 1)[1].split(", ")) == 5
     (cache,) = caches
     passes = cache.feature_passes
     assert passes and max(passes.values()) == 1  # each backbone's features once per input, across every trial
