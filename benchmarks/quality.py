@@ -170,8 +170,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, required=True, help="the search's --timeout, in seconds")
     ap.add_argument("--val-as-test", action="store_true", help="score on val/ (data without a test/ split)")
     ap.add_argument("--backbone", default=SEARCH_DEFAULTS["backbone"],
-                    help="the base config's backbone (default: the search's, auto); auto searches the offline ones (the "
-                         "fine-tune recipes alone then run on the backbone the careful user's probes pick)")
+                    help="the base config's backbone (default: the search's, auto); auto searches the offline ones "
+                         "(the fine-tune recipes alone then run on the backbone the careful user's probes pick)")
     ap.add_argument("--report", type=Path, help="also write the study's report (HTML and PNGs) to this folder")
     ap.add_argument("--epochs", type=int, default=Config().epochs)
     ap.add_argument("--device", default="auto")

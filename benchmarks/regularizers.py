@@ -103,7 +103,8 @@ def run(arm: str, root: Path, args: argparse.Namespace) -> tuple[dict, tuple[np.
            "estimate": Estimate.of(result.best, result.validated, args.metric).to_dict(),
            "best_epoch": result.best["epoch"], "seconds": seconds,
            "test": scored(y, pred, classes), "test_with_flip": scored(y, pred_flip, classes),
-           "flip_oof_gain": score(args.metric, labels, flip_pred, classes) - score(args.metric, labels, oof_pred, classes)}
+           "flip_oof_gain": score(args.metric, labels, flip_pred, classes)
+           - score(args.metric, labels, oof_pred, classes)}
     return row, (labels, oof_pred)
 
 
