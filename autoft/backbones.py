@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .exceptions import ConfigError
@@ -70,11 +71,13 @@ def list_backbones() -> list[BackboneSpec]:
 
 
 AUTO = "auto"  # `autoft search --backbone auto`: compare the backbones that work offline
+JOIN = "+"  # `efficientnet_lite0+efficientnet_lite1`: one probe on several backbones' features side by side
 
 
 def auto_backbones() -> list[str]:
-    """What `--backbone auto` searches: every registered backbone whose pretrained weights need no download."""
-    return [s.name for s in list_backbones() if s.offline and s.pretrained]
+    """What `--backbone auto` searches: every registered backbone whose pretrained weights need no download, then
+    every timm model whose weights are in the local Hugging Face cache (`timm/NAME`)."""
+    return [s.name for s in list_backbones() if s.offline and s.pretrained] + cached_timm_models()
 
 
 def get_backbone(name: str) -> BackboneSpec:
@@ -84,6 +87,8 @@ def get_backbone(name: str) -> BackboneSpec:
     if name == AUTO:
         raise ConfigError(f"backbone 'auto' lets autoft search compare {', '.join(auto_backbones())}; "
                           "anything else needs one named (autoft backbones lists them)")
+    if JOIN in name:
+        return _concatenated_spec(tuple(name.split(JOIN)))
     if name.startswith("timm/"):
         return _timm_spec(name[5:])
     raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}, or timm/NAME for any timm model")
@@ -162,6 +167,33 @@ class LogitAdjusted(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.model(x, start=start).float() - self.offset
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the mean of a model's logits on the image and on its mirror image (a horizontal flip of
+    the eval input). Only from the image: the mirror of a feature map is not the feature map of the mirror image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start:
+            raise ValueError("a flip-averaged model runs from the image (start=0)")
+        return (self.model(x).float() + self.model(x.flip(-1)).float()) / 2
+
+
+def set_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth on a built model, as timm's `drop_path_rate` builds it: the k-th of its n residual blocks
+    (timm's, those with a `drop_path`) is skipped in training with probability rate * k / n. Returns n (0: the
+    backbone has no such blocks, and the rate changes nothing). In eval mode a DropPath is the identity."""
+    from timm.layers import DropPath
+
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "drop_path", None), (nn.Identity, DropPath))]
+    for k, block in enumerate(blocks):
+        block.drop_path = DropPath(rate * k / len(blocks)) if k else nn.Identity()
+    return len(blocks)
 
 
 Stages = tuple[list[nn.Module], int]  # a backbone's pretrained stages and its feature width
@@ -384,6 +416,36 @@ for _name, _split, _n, _size, _resize, _params in [
 
 # --- any timm model -------------------------------------------------------------------------------------
 
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return os.environ.get("HF_HUB_CACHE") or HF_HUB_CACHE
+
+
+def cached_timm_models() -> list[str]:
+    """`timm/NAME` for every timm model whose pretrained weights are in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        repos = scan_cache_dir(_hub_cache()).repos
+    except Exception:  # no cache folder, or one huggingface_hub cannot read: nothing cached to use
+        return []
+    return sorted(f"timm/{r.repo_id[5:]}" for r in repos if r.repo_type == "model" and r.repo_id.startswith("timm/")
+                  and timm.is_model(r.repo_id[5:].split(".")[0]) and _cached_weights(r.repo_id))
+
+
+def _cached_weights(hub_id: str | None) -> str | None:
+    """The local file of a Hugging Face model's weights, if the cache holds them."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin") if hub_id else ():
+        path = try_to_load_from_cache(hub_id, filename, cache_dir=_hub_cache())
+        if isinstance(path, str):
+            return path
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _timm_spec(arch: str) -> BackboneSpec:
     import timm
@@ -392,8 +454,10 @@ def _timm_spec(arch: str) -> BackboneSpec:
         raise ConfigError(f"unknown timm model {arch!r}; see timm.list_models() for names")
 
     def build(weights: str | None):
-        try:
-            model = timm.create_model(arch, pretrained=weights is None, num_classes=0)
+        cached = _cached_weights(cfg.get("hf_hub_id")) if weights is None else None
+        try:  # weights in the local cache are read from there, no request made
+            model = timm.create_model(arch, pretrained=weights is None, num_classes=0,
+                                      **({"pretrained_cfg_overlay": {"file": cached}} if cached else {}))
         except OSError as exc:  # the download failed (offline: huggingface_hub's LocalEntryNotFoundError, a URLError)
             if weights is not None:
                 raise
@@ -416,7 +480,7 @@ def _timm_spec(arch: str) -> BackboneSpec:
     native = int(cfg.get("input_size", (3, 224, 224))[-1])
     return BackboneSpec(f"timm/{arch}", build, len(_split_timm(probe)), tuple(cfg.get("mean", IMAGENET_MEAN)),
                         tuple(cfg.get("std", IMAGENET_STD)), float(cfg.get("crop_pct", 0.875)), f"timm {arch}",
-                        native_size=native, offline=False, params=params)
+                        native_size=native, offline=_cached_weights(cfg.get("hf_hub_id")) is not None, params=params)
 
 
 class _Pooled(nn.Module):
@@ -477,3 +541,95 @@ class _Whole(nn.Module):
 
     def forward(self, x):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+# --- several backbones side by side -------------------------------------------------------------------
+
+class Concatenated(nn.Module):
+    """Several backbones' pooled features side by side, from one input (N, 3, S, S) in [0, 1].
+
+    Each backbone sees the input as its own pretraining eval would have seen the image: the centre crop of the
+    same fraction of the side as its eval crop (native size / stored size), resized to its native size (bicubic,
+    antialiased, as the image store resizes; not at all when the crop is its native size, so that at the size
+    of its own store its features are those of its own probe, bit for bit), and normalised with its own mean and
+    std. The resize is torch's, written as the matrix it is (rows @ x @ rows.T), which TorchScript and ONNX run
+    alike (ONNX export has no antialiased resize).
+    """
+
+    def __init__(self, parts: Sequence[tuple[BackboneSpec, list[nn.Module]]]):
+        super().__init__()
+        from .data import store_size_for
+
+        self.names = [spec.name for spec, _ in parts]
+        self.backbones = nn.ModuleList(nn.Sequential(*stages) for _, stages in parts)
+        self.depths = [len(stages) for _, stages in parts]
+        self.sizes = [spec.native_size for spec, _ in parts]
+        self.fractions = [spec.native_size / store_size_for(spec.native_size, spec.crop_pct) for spec, _ in parts]
+        for i, (spec, _) in enumerate(parts):
+            self.register_buffer(f"mean{i}", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def crop(self, i: int, size: int) -> int:
+        """The side of backbone i's centre crop of a `size` input (as many pixels off each side)."""
+        return size - 2 * round((size - size * self.fractions[i]) / 2)
+
+    def view(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Backbone i's input from the shared one."""
+        size, native = int(x.shape[-1]), self.sizes[i]  # a constant where traced: exports take one size
+        crop = self.crop(i, size)
+        off = (size - crop) // 2
+        x = x[..., off:off + crop, off:off + crop]
+        if crop != native:
+            rows = _resize_matrix(crop, native).to(x.device, x.dtype)
+            x = rows @ x @ rows.T
+        x = (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Backbone i's pooled features of the shared input."""
+        return self.backbones[i](self.view(i, x))
+
+    def view_key(self, i: int, size: int) -> int | tuple[int, int]:
+        """What backbone i's input is at input side `size`, for caching its features: its native size when that is
+        the crop (the key its own probe caches under at that store), else (crop, native size)."""
+        crop = self.crop(i, size)
+        return crop if crop == self.sizes[i] else (crop, self.sizes[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.part(i, x) for i in range(len(self.backbones))], 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src): F.interpolate's antialiased bicubic resize along one axis, as a matrix (resizing is separable)."""
+    if src == dst:
+        return torch.eye(src)
+    eye = torch.eye(src).view(src, 1, 1, src)
+    rows = F.interpolate(eye, size=(1, dst), mode="bicubic", antialias=True, align_corners=False)
+    return rows.view(src, dst).T.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _concatenated_spec(names: tuple[str, ...]) -> BackboneSpec:
+    """`A+B+...`: one stage, the Concatenated backbones (a linear probe on it is one model over all their features),
+    native at the largest stored size among them (its input uncropped: crop_pct 1), normalised inside (mean 0,
+    std 1)."""
+    from .data import store_size_for
+
+    if len(names) < 2 or len(set(names)) < len(names) or any(not n for n in names):
+        raise ConfigError(f"backbone {JOIN.join(names)!r}: join two or more different backbones with {JOIN!r}")
+    specs = [get_backbone(n) for n in names]
+    size = max(store_size_for(s.native_size, s.crop_pct) for s in specs)
+
+    def build(weights: str | None):
+        built = [(s, pretrained_stages(s.name, "random" if weights == "random" else None)) for s in specs]
+        module = Concatenated([(s, stages) for s, (stages, _) in built])
+        if weights not in (None, "random"):
+            load_into(module, read_state_dict(weights), weights)
+        return [module], sum(width for _, (_, width) in built)
+
+    params = sum(s.params or 0 for s in specs) if all(s.params for s in specs) else None
+    return BackboneSpec(JOIN.join(names), build, 1, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0,
+                        "the pooled features of " + ", ".join(names) + " side by side (a probe on all of them)",
+                        native_size=size, offline=all(s.offline for s in specs), params=params,
+                        pretrained=all(s.pretrained for s in specs))

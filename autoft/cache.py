@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -146,6 +146,7 @@ class RunCache:
         self._held: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # features and pretrained stages, with bytes
         self._lock = threading.Lock()
         self.stage_builds = self.stage_hits = 0
+        self.feature_passes: Counter[tuple] = Counter()  # frozen-feature passes over a set of images, by key
 
     # --- datasets and their images -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Ensemble, LogitAdjusted, build_model
+from .backbones import Ensemble, FlipAveraged, LogitAdjusted, build_model
 from .config import Config
 from .data import Fingerprint
 from .exceptions import AutoftError, ConfigError
@@ -28,26 +28,28 @@ READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members
 def save_checkpoint(path: str | os.PathLike, members: Sequence[dict[str, torch.Tensor]], classes: list[str],
                     config: Config, metrics: dict[str, Any] | None = None, shared_stages: int = 0,
                     tau: float = 0.0, prior: Sequence[float] = (), data: Fingerprint | None = None,
-                    weights: Sequence[float] | None = None) -> None:
+                    weights: Sequence[float] | None = None, tta: str = "none") -> None:
     """Write `checkpoint(...)` of these arguments to `path`, atomically."""
-    atomic_torch_save(path, checkpoint(members, classes, config, metrics, shared_stages, tau, prior, data, weights))
+    atomic_torch_save(path, checkpoint(members, classes, config, metrics, shared_stages, tau, prior, data, weights,
+                                       tta))
 
 
 def checkpoint(members: Sequence[dict[str, torch.Tensor]], classes: list[str], config: Config,
                metrics: dict[str, Any] | None = None, shared_stages: int = 0, tau: float = 0.0,
                prior: Sequence[float] = (), data: Fingerprint | None = None,
-               weights: Sequence[float] | None = None) -> dict[str, Any]:
+               weights: Sequence[float] | None = None, tta: str = "none") -> dict[str, Any]:
     """One model (one member) or an ensemble whose members share their first `shared_stages` stages, averaged
     with `weights` (one per member; uniform when None); with its logit adjustment `tau` for the class `prior`
-    (applied by every reader: predict, evaluate, export), and `data`, the fingerprint of the images it trained on
-    (so `evaluate` knows new data from seen data). What `load_checkpoint` returns."""
+    and its test-time augmentation `tta` (applied by every reader: predict, evaluate, export), and `data`, the
+    fingerprint of the images it trained on (so `evaluate` knows new data from seen data). What
+    `load_checkpoint` returns; one without `tta` (written before it) has none."""
     shared = _prefixes(shared_stages)
     rest = [{k: v for k, v in m.items() if not k.startswith(shared)} for m in members[1:]]
     return ({"format": FORMAT, "state_dict": dict(members[0]), "members": rest,
              "shared_stages": shared_stages, "classes": list(classes), "config": config.portable().to_dict(),
              "metrics": dict(metrics or {}), "versions": versions(),
              "logit_adjustment": {"tau": float(tau), "prior": [float(p) for p in prior]},
-             "data": data.to_dict() if data is not None else None}
+             "data": data.to_dict() if data is not None else None, "tta": tta}
             | ({"member_weights": [float(w) for w in weights]} if weights is not None else {}))
 
 
@@ -91,7 +93,8 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, Config]:
     config = Config.from_dict(ckpt["config"])
     adjustment = ckpt.get("logit_adjustment") or {}
     return assemble(config.backbone, len(ckpt["classes"]), members(ckpt), ckpt.get("shared_stages", 0),
-                    adjustment.get("tau", 0.0), adjustment.get("prior", ()), ckpt.get("member_weights")).eval(), config
+                    adjustment.get("tau", 0.0), adjustment.get("prior", ()), ckpt.get("member_weights"),
+                    ckpt.get("tta", "none")).eval(), config
 
 
 def members(ckpt: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
@@ -101,10 +104,11 @@ def members(ckpt: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
 
 
 def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.Tensor]], shared_stages: int,
-             tau: float = 0.0, prior: Sequence[float] = (), weights: Sequence[float] | None = None) -> nn.Module:
+             tau: float = 0.0, prior: Sequence[float] = (), weights: Sequence[float] | None = None,
+             tta: str = "none") -> nn.Module:
     """The model that `members` (complete state dicts) make: the Net itself for one, else their Ensemble (weighted
-    by `weights`, uniform when None); logit adjusted when `tau` is not 0 (tau = 0: the model itself, nothing
-    wrapped)."""
+    by `weights`, uniform when None); logit adjusted when `tau` is not 0, and flip-averaged when `tta` is flip
+    (tau = 0 and no tta: the model itself, nothing wrapped)."""
     nets = []
     for state in members:
         net, _ = build_model(backbone, num_classes, weights="random")
@@ -114,7 +118,8 @@ def assemble(backbone: str, num_classes: int, members: Sequence[dict[str, torch.
             raise ConfigError(f"checkpoint weights do not fit backbone {backbone!r}: {str(exc).splitlines()[0]}") from None
         nets.append(net)
     model = nets[0] if len(nets) == 1 else Ensemble(nets, shared_stages, weights)
-    return LogitAdjusted(model, tau, list(prior)) if tau else model
+    model = LogitAdjusted(model, tau, list(prior)) if tau else model
+    return FlipAveraged(model) if tta == "flip" else model
 
 
 def _prefixes(shared_stages: int) -> tuple[str, ...]:

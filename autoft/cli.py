@@ -84,6 +84,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     args.given = sorted(f.name for f in dataclasses.fields(Config) if f.name in vars(args))
+    args.set_keys = sorted(set(values) | set(args.given))  # by file or flag: what a search's defaults leave alone
     values |= {k: getattr(args, k) for k in args.given}
     return Config.from_dict(values), search
 
@@ -119,9 +120,10 @@ def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> Searc
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .study import run_search
+    from .study import run_search, search_defaults
 
     config, from_file = resolve_config(args)
+    config = search_defaults(config, args.set_keys)
     run_search(config, dataclasses.replace(search_options(args, from_file), started=args.started), fixed=args.given)
     return 0
 

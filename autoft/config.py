@@ -22,6 +22,7 @@ PATH_KEYS = ("data", "weights", "labels", "val_labels", "test_labels")
 TEXT_KEYS = (*PATH_KEYS, "path_column", "label_column")  # read as typed: paths, and column names (`1` is a name)
 FINALS = ("ensemble", "refit", "soup")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
+TTA = ("auto", "none", "flip")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -46,7 +47,9 @@ class Config:
         "metavar": "NAME"})
     label_column: str = field(default="label", metadata={
         "help": "the labels CSVs' column of class names", "metavar": "NAME"})
-    backbone: str = field(default="efficientnet_lite0", metadata={"help": "registered backbone, torchvision name or timm/NAME"})
+    backbone: str = field(default="efficientnet_lite0", metadata={
+        "help": "registered backbone, torchvision name or timm/NAME; autoft search: auto (compare the offline ones) "
+                "unless one is set (default: efficientnet_lite0)"})
     weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
     image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
     batch_size: int = field(default=32, metadata=_rng(1, 4096) | {"help": "images per training step"})
@@ -67,6 +70,21 @@ class Config:
     warmup_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs of linear learning-rate warmup"})
     aug_strength: float = field(default=0.5, metadata=_rng(0, 1) | {"help": "data augmentation, 0 (none) to 1 (strong)"})
     label_smoothing: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {"help": "label smoothing of the loss"})
+    trivial_augment: bool = field(default=False, metadata={
+        "help": "TrivialAugment (torchvision's TrivialAugmentWide): one random operation at a random magnitude per "
+                "training image, before the aug_strength crop and flip"})
+    mixup: float = field(default=0.0, metadata=_rng(0, 10) | {
+        "help": "Mixup's alpha (timm.data.Mixup): each training batch mixed with itself reversed by a Beta(alpha, "
+                "alpha) share, targets too; 0 = off"})
+    cutmix: float = field(default=0.0, metadata=_rng(0, 10) | {
+        "help": "CutMix's alpha (timm.data.Mixup): a box of a Beta(alpha, alpha) share of each training image "
+                "pasted from another, targets mixed by area; 0 = off (with mixup too, each batch gets one of them)"})
+    ema_decay: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {
+        "help": "an exponential moving average of the weights (timm.utils.ModelEmaV3, with its warmup) is validated "
+                "and shipped; its decay per step, 0 = off"})
+    drop_path_rate: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {
+        "help": "stochastic depth: each residual block of the stages that train is skipped in training with a "
+                "probability rising linearly to this at the last (timm's drop_path_rate); 0 = off"})
     patience: int = field(default=0, metadata=_rng(0, 10000) | {"help": "stop after this many epochs without improvement; 0 = never"})
     seed: int = field(default=0, metadata=_rng(0, 2**32 - 1) | {"help": "random seed (a search derives each trial's from it)"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"})
@@ -90,6 +108,9 @@ class Config:
     logit_adjustment: float | str = field(default=0.0, metadata=_rng(0, 10) | {"words": ("auto",), "help":
         "tau of post-hoc logit adjustment, logits - tau * log(class prior) (Menon et al. 2021); auto = chosen on "
         "the out-of-fold predictions from 0, 0.25, ..., 2"})
+    tta: str = field(default="auto", metadata=_rng(choices=TTA) | {
+        "help": "test-time augmentation: flip = the mean of the logits on the image and on its mirror image (not for "
+                "data where a mirror image is another class); auto = flip where it scores better out of fold"})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,6 +132,11 @@ class Config:
     @property
     def cosine_t_max(self) -> int:
         return self.t_max or self.epochs
+
+    @property
+    def augmented(self) -> bool:
+        """Whether the training images change from epoch to epoch (so no frozen features can stand in for them)."""
+        return self.aug_strength > 0 or self.trivial_augment or self.mixup > 0 or self.cutmix > 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":

@@ -140,7 +140,9 @@ class Exporter:
         if cfg.final == "refit":
             epochs = best.user_attrs[records.BEST_EPOCH]
             log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            return self._checkpoint(cfg, refit(cfg, data, epochs, cache=self.cache, tau=records.kept_epoch(best).get("tau", 0.0)),
+            kept_epoch = records.kept_epoch(best)
+            return self._checkpoint(cfg, refit(cfg, data, epochs, cache=self.cache, tau=kept_epoch.get("tau", 0.0),
+                                               tta=kept_epoch.get("tta", "none")),
                                     best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
         kept = self._kept_bytes(best)
         if kept is None:
@@ -160,7 +162,7 @@ class Exporter:
         kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
         return checkpoint([make_soup(cfg, data, folds, self.cache)], ckpt["classes"], cfg,
                           ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0, adjustment.get("tau", 0.0),
-                          adjustment.get("prior", ()), data.fingerprint)
+                          adjustment.get("prior", ()), data.fingerprint, tta=ckpt.get("tta", "none"))
 
     def _mix_checkpoint(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> dict[str, Any]:
         """The ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its `final`
@@ -188,7 +190,8 @@ class Exporter:
                                    "trial_mix": {"members": mix["members"], "weights": mix["weights"]}}
         prior = (first.get("logit_adjustment") or {}).get("prior", ())
         return checkpoint(states, first["classes"], records.config(best), metrics, shared_prefix(states, max(shared)),
-                          mix["tau"], prior, self.cache.dataset(records.config(best)).fingerprint, weights)
+                          mix["tau"], prior, self.cache.dataset(records.config(best)).fingerprint, weights,
+                          mix.get("tta", "none"))
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
         """(study, trial, final) of the model in best.pt, if there is one."""
@@ -216,7 +219,7 @@ class Exporter:
         metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
                                    "trial": trial, "study": study, "final": final, "shipped": kind}
         return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
-                          self.cache.dataset(cfg).fingerprint)  # loaded already: no work
+                          self.cache.dataset(cfg).fingerprint, tta=result.tta)  # loaded already: no work
 
     # --- the three files, together ---------------------------------------------------------------------------
 
@@ -286,18 +289,20 @@ def _serialize(ckpt: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def mixable(t: FrozenTrial, winner: Config, tau: float) -> bool:
+def mixable(t: FrozenTrial, winner: Config, tau: float, tta: str = "none") -> bool:
     """Whether trial `t` can join the winner's ensemble (`joins`) and kept out-of-fold probabilities."""
     if not t.user_attrs.get(records.OOF):
         return False
-    return joins(records.config(t), records.kept_epoch(t).get("tau", 0.0), winner, tau)
+    kept = records.kept_epoch(t)
+    return joins(records.config(t), kept.get("tau", 0.0), winner, tau, kept.get("tta", "none"), tta)
 
 
-def joins(cfg: Config, tau: float, winner: Config, winner_tau: float) -> bool:
-    """THE rule for who can share an ensemble with the winner: one preprocessing (backbone, its weights, image size)
-    and one logit adjustment, which predict and export apply to the whole model."""
+def joins(cfg: Config, tau: float, winner: Config, winner_tau: float, tta: str = "none",
+          winner_tta: str = "none") -> bool:
+    """THE rule for who can share an ensemble with the winner: one preprocessing (backbone, its weights, image size),
+    one logit adjustment and one test-time augmentation, which predict and export apply to the whole model."""
     return (cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size) \
-        and tau == winner_tau
+        and tau == winner_tau and tta == winner_tta
 
 
 def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
@@ -308,12 +313,13 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     (selection.nested_predictions). None when fewer than two trials kept out-of-fold probabilities.
 
     Returns {"winner", "members" (trial numbers), "weights", "shipped", "estimate" (Estimate.to_dict of the mix's
-    nested predictions), "single" (the single best's nested score), "noise", "tau", "models" and "single_models"
+    nested predictions), "single" (the single best's nested score), "noise", "tau", "tta", "models" and "single_models"
     (forward passes per image, shared frozen stages aside)}."""
-    winner, tau = records.config(best), records.kept_epoch(best).get("tau", 0.0)
+    winner, kept_epoch = records.config(best), records.kept_epoch(best)
+    tau, tta = kept_epoch.get("tau", 0.0), kept_epoch.get("tta", "none")
     done = records.completed(study)
     kept = records.kept_set([records.Candidate.of(t) for t in done])
-    trials = sorted((t for t in done if mixable(t, winner, tau) and t.number in kept),
+    trials = sorted((t for t in done if mixable(t, winner, tau, tta) and t.number in kept),
                     key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
     oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
     if not oofs or oofs[0][0].number != best.number:
@@ -343,7 +349,7 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     kept = mix.members
     return {"winner": best.number, "members": [oofs[i][0].number for i in kept],
             "weights": [float(mix.weights[i]) for i in kept], "shipped": wins_beyond_noise(mix, nested, noise),
-            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau,
+            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau, "tta": tta,
             "models": sum(models[i] for i in kept), "single_models": models[0]}
 
 

@@ -17,6 +17,10 @@ Imbalanced classes: the loss may weigh classes (`class_weight`), training batche
 class-balanced (`balanced_sampling`), and predictions may be logit-adjusted after training
 (`logit_adjustment`: logits - tau * log prior, Menon et al., "Long-tail learning via logit adjustment",
 ICLR 2021), with tau chosen on the out-of-fold predictions when it is `auto`.
+
+Test-time augmentation (`tta`): the kept epoch's fold models also predict their held-out images mirrored;
+with `auto` the mean of the two views' logits is used where it scores better out of fold (the metric
+strictly higher, tau chosen again with it), and the choice ships with the model (backbones.FlipAveraged).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import BackboneSpec, Net, build_model
+from .backbones import BackboneSpec, Concatenated, FlipAveraged, Net, build_model, set_drop_path
 from .cache import Images, RunCache, as_images, load_data  # load_data: re-exported, datasets as a run loads them
 from .config import Config
 from .data import Dataset, Fold, Split, augment, center_crop, normalize
@@ -78,6 +82,11 @@ class Result:
         """The logit adjustment the kept epoch was scored with; unvalidated, the config's (`auto`: 0, nothing to
         choose it on)."""
         return float(self.best.get("tau", 0.0 if self.config.logit_adjustment == "auto" else self.config.logit_adjustment))
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation the kept epoch was scored with; unvalidated, the config's (`auto`: none)."""
+        return self.best.get("tta", "none" if self.config.tta == "auto" else self.config.tta)
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -154,15 +163,16 @@ def plan_folds(cfg: Config, data: Dataset) -> list[Fold]:
     return [data.holdout]
 
 
-def refit_config(cfg: Config, epochs: int, tau: float = 0.0) -> Config:
+def refit_config(cfg: Config, epochs: int, tau: float = 0.0, tta: str = "none") -> Config:
     """The recipe for `epochs` epochs on every labelled image, along the validated learning-rate curve, with the
-    logit adjustment `tau` the validation chose (the refit validates nothing to choose it on).
+    logit adjustment `tau` and test-time augmentation `tta` the validation chose (the refit validates nothing to
+    choose them on).
 
     The schedule is a function of the epoch, not of the step, so the refit's last epoch ends where the
     validated run's epoch `epochs` ended (same warmup, same cosine period), not at a re-stretched cosine.
     """
     return cfg.replace(epochs=epochs, t_max=cfg.cosine_t_max, head_only_epochs=min(cfg.head_only_epochs, epochs),
-                       patience=0, logit_adjustment=tau)
+                       patience=0, logit_adjustment=tau, tta=tta)
 
 
 @dataclass
@@ -224,7 +234,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             if features is not None:  # else too big to hold: the head trains by epochs instead
                 runs = [first] + [make_run(f, fold_seed(cfg.seed, i)) for i, f in enumerate(folds) if i]
                 _fit_exactly(runs, cfg, features, labels, images, device, cache, folds_run, report)
-                return folds_run.result(data.classes, device, time.perf_counter() - t0, prior)
+                del runs
+                result = folds_run.result(data.classes, device, time.perf_counter() - t0, prior)
+                return _test_time_augmentation(cfg, result, folds_run, images, device, cache)
         epochs, cut = cfg.epochs, False
         for i, fold in enumerate(folds):
             run = first if i == 0 else make_run(fold, fold_seed(cfg.seed, i))
@@ -242,8 +254,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             del run
             if race is not None and i + 1 < len(folds):
                 race(folds_run.partial(i + 1))
-        return folds_run.result(data.classes, device, time.perf_counter() - t0, prior,
-                                stopped=epochs < cfg.epochs or cut)
+        result = folds_run.result(data.classes, device, time.perf_counter() - t0, prior,
+                                  stopped=epochs < cfg.epochs or cut)
+        return _test_time_augmentation(cfg, result, folds_run, images, device, cache)
     finally:
         del first, images
         if device.type == "cuda":
@@ -257,7 +270,7 @@ def _train_and_score(run: _FoldRun, cfg: Config, images: Images, labels: torch.T
     """One epoch of one fold's model, then its held-out images scored: the epoch's metrics for `report`."""
     depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth  # freeze, then unfreeze
     features = None  # without augmentation, the frozen stages' output for the training images never changes
-    if cfg.aug_strength == 0 and depth:
+    if not cfg.augmented and depth:
         features = frozen_features(run.model, run.spec, cfg, images, depth, device, cache)  # validation too
     t_epoch = time.perf_counter()
     train_loss, seen = run.train_epoch(images, labels, depth, features, on_batch)
@@ -288,6 +301,40 @@ def _fit_exactly(runs: Sequence[_FoldRun], cfg: Config, features: torch.Tensor, 
             report(i * cfg.epochs, metrics)
 
 
+def _test_time_augmentation(cfg: Config, result: Result, folds_run: _Folds, images: Images, device: torch.device,
+                            cache: RunCache) -> Result:
+    """`tta` decided on the out-of-fold predictions at the kept epoch: every fold model predicts its held-out images
+    mirrored, and the mean of the two views' logits replaces the plain ones when `tta` is flip, or when it is auto
+    and that scores strictly higher (tau chosen again with it). The kept epoch's metrics (the trial's value), the
+    out-of-fold probabilities and `Result.tta` follow the choice; `tta_gain` is the score with the flip less the
+    score without, whichever was chosen. Nothing validated, or `tta: none`: `result` as it is."""
+    if cfg.tta == "none" or not result.validated or result.oof is None:
+        return result
+    kept, upto = result.best["epoch"] - 1, len(folds_run.folds)
+    _, index, plain, _ = folds_run.pooled(kept, upto)
+    mirrored = []
+    for fold, state in zip(folds_run.folds, result.members):
+        if len(fold.val):
+            model, spec = build_on_device(cfg, folds_run.classes, device, cache=cache)
+            model.load_state_dict(state)
+            logits = predict_logits(model, spec, cfg, images, cfg.freeze_depth, device, fold.val, cache, flip=True)
+            mirrored.append(logits.float().log_softmax(1).cpu().numpy())
+    both = torch.from_numpy((plain + np.concatenate(mirrored)) / 2).log_softmax(1).numpy()
+    flipped = folds_run.measure(both, upto)
+    key = f"val_{cfg.metric}"
+    gain = flipped[key] - result.best[key]
+    if cfg.tta == "flip" or gain > 0:
+        result.best.update(flipped)  # the kept epoch's entry of the history too
+        oof = np.full_like(result.oof, np.nan)
+        oof[index] = np.exp(both)
+        result.oof = oof
+        result.best["tta"] = "flip"
+    else:
+        result.best["tta"] = "none"
+    result.best["tta_gain"] = gain
+    return result
+
+
 class _Folds:
     """The folds trained so far: every fold's held-out log probabilities and a CPU copy of its weights at every epoch
     (the kept epoch is the best pooled over all folds, known only at the end), and, on the first fold, the epochs
@@ -313,9 +360,9 @@ class _Folds:
         validated = "val_loss" in metrics
         best = validated and all(score_key(metrics, self.cfg.metric) > score_key(s, self.cfg.metric) for s in mine)
         if len(self.folds) > 1:
-            self.weights[i].append(self._copy(run.model))
+            self.weights[i].append(self._copy(run.evaluated))
         elif best or not validated:
-            self.weights[i] = [self._copy(run.model)]
+            self.weights[i] = [self._copy(run.evaluated)]
         if i == 0:
             self.stale = 0 if best else self.stale + 1
 
@@ -336,15 +383,22 @@ class _Folds:
             return None
         index = np.concatenate([f.val.cpu().numpy() for f, _ in held])
         log_probs = np.concatenate([lp for _, lp in held])
+        metrics = self.measure(log_probs, upto)
+        return metrics, index, log_probs, metrics["tau"]
+
+    def measure(self, log_probs: np.ndarray, upto: int) -> dict[str, Any]:
+        """The pooled metrics of the held-out log probabilities of the first `upto` folds, in fold order (as
+        `pooled` concatenates them): loss, every metric after the logit adjustment chosen on them, the interval."""
+        held = [f for f in self.folds[:upto] if len(f.val)]
+        index = np.concatenate([f.val.cpu().numpy() for f in held])
         y = self.labels[index]
         tau = choose_tau(self.cfg, log_probs, y, self.log_prior)
         pred = adjusted(log_probs, self.log_prior, tau).argmax(1)
-        fold = np.concatenate([np.full(len(f.val), i) for i, (f, _) in enumerate(held)])
+        fold = np.concatenate([np.full(len(f.val), i) for i, f in enumerate(held)])
         estimate = Estimate.measure(self.cfg.metric, y, pred, self.classes, fold)
-        metrics = {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
-                   **{f"val_{m}": v for m, v in scores(y, pred, self.classes).items()},
-                   **estimate.epoch_metrics(), "tau": tau}
-        return metrics, index, log_probs, tau
+        return {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+                **{f"val_{m}": v for m, v in scores(y, pred, self.classes).items()},
+                **estimate.epoch_metrics(), "tau": tau}
 
     def _history(self, upto: int) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray, float] | None]:
         epochs = min(len(lp) for lp in self.log_probs[:upto]) if all(self.log_probs[:upto]) else 0
@@ -415,6 +469,14 @@ class _FoldRun:
         self.sched = make_scheduler(self.opt, cfg, self.steps)
         self.gen_cpu = torch.Generator().manual_seed(seed)  # the order of training images
         self.gen_dev = torch.Generator(device=device).manual_seed(seed)  # their augmentation
+        on = cfg.trivial_augment or cfg.mixup or cfg.cutmix or cfg.ema_decay
+        self.extra = Regularizers(cfg, self.model, num_classes, fold_seed(seed, 1)) if on else None
+
+    @property
+    def evaluated(self) -> Net:
+        """The model validated and kept: the weight average once it has been stepped, else the model itself."""
+        return self.extra.ema.module if self.extra is not None and self.extra.ema is not None and self.extra.steps \
+            else self.model
 
     def train_epoch(self, images: Images, labels: torch.Tensor, depth: int, features: torch.Tensor | None,
                     on_batch: BatchHook | None = None) -> tuple[float, int]:
@@ -424,7 +486,7 @@ class _FoldRun:
                 torch.multinomial(self.draw, k, replacement=True, generator=self.gen_cpu))
         order = self.fold.train[pick]
         return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
-                               images, labels, depth, self.gen_dev, features, self.loss_weight, on_batch)
+                               images, labels, depth, self.gen_dev, features, self.loss_weight, on_batch, self.extra)
 
 
 _LOG_PROBS = "_log_probs"  # validate's (n_val, C) array, taken out of the metrics before they are recorded
@@ -439,7 +501,7 @@ def validate(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, d
     index = run.fold.val
     if not len(index):
         return {}
-    logits = predict_logits(run.model, run.spec, cfg, images, depth, device, index, cache)
+    logits = predict_logits(run.evaluated, run.spec, cfg, images, depth, device, index, cache)
     log_probs, y = logits.float().log_softmax(1).cpu().numpy(), labels[index.to(device)].cpu().numpy()
     tau = choose_tau(cfg, log_probs, y, log_prior)
     pred = adjusted(log_probs, log_prior, tau).argmax(1)
@@ -455,6 +517,8 @@ def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: i
     error. The pretrained stages come from `cache` (read once per run) when given."""
     model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed if seed is None else seed,
                               cache.pretrained_stages if cache is not None else None)
+    if cfg.drop_path_rate:
+        set_drop_path(model, cfg.drop_path_rate)
     n_stages = len(model.stages)
     if cfg.freeze_depth > n_stages:
         raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
@@ -481,37 +545,91 @@ def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.opti
                     sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: Images,
                     labels: torch.Tensor, depth: int, generator: torch.Generator,
                     features: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
-                    on_batch: BatchHook | None = None) -> tuple[float, int]:
+                    on_batch: BatchHook | None = None, extra: Regularizers | None = None) -> tuple[float, int]:
     """One optimizer step per batch of indices into `images`/`labels`; returns the mean loss and the images seen.
 
     Stages before `depth` are frozen: their output comes from `features` (cached, when there is no
     augmentation) or is computed under no_grad; images are augmented on the device with `generator`.
-    `class_weight` (C,) weighs each class in the cross-entropy; `on_batch(done, total, images/s)` sees each step.
+    `class_weight` (C,) weighs each class in the cross-entropy; `on_batch(done, total, images/s)` sees each step;
+    `extra`: TrivialAugment before the augmentation, Mixup/CutMix after it, the weight average after each step.
     """
     device = labels.device
     total_loss, seen, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     pixels = images.batches(batches) if features is None else iter(())
     for done, idx in enumerate(batches, 1):
+        target = labels[idx.to(device)]
         if features is not None:
             x = features[idx.to(features.device)]
         else:
-            x = augment(next(pixels), cfg.image_size, cfg.aug_strength, generator)
+            x = next(pixels)
+            x = extra.trivial_augment(x) if extra is not None and extra.trivial else x
+            x = augment(x, cfg.image_size, cfg.aug_strength, generator)
             x = normalize(x, spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
+            if extra is not None and extra.mix is not None:
+                x, target = extra.mixed(x, target)
             if depth:
                 with torch.no_grad(), autocast(device):
                     x = model.features(x, depth)
-        with autocast(device):
-            loss = F.cross_entropy(model(x, start=depth).float(), labels[idx.to(device)], weight=class_weight,
-                                   label_smoothing=cfg.label_smoothing)
+        with autocast(device):  # mixed targets carry their own label smoothing (timm's Mixup applies it)
+            loss = F.cross_entropy(model(x, start=depth).float(), target, weight=class_weight,
+                                   label_smoothing=cfg.label_smoothing if target.dim() == 1 else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if extra is not None and extra.ema is not None:
+            extra.steps += 1
+            extra.ema.update(model, step=extra.steps)
         total_loss += loss.detach() * len(idx)
         seen += len(idx)
         if on_batch is not None:
             on_batch(done, len(batches), seen / max(time.perf_counter() - t0, 1e-9))
     return (total_loss / seen).item(), seen  # one sync per epoch, not per step
+
+
+class Regularizers:
+    """A fold's regularizers beyond the recipe's augmentation, each built only when its key is on, so that at its
+    neutral value the training run is the one without it, bit for bit: TrivialAugment (torchvision's
+    TrivialAugmentWide, per image), Mixup and CutMix (timm.data.Mixup), and the weight average (timm.utils.
+    ModelEmaV3, with its warmup, stepped after every optimizer step). Their random draws come from their own
+    seeded streams, never the global ones the rest of training uses."""
+
+    def __init__(self, cfg: Config, model: Net, num_classes: int, seed: int):
+        from timm.data import Mixup
+        from timm.utils import ModelEmaV3
+        from torchvision.transforms import v2
+
+        self.trivial = v2.TrivialAugmentWide() if cfg.trivial_augment else None
+        self.mix = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                          num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.numpy = np.random.RandomState(seed % 2**32).get_state()  # timm's Mixup draws from numpy's global stream
+
+    def trivial_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """One TrivialAugmentWide draw per uint8 image of the batch."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+            return torch.stack([self.trivial(image) for image in x])
+
+    def mixed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup or CutMix of the batch (in place; an even number of its images, as timm's batch mode pairs image i
+        with n-1-i) and soft targets for all of it: an odd last image keeps its own class, label-smoothed."""
+        from timm.data.mixup import mixup_target
+
+        even = len(x) - len(x) % 2
+        rest = mixup_target(y[even:], self.mix.num_classes, 1.0, self.mix.label_smoothing)
+        if not even:
+            return x, rest
+        outer = np.random.get_state()
+        np.random.set_state(self.numpy)
+        try:
+            _, head = self.mix(x[:even], y[:even])
+            self.numpy = np.random.get_state()
+        finally:
+            np.random.set_state(outer)
+        return x, torch.cat([head, rest])
 
 
 def _cpu_copy(model: Net) -> dict[str, torch.Tensor]:
@@ -560,7 +678,7 @@ def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = Non
     if cfg.final == "soup":
         return dataclasses.replace(result, members=[make_soup(cfg, data, result.members, cache)]) if len(result.members) > 1 \
             else result
-    return refit(cfg, data, result.best["epoch"], report, cache, result.tau)
+    return refit(cfg, data, result.best["epoch"], report, cache, result.tau, result.tta)
 
 
 def soup(members: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -627,10 +745,10 @@ def shipped_kind(result: Result, shipped: Result) -> str:
 
 
 def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,
-          cache: RunCache | None = None, tau: float = 0.0) -> Result:
+          cache: RunCache | None = None, tau: float = 0.0, tta: str = "none") -> Result:
     """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve, logit
-    adjusted by the validated `tau`."""
-    return finetune(refit_config(cfg, epochs, tau), data, report, [data.everything()], cache)
+    adjusted by the validated `tau`, with the validated test-time augmentation `tta`."""
+    return finetune(refit_config(cfg, epochs, tau, tta), data, report, [data.everything()], cache)
 
 
 def _set_trainable(model: Net, depth: int) -> None:
@@ -654,16 +772,23 @@ def evaluate_split(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, spli
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor | Split | Images,
                    depth: int, device: torch.device, index: torch.Tensor | None = None,
-                   cache: RunCache | None = None) -> torch.Tensor:
-    """Logits for the images at `index` (all of them by default) through the eval transform, in batches.
+                   cache: RunCache | None = None, flip: bool = False) -> torch.Tensor:
+    """Logits for the images at `index` (all of them by default) through the eval transform (mirrored with
+    `flip`), in batches.
 
     `images`: uint8 (N, 3, S, S) as a tensor, a Split (read from its store) or Images. With `depth`, the frozen
-    prefix's output over all of them comes from `cache` (computed once) when it fits its budget.
+    prefix's output over all of them comes from `cache` (computed once) when it fits its budget. A FlipAveraged
+    model is its model's mean over the plain and the mirrored views, each of them cached so.
     """
+    if isinstance(model, FlipAveraged):
+        views = [predict_logits(model.model, spec, cfg, images, depth, device, index, cache, f)
+                 for f in (flip, not flip)]
+        return (views[0].float() + views[1].float()) / 2
     images = as_images(images, device)
     was_training = model.training
     model.eval()
-    feats = frozen_features(model, spec, cfg, images, depth, device, cache) if depth and cache is not None else None
+    cached = depth and cache is not None
+    feats = frozen_features(model, spec, cfg, images, depth, device, cache, flip) if cached else None
     index = torch.arange(len(images)) if index is None else index.cpu()
     chunks = index.split(max(1, cfg.batch_size * 2))
     pixels = images.batches(chunks) if feats is None else iter(())
@@ -672,45 +797,67 @@ def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, imag
         if feats is not None:
             x, start = feats[chunk.to(feats.device)], depth
         else:  # no depth, or features too big to keep: the whole model from the images
-            x, start = _eval_input(next(pixels).to(device, non_blocking=True), spec, cfg.image_size), 0
+            x, start = _eval_input(next(pixels).to(device, non_blocking=True), spec, cfg.image_size, flip), 0
         with autocast(device):
             out.append(model(x, start=start).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.num_classes, device=device)
 
 
-def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int) -> torch.Tensor:
-    return normalize(center_crop(images, size), spec.mean, spec.std).contiguous(memory_format=torch.channels_last)
+def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int, flip: bool = False) -> torch.Tensor:
+    x = normalize(center_crop(images, size), spec.mean, spec.std)
+    return (x.flip(-1) if flip else x).contiguous(memory_format=torch.channels_last)
 
 
 # --- frozen-prefix features ------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int, device: torch.device,
-                    cache: RunCache) -> torch.Tensor | None:
-    """Output of the frozen stages[:depth] for every one of `images` (eval transform), computed once per `cache`.
+                    cache: RunCache, flip: bool = False) -> torch.Tensor | None:
+    """Output of the frozen stages[:depth] for every one of `images` (eval transform, mirrored with `flip`), computed
+    once per `cache`.
 
     Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights, image
     size and depth share the result. It counts against the cache's byte budget (least recently used out);
     features that would not fit even alone, or of images with no key, are never materialised: None tells
-    the caller to run the prefix per batch, so a huge set costs time, never memory.
+    the caller to run the prefix per batch, so a huge set costs time, never memory. Several backbones side by
+    side (backbones.Concatenated) are cached per backbone, under the key of that backbone's own probe where
+    its input is the same, so a probe on all of them reuses what each one's probe computed.
     """
     if images.key is None:
         return None
-    key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device))
+    stage = model.stages[0] if depth == 1 else None
+    view = ("flip",) if flip else ()
+    if isinstance(stage, Concatenated):
+        parts = [_features(cache, ("features", name, cfg.weights, stage.view_key(i, cfg.image_size), stage.depths[i],
+                                   images.key, str(device), *view), stage.backbones[i:i + 1], images, cfg, device,
+                           functools.partial(lambda x, i: stage.part(i, _eval_input(x, spec, cfg.image_size, flip)),
+                                             i=i))
+                 for i, name in enumerate(stage.names)]
+        return None if any(p is None for p in parts) else torch.cat(parts, 1)
+    key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device), *view)
+    return _features(cache, key, model.stages[:depth], images, cfg, device,
+                     lambda x: model.features(_eval_input(x, spec, cfg.image_size, flip), depth))
+
+
+def _features(cache: RunCache, key: tuple, frozen: Sequence[torch.nn.Module], images: Images, cfg: Config,
+              device: torch.device, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`compute` (stored images -> features, through the `frozen` modules in eval mode) over every one of
+    `images`, held in `cache` under `key`; each pass over the images is counted there (`feature_passes`)."""
     hit = cache.get(key)
     if hit is not None:
         return hit
-    was_training = [s.training for s in model.stages[:depth]]
-    for s in model.stages[:depth]:
+    was_training = [s.training for s in frozen]
+    for s in frozen:
         s.eval()
     feats = None
     step = max(1, cfg.batch_size * 2)
     chunks = torch.arange(len(images)).split(step)
+    cache.feature_passes[key] += 1
     try:
         with autocast(device):
             for chunk, pixels in zip(chunks, images.batches(chunks)):
-                part = model.features(_eval_input(pixels, spec, cfg.image_size), depth)
+                part = compute(pixels)
                 if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
                     nbytes = part[0].numel() * part.element_size() * len(images)
                     if not cache.make_room(nbytes):
@@ -720,7 +867,7 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images,
                                         memory_format=fmt)
                 feats[chunk[0]:chunk[-1] + 1] = part
     finally:
-        for s, t in zip(model.stages[:depth], was_training):
+        for s, t in zip(frozen, was_training):
             s.train(t)
     if feats is not None:
         cache.put(key, feats, feats.numel() * feats.element_size())

@@ -35,12 +35,13 @@ EXACT = "exact_probe"  # in the metrics of the one epoch an exact probe reports
 CHOSEN_C = "probe_C"  # the C each fold's inner cross-validation chose
 # The config keys that shape training by epochs, which an exact probe never runs: its summary marks them unused.
 UNUSED = ("epochs", "head_only_epochs", "head_lr", "base_lr", "layer_decay", "optimizer", "momentum", "weight_decay",
-          "t_max", "warmup_epochs", "label_smoothing", "patience", "balanced_sampling")
+          "t_max", "warmup_epochs", "label_smoothing", "patience", "balanced_sampling", "ema_decay", "drop_path_rate")
 
 
 def applies(cfg: Config, n_stages: int) -> bool:
-    """Whether a trial is an exact probe: every stage frozen (a linear head on pooled features), no augmentation."""
-    return cfg.freeze_depth == n_stages and cfg.aug_strength == 0
+    """Whether a trial is an exact probe: every stage frozen (a linear head on pooled features), no augmentation
+    (`Config.augmented`: none of aug_strength, TrivialAugment, Mixup, CutMix)."""
+    return cfg.freeze_depth == n_stages and not cfg.augmented
 
 
 def exact(history: Sequence[dict[str, Any]]) -> bool:

@@ -28,7 +28,7 @@ from .data import Fingerprint
 from .estimate import METRICS, Estimate
 from .exceptions import ConfigError
 from .finetune import Result, adjusted
-from .space import SearchSpace
+from .space import PROBE, SearchSpace, fine_tunable, next_backbone, shares
 from .storage import attach_bytes, read_artifact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
@@ -64,6 +64,7 @@ FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
 OOM_RETRY = "oom_retry"
 PORTFOLIO = "portfolio"  # the recipe's name on a portfolio trial
+ALLOCATED = "allocated"  # a fine-tuning trial's backbone as the evidence assigned it: {"backbone", "shares"}
 WEIGHTS = "weights_artifact_id"  # the trial's validated models (a checkpoint), kept while it is in `kept_set`
 WORKER = "worker"  # host:pid of the process that ran it
 SURPLUS = "surplus"  # how the fail_reason of a trial that gave its slot up begins
@@ -117,7 +118,8 @@ def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data:
     check_same_data(study, base, data)
     stored = study.user_attrs
     for key, now, label in ((SPACE, space.to_dict(), "search space"), (BASE, _base(base), "base config")):
-        then = _base(stored[key]) if key == BASE and key in stored else stored.get(key)
+        # a config key added since the study began reads as its default, which the resumed trials then run with
+        then = _base(Config().to_dict() | stored[key]) if key == BASE and key in stored else stored.get(key)
         if then is not None and then != now:
             diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
             raise ConfigError(f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "
@@ -191,13 +193,51 @@ def enqueue_portfolio(study: optuna.Study, recipes: Sequence[tuple[str, dict[str
     interrupted or crashed runs again), unless a trial already waits: a dead worker's trial re-queued by its
     heartbeat, or a recipe another worker queued, runs first. Called right before a trial starts, so the
     portfolio runs first, each recipe once across resumes, and nothing is left queued when a run stops."""
+    _enqueue(study, lambda lead: recipes, [], count)
+
+
+def enqueue_next(study: optuna.Study, space: SearchSpace, base: Config, count: int = 1) -> None:
+    """What the search queues right before a trial starts: the portfolio as `enqueue_portfolio` does, its
+    fine-tune recipes on the backbone the evidence points to; with several backbones, every trial after the
+    portfolio too, its backbone fixed by the same rule (space.shares, space.next_backbone) and the rest sampled."""
+    _enqueue(study, lambda lead: space.portfolio(base, lead), fine_tunable(space.backbones(base)), count)
+
+
+def _enqueue(study: optuna.Study, recipes: Callable[[str | None], Sequence[tuple[str, dict[str, Any]]]],
+             backbones: Sequence[str], count: int) -> None:
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return
     alive = (*FINISHED, TrialState.RUNNING)
     have = {t.user_attrs.get(PORTFOLIO) for t in trials if t.state in alive}
-    for name, params in [(n, p) for n, p in recipes if n not in have][:count]:
-        study.enqueue_trial(params, user_attrs={PORTFOLIO: name})
+    counts = Counter(t.user_attrs[ALLOCATED]["backbone"] for t in trials if ALLOCATED in t.user_attrs)
+    share = shares(backbone_evidence(trials, backbones)) if len(backbones) > 1 else {}
+    for _ in range(count):
+        lead = next_backbone(share, counts) if share else None
+        todo = [(n, p) for n, p in recipes(lead) if n not in have]
+        if not todo and lead is None:
+            return
+        name, params = todo[0] if todo else (None, {"backbone": lead})
+        attrs: dict[str, Any] = {PORTFOLIO: name} if name else {}
+        if lead is not None and params.get("backbone") == lead and not (name or "").startswith(PROBE):
+            attrs[ALLOCATED] = {"backbone": lead, "shares": share}
+            counts[lead] += 1
+        have.add(name)
+        study.enqueue_trial(params, user_attrs=attrs)
+
+
+def backbone_evidence(trials: Sequence[FrozenTrial], backbones: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Each of `backbones`' best completed trial so far, as (value, standard error); a backbone none of whose trials
+    completed yet is left out (with none at all, the first backbone stands alone)."""
+    out: dict[str, tuple[float, float]] = {}
+    for t in trials:
+        b = t.user_attrs.get(CONFIG, {}).get("backbone")
+        if t.state != TrialState.COMPLETE or t.value is None or b not in backbones:
+            continue
+        if b not in out or t.value > out[b][0]:
+            e = estimate(t)
+            out[b] = (t.value, e.noise if e is not None else 0.0)
+    return out or {backbones[0]: (0.0, 0.0)}
 
 
 # --- a trial ---------------------------------------------------------------------------------------------------
@@ -529,8 +569,9 @@ def describe(t: FrozenTrial, estimate_: Estimate | None = None) -> str:
     e = estimate_ or estimate(t)
     name = f" ({portfolio_name(t)})" if portfolio_name(t) else ""
     score = e.describe() if e else f"value {t.value:.4f}"
-    tau = kept_epoch(t).get("tau")
-    return f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
+    tau, tta = kept_epoch(t).get("tau"), kept_epoch(t).get("tta")
+    return (f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
+            + (", with test-time flips" if tta == "flip" else ""))
 
 
 # The trials table (trials.csv and the report): a column is a name and how to read it from a trial;
@@ -555,6 +596,7 @@ COLUMNS: list[tuple[str, Callable[[FrozenTrial], Any]]] = [
     ("se", _estimated(lambda e: e.se)),
     *((f"val_{m}", lambda t, m=m: kept_epoch(t).get(f"val_{m}")) for m in METRICS),
     ("tau", lambda t: kept_epoch(t).get("tau")),
+    ("tta", lambda t: kept_epoch(t).get("tta")),
     (VAL_LOSS, val_loss),
     (BEST_EPOCH, lambda t: t.user_attrs.get(BEST_EPOCH)),
     ("epochs_run", lambda t: len(history(t))),

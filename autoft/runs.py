@@ -58,7 +58,7 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     if data.test is not None:
         device = resolve_device(config.device)
         model = assemble(config.backbone, len(data.classes), shipped.members, shipped.shared_stages, result.tau,
-                         result.prior)
+                         result.prior, tta=result.tta)
         loss, pred = evaluate_split(model.to(device, memory_format=torch.channels_last), get_backbone(config.backbone),
                                     config, data.test, 0, device, cache)
         test = scored(data.test.labels.numpy(), pred, len(data.classes))
@@ -68,7 +68,7 @@ def train(config: Config, out: str | os.PathLike = "runs/train", full: bool = Fa
     save_checkpoint(out / "model.pt", shipped.members, data.classes, config,
                     {k: metrics.get(k) for k in ("best_val_accuracy", "best_val_score", "saved_epoch", "shipped",
                                                  "test_accuracy")},
-                    shipped.shared_stages, result.tau, result.prior, data.fingerprint)
+                    shipped.shared_stages, result.tau, result.prior, data.fingerprint, tta=result.tta)
     atomic_write_text(out / "config.yaml", config.portable().to_yaml())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
@@ -82,6 +82,7 @@ def run_metrics(result: Result, shipped: Result, data: Dataset, full: bool) -> d
     estimate = Estimate.of(result.best, result.validated, metric) if validated else None
     return {"best_val_accuracy": result.best["val_accuracy"] if validated else None,
             "metric": metric, "best_val_score": estimate.value if estimate else None, "tau": result.tau,
+            "tta": result.tta, "tta_gain": result.best.get("tta_gain"),
             "final_val_accuracy": result.final.get("val_accuracy"),
             "epochs_run": len(result.history), "saved_epoch": shipped.best["epoch"], "shipped": shipped_kind(result, shipped),
             "estimate": estimate.to_dict() if estimate else None,

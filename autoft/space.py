@@ -15,6 +15,12 @@ space is unchanged.
 
 The portfolio: complementary recipes that run before any sampled trial, so the search starts from what
 an expert would try first and its gain over the best of them is measured.
+
+Several backbones (`--backbone auto`): each one's exact linear probe runs first (seconds: one pass of frozen
+features, cached for every later trial of that backbone and size), then one probe on all of their features
+side by side (the joined backbone `a+b+c`, a searched choice that only ever probes); the fine-tuning trials,
+the portfolio's fine-tune recipes included, then go to the backbones in proportion to the evidence
+(`shares`, `next_backbone`), not to the sampler's categorical.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 
-from .backbones import BackboneSpec, get_backbone
+from .backbones import JOIN, BackboneSpec, get_backbone
 from .config import CLASS_WEIGHTS, OPTIMIZERS, Config, check_keys, load_yaml, parse_number
 from .exceptions import ConfigError
 
@@ -39,6 +46,8 @@ _NOT_SEARCHABLE = {"data", "device", "seed", "weights", "skip_bad_images", "cv_f
 SYMBOLS = ("stages", "native", "native/2")  # bounds that a backbone resolves
 RESOLUTION_STEP = 32
 IMBALANCE_RATIO = 2  # largest class / smallest class from which the remedies are searched
+PROBE = "linear_probe"  # the portfolio recipe that runs on every searched backbone
+MIN_SHARE = 0.05  # a backbone less likely than this to hold the best trial gets no fine-tuning trial
 
 
 def imbalanced(counts: Sequence[int]) -> bool:
@@ -190,14 +199,15 @@ class SearchSpace:
             return trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=p.step or 1)
         return trial.suggest_float(key, p.low, p.high, log=p.log)
 
-    def portfolio(self, base: Config) -> list[tuple[str, dict[str, Any]]]:
-        """The portfolio as (name, enqueue-able params): the linear probe on every searched backbone, the
-        fine-tune recipes on the first; each value clipped into the space, fixed parameters left out."""
+    def portfolio(self, base: Config, lead: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """The portfolio as (name, enqueue-able params): the linear probe on every searched backbone (`name@backbone`
+        when there are several; the joined one last), the fine-tune recipes on `lead` (default: the first); each
+        value clipped into the space, fixed parameters left out."""
         out = []
         backbones = self.backbones(base)
         for name, recipe in PORTFOLIO.items():
-            for backbone in backbones if name == "linear_probe" else backbones[:1]:
-                label = f"{name}@{backbone}" if name == "linear_probe" and len(backbones) > 1 else name
+            for backbone in backbones if name == PROBE else [lead or backbones[0]]:
+                label = f"{name}@{backbone}" if name == PROBE and len(backbones) > 1 else name
                 out.append((label, self._params(recipe, backbone, base)))
         return out
 
@@ -228,6 +238,42 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: p.to_dict() for name, p in self.params.items()}
+
+
+def fine_tunable(backbones: Sequence[str]) -> list[str]:
+    """The searched backbones that fine-tuning trials may go to: all but the joined ones (`a+b`), which only probe."""
+    return [b for b in backbones if JOIN not in b]
+
+
+def shares(evidence: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """THE rule for spreading fine-tuning trials over backbones, from each one's best completed trial so far (its
+    probe, at first) as (score, standard error): its probability of being the best of them, the scores taken as
+    independent normal errors around the true values; a share under MIN_SHARE is dropped and the rest renormalized.
+
+    The scores are paired (the same images), so the true odds are sharper than independent errors say: the rule
+    errs towards trying a close second backbone, never towards dropping it."""
+    if len(evidence) < 2:
+        return {b: 1.0 for b in evidence}
+    names = list(evidence)
+    mu = np.array([evidence[b][0] for b in names], dtype=float)
+    sd = np.maximum([evidence[b][1] for b in names], 1e-3)
+    from scipy.stats import norm
+
+    x = np.linspace((mu - 6 * sd).min(), (mu + 6 * sd).max(), 4001)
+    cdf = norm.cdf((x[None] - mu[:, None]) / sd[:, None])  # (backbones, grid)
+    pdf = norm.pdf((x[None] - mu[:, None]) / sd[:, None]) / sd[:, None]
+    others = np.prod(cdf, 0) / np.maximum(cdf, 1e-300)  # every other backbone's score below x
+    p = np.trapezoid(pdf * others, x, axis=1)
+    p = np.where(p >= MIN_SHARE * p.sum(), p, 0.0)
+    return {b: float(v / p.sum()) for b, v in zip(names, p)}
+
+
+def next_backbone(share: dict[str, float], counts: dict[str, int]) -> str:
+    """The backbone the next fine-tuning trial goes to: the one furthest below its share of the trials so far and
+    this one (largest deficit share * (n + 1) - count; ties to the larger share, then the earlier)."""
+    n = sum(counts.get(b, 0) for b in share)
+    order = list(share)
+    return max(order, key=lambda b: (share[b] * (n + 1) - counts.get(b, 0), share[b], -order.index(b)))
 
 
 def _clip(v: Any, p: Param) -> Any:

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import interrupts, probe, records, workers
-from .backbones import AUTO, auto_backbones, build_model, get_backbone
+from .backbones import AUTO, JOIN, auto_backbones, build_model, get_backbone
 from .cache import RunCache, label_files
 from .checkpoint import shipped
 from .config import Config, check_field
@@ -41,6 +41,7 @@ from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, chec
                       load_study, make_storage, mask_url)
 
 log = logging.getLogger("autoft")
+SEARCH_DEFAULTS = {"backbone": AUTO}  # a search's value for a key nobody set (autoft train keeps Config's)
 
 
 def _option(default: Any, help: str, **more: Any) -> Any:
@@ -272,13 +273,21 @@ def check_outputs(opts: SearchOptions) -> None:
     check_writable_storage(opts.storage)
 
 
+def search_defaults(config: Config, set_keys: Collection[str]) -> Config:
+    """`config` with SEARCH_DEFAULTS for the keys not in `set_keys` (those set by flag, config file or keyword):
+    a search compares the offline backbones unless one is named (docs/models-and-finals.md has the evidence)."""
+    return config.replace(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in set_keys})
+
+
 def search_space(base: Config, opts: SearchOptions, space: SearchSpace | None = None, fixed: Sequence[str] = ()
                  ) -> tuple[Config, SearchSpace]:
     """The base config and the validated space: `opts.space` over the default one (with the imbalance remedies
     when the labelled classes of `base`'s data are imbalanced: a scan, nothing decoded), the keys in `fixed` (set by
     the user) fixed at their values, and `backbone: auto` a searched choice among the offline backbones (the first is
-    the base)."""
+    the base) and all of them joined (one probe on their features side by side)."""
     backbones = auto_backbones() if base.backbone == AUTO else []
+    if len(backbones) > 1:  # and one probe on all of them side by side
+        backbones.append(JOIN.join(backbones))
     if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
         base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
@@ -332,19 +341,19 @@ def _run(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: O
     objective.on_batch = getattr(progress, "batch", None)
     objective.deadline = started + opts.timeout if opts.timeout else None
     finished = False
-    recipes = objective.space.portfolio(objective.base)
+    space, base = objective.space, objective.base
     with interrupts.handled():
         exporter.export(study)
         try:
             if todo and spawn:  # queue a recipe per worker now, or they would all start on the first
-                records.enqueue_portfolio(study, recipes, min(opts.workers, todo))
+                records.enqueue_next(study, space, base, min(opts.workers, todo))
                 left = objective.time_left(study)
                 workers.spawn(opts.workers, opts.storage, opts.study, objective.base.device, str(opts.out_dir),
                               opts.artifacts, left if math.isfinite(left) else None, progress=progress, ran=ran)
             elif todo:
                 workers.work(study, storage, objective, [exporter] + ([progress] if progress else []),
                              lambda: objective.time_left(study) - objective.unit_seconds, ran=ran,
-                             before_trial=lambda s: records.enqueue_portfolio(s, recipes))
+                             before_trial=lambda s: records.enqueue_next(s, space, base))
             finished = True
         finally:
             if progress:
@@ -544,6 +553,9 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         if len(backbones) > 1:  # accuracy against cost, per backbone
             lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
                       for b, (n, acc, sec) in sorted(backbones.items())]
+            line = allocation_line(trials)
+            if line:
+                lines.append(f"  {line}")
         cfg, keys = records.config(best), records.searched_keys(best)
         unused = [k for k in keys if k in probe.UNUSED] if probe.exact(records.history(best)) else []
         shown = {"backbone": cfg.backbone, **{k: getattr(cfg, k) for k in keys if k not in unused}}
@@ -553,12 +565,36 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             chosen = ", ".join(records.fmt(c) for c in records.kept_epoch(best).get(probe.CHOSEN_C) or [])
             lines.append(f"  an exact probe: its head is fitted (C per fold by cross-validation: {chosen or '-'}); "
                          f"not used: {', '.join(unused)}")
+        line = tta_line(records.kept_epoch(best))
+        if line:
+            lines.append(f"  {line}")
         mix = records.trial_mix(study, best.number)
         if mix is not None:
             lines.append(mix_summary(mix))
         lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
                      f"all trials: {out / 'trials.csv'}")
     print("\n".join(lines), flush=True)
+
+
+def allocation_line(trials: Sequence[FrozenTrial]) -> str | None:
+    """How the fine-tuning trials were spread over the backbones (space.shares): the trials each got and the shares
+    the last one was queued by; None when no trial was allocated (one backbone)."""
+    allocated = [t.user_attrs[records.ALLOCATED] for t in trials if records.ALLOCATED in t.user_attrs]
+    if not allocated:
+        return None
+    got = Counter(a["backbone"] for a in allocated)
+    shares = ", ".join(f"{b} {s:.0%} ({got.get(b, 0)})" for b, s in allocated[-1]["shares"].items())
+    return f"fine-tuning trials by the probes' evidence (share of being best, trials): {shares}"
+
+
+def tta_line(kept: dict[str, Any]) -> str | None:
+    """What test-time augmentation the winner ships and what the flip was worth out of fold; None when not tried."""
+    if "tta_gain" not in kept:
+        return None
+    gain = f"{kept['tta_gain']:+.4f} out of fold"
+    if kept.get("tta") == "flip":
+        return f"test-time augmentation: flip (the mean of the image's and its mirror image's logits), {gain}"
+    return f"test-time augmentation: none (a flip changed the estimate by {gain})"
 
 
 def budget_story(trials: Sequence[FrozenTrial]) -> str:

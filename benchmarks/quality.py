@@ -7,11 +7,13 @@ have got without it, on data whose test/ split no run ever sees before scoring.
 
 Runs, in one process with a fresh image cache:
   1. `autoft search` (the product's defaults; `--timeout BUDGET`, trials unbounded), its best.pt scored on test/;
-  2. each portfolio recipe alone, trained and shipped as `autoft train` ships it, scored on test/;
-  3. a frozen-feature logistic-regression probe (scikit-learn, C by 5-fold CV on train, scored on `--metric`;
-     class_weight="balanced" when the metric is a balanced one) at the native size; with `--backbone auto`
-     one per offline backbone, and the one with the best CV score is the baseline (what a careful user could
-     pick without a test set).
+  2. a frozen-feature logistic-regression probe (scikit-learn, C by 5-fold CV on train, scored on `--metric`;
+     class_weight="balanced" when the metric is a balanced one) at the native size, one per offline backbone:
+     the one with the best CV score is the baseline (what a careful user could pick without a test set); and
+     one on all their features side by side (`probes.all` in the JSON);
+  3. each portfolio recipe alone, trained and shipped as `autoft train` ships it, scored on test/ (with
+     `--backbone auto`: the probe on each backbone and on all of them, and the fine-tune recipes on the
+     backbone the careful user's probes pick).
 `--metric` is the search's and every recipe's metric (autoft's `metric` key). Prints ONE JSON line (stdout),
 and a readable account on stderr. Every model's test accuracy, balanced accuracy and macro-F1 come with
 their 95 % intervals (Wilson; stratified bootstrap, see autoft/estimate.py): on a few hundred test images
@@ -41,6 +43,7 @@ import torch
 
 from autoft import records
 from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
+from autoft.checkpoint import shipped as what_shipped
 from autoft.config import Config
 from autoft.data import Split, center_crop, load_dataset, normalize
 from autoft.estimate import METRICS, scored
@@ -48,7 +51,7 @@ from autoft.predict import evaluate
 from autoft.report import write_report
 from autoft.runs import train
 from autoft.space import SearchSpace
-from autoft.study import SearchOptions, run_search
+from autoft.study import SEARCH_DEFAULTS, SearchOptions, run_search
 
 
 def log(msg: str) -> None:
@@ -122,8 +125,10 @@ def run_the_search(base: Config, budget: float, tmp: Path, pruner: str, trials: 
     estimate = records.estimate(best)
     cfg = records.config(best)
     return {"seconds": seconds, "trials": len(trials), "study": study, "best": best, "metric": estimate.metric,
+            "shipped": what_shipped(tmp / "search" / "best.pt"),
             "estimate": estimate.value, "interval": list(estimate.interval), "images": estimate.images,
-            "tau": records.kept_epoch(best).get("tau"), "class_weight": cfg.class_weight,
+            "tau": records.kept_epoch(best).get("tau"), "tta": records.kept_epoch(best).get("tta"),
+            "tta_gain": records.kept_epoch(best).get("tta_gain"), "class_weight": cfg.class_weight,
             "balanced_sampling": cfg.balanced_sampling,
             "winner": {"trial": best.number, "recipe": records.portfolio_name(best), "backbone": cfg.backbone,
                        "image_size": cfg.image_size, "freeze_depth": cfg.freeze_depth, "epochs": cfg.epochs,
@@ -145,34 +150,50 @@ def at_test_priors(best, data_root: Path, base: Config, artifacts: Path) -> floa
     return float((recall * prior).sum())
 
 
-def probe(data_root: Path, backbone: str, metric: str) -> dict:
-    """scikit-learn's LogisticRegressionCV on the frozen backbone's pooled features at its native size, C chosen on
-    `metric` (sklearn's scorer of that name), classes weighted inversely to their frequency for a balanced metric."""
+def probes(data_root: Path, backbones: list[str], metric: str) -> dict[str, dict]:
+    """The careful user's probes: scikit-learn's LogisticRegressionCV on each frozen backbone's pooled features at its
+    native size (standardized, C chosen by 5-fold CV on `metric`, sklearn's scorer of that name; classes weighted
+    inversely to their frequency for a balanced metric), and one on all of their features side by side ("all")."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    t0 = time.perf_counter()
-    spec = get_backbone(backbone)
-    data = load_dataset(data_root, spec.native_size, spec.crop_pct)
-    model, _ = build_model(backbone, 2)
-    model.eval()
-
-    @torch.no_grad()
-    def features(split: Split) -> np.ndarray:  # read from the image store 64 at a time
-        return torch.cat([model.features(normalize(center_crop(split.read(rows), spec.native_size), spec.mean, spec.std),
-                                         len(model.stages)) for rows in torch.arange(len(split)).split(64)]).numpy()
-
     weight = None if metric == "accuracy" else "balanced"
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=3000,
-                                                               scoring=metric, class_weight=weight))
     warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")  # default changes announced for 1.10+
-    clf.fit(features(data.labelled), data.labelled.labels.numpy())
-    test = scored(data.test.labels.numpy(), clf.predict(features(data.test)), len(data.classes))
-    lr = clf[-1]
-    cv = float(np.max(np.mean(next(iter(lr.scores_.values())), axis=0)))  # its own 5-fold score at the chosen C
-    return {"test": test, "seconds": time.perf_counter() - t0, "cv_score": cv, "class_weight": weight,
-            "C": float(lr.C_[0]), "image_size": spec.native_size, "backbone": backbone}
+
+    def fit(train: np.ndarray, test: np.ndarray, y: np.ndarray, y_test: np.ndarray, classes: int, t0: float) -> dict:
+        clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=5, max_iter=3000,
+                                                                   scoring=metric, class_weight=weight))
+        clf.fit(train, y)
+        lr = clf[-1]
+        cv = float(np.max(np.mean(next(iter(lr.scores_.values())), axis=0)))  # its own 5-fold score at the chosen C
+        return {"test": scored(y_test, clf.predict(test), classes), "seconds": time.perf_counter() - t0,
+                "cv_score": cv, "class_weight": weight, "C": float(lr.C_[0])}
+
+    out, feats = {}, []
+    for backbone in backbones:
+        t0 = time.perf_counter()
+        spec = get_backbone(backbone)
+        data = load_dataset(data_root, spec.native_size, spec.crop_pct)
+        model, _ = build_model(backbone, 2)
+        model.eval()
+
+        @torch.no_grad()
+        def features(split: Split) -> np.ndarray:  # read from the image store 64 at a time
+            return torch.cat([model.features(normalize(center_crop(split.read(rows), spec.native_size), spec.mean,
+                                                       spec.std), len(model.stages))
+                              for rows in torch.arange(len(split)).split(64)]).numpy()
+
+        pair = features(data.labelled), features(data.test)
+        feats.append(pair)
+        y, y_test = data.labelled.labels.numpy(), data.test.labels.numpy()
+        out[backbone] = fit(*pair, y, y_test, len(data.classes), t0) | {"image_size": spec.native_size,
+                                                                         "backbone": backbone}
+    if len(backbones) > 1:
+        t0 = time.perf_counter()
+        out["all"] = fit(np.hstack([f for f, _ in feats]), np.hstack([t for _, t in feats]), y, y_test,
+                         len(data.classes), t0) | {"backbone": "+".join(backbones), "image_size": None}
+    return out
 
 
 def main() -> int:
@@ -180,8 +201,9 @@ def main() -> int:
     ap.add_argument("data", type=Path)
     ap.add_argument("--budget", type=float, required=True, help="the search's --timeout, in seconds")
     ap.add_argument("--val-as-test", action="store_true", help="score on val/ (data without a test/ split)")
-    ap.add_argument("--backbone", default="efficientnet_lite0",
-                    help="the base config's backbone; auto searches the offline ones (recipes then on the first)")
+    ap.add_argument("--backbone", default=SEARCH_DEFAULTS["backbone"],
+                    help="the base config's backbone (default: the search's, auto); auto searches the offline ones "
+                         "(the fine-tune recipes alone then run on the backbone the careful user's probes pick)")
     ap.add_argument("--report", type=Path, help="also write the study's report (HTML and PNGs) to this folder")
     ap.add_argument("--epochs", type=int, default=Config().epochs)
     ap.add_argument("--device", default="auto")
@@ -215,17 +237,26 @@ def main() -> int:
             keep_oof(search["study"], tmp / "artifacts", args.keep.with_suffix(".artifacts"))
         if args.report:
             write_report("quality", f"sqlite:///{tmp / 'quality.db'}", args.report, tmp / "artifacts")
-        candidates = auto_backbones() if base.backbone == AUTO else [base.backbone]
-        base = base.replace(backbone=candidates[0])
+        candidates = auto_backbones()
+        searched = candidates if base.backbone == AUTO else [base.backbone]
+        base = base.replace(backbone=searched[0])
         shipped = test_score(tmp / "search" / "best.pt", root)
         log(f"search: {search['trials']} trials in {search['seconds']:.0f} s; winner {search['winner']}; "
+            f"shipped {search['shipped']}; "
             f"estimate {search['metric']} {search['estimate']:.4f} {search['interval']}; test {brief(shipped)}")
         prior_adjusted = at_test_priors(search["best"], root, base, tmp / "artifacts")
 
+        careful = probes(root, candidates, args.metric)  # the careful user's: a probe on each offline backbone,
+        p = max((r for b, r in careful.items() if b != "all"), key=lambda r: r["cv_score"])  # the one CV picks
+        for b, r in careful.items():
+            log(f"probe {b}: cv {args.metric} {r['cv_score']:.4f}, test {brief(r['test'])} (C={r['C']}), "
+                f"{r['seconds']:.0f} s")
+
         recipes = {}
         if not args.skip_recipes:  # the expert's recipes as written, with the post-hoc adjustment the search gives them
-            space = SearchSpace.default(base.epochs)
-            for name, params in space.portfolio(base):
+            backbones = [*searched, "+".join(searched)] if len(searched) > 1 else []
+            space = SearchSpace.default(base.epochs, backbones)
+            for name, params in space.portfolio(base, p["backbone"] if backbones else None):
                 t0 = time.perf_counter()
                 cfg = base.replace(**{k.split("@")[0]: v for k, v in params.items()},
                                    logit_adjustment=search["best"].user_attrs["config"]["logit_adjustment"])
@@ -235,20 +266,17 @@ def main() -> int:
                 log(f"recipe {name}: estimate {metrics['best_val_score']:.4f}, test {brief(metrics['test'])}, "
                     f"{recipes[name]['seconds']:.0f} s")
 
-        probes = {b: probe(root, b, args.metric) for b in candidates}  # the careful user's: a probe on each backbone,
-        p = max(probes.values(), key=lambda r: r["cv_score"])  # the one its own cross-validation picks
-        for b, r in probes.items():
-            log(f"probe {b}: cv {args.metric} {r['cv_score']:.4f}, test {brief(r['test'])} (C={r['C']}), "
-                f"{r['seconds']:.0f} s")
-
     line = {"data": str(args.data), "budget_s": args.budget, "metric": args.metric,
             "test_images": shipped["accuracy"]["images"],
             "search": {"test": shipped, "estimate": search["estimate"], "interval": search["interval"],
                        "images": search["images"], "estimate_at_test_class_mix": prior_adjusted,
                        "seconds": search["seconds"], "trials": search["trials"], "states": search["states"],
-                       "winner": search["winner"] | {k: search[k] for k in ("tau", "class_weight", "balanced_sampling")}},
+                       "shipped": search["shipped"],
+                       "winner": search["winner"] | {k: search[k] for k in ("tau", "tta", "tta_gain", "class_weight",
+                                                                            "balanced_sampling")}},
             "recipes": recipes,
-            "probe": {k: p[k] for k in ("test", "seconds", "C", "class_weight", "image_size", "backbone", "cv_score")}}
+            "probe": {k: p[k] for k in ("test", "seconds", "C", "class_weight", "image_size", "backbone", "cv_score")},
+            "probes": careful}
     print(json.dumps(line))
     return 0
 

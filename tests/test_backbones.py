@@ -259,3 +259,39 @@ def test_ensemble_predicts_the_mean_of_its_members_probabilities_running_the_sha
         got = ensemble(x)
     torch.testing.assert_close(got.softmax(1), expected)
     assert len(calls) == 1 and ensemble.num_classes == 3
+
+
+def _cache_timm_weights(hub, arch: str = "test_resnet.r160_in1k") -> dict[str, torch.Tensor]:
+    """Seeded weights of a tiny timm model written where the Hugging Face cache keeps a downloaded model's."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and "running_var" not in k else v
+             for k, v in timm.create_model(arch, pretrained=False).state_dict().items()}
+    revision = "0" * 40
+    folder = hub / f"models--timm--{arch}"
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    save_file(state, str(folder / "snapshots" / revision / "model.safetensors"))
+    return state
+
+
+def test_a_timm_model_whose_weights_are_cached_is_offline_and_searched_by_auto(monkeypatch, tmp_path):
+    pytest.importorskip("timm")
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # no network: the weights must come from the cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    backbones._timm_spec.cache_clear()
+    assert backbones.cached_timm_models() == []
+    state = _cache_timm_weights(tmp_path / "hub")
+    backbones._timm_spec.cache_clear()
+    assert backbones.cached_timm_models() == ["timm/test_resnet.r160_in1k"]
+    assert backbones.auto_backbones()[-1] == "timm/test_resnet.r160_in1k"
+    assert get_backbone("timm/test_resnet.r160_in1k").offline
+    model, _ = build_model("timm/test_resnet.r160_in1k", 3)
+    first = next(model.stages[0].parameters())  # the stem's first convolution
+    assert torch.equal(first, state["conv1.0.weight"])  # the cached weights, not a fresh init
+    backbones._timm_spec.cache_clear()

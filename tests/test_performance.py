@@ -50,7 +50,8 @@ def test_frozen_features_are_computed_once_across_epochs_and_trials(tiny_config,
     data, cache = load_data(cfg), RunCache()
     finetune(cfg, data, cache=cache)
     finetune(cfg.replace(seed=1, head_lr=0.01), data, cache=cache)  # another trial, same frozen prefix
-    assert sum(prefix_images) == len(data.train) + len(data.val)  # not 2 trials x 3 epochs x that
+    # the plain images and their mirror images (test-time augmentation's check), once each: not 2 trials x 3 epochs
+    assert sum(prefix_images) == 2 * (len(data.train) + len(data.val))
 
 
 def test_augmented_trials_still_reuse_validation_features(tiny_config, prefix_images):
@@ -59,9 +60,10 @@ def test_augmented_trials_still_reuse_validation_features(tiny_config, prefix_im
     finetune(cfg, data, cache=cache)
     finetune(cfg, data, cache=cache)
     # Augmented training batches need the prefix every step (each fold its own training images); every
-    # labelled image goes through it once, for the validation of whichever fold holds it out.
+    # labelled image goes through it once, for the validation of whichever fold holds it out, and once mirrored
+    # (test-time augmentation's check).
     folds = ft.plan_folds(cfg, data)
-    assert sum(prefix_images) == 2 * 3 * sum(len(f.train) for f in folds) + len(data.labelled)
+    assert sum(prefix_images) == 2 * 3 * sum(len(f.train) for f in folds) + 2 * len(data.labelled)
 
 
 def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monkeypatch):
@@ -159,7 +161,8 @@ def test_caches_stay_bounded_when_backbones_alternate(tiny_config, monkeypatch):
             finetune(cfg.replace(backbone=backbone), cache.dataset(cfg.replace(backbone=backbone)), cache=cache)
         assert cache.held_bytes() <= cache.max_bytes
         features = [k for k in cache.held_keys() if k[0] == "features"]
-        assert {k[1] for k in features} == {"tiny_cnn", "tiny_cnn_b"} and len(features) == 2  # one per backbone, reused
+        assert {k[1] for k in features} == {"tiny_cnn", "tiny_cnn_b"} and len(features) == 4  # per backbone and view
+        assert sum(k[-1] == "flip" for k in features) == 2  # the mirrored images', for test-time augmentation
     finally:
         _REGISTRY.pop("tiny_cnn_b")
 
@@ -278,6 +281,7 @@ def test_fixed_steps_epochs_read_only_the_rows_their_batches_name(tiny_config, m
     train_rows = {int(r) for t in trained for r in data.labelled.rows[t]}
     val_rows = set(data.val.rows.tolist())
     read_rows = [r for batch in reads for r in batch]
-    assert set(read_rows) == train_rows | val_rows and len(read_rows) == 20 + 2 * len(val_rows)
+    # the validation images each epoch, and once more mirrored (test-time augmentation's check)
+    assert set(read_rows) == train_rows | val_rows and len(read_rows) == 20 + 3 * len(val_rows)
     assert len(data.train) > 10 and result.history[0]["images_per_s"] > 0
     assert result.history[-1]["lr_head"] == pytest.approx(0.0, abs=1e-9)  # the cosine ends on the last step

@@ -348,9 +348,10 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
 
     base, space = search_space(tiny_config.replace(backbone="auto"), _opts(), fixed=["backbone"])  # as typed
     assert auto_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-    assert base.backbone == "efficientnet_lite0" and space.backbones(base) == auto_backbones()
+    joined = "+".join(auto_backbones())  # one probe on all of them side by side
+    assert base.backbone == "efficientnet_lite0" and space.backbones(base) == [*auto_backbones(), joined]
     recipes = [name for name, _ in space.portfolio(base)]
-    assert recipes[:3] == [f"linear_probe@{b}" for b in auto_backbones()] and len(recipes) == 6
+    assert recipes[:4] == [f"linear_probe@{b}" for b in space.backbones(base)] and len(recipes) == 7
     with pytest.raises(ConfigError, match="autoft search compare"):
         from autoft.backbones import get_backbone
         get_backbone("auto")
