@@ -51,7 +51,7 @@ from autoft.predict import evaluate
 from autoft.report import write_report
 from autoft.runs import train
 from autoft.space import SearchSpace
-from autoft.study import SEARCH_DEFAULTS, SearchOptions, run_search
+from autoft.study import SEARCH_DEFAULTS, SearchOptions, budget_story, run_search, sampled_story
 
 
 def log(msg: str) -> None:
@@ -133,7 +133,8 @@ def run_the_search(base: Config, budget: float, tmp: Path, pruner: str, trials: 
             "winner": {"trial": best.number, "recipe": records.portfolio_name(best), "backbone": cfg.backbone,
                        "image_size": cfg.image_size, "freeze_depth": cfg.freeze_depth, "epochs": cfg.epochs,
                        "best_epoch": best.user_attrs.get(records.BEST_EPOCH), "aug_strength": cfg.aug_strength},
-            "states": {s.name.lower(): n for s, n in records.state_counts(trials).items()}}
+            "states": {s.name.lower(): n for s, n in records.state_counts(trials).items()},
+            "sampled": sampled_story(trials), "where_the_seconds_went": budget_story(trials)}
 
 
 def at_test_priors(best, data_root: Path, base: Config, artifacts: Path) -> float | None:
@@ -271,6 +272,7 @@ def main() -> int:
             "search": {"test": shipped, "estimate": search["estimate"], "interval": search["interval"],
                        "images": search["images"], "estimate_at_test_class_mix": prior_adjusted,
                        "seconds": search["seconds"], "trials": search["trials"], "states": search["states"],
+                       "sampled": search["sampled"], "where_the_seconds_went": search["where_the_seconds_went"],
                        "shipped": search["shipped"],
                        "winner": search["winner"] | {k: search[k] for k in ("tau", "tta", "tta_gain", "class_weight",
                                                                             "balanced_sampling")}},

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # a background job (`make test &`): Ctrl-C as in a terminal,
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # here and in the CLI subprocesses the tests signal
 
 
 @pytest.fixture(autouse=True)
