@@ -79,7 +79,8 @@ NON_FINITE = [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-inf", "
 
 def test_every_float_and_int_key_is_covered():
     assert sorted(FLOAT_KEYS) == sorted(["head_lr", "base_lr", "layer_decay", "momentum", "weight_decay", "aug_strength",
-                                         "label_smoothing", "val_fraction", "logit_adjustment"])
+                                         "label_smoothing", "val_fraction", "logit_adjustment", "mixup", "cutmix",
+                                         "ema_decay", "drop_path_rate"])
     assert {"image_size", "batch_size", "epochs", "t_max", "seed"} <= set(INT_KEYS)
 
 

@@ -71,7 +71,8 @@ def test_joined_probe_is_scikit_learns_fit_on_the_concatenated_features_and_shar
     finetune(single, cache=cache)  # tiny_cnn's own probe first: its store is the joined model's input
     result = finetune(cfg, cache=cache)
     assert len(result.history) == 1 and result.best[probe.EXACT]
-    assert sorted(cache.feature_passes.values()) == [1, 1]  # tiny_cnn's features once, shared; tiny_cnn_24's once
+    passes = cache.feature_passes  # tiny_cnn's features once, shared; tiny_cnn_24's once; each also mirrored (tta)
+    assert sorted(passes.values()) == [1, 1, 1, 1] and sum("flip" in str(k) for k in passes) == 2, passes
 
     data = load_data(cfg)
     y = data.labelled.labels.numpy()
