@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import BackboneSpec, Concatenated, FlipAveraged, Net, build_model, set_drop_path
-from .cache import Images, RunCache, as_images, load_data  # load_data: re-exported, datasets as a run loads them
+from .cache import Images, RunCache, as_images
 from .config import Config
 from .data import Dataset, Fold, Split, augment, center_crop, normalize
 from .estimate import Estimate, fold_of, scores

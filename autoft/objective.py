@@ -137,7 +137,7 @@ class Objective:
                     f"{v.images} images")
             if v.behind:
                 raise optuna.TrialPruned(f"{said} (p = {v.p:.2g} < {v.threshold:.2g})")
-            raise optuna.TrialPruned(f"{said}: {CANNOT_WIN} (P(ahead by more than {v.delta:.4f} over every fold) = "
+            raise optuna.TrialPruned(f"{said}: {records.CANNOT_WIN} (P(ahead by more than {v.delta:.4f} over every fold) = "
                                      f"{v.p_win:.2g} < {racing.WIN_FLOOR:g})")
 
         def on_batch(done: int, total: int, rate: float) -> None:
@@ -240,7 +240,6 @@ class Objective:
         self.cache.clear()
 
 
-CANNOT_WIN = "it cannot win beyond noise"  # how the reason of a trial stopped by racing's second rule says so
 
 
 def versus(metric: str, partial: Partial, leader: records.Oof, delta: float, seed: int = 0) -> Verdict | None:

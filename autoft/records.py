@@ -63,6 +63,7 @@ DEVICE = "device"
 FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
 OOM_RETRY = "oom_retry"
+CANNOT_WIN = "it cannot win beyond noise"  # how the reason of a trial stopped by racing's second rule says so
 PORTFOLIO = "portfolio"  # the recipe's name on a portfolio trial
 ALLOCATED = "allocated"  # a fine-tuning trial's backbone as the evidence assigned it: {"backbone", "shares"}
 WEIGHTS = "weights_artifact_id"  # the trial's validated models (a checkpoint), kept while it is in `kept_set`

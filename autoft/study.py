@@ -34,7 +34,7 @@ from .estimate import Estimate, span
 from .exceptions import AutoftError, ConfigError
 from .exports import Exporter, describe_mix
 from .files import check_writable_dir
-from .objective import CANNOT_WIN, Objective, trial_seed
+from .objective import Objective, trial_seed
 from .probe import EXACT
 from .space import SearchSpace, imbalanced
 from .storage import (DEFAULT_ARTIFACTS, DEFAULT_STORAGE, check_study_name, check_writable_storage, export_dir, in_memory,
@@ -361,7 +361,7 @@ def _run(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: O
             t_export = time.monotonic()
             best = _export(study, exporter, final=finished and ship)
             if opts.progress:
-                print_summary(study, best, time.monotonic() - started, opts.out_dir, ran, time.monotonic() - t_export,
+                print_summary(study, best, time.monotonic() - started, opts.out_dir, ran.trials(study), time.monotonic() - t_export,
                               opts.timeout)
     mine = ran.trials(study)
     if opts.timeout and todo and not any(t.state in records.FINISHED for t in mine):
@@ -509,12 +509,12 @@ class _Progress:
         self.bar.close()
 
 
-def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path, ran: workers.Ran,
-                  export_seconds: float = 0.0, budget: float | None = None) -> None:
+def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path,
+                  mine: Sequence[FrozenTrial], export_seconds: float = 0.0, budget: float | None = None) -> None:
     """What the search found, what it is worth (the winner's estimate with its 95 % interval and the images
-    behind it), what it adds over the portfolio recipes, where the budget went, and where the exports are."""
+    behind it), what it adds over the portfolio recipes, where the budget went (`mine`: this run's trials), and
+    where the exports are."""
     trials = study.get_trials(deepcopy=False)
-    mine = ran.trials(study)
     count = records.state_counts(mine)
     done = count[TrialState.COMPLETE] + count[TrialState.PRUNED] + count[TrialState.FAIL]
     lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
@@ -606,7 +606,7 @@ def budget_story(trials: Sequence[FrozenTrial]) -> str:
             kind = "probes" if records.history(t) and records.history(t)[0].get(EXACT) else "fine-tunes"
         elif t.state == TrialState.PRUNED:
             why = records.reason(t)
-            kind = ("stopped by fold racing (cannot win)" if why.startswith("fold racing") and CANNOT_WIN in why else
+            kind = ("stopped by fold racing (cannot win)" if why.startswith("fold racing") and records.CANNOT_WIN in why else
                     "stopped by fold racing (behind)" if why.startswith("fold racing") else
                     "stopped by the budget" if why.startswith("the time budget") else
                     "pruned by the pruner" if why.startswith("pruned after") else "pruned (diverged)")

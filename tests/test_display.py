@@ -122,7 +122,7 @@ def test_summary_of_a_tie_break_winner_says_why_and_marks_the_probes_unused_keys
                            estimate=Estimate(0.8647, 340).to_dict(), history=[{"epoch": 1}]))
     best = records.best_trial(study)
     assert best.number == 0
-    print_summary(study, best, 1.0, tmp_path, Ran())
+    print_summary(study, best, 1.0, tmp_path, [])
     out = capsys.readouterr().out
     lines = out.splitlines()
     tie = next(line for line in lines if "tie-break" in line)

@@ -360,7 +360,6 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
 def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tiny_config):
     from autoft import records
     from autoft.study import print_summary
-    from autoft.workers import Ran
 
     study = optuna.create_study(direction="maximize")
     probe = study.ask()
@@ -374,7 +373,7 @@ def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tin
     hand.set_user_attr(records.STEPS, [{"fold": 1, "epoch": 1, "accuracy": 0.4},
                                        {"fold": 2, "epoch": 1, "accuracy": 0.3}])
     study.tell(hand, state=TrialState.PRUNED)
-    print_summary(study, study.trials[0], 1.0, tmp_path, Ran())
+    print_summary(study, study.trials[0], 1.0, tmp_path, [])
     out = capsys.readouterr().out
     assert "portfolio linear_probe                 trial 0   0.8" in out
     assert "portfolio hand_recipe                  trial 1   pruned after fold 2 epoch 1 (0.3000)" in out

@@ -76,7 +76,6 @@ def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_
     from autoft import records
     from autoft.checkpoint import load_checkpoint
     from autoft.study import print_summary
-    from autoft.workers import Ran
 
     # each trial wrong on its own third of the images: any two outvote the third, the mix is right everywhere
     study, best, out = _search_with_fake_oof(tmp_path / "wins", tiny_config, lambda k, i: i % 3 == k)
@@ -89,7 +88,7 @@ def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_
     val = sorted((Path(tiny_config.data) / "val").rglob("*.png"))
     predicted = load_model(out / "best.pt", device="cpu").predict(val)
     assert len(predicted) == len(val) == 12 and set(predicted) <= {"cat", "dog"}
-    print_summary(study, best, 1.0, out, Ran())
+    print_summary(study, best, 1.0, out, [])
     summary = capsys.readouterr().out
     assert "shipped an ensemble of trials" in summary and "15 forward passes per image against 5" in summary
     assert records.trial_mix(study, best.number)["estimate"]["value"] == 1.0
@@ -101,7 +100,7 @@ def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_
     assert ckpt["metrics"]["shipped"].startswith("ensemble of 5 fold models")
     assert ckpt["metrics"]["trial"] == best.number
     assert not records.trial_mix(study, best.number)["shipped"]
-    print_summary(study, best, 1.0, out, Ran())
+    print_summary(study, best, 1.0, out, [])
     summary = capsys.readouterr().out
     assert "was considered and not shipped, not better beyond noise" in summary
 
