@@ -9,15 +9,15 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
-from .config import Config, check_keys
-from .exceptions import AutoftError, ConfigError  # noqa: F401  (autoft.ConfigError, as before)
-from .finetune import Result
-from .predict import Predictor, load_model
+from .config import check_keys, Config
+from .exceptions import AutoftError, ConfigError
+from .training.loop import Result
+from .results.predict import load_model, Predictor
 
 if TYPE_CHECKING:
     import optuna
 
-    from .study import SearchOptions
+    from .study.run import SearchOptions
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
     """
     from .storage import quiet_optuna
-    from .study import SearchOptions, run_search, search_defaults
+    from .study.run import run_search, search_defaults, SearchOptions
 
     config_keys = {f.name for f in dataclasses.fields(Config)}
     option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
@@ -51,7 +51,7 @@ def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/tra
     Writes model.pt, config.yaml and metrics.json to `out` and returns the metrics (test_accuracy when the
     data has test/).
     """
-    from .runs import train as run_train
+    from .training.run import train as run_train
 
     if isinstance(config, Config):
         config = config.replace(**overrides)
@@ -63,6 +63,7 @@ def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/tra
 __all__ = [
     "AutoftError",
     "Config",
+    "ConfigError",
     "Predictor",
     "Result",
     "get_backbone",

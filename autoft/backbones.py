@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exceptions import ConfigError
-from .files import torch_load
+from .system.files import torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -558,7 +558,7 @@ class Concatenated(nn.Module):
 
     def __init__(self, parts: Sequence[tuple[BackboneSpec, list[nn.Module]]]):
         super().__init__()
-        from .data import store_size_for
+        from .data.store import store_size_for
 
         self.names = [spec.name for spec, _ in parts]
         self.backbones = nn.ModuleList(nn.Sequential(*stages) for _, stages in parts)
@@ -614,7 +614,7 @@ def _concatenated_spec(names: tuple[str, ...]) -> BackboneSpec:
     """`A+B+...`: one stage, the Concatenated backbones (a linear probe on it is one model over all their features),
     native at the largest stored size among them (its input uncropped: crop_pct 1), normalised inside (mean 0,
     std 1)."""
-    from .data import store_size_for
+    from .data.store import store_size_for
 
     if len(names) < 2 or len(set(names)) < len(names) or any(not n for n in names):
         raise ConfigError(f"backbone {JOIN.join(names)!r}: join two or more different backbones with {JOIN!r}")

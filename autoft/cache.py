@@ -25,7 +25,8 @@ from torch import nn
 
 from .backbones import get_backbone, pretrained_stages
 from .config import Config
-from .data import Dataset, Labels, Split, load_dataset
+from .data.dataset import Dataset, load_dataset, Split
+from .data.scan import Labels
 
 MAX_BYTES = 3 * 2**30  # frozen-prefix features and pretrained stages together, wherever they live
 DEVICE_FRACTION = 0.5  # of an accelerator's memory (free plus what this run already holds there) for image copies

@@ -15,13 +15,13 @@ from typing import Any
 import yaml
 
 import autoft
-from .config import TEXT_KEYS, Config, check_keys, load_yaml
-from . import interrupts
-from .estimate import METRICS, Estimate, span
-from .exceptions import AutoftError, ConfigError, Terminated, disk_full
-from .processes import started_monotonic
+from .config import check_keys, Config, load_yaml, TEXT_KEYS
+from .system import interrupts
+from .estimate import Estimate, METRICS, span
+from .exceptions import AutoftError, ConfigError, disk_full, Terminated
+from .system.processes import started_monotonic
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
-from .study import SearchOptions
+from .study.run import SearchOptions
 
 log = logging.getLogger("autoft")
 PROJECT_FILE = "autoft.yaml"
@@ -90,7 +90,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runs import train
+    from .training.run import train
 
     config, _ = resolve_config(args)
     metrics = train(config, args.out, full=args.full, report=_print_epoch)
@@ -120,7 +120,7 @@ def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> Searc
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .study import run_search, search_defaults
+    from .study.run import run_search, search_defaults
 
     config, from_file = resolve_config(args)
     config = search_defaults(config, args.set_keys)
@@ -129,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .study import join
+    from .study.run import join
 
     if not args.storage:
         raise ConfigError("autoft worker needs --storage URL (or AUTOFT_STORAGE set to it)")
@@ -141,7 +141,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from . import records
+    from .results import records
     from .storage import load_study
 
     study = load_study(args.storage, args.study)
@@ -157,7 +157,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
+    from .results.dashboard import serve
 
     serve(args.storage, args.study, args.host, args.port, args.artifacts)
     return 0
@@ -183,7 +183,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .results.report import write_report
 
     report = write_report(args.study, args.storage, args.out, args.artifacts)
     for name, png in report.pngs.items():
@@ -197,7 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import evaluate
+    from .results.predict import evaluate
 
     ev = evaluate(args.model, args.data, args.split, args.out, args.device, args.labels, args.skip_bad_images)
     if args.json:
@@ -217,7 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from .predict import image_paths, load_model
+    from .results.predict import image_paths, load_model
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
@@ -247,7 +247,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .predict import LOADS, export
+    from .results.predict import export, LOADS
 
     ex = export(args.model, args.format, args.out)
     print(f"wrote {ex.path} ({ex.format}); reproduces the PyTorch logits on a sample batch within {ex.max_abs_diff:.1e}")

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import optuna
 
-from .backbones import JOIN, BackboneSpec, get_backbone
-from .config import CLASS_WEIGHTS, OPTIMIZERS, Config, check_keys, load_yaml, parse_number
+from .backbones import BackboneSpec, get_backbone, JOIN
+from .config import check_keys, CLASS_WEIGHTS, Config, load_yaml, OPTIMIZERS, parse_number
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -26,7 +26,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from .exceptions import ConfigError
-from .files import atomic_open, check_output_file, check_writable_dir, temp_dir
+from .system.files import atomic_open, check_output_file, check_writable_dir, temp_dir
 from .heartbeat import requeue_once
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"

@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 from PIL import Image
 
-from autoft import records
+from autoft.results import records
 from autoft.storage import make_storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 
 from autoft.backbones import get_backbone
-from autoft.checkpoint import assemble
+from autoft.training.checkpoint import assemble
 from autoft.config import Config
 from autoft.estimate import METRICS, scored
-from autoft.finetune import evaluate_split, finetune, load_data, resolve_device, ship
+from autoft.cache import load_data
+from autoft.training.finals import ship
+from autoft.training.inference import evaluate_split
+from autoft.training.loop import finetune, resolve_device
 
 RECIPES = {  # the portfolio's hand_recipe (a full fine-tune) and linear_probe (every stage frozen, exact)
     "hand_recipe": dict(freeze_depth=0, aug_strength=0.5, head_lr=1e-2, base_lr=1e-3, optimizer="adam", t_max=10),

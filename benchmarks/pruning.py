@@ -38,12 +38,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import spearmanr
 
-from autoft import probe, racing, records
+from autoft.results import records
+from autoft.study import racing
+from autoft.training import probe
 from autoft.estimate import score
-from autoft.exports import joins
-from autoft.finetune import Partial, adjusted
-from autoft.objective import versus
-from autoft.study import _Guarded
+from autoft.results.exports import joins
+from autoft.training.loop import adjusted, Partial
+from autoft.study.objective import versus
+from autoft.study.pruning import _Guarded
 
 BUDGET_S = 900.0  # what "trials per budget" is quoted for
 

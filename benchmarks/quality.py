@@ -41,17 +41,19 @@ import numpy as np
 import optuna
 import torch
 
-from autoft import records
+from autoft.results import records
 from autoft.backbones import AUTO, auto_backbones, build_model, get_backbone
-from autoft.checkpoint import shipped as what_shipped
+from autoft.training.checkpoint import shipped as what_shipped
 from autoft.config import Config
-from autoft.data import Split, center_crop, load_dataset, normalize
+from autoft.data.augment import center_crop, normalize
+from autoft.data.dataset import load_dataset, Split
 from autoft.estimate import METRICS, scored
-from autoft.predict import evaluate
-from autoft.report import write_report
-from autoft.runs import train
+from autoft.results.predict import evaluate
+from autoft.results.report import write_report
+from autoft.training.run import train
 from autoft.space import SearchSpace
-from autoft.study import SEARCH_DEFAULTS, SearchOptions, budget_story, run_search, sampled_story
+from autoft.results.summary import budget_story, sampled_story
+from autoft.study.run import run_search, SEARCH_DEFAULTS, SearchOptions
 
 
 def log(msg: str) -> None:
@@ -80,7 +82,7 @@ def record_race_inputs(folder: Path) -> None:
     """Keep what each trial's fold race is decided on (every Partial: after each fold but the last, its predictions
     on the images validated so far at its best pooled epoch) in folder/trial_<number>.npz, whether or not the
     search races: what benchmarks/pruning.py replays racing rules on."""
-    from autoft.objective import Objective
+    from autoft.study.objective import Objective
 
     folder.mkdir(parents=True, exist_ok=True)
     run = Objective._run

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from autoft.backbones import FlipAveraged, get_backbone
-from autoft.checkpoint import assemble
+from autoft.training.checkpoint import assemble
 from autoft.config import Config
-from autoft.estimate import METRICS, Estimate, score, scored
-from autoft.finetune import (adjusted, choose_tau, evaluate_split, finetune, load_data, plan_folds, predict_logits,
-                             resolve_device)
+from autoft.estimate import Estimate, METRICS, score, scored
+from autoft.cache import load_data
+from autoft.training.inference import evaluate_split, predict_logits
+from autoft.training.loop import adjusted, choose_tau, finetune, plan_folds, resolve_device
 
 RECIPE = dict(freeze_depth=0, aug_strength=0.5, head_lr=1e-2, base_lr=1e-3, optimizer="adam", t_max=10)
 ARMS = {"plain": {}, "mixup": {"mixup": 0.2}, "cutmix": {"cutmix": 1.0}, "ema": {"ema_decay": 0.999},

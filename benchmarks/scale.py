@@ -94,8 +94,9 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 
 import torch
-import autoft.data as data_module
-import autoft.finetune as ft
+import autoft.data.dataset as dataset_module
+import autoft.data.scan as scan_module
+import autoft.training.loop as ft
 from autoft.cache import Images, Resident, RunCache, Streamed
 from autoft.config import Config
 
@@ -109,9 +110,9 @@ def timer(name, fn):
             timed[name] = timed.get(name, 0.0) + time.perf_counter() - t
     return wrapped
 
-data_module.scan = timer("scan", data_module.scan)  # discovery, fingerprint included
-data_module._fingerprint = timer("fingerprint", data_module._fingerprint)
-data_module.open_store = timer("decode", data_module.open_store)
+dataset_module.scan = timer("scan", dataset_module.scan)  # discovery, fingerprint included
+scan_module._fingerprint = timer("fingerprint", scan_module._fingerprint)
+dataset_module.open_store = timer("decode", dataset_module.open_store)
 validate = ft.validate
 def validating(*a, **k):
     phase[0] = "validate"

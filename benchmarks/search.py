@@ -33,8 +33,8 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
     import optuna
 
     from autoft.config import Config
-    from autoft.records import WALL_TIME, best_trial, history
-    from autoft.study import SearchOptions, run_search
+    from autoft.results.records import best_trial, history, WALL_TIME
+    from autoft.study.run import run_search, SearchOptions
 
     t0 = time.perf_counter()
     base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
@@ -64,8 +64,8 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     from autoft.backbones import get_backbone
     from autoft.config import Config
     from autoft.space import SearchSpace
-    from autoft.objective import trial_seed
-    from autoft.study import make_sampler
+    from autoft.study.objective import trial_seed
+    from autoft.study.pruning import make_sampler
 
     t0 = time.perf_counter()
     spec = get_backbone(args.backbone)
@@ -102,7 +102,7 @@ def tutorial_transforms(spec, size: int):
     """(eval transform, train transform of an aug strength): PIL/torchvision, as a tutorial writes them."""
     from torchvision import transforms as T
 
-    from autoft.data import store_size_for
+    from autoft.data.store import store_size_for
 
     eval_tf = T.Compose([T.Resize(store_size_for(size, spec.crop_pct)), T.CenterCrop(size), T.ToTensor(),
                          T.Normalize(spec.mean, spec.std)])

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from autoft.backbones import build_model, get_backbone
 from autoft.config import Config
-from autoft.data import Dataset, Fold, Split, load_dataset
-from autoft.finetune import autocast, finetune, resolve_device
+from autoft.data.dataset import Dataset, Fold, load_dataset, Split
+from autoft.training.loop import autocast, finetune, resolve_device
 
 
 def tiled(data: Dataset, n_train: int) -> Dataset:

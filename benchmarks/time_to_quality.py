@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
-    from autoft import records
+    from autoft.results import records
     from autoft.config import Config
-    from autoft.study import SearchOptions, run_search
+    from autoft.study.run import run_search, SearchOptions
 
     t0 = time.time()
     base = Config(data=args.data, backbone=args.backbone, epochs=args.epochs, seed=args.seed, device=args.device,
@@ -54,9 +54,9 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
 
     from autoft.backbones import get_backbone
     from autoft.config import Config
-    from autoft.objective import trial_seed
+    from autoft.study.objective import trial_seed
     from autoft.space import SearchSpace
-    from autoft.study import make_sampler
+    from autoft.study.pruning import make_sampler
     from search import tutorial_fit, tutorial_transforms
 
     t0 = time.time()

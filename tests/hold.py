@@ -32,7 +32,7 @@ def hold(spec: str, marker: str) -> None:
     calls = [0]
 
     def wait() -> None:
-        from autoft.interrupts import check_stopped
+        from autoft.system.interrupts import check_stopped
 
         Path(marker).write_text(str(os.getpid()))
         t0 = time.monotonic()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoft.backbones as backbones
-from autoft.backbones import build_model, get_backbone, list_backbones, register_backbone, read_state_dict, _REGISTRY
+from autoft.backbones import _REGISTRY, build_model, get_backbone, list_backbones, read_state_dict, register_backbone
 from autoft.cache import RunCache
 from autoft.exceptions import ConfigError
 

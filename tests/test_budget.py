@@ -8,10 +8,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from autoft import records
-from autoft.checkpoint import load_checkpoint
-from autoft.racing import ALPHA, race
-from autoft.study import SearchOptions, run_search
+from autoft.results import records
+from autoft.training.checkpoint import load_checkpoint
+from autoft.study.racing import ALPHA, race
+from autoft.study.run import run_search, SearchOptions
 
 
 def _opts(**kw):
@@ -55,7 +55,7 @@ def test_a_trial_within_noise_is_never_found_behind():
 
 
 def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_config, monkeypatch):
-    from autoft.finetune import Partial, Result
+    from autoft.training.loop import Partial, Result
 
     def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):  # fake scores, no training
         good = cfg.freeze_depth == 3  # the probe: right on every image; the others right on half of them
@@ -77,9 +77,9 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=len(labels), oof=oof,
                       fold=np.arange(len(labels)) % 5, prior=[0.5, 0.5])
 
-    monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", fake_finetune)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "shipped", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     study = run_search(tiny_config.replace(epochs=1), _opts(trials=2, pruner="median", startup_trials=5))
     probe, loser = study.trials
@@ -115,7 +115,7 @@ def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_noth
     files = _weights_files(artifacts)
     assert 1 <= len(files) <= len(kept) <= 2
     # the final export again, with training forbidden: it assembles best.pt from the kept models
-    exports = importlib.import_module("autoft.exports")
+    exports = importlib.import_module("autoft.results.exports")
 
     def no_training(*a, **k):
         raise AssertionError("the final export trained")
@@ -140,7 +140,7 @@ def test_a_winner_whose_kept_models_were_deleted_is_trained_again_and_said(tmp_p
         p.unlink()
     (tmp_path / "studies" / "autoft" / "best.pt").unlink()
     from autoft.cache import RunCache
-    from autoft.exports import Exporter
+    from autoft.results.exports import Exporter
 
     with caplog.at_level("WARNING", logger="autoft"):
         Exporter(tmp_path / "studies" / "autoft", str(artifacts), RunCache()).export(study, final=True)
@@ -159,8 +159,8 @@ class FakeClock:
 
 def _train_on_the_clock(monkeypatch, tmp_path, clock: FakeClock, fake_finetune) -> None:
     """Trials run `fake_finetune` and read `clock`; kept weights and the final export are skipped, 5 s reserved."""
-    exports = importlib.import_module("autoft.exports")
-    objective_mod = importlib.import_module("autoft.objective")
+    exports = importlib.import_module("autoft.results.exports")
+    objective_mod = importlib.import_module("autoft.study.objective")
     monkeypatch.setattr(objective_mod.Objective, "clock", staticmethod(clock))
     monkeypatch.setattr(objective_mod, "finetune", fake_finetune)
     monkeypatch.setattr(exports.Exporter, "keep_weights", lambda *a: None)
@@ -172,10 +172,10 @@ def _train_on_the_clock(monkeypatch, tmp_path, clock: FakeClock, fake_finetune) 
 def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkeypatch):
     """Every fold-epoch costs 10 fake seconds; a 95 s budget: the trial running when the next step would not fit is
     stopped at that boundary (pruned, its steps kept), no trial starts after, and the exports are written."""
-    from autoft.finetune import Result
+    from autoft.training.loop import Result
 
     clock = FakeClock()
-    study_mod = importlib.import_module("autoft.study")
+    study_mod = importlib.import_module("autoft.study.run")
 
     def fake_finetune(cfg, data, report, cache=None, race=None, on_batch=None):
         steps = 5 * cfg.epochs
@@ -200,7 +200,7 @@ def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkey
 def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(tmp_path, tiny_config, monkeypatch):
     """10 fake seconds a fold-epoch, 2 epochs, a 200 s budget: the second trial reaches the deadline after epoch 1
     of its last fold. Every fold has been validated that far, so it completes (not pruned) with what it has."""
-    from autoft.finetune import Result
+    from autoft.training.loop import Result
 
     clock = FakeClock()
     asked = []
@@ -239,7 +239,7 @@ def _fake_trainer(clock: FakeClock, plans: list[dict]):
     gets right), `first` (its score at each fold's first epoch, rising linearly to the fold's final score), `exact`
     (a probe fitted in one step per fold). It reports every fold-epoch, races after each fold but the last on the
     images seen so far, and charges STEP_S per fold-epoch (a probe's fold: one)."""
-    from autoft.finetune import Partial, Result
+    from autoft.training.loop import Partial, Result
 
     plans = iter(plans)
 
@@ -275,12 +275,13 @@ def _ask_tell(tmp_path, monkeypatch, plans: list[dict]) -> optuna.Study:
     halving behind the guard) and fold racing; every trial samples the same image size (so any two can mix)."""
     from autoft.cache import RunCache
     from autoft.config import Config
-    from autoft.study import _objective, make_pruner, make_sampler, search_space
+    from autoft.study.pruning import make_pruner, make_sampler
+    from autoft.study.run import _objective, search_space
     from conftest import make_image_folder
 
     clock = FakeClock()
     _train_on_the_clock(monkeypatch, tmp_path, clock, _fake_trainer(clock, plans))
-    monkeypatch.setattr(importlib.import_module("autoft.objective").dashboard, "publish_trial", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.study.objective").dashboard, "publish_trial", lambda *a: None)
     data = make_image_folder(tmp_path / "data", per_class=100, splits=("train",), size=8)
     base = Config(data=str(data), backbone="tiny_cnn", image_size=32, epochs=EPOCHS, device="cpu")
     opts = _opts(out=str(tmp_path / "out"), artifacts=str(tmp_path / "artifacts"))
@@ -384,7 +385,7 @@ def test_the_sampler_never_reads_a_trial_stopped_deep_in_its_folds_as_a_good_poi
     """Optuna's TPE ranks pruned trials by their last step first: with fewer completed trials than its good group
     wants, the deepest pruned trial (one the race or the budget stopped in fold 5) joins the good group and draws
     the sampler to it. Marked unranked (records.record_unranked), it does not."""
-    from autoft.study import make_sampler
+    from autoft.study.pruning import make_sampler
 
     def share_near_the_stopped_trial(unranked: bool) -> float:
         study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 0))
@@ -419,7 +420,7 @@ def test_the_sampler_never_reads_a_trial_stopped_deep_in_its_folds_as_a_good_poi
 def test_the_summary_says_how_many_sampled_trials_ran_to_completion():
     from optuna.trial import create_trial
 
-    from autoft.study import sampled_story
+    from autoft.results.summary import sampled_story
 
     trials = [create_trial(value=0.9, user_attrs={records.PORTFOLIO: "linear_probe"}),
               create_trial(value=0.8), create_trial(state=TrialState.PRUNED), create_trial(value=0.7),

@@ -187,7 +187,7 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     RNG anywhere) gives that trial's learning curve exactly, body and head alike."""
     import torch
 
-    from autoft.runs import train
+    from autoft.training.run import train
 
     data = make_image_folder(in_tmp / "data")
     assert main(["-q", "search", "--data", str(data), "--trials", "2", "--epochs", "2", "--weights", "random",

@@ -6,10 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-import autoft.data as data
 from autoft.backbones import build_model
 from autoft.config import Config
-from autoft.data import augment, center_crop, load_dataset, scan
+from autoft.data.augment import augment, center_crop
+import autoft.data.decode as decode_module
+import autoft.data.store as store_module
+from autoft.data.dataset import load_dataset
+from autoft.data.decode import decode
+from autoft.data.demo import demo_digits
+from autoft.data.scan import scan
 from autoft.exceptions import DataError
 from conftest import make_image_folder
 
@@ -48,14 +53,14 @@ def test_test_split_is_loaded_when_present(tmp_path):
 def test_every_mode_becomes_rgb(tmp_path, mode):
     f = tmp_path / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
     Image.new("RGB", (20, 30), (200, 40, 40)).convert(mode).save(f)
-    arr = data.decode(str(f), 16)
+    arr = decode(str(f), 16)
     assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
 
 
 def test_transparent_pixels_become_white(tmp_path):
     f = tmp_path / "t.png"
     Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(f)
-    assert data.decode(str(f), 16).min() == 255
+    assert decode(str(f), 16).min() == 255
 
 
 def test_decode_keeps_the_centre_square(tmp_path):
@@ -63,7 +68,7 @@ def test_decode_keeps_the_centre_square(tmp_path):
     img[:, 20:40] = 255  # white centre third of a wide image
     f = tmp_path / "wide.png"
     Image.fromarray(img).save(f)
-    out = data.decode(str(f), 20)
+    out = decode(str(f), 20)
     assert out.shape == (20, 20, 3) and out.mean() > 240
 
 
@@ -113,7 +118,7 @@ def test_splits_are_rows_of_one_memory_mapped_store(tmp_path):
     assert sorted(ds.labelled.rows.tolist() + ds.test.rows.tolist()) == list(range(18))
     for split in (ds.train, ds.val, ds.test):
         for i in (0, len(split) - 1):
-            expected = data.decode(split.paths[i], ds.store_size).transpose(2, 0, 1)
+            expected = decode(split.paths[i], ds.store_size).transpose(2, 0, 1)
             assert np.array_equal(split.read(torch.tensor([i]))[0].numpy(), expected)
     shuffled = torch.tensor([3, 0, 2, 1])  # a batch in any order comes back in that order
     assert torch.equal(ds.train.read(shuffled), ds.train.read()[shuffled])
@@ -161,7 +166,7 @@ def test_augmentation_is_per_sample_and_scales_with_strength():
 
 
 def test_demo_digits_is_built_offline():
-    root = data.demo_digits(per_class=3, val_per_class=1)
+    root = demo_digits(per_class=3, val_per_class=1)
     found = scan(root)
     classes, splits = found.classes, found.splits
     assert classes == [str(i) for i in range(10)]
@@ -188,7 +193,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, stored_as, w, h):
     exif[0x0112] = orientation
     f = tmp_path / "phone.jpg"
     stored.save(f, quality=95, exif=exif)
-    out = data.decode(str(f), 32).astype(int)
+    out = decode(str(f), 32).astype(int)
     assert out.shape == (32, 32, 3)
     red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
     for x in (2, 16, 29):  # top rows red and bottom rows blue across the whole width, as the photo was taken
@@ -197,15 +202,15 @@ def test_exif_orientation_is_applied(tmp_path, orientation, stored_as, w, h):
 
 
 def test_exif_orientation_in_memory_matches_the_file(tmp_path):
-    from autoft.predict import _as_file
+    from autoft.results.predict import _as_file
 
     exif = Image.Exif()
     exif[0x0112] = 6
     f = tmp_path / "phone.jpg"
     Image.fromarray(_upright_portrait(48, 64)).transpose(Image.Transpose.ROTATE_90).save(f, quality=95, exif=exif)
     with Image.open(f) as im:
-        in_memory = data.decode(_as_file(im), 32)
-    np.testing.assert_allclose(in_memory, data.decode(str(f), 32), atol=8)
+        in_memory = decode(_as_file(im), 32)
+    np.testing.assert_allclose(in_memory, decode(str(f), 32), atol=8)
     assert in_memory[2, 16, 0] > 200 and in_memory[29, 16, 2] > 200  # upright: red on top, blue below
 
 
@@ -220,7 +225,7 @@ def test_16_bit_greyscale_keeps_its_full_range(tmp_path, ext, mode):
     _gradient16(mode).save(f)
     with Image.open(f) as im:
         assert im.mode == mode  # what Pillow opens such a file as
-    out = data.decode(str(f), 64)
+    out = decode(str(f), 64)
     assert out.min() <= 2 and out.max() >= 253  # 0..65535 spans 0..255, not clipped at 255/65535
     assert len(np.unique(out)) > 200  # a gradient, not a few grey levels
     assert (out[..., 0] == out[..., 2]).all()
@@ -230,10 +235,10 @@ def test_16_bit_greyscale_keeps_its_full_range(tmp_path, ext, mode):
 def test_an_I_image_is_scaled_over_its_range():
     im = Image.fromarray(np.arange(-1000, 1560, 10, dtype=np.int32).reshape(16, 16))
     assert im.mode == "I"
-    own = data.dataset_range([data.extent(im)])
+    own = decode_module.dataset_range([decode_module.extent(im)])
     assert own == (-1000, 1550)
-    assert np.array_equal(np.asarray(data._range_to_l(im, own)), np.arange(256).reshape(16, 16))
-    wider = np.asarray(data._range_to_l(im, (-1000, 4100)))  # a dataset's range: values keep their grey
+    assert np.array_equal(np.asarray(decode_module._range_to_l(im, own)), np.arange(256).reshape(16, 16))
+    wider = np.asarray(decode_module._range_to_l(im, (-1000, 4100)))  # a dataset's range: values keep their grey
     assert wider.max() == round(2550 * 255 / 5100) and wider.min() == 0
 
 
@@ -243,7 +248,7 @@ def test_decode_cache_key_version_changed():
 
     old = [hashlib.sha1(f"v{v}:16".encode()).hexdigest() for v in (1, 2, 3, 4)]  # v3: I and F decoded black;
     # v4: each I and F image over its own range
-    assert data._store_key([], 16) not in old
+    assert store_module._store_key([], 16) not in old
 
 
 def _bmp(path, value: int) -> None:
@@ -263,7 +268,7 @@ def _replace_in_place(old, new) -> None:
 
 @pytest.mark.parametrize("change_time", [True, False])  # False: a file system without ctime (a content digest)
 def test_a_file_replaced_in_place_is_decoded_again(tmp_path, monkeypatch, change_time):
-    monkeypatch.setattr(data, "CHANGE_TIME", change_time)
+    monkeypatch.setattr(store_module, "CHANGE_TIME", change_time)
     for c, v in (("black", 0), ("white", 255)):
         for i in range(3):
             _bmp(tmp_path / "d" / "train" / c / f"{i}.bmp", v)
@@ -294,8 +299,8 @@ def _brightness_net():
 
 
 def test_evaluate_scores_the_replaced_pixels(tmp_path):
-    from autoft.checkpoint import save_checkpoint
-    from autoft.predict import evaluate
+    from autoft.training.checkpoint import save_checkpoint
+    from autoft.results.predict import evaluate
 
     root = tmp_path / "d"
     for split in ("train", "val"):

@@ -13,15 +13,16 @@ import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from autoft import records
+from autoft.results import records
 from autoft.backbones import get_backbone
 from autoft.cli import main
 from autoft.estimate import Estimate, span
 from autoft.exceptions import AutoftError, ConfigError
-from autoft.probe import CHOSEN_C, EXACT
+from autoft.training.probe import CHOSEN_C, EXACT
 from autoft.storage import load_study, make_storage
-from autoft.study import _Progress, print_summary, tie_break, time_per_state
-from autoft.workers import Ran
+from autoft.results.summary import print_summary, tie_break, time_per_state
+from autoft.study.progress import Progress
+from autoft.study.workers import Ran
 from conftest import make_image_folder
 from test_report import STORAGE, fake_study
 
@@ -48,7 +49,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
     probe_cfg = tiny_config.replace(freeze_depth=get_backbone("tiny_cnn").num_stages, aug_strength=0.0)
     probe_trial = _running(study, probe_cfg)
     ran.numbers.add(probe_trial.number)
-    progress = _Progress(4, study, ran, folds=2, clock=clock, live=True)
+    progress = Progress(4, study, ran, folds=2, clock=clock, live=True)
     for done in range(1, 4):  # the probe's one feature pass
         progress.batch(probe_trial.number, done, 10, 500.0)
         clock.now += 0.2
@@ -79,7 +80,7 @@ def test_progress_within_a_slow_fine_tune_shows_batches_rate_and_its_own_eta(tin
 def test_progress_redraws_many_batches_a_second_at_tqdms_pace(tiny_config):
     study = optuna.create_study(direction="maximize")
     clock = _Clock()
-    progress = _Progress(1, study, Ran(), clock=clock, live=True)
+    progress = Progress(1, study, Ran(), clock=clock, live=True)
     trial = _running(study, tiny_config)
     progress.batch(trial.number, 1, 100, 900.0)
     first = progress.bar.postfix
@@ -137,7 +138,7 @@ def test_summary_of_a_tie_break_winner_says_why_and_marks_the_probes_unused_keys
 
 def test_best_yaml_of_an_exact_probe_says_which_keys_it_does_not_use(tmp_path, tiny_config):
     from autoft.cache import RunCache
-    from autoft.exports import Exporter
+    from autoft.results.exports import Exporter
 
     study = optuna.create_study(direction="maximize")
     study.add_trial(_trial(0, 0.85, config=tiny_config.replace(freeze_depth=5).to_dict(), val_loss=0.4,
@@ -153,7 +154,7 @@ def test_bare_best_and_report_use_the_storages_only_study_and_list_several(tmp_p
     fake_study("mine", data, 1, None)
     assert main(["best"]) == 0
     assert capsys.readouterr().out.startswith("# study mine, trial 0")
-    from autoft.report import write_report
+    from autoft.results.report import write_report
     rep = write_report(None, STORAGE, "out")
     assert rep.skipped["parallel_coordinate"].startswith("one completed trial")
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
@@ -189,7 +190,7 @@ def test_a_zero_width_interval_says_so():
 
 
 def test_plots_of_one_trial_keep_the_score_axis_near_0_1():
-    from autoft.plots import Point, estimates_figure, learning_curves_figure, score_range
+    from autoft.results.plots import estimates_figure, learning_curves_figure, Point, score_range
 
     fig = learning_curves_figure({"trial 0": [{"epoch": 1, "val_loss": 0.1, "val_accuracy": 1.0}]})
     low, high = fig.layout.yaxis2.range
@@ -201,7 +202,7 @@ def test_plots_of_one_trial_keep_the_score_axis_near_0_1():
 
 
 def test_onnx_hint_names_the_extra(monkeypatch, tmp_path):
-    from autoft.predict import _export_onnx
+    from autoft.results.predict import _export_onnx
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # not installed
     with pytest.raises(AutoftError, match=r"pip install 'autoft\[onnx\]'"):

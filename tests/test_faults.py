@@ -19,8 +19,8 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from autoft import records
-from autoft.checkpoint import load_checkpoint
+from autoft.results import records
+from autoft.training.checkpoint import load_checkpoint
 from autoft.cli import main
 from autoft.storage import make_storage
 
@@ -118,7 +118,7 @@ def test_1_a_study_whose_artifacts_are_gone_resumes_and_rebuilds_best_pt(tmp_pat
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_2_a_signal_while_images_are_decoded_leaves_no_temp_file(tmp_path, data, sig, code):
-    proc, marker = held(tmp_path, "autoft.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
+    proc, marker = held(tmp_path, "autoft.system.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
     rc, err = signal_when_held(proc, marker, sig)
     assert rc == code, err
     assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[-1]]  # one line
@@ -127,7 +127,7 @@ def test_2_a_signal_while_images_are_decoded_leaves_no_temp_file(tmp_path, data,
 
 
 def test_2_kill_9_while_images_are_decoded_is_swept_by_the_next_run(tmp_path, data, monkeypatch):
-    proc, marker = held(tmp_path, "autoft.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
+    proc, marker = held(tmp_path, "autoft.system.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
     signal_when_held(proc, marker, signal.SIGKILL)
     left = temps(cache())
     assert left and all(p.stat().st_size > 0 for p in left)  # the store's temp, as a killed writer leaves it
@@ -141,7 +141,7 @@ def test_2_kill_9_while_images_are_decoded_is_swept_by_the_next_run(tmp_path, da
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_completes_it(tmp_path, data, sig,
                                                                                              code, monkeypatch):
-    proc, marker = held(tmp_path, "autoft.exports:Exporter.shipped",
+    proc, marker = held(tmp_path, "autoft.results.exports:Exporter.shipped",
                         search_args(data, "--trials", "3", "--pruner", "none", "--final", "soup"))
     rc, err = signal_when_held(proc, marker, sig)
     assert rc == code, err
@@ -161,7 +161,7 @@ def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_
 
 def test_3_a_signal_during_the_renames_waits_for_all_of_them(tmp_path, monkeypatch):
     """files.atomic_paths: a signal that comes between two renames is raised after the last one."""
-    from autoft import files, interrupts
+    from autoft.system import files, interrupts
     from autoft.exceptions import Terminated
 
     real, done = os.replace, []
@@ -184,7 +184,7 @@ def test_3_a_signal_during_the_renames_waits_for_all_of_them(tmp_path, monkeypat
 # --- 4. kill -9 between the new best's weights and the trial's end -----------------------------------------------
 
 def test_4_kill_9_before_a_trial_completes_never_ships_it_and_its_weights_go(tmp_path, data, monkeypatch, capsys):
-    proc, marker = held(tmp_path, "autoft.exports:Exporter.keep_weights:after",
+    proc, marker = held(tmp_path, "autoft.results.exports:Exporter.keep_weights:after",
                         search_args(data, "--trials", "3", "--pruner", "none"))
     signal_when_held(proc, marker, signal.SIGKILL)
     study = load(tmp_path)
@@ -252,7 +252,7 @@ def _alive(pid: int) -> bool:
 # --- 6. the budget includes everything ---------------------------------------------------------------------------
 
 def test_6_the_clock_starts_at_process_start(tmp_path):
-    code = ("import time; time.sleep(1.0); from autoft.processes import started_monotonic; "
+    code = ("import time; time.sleep(1.0); from autoft.system.processes import started_monotonic; "
             "print(time.monotonic() - started_monotonic())")
     age = float(subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True,
                                check=True).stdout)
@@ -261,8 +261,8 @@ def test_6_the_clock_starts_at_process_start(tmp_path):
 
 def test_6_an_exact_probe_that_would_overrun_the_budget_does_not_start(tmp_path, tiny_config):
     from autoft.cache import RunCache
-    from autoft.exports import Exporter
-    from autoft.objective import Objective
+    from autoft.results.exports import Exporter
+    from autoft.study.objective import Objective
     from autoft.space import SearchSpace
 
     cfg = tiny_config.replace(freeze_depth=3, aug_strength=0.0, image_size=64)
@@ -323,7 +323,7 @@ def test_7_a_truncated_model_file_is_called_what_it_is(tmp_path, monkeypatch, ca
 
 def test_8_an_image_size_fixed_in_the_space_decodes_that_size_only(tmp_path, data, monkeypatch):
     from autoft.backbones import get_backbone
-    from autoft.data import store_size_for
+    from autoft.data.store import store_size_for
 
     monkeypatch.chdir(tmp_path)
     Path("space.yaml").write_text("image_size: 32\n")
@@ -335,8 +335,8 @@ def test_8_an_image_size_fixed_in_the_space_decodes_that_size_only(tmp_path, dat
 
 
 def test_8_an_epoch_of_one_batch_moves_the_bar_to_the_next_epoch():
-    from autoft.study import _Progress
-    from autoft.workers import Ran
+    from autoft.study.progress import Progress
+    from autoft.study.workers import Ran
 
     class FakeStudy:
         def get_trials(self, deepcopy=False):
@@ -347,7 +347,7 @@ def test_8_an_epoch_of_one_batch_moves_the_bar_to_the_next_epoch():
 
         user_attrs: dict = {}
 
-    progress = _Progress(1, FakeStudy(), Ran(), folds=1, live=True)
+    progress = Progress(1, FakeStudy(), Ran(), folds=1, live=True)
     progress.batch(0, 1, 1, 10.0)
     progress.epoch(0, 2, {"epoch": 1, "val_accuracy": 0.5})
     progress.batch(0, 1, 1, 10.0)
@@ -358,7 +358,7 @@ def test_8_an_epoch_of_one_batch_moves_the_bar_to_the_next_epoch():
 def test_8_by_kind_and_time_in_trials_agree_on_an_interrupted_trial():
     import datetime
 
-    from autoft.study import budget_story, time_per_state
+    from autoft.results.summary import budget_story, time_per_state
 
     start = datetime.datetime(2026, 1, 1)
     t = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "interrupted (SIGTERM)"})

@@ -10,7 +10,9 @@ from autoft.cache import RunCache
 from autoft.config import Config
 from autoft.estimate import Estimate
 from autoft.exceptions import ConfigError, TrialFailure
-from autoft.finetune import finetune, load_data, lr_factor, make_optimizer, plan_folds, refit_config, score_key
+from autoft.cache import load_data
+from autoft.training.finals import refit_config
+from autoft.training.loop import finetune, lr_factor, make_optimizer, plan_folds, score_key
 
 
 def test_learnable_task_beats_chance_by_a_wide_margin(tiny_config):
@@ -145,7 +147,7 @@ def test_same_seed_same_scores_on_cpu(tiny_config):
 def test_frozen_feature_cache_gives_the_same_result_as_recomputing(tiny_config):
     import importlib
 
-    ft = importlib.import_module("autoft.finetune")
+    ft = importlib.import_module("autoft.training.loop")
     cfg = tiny_config.replace(freeze_depth=2, epochs=2)
     cached = ft.finetune(cfg)
     fresh = ft.finetune(cfg, cache=RunCache(max_bytes=0))  # nothing fits: every call recomputes
@@ -221,7 +223,7 @@ def test_layer_decay_gives_earlier_stages_lower_rates():
 
 
 def test_refit_trains_every_labelled_image_for_the_epoch_the_score_chose(tiny_config):
-    from autoft.finetune import ship
+    from autoft.training.finals import ship
 
     cfg = tiny_config.replace(epochs=4, final="refit")
     data = load_data(cfg)
@@ -235,9 +237,9 @@ def test_refit_trains_every_labelled_image_for_the_epoch_the_score_chose(tiny_co
 
 
 def test_imbalance_remedies_train_and_the_adjustment_reaches_the_checkpoint(tiny_config, tmp_path):
-    from autoft.checkpoint import load_checkpoint
-    from autoft.predict import evaluate
-    from autoft.runs import train
+    from autoft.training.checkpoint import load_checkpoint
+    from autoft.results.predict import evaluate
+    from autoft.training.run import train
 
     cfg = tiny_config.replace(epochs=2, cv_folds=1, metric="balanced_accuracy", class_weight="balanced",
                               balanced_sampling=True, logit_adjustment=0.75)

@@ -17,12 +17,16 @@ import pytest
 import yaml
 from PIL import Image, features
 
-import autoft.files
-from autoft import data
-from autoft.checkpoint import load_checkpoint, trained_on
+import autoft.system.files
+from autoft.training.checkpoint import load_checkpoint, trained_on
 from autoft.cli import main
-from autoft.data import load_dataset, scan
-from autoft.exceptions import DataError, DiskFullError, disk_full, one_line
+import autoft.data.decode as decode_module
+import autoft.data.scan as scan_module
+import autoft.data.store as store_module
+from autoft.data.dataset import load_dataset
+from autoft.data.decode import decode, rescaled_notice
+from autoft.data.scan import scan, skipped_summary
+from autoft.exceptions import DataError, disk_full, DiskFullError, one_line
 
 from conftest import make_image_folder
 
@@ -71,7 +75,7 @@ def test_pillow_decides_what_an_image_is_beyond_the_usual_extensions(tmp_path, c
 
 
 def test_predict_uses_the_same_rule(tmp_path):
-    from autoft.predict import image_paths
+    from autoft.results.predict import image_paths
 
     _photo(tmp_path / "p" / "a.jfif", "JPEG")
     _photo(tmp_path / "p" / ".ipynb_checkpoints" / "b.png")
@@ -88,7 +92,7 @@ def test_a_folder_beside_train_is_said_not_ignored(tmp_path):
     make_image_folder(tmp_path / "tmp", per_class=3, splits=("valid",))
     shutil.move(tmp_path / "tmp" / "valid", root / "valid")  # Roboflow's name for val/
     assert scan(root).skipped == {"folder beside train/ (only train, val and test are read)": 1}
-    assert data.skipped_summary(scan(root).skipped) == (
+    assert skipped_summary(scan(root).skipped) == (
         "skipped 1 folder beside train/ (only train, val and test are read)")
 
 
@@ -117,7 +121,7 @@ def _pixels(ds, cls: str) -> np.ndarray:
 
 def test_a_float_image_in_0_1_decodes_as_its_values_say(tmp_path):
     for v in (0.9, 0.1):  # decoded alone (predict, without a training range): as 8-bit images map, not mid-grey
-        assert np.abs(data.decode(str(_wide(tmp_path / f"{v}.tif", v)), 32).astype(int) - round(v * 255)).max() <= 1
+        assert np.abs(decode(str(_wide(tmp_path / f"{v}.tif", v)), 32).astype(int) - round(v * 255)).max() <= 1
     ds = load_dataset(_wide_set(tmp_path / "d", {"bright": 0.9, "dark": 0.1}), 16)
     assert ds.store.value_range == ds.fingerprint.value_range == (0.0, 1.0)
     assert np.abs(_pixels(ds, "bright").astype(int) - 230).max() <= 1  # 0.9 x 255
@@ -132,7 +136,7 @@ def test_int32_images_are_scaled_by_one_range_for_the_dataset(tmp_path, caplog):
     assert _pixels(ds, "high").min() == 255 and _pixels(ds, "low").max() == 0  # far apart, in order
     assert np.abs(_pixels(ds, "mid").astype(int) - 128).max() <= 1
     notices = [r.getMessage() for r in caplog.records if "Pillow modes I, F" in r.getMessage()]
-    assert notices == [data.rescaled_notice(18, (100_000, 900_000))]
+    assert notices == [rescaled_notice(18, (100_000, 900_000))]
     assert "100000..900000 to 0..255 (the dataset's smallest..largest value)" in notices[0]  # which range, said once
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="autoft"):
@@ -143,28 +147,28 @@ def test_int32_images_are_scaled_by_one_range_for_the_dataset(tmp_path, caplog):
 def test_wide_images_keep_their_detail_and_odd_values(tmp_path):
     a = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)  # microscopy: floats in 0..1
     for name, img in (("f.tif", a), ("i.tif", (a * 5e6 - 1e6).astype(np.int32))):
-        out = data.decode(str(_wide(tmp_path / name, img, img.dtype)), 32)
+        out = decode(str(_wide(tmp_path / name, img, img.dtype)), 32)
         assert out.min() <= 2 and out.max() >= 253 and len(np.unique(out)) > 200, name  # a gradient, not all black
-    assert (data.decode(str(_wide(tmp_path / "flat.tif", 7e5, np.int32)), 32) == 128).all()  # one value: mid-grey
+    assert (decode(str(_wide(tmp_path / "flat.tif", 7e5, np.int32)), 32) == 128).all()  # one value: mid-grey
     nan = a.copy()
     nan[0, :4] = np.nan
-    assert data.decode(str(_wide(tmp_path / "nan.tif", nan)), 32).max() >= 253
-    assert data.dataset_range([(0.2, 0.5), (0.0, 0.7)]) == (0.0, 1.0)
-    assert data.dataset_range([(-3.0, 0.5), (0.0, 40.0)]) == (-3.0, 40.0)
-    assert data.dataset_range([data.extent(Image.fromarray(np.full((8, 8), np.nan, np.float32)))]) == (0.0, 1.0)
+    assert decode(str(_wide(tmp_path / "nan.tif", nan)), 32).max() >= 253
+    assert decode_module.dataset_range([(0.2, 0.5), (0.0, 0.7)]) == (0.0, 1.0)
+    assert decode_module.dataset_range([(-3.0, 0.5), (0.0, 40.0)]) == (-3.0, 40.0)
+    assert decode_module.dataset_range([decode_module.extent(Image.fromarray(np.full((8, 8), np.nan, np.float32)))]) == (0.0, 1.0)
 
 
 def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "d", per_class=3, splits=("train",))
     _wide(root / "train" / "cat" / "w.tif", 5000, np.int32)
     opened = Counter()
-    real = data._opened
+    real = decode_module._opened
 
     def counted(path, size):
         opened[Path(path).suffix] += 1
         return real(path, size)
 
-    monkeypatch.setattr(data, "_opened", counted)
+    monkeypatch.setattr(decode_module, "_opened", counted)
     assert load_dataset(root, 16).store.value_range is not None
     assert opened == {".png": 6, ".tif": 2}  # the wide one twice (its extent, then its pixels), 8-bit ones once
     (root / "train" / "cat" / "w.tif").unlink()
@@ -175,8 +179,8 @@ def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
 
 def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, monkeypatch, capsys):
     from autoft.backbones import get_backbone
-    from autoft.checkpoint import load_checkpoint, trained_on
-    from autoft.predict import load_model
+    from autoft.training.checkpoint import load_checkpoint, trained_on
+    from autoft.results.predict import load_model
 
     _wide_set(tmp_path / "d", {"high": 900_000, "low": 100_000}, np.int32)
     monkeypatch.chdir(tmp_path)
@@ -224,7 +228,7 @@ def test_an_unwritable_cache_is_one_error_before_decoding(tmp_path, monkeypatch)
     root = make_image_folder(tmp_path / "d", per_class=3)
     (tmp_path / "f").write_text("a file")
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path / "f" / "cache"))
-    monkeypatch.setattr(data, "_decode_into", lambda *a: pytest.fail("decoded before the cache was checked"))
+    monkeypatch.setattr(store_module, "_decode_into", lambda *a: pytest.fail("decoded before the cache was checked"))
     with pytest.raises(Exception, match=r"image cache \(AUTOFT_CACHE\) .*f is a file, not a folder; set AUTOFT_CACHE"):
         load_dataset(root, 16)
 
@@ -258,7 +262,7 @@ def _disk_full_after(monkeypatch, limit: int, err: int = errno.ENOSPC) -> None:
         def __exit__(self, *exc):
             self.fh.close()
 
-    monkeypatch.setattr(autoft.files, "open", lambda f, mode="r", *a, **k: Full(real_open(f, mode, *a, **k))
+    monkeypatch.setattr(autoft.system.files, "open", lambda f, mode="r", *a, **k: Full(real_open(f, mode, *a, **k))
                         if "w" in mode else real_open(f, mode, *a, **k), raising=False)
 
 
@@ -297,14 +301,14 @@ def test_a_full_disk_under_the_study_names_the_real_cause(tmp_path, monkeypatch,
 
     def search(*a, **k):
         raise exc
-    monkeypatch.setattr("autoft.study.run_search", search)
+    monkeypatch.setattr("autoft.study.run.run_search", search)
     monkeypatch.chdir(tmp_path)
     assert main(["search", "--data", "d", "--storage", "sqlite:///s/x.db"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["autoft: error: out of disk space: database or disk is full (sqlite3 OperationalError) (the "
                      "study's storage is sqlite:///s/x.db); free space there and run again (finished work is kept)"]
 
-    from autoft import dashboard
+    from autoft.results import dashboard
 
     def full(*a, **k):
         raise exc
@@ -386,7 +390,7 @@ def test_the_study_knows_its_data_by_content_not_spelling(tmp_path, monkeypatch,
 def test_checkpoints_store_the_fingerprint_of_their_data(tmp_path, monkeypatch):
     import torch
 
-    from autoft.checkpoint import load_checkpoint, trained_on
+    from autoft.training.checkpoint import load_checkpoint, trained_on
 
     make_image_folder(tmp_path / "d", per_class=4)
     monkeypatch.chdir(tmp_path)
@@ -476,7 +480,7 @@ def test_data_with_labels_must_be_the_csv_folder(tmp_path):
 # --- evaluate on new data ---------------------------------------------------------------------------------------
 
 def test_evaluate_scores_new_data_whole_and_says_seen_only_when_it_is(tmp_path, monkeypatch, capsys):
-    from autoft.predict import evaluate
+    from autoft.results.predict import evaluate
 
     make_image_folder(tmp_path / "d", per_class=6, splits=("train", "val", "test"))
     make_image_folder(tmp_path / "new", per_class=10, splits=("train",), seed=7)  # 20 new images
@@ -569,7 +573,7 @@ def test_an_exact_column_name_wins_over_one_equal_only_case_folded(tmp_path, mon
 
 
 def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_files(tmp_path, monkeypatch, capsys):
-    from autoft.predict import evaluate
+    from autoft.results.predict import evaluate
 
     root = _kaggle_set(tmp_path / "k")
     monkeypatch.chdir(tmp_path)
@@ -578,7 +582,7 @@ def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_f
     assert "test accuracy" in out and "4 images)" in out  # test.csv scored: 2 per class
     ckpt = load_checkpoint("run/model.pt")
     assert ckpt["classes"] == ["cat", "dog"]
-    found = scan(None, data.Labels("k/train.csv", "k/validation.csv", "k/test.csv", "Filename", "ClassName"))
+    found = scan(None, scan_module.Labels("k/train.csv", "k/validation.csv", "k/test.csv", "Filename", "ClassName"))
     assert [len(found.splits[s][0]) for s in ("train", "val", "test")] == [8, 4, 4] and not found.flat
     assert trained_on(ckpt) == found.fingerprint
     # the same images listed in one file with a split column are the same data (a study resumes on either)
@@ -592,7 +596,7 @@ def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_f
     assert (best["labels"], best["val_labels"], best["test_labels"]) == tuple(
         str(root / f"{s}.csv") for s in ("train", "validation", "test"))  # absolute, so it trains from anywhere
     assert (best["path_column"], best["label_column"]) == ("Filename", "ClassName")
-    from autoft import records
+    from autoft.results import records
     joined = records.read_study_meta(optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")).base
     assert (joined.val_labels, joined.label_column) == (best["val_labels"], "ClassName")  # what a worker reads
     assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0  # resumes
@@ -634,7 +638,7 @@ def test_the_checks_hold_across_the_split_files(tmp_path, files, message):
     for name, text in files.items():
         (root / name).write_text(text)
     with pytest.raises(DataError) as err:
-        scan(None, data.Labels(*(root / f"{s}.csv" for s in ("train", "validation", "test")), "Filename", "ClassName"))
+        scan(None, scan_module.Labels(*(root / f"{s}.csv" for s in ("train", "validation", "test")), "Filename", "ClassName"))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -651,7 +655,7 @@ def test_a_data_folder_with_split_csvs_beside_its_class_folders_says_so(tmp_path
     for split in ("train", "validation", "test"):
         (tmp_path / "k" / f"{split}.csv").unlink()
     (tmp_path / "k" / "labels.csv").write_text("path,label,split\ncat/000.png,cat,train\n")  # one file, split column
-    assert data.split_lists_hint(Path("k")) == (
+    assert scan_module.split_lists_hint(Path("k")) == (
         "k holds labels.csv, which looks like a list of splits, but --data reads every image in its class folders as "
         "labelled, test rows included; to use their splits, pass --labels k/labels.csv instead of --data")
     make_image_folder(tmp_path / "plain", per_class=3, splits=("train",))

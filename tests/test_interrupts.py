@@ -6,7 +6,7 @@ import optuna
 import pytest
 import sqlalchemy
 
-from autoft import interrupts
+from autoft.system import interrupts
 from autoft.exceptions import Terminated
 from autoft.storage import make_storage
 

@@ -15,16 +15,19 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from autoft import probe, records
-from autoft.backbones import _REGISTRY, JOIN, _tiny_cnn, get_backbone, pretrained_stages, register_backbone
+from autoft.results import records
+from autoft.training import probe
+from autoft.backbones import _REGISTRY, _tiny_cnn, get_backbone, JOIN, pretrained_stages, register_backbone
 from autoft.cache import RunCache
-from autoft.checkpoint import assemble
-from autoft.data import center_crop, normalize
-from autoft.finetune import build_on_device, finetune, frozen_features, load_data, plan_folds, predict_logits
-from autoft.predict import evaluate, export, image_paths, load_model
-from autoft.runs import train
+from autoft.training.checkpoint import assemble
+from autoft.data.augment import center_crop, normalize
+from autoft.cache import load_data
+from autoft.training.inference import frozen_features, predict_logits
+from autoft.training.loop import build_on_device, finetune, plan_folds
+from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.training.run import train
 from autoft.space import next_backbone, shares
-from autoft.study import SearchOptions, run_search
+from autoft.study.run import run_search, SearchOptions
 from conftest import make_image_folder
 
 CPU = torch.device("cpu")
@@ -165,7 +168,7 @@ def test_shares_follow_the_evidence_and_the_next_backbone_keeps_to_them():
 
 
 def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twice(tmp_path, monkeypatch):
-    import autoft.study as study_module
+    import autoft.study.run as study_module
 
     root = make_image_folder(tmp_path / "d")
     monkeypatch.setattr(study_module, "auto_backbones", lambda: ["tiny_cnn", OTHER])
@@ -184,7 +187,7 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
     allocated = [t.user_attrs[records.ALLOCATED]["backbone"] for t in trials[3:]]
     assert len(allocated) == 5 and set(allocated) <= {"tiny_cnn", OTHER}  # fine-tunes: never the joined backbone
     assert [records.config(t).backbone for t in trials[3:]] == allocated
-    from autoft.study import allocation_line
+    from autoft.results.summary import allocation_line
 
     line = allocation_line(trials)
     assert line.startswith("fine-tuning trials by the probes' evidence") and f"{OTHER} " in line
@@ -199,7 +202,7 @@ def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(t
     import huggingface_hub.constants as hf
 
     import autoft.backbones as backbones
-    import autoft.study as study_module
+    import autoft.study.run as study_module
     from test_backbones import _cache_timm_weights
 
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
@@ -224,7 +227,7 @@ def test_a_search_compares_the_backbones_unless_one_is_set(tmp_path, monkeypatch
     import autoft
     from autoft.cli import build_parser, resolve_config
     from autoft.config import Config
-    from autoft.study import search_defaults
+    from autoft.study.run import search_defaults
 
     monkeypatch.chdir(tmp_path)
 
@@ -241,7 +244,7 @@ def test_a_search_compares_the_backbones_unless_one_is_set(tmp_path, monkeypatch
     assert resolve_config(build_parser().parse_args(["train", "--data", "d"]))[0].backbone == "efficientnet_lite0"
 
     bases = []
-    monkeypatch.setattr("autoft.study.run_search", lambda base, opts, fixed=(): bases.append(base))
+    monkeypatch.setattr("autoft.study.run.run_search", lambda base, opts, fixed=(): bases.append(base))
     autoft.search(data="d", trials=1)
     autoft.search(data="d", trials=1, backbone="tiny_cnn")
     autoft.search(Config(data="d"), trials=1)  # a Config is taken as it is

@@ -8,16 +8,16 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 
-from autoft import records
-from autoft.backbones import LogitAdjusted, build_model
+from autoft.results import records
+from autoft.backbones import build_model, LogitAdjusted
 from autoft.cache import RunCache
-from autoft.checkpoint import assemble
+from autoft.training.checkpoint import assemble
 from autoft.config import Config
-from autoft.estimate import Estimate, bootstrap, confusion, from_confusion, scores
+from autoft.estimate import bootstrap, confusion, Estimate, from_confusion, scores
 from autoft.exceptions import ConfigError
-from autoft.finetune import Result, adjusted, choose_tau, class_weights, _FoldRun
-from autoft.data import Fold
-from autoft.space import SearchSpace, imbalanced
+from autoft.training.loop import _FoldRun, adjusted, choose_tau, class_weights, Result
+from autoft.data.dataset import Fold
+from autoft.space import imbalanced, SearchSpace
 
 
 def _predictions(seed=0, counts=(40, 15, 6), recall=(0.9, 0.6, 0.4)):
@@ -102,7 +102,7 @@ def test_selection_ties_within_the_metrics_bootstrap_noise():
 
 
 def test_pruning_uses_the_running_trials_own_metric_noise():
-    from autoft.study import make_pruner
+    from autoft.study.pruning import make_pruner
 
     study = optuna.create_study(direction="maximize", pruner=make_pruner("median", 4, 1, 1, 200, "balanced_accuracy"))
     _told(study, 0.80, 0.3, se=0.01, history=[0.7, 0.75, 0.8])
@@ -148,10 +148,10 @@ def test_oof_artifact_round_trip(tmp_path):
 
 def test_best_metric_reranks_a_finished_study_without_training(tmp_path, monkeypatch, capsys):
     """Two fake trials: one right on every common image, one right on every class half the time."""
-    import autoft.finetune
+    import autoft.training.loop
     from autoft.cli import main
 
-    monkeypatch.setattr(autoft.finetune._FoldRun, "__init__", lambda *a, **k: pytest.fail("best --metric trained"))
+    monkeypatch.setattr(autoft.training.loop._FoldRun, "__init__", lambda *a, **k: pytest.fail("best --metric trained"))
     labels = np.repeat([0, 1, 2], [80, 10, 10])
     common = np.eye(3)[np.zeros(100, dtype=int)]  # always class 0: accuracy 0.80, balanced accuracy 0.33
     even = np.eye(3)[np.where(np.arange(100) % 2 == 0, labels, (labels + 1) % 3)]  # half right per class: 0.50, 0.50
@@ -247,7 +247,7 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
 
     from conftest import make_image_folder
 
-    from autoft.study import SearchOptions, run_search
+    from autoft.study.run import run_search, SearchOptions
 
     data = make_image_folder(tmp_path / "data", per_class=12)
     for f in sorted((data / "train" / "dog").iterdir())[2:]:  # with val/: 18 cats, 8 dogs, imbalanced
@@ -259,9 +259,9 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
         report(0, m)
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=len(data.labelled))
 
-    monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", fake_finetune)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "shipped", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     cfg = Config(data=str(data), backbone="tiny_cnn", image_size=32, epochs=1, device="cpu")
     study = run_search(cfg, SearchOptions(trials=1, sampler="random"))

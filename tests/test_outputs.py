@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoft.predict
-import autoft.runs
-from autoft.checkpoint import FORMAT
+import autoft.results.predict
+import autoft.training.run
+from autoft.training.checkpoint import FORMAT
 from autoft.cli import main
-from autoft.files import STALE_TMP_S, atomic_open, atomic_path, atomic_write_text
+from autoft.system.files import atomic_open, atomic_path, atomic_write_text, STALE_TMP_S
 from conftest import make_image_folder
 
 TINY = ["--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--epochs", "1"]
@@ -60,7 +60,7 @@ def _one_error(capsys, expected: str) -> str:
 
 def test_train_out_that_is_a_file_fails_before_training(project, monkeypatch, capsys):
     (project / "taken").write_text("not a folder\n")
-    monkeypatch.setattr(autoft.runs, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
+    monkeypatch.setattr(autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
     assert main(["train", "--data", "data", "--out", "taken", *TINY]) == 2
     _one_error(capsys, "output folder taken is a file, not a folder")
     assert (project / "taken").read_text() == "not a folder\n"
@@ -69,7 +69,7 @@ def test_train_out_that_is_a_file_fails_before_training(project, monkeypatch, ca
 def test_train_into_a_read_only_folder_fails_before_training(project, monkeypatch, capsys, read_only):
     (project / "runs").mkdir()
     read_only(project / "runs")
-    monkeypatch.setattr(autoft.runs, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
+    monkeypatch.setattr(autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
     assert main(["train", "--data", "data", "--out", "runs/train", *TINY]) == 2
     _one_error(capsys, "is not writable")
 
@@ -179,22 +179,22 @@ def test_export_killed_mid_write_keeps_the_previous_model(project, monkeypatch):
     assert main(["export", "--model", "studies/autoft/best.pt"]) == 0
     model = project / "studies" / "autoft" / "best.torchscript.pt"
     good = model.read_bytes()
-    real = autoft.predict._export_torchscript
+    real = autoft.results.predict._export_torchscript
 
     def interrupted(module, sample, out):
         Path(out).write_bytes(b"")  # torch.jit.save has opened (truncated) its file
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(autoft.predict, "_export_torchscript", interrupted)
+    monkeypatch.setattr(autoft.results.predict, "_export_torchscript", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        autoft.predict.export("studies/autoft/best.pt")
+        autoft.results.predict.export("studies/autoft/best.pt")
     assert model.read_bytes() == good
     assert not [p for p in model.parent.iterdir() if p.name.endswith(".tmp")]
 
     def wrong(module, sample, out):  # a file that does not reproduce PyTorch is never put in place
         return real(module, sample, out) + 1.0
 
-    monkeypatch.setattr(autoft.predict, "_export_torchscript", wrong)
+    monkeypatch.setattr(autoft.results.predict, "_export_torchscript", wrong)
     assert main(["export", "--model", "studies/autoft/best.pt"]) == 2
     assert model.read_bytes() == good
     assert not [p for p in model.parent.iterdir() if p.name.endswith(".tmp")]

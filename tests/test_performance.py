@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import autoft.finetune as ft
-from autoft.backbones import Net, _REGISTRY, build_model, register_backbone
+import autoft.training.inference as inference
+import autoft.training.loop as ft
+from autoft.backbones import _REGISTRY, build_model, Net, register_backbone
 from autoft.cache import Images, RunCache, Streamed
-from autoft.finetune import finetune, load_data
-from autoft.study import SearchOptions, run_search
+from autoft.cache import load_data
+from autoft.training.loop import finetune
+from autoft.study.run import run_search, SearchOptions
 
 
 @pytest.fixture
@@ -72,14 +74,14 @@ def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monk
     model, spec = build_model(cfg.backbone, 2)
     dev = torch.device("cpu")
     images = Images(data.val, dev)
-    one = ft.frozen_features(model, spec, cfg, images, 1, dev, RunCache())  # (N, 8, 16, 16) floats
+    one = inference.frozen_features(model, spec, cfg, images, 1, dev, RunCache())  # (N, 8, 16, 16) floats
     bound = int(one.numel() * one.element_size() * 1.2)
     cache = RunCache(max_bytes=bound)
-    ft.frozen_features(model, spec, cfg, images, 1, dev, cache)
-    kept = ft.frozen_features(model, spec, cfg, images, 2, dev, cache)  # half the size: depth 1 must go to make room
+    inference.frozen_features(model, spec, cfg, images, 1, dev, cache)
+    kept = inference.frozen_features(model, spec, cfg, images, 2, dev, cache)  # half the size: depth 1 must go to make room
     assert cache.held_bytes() <= bound
     assert [k[4] for k in cache.held_keys()] == [2]
-    assert ft.frozen_features(model, spec, cfg, images, 2, dev, cache) is kept
+    assert inference.frozen_features(model, spec, cfg, images, 2, dev, cache) is kept
 
 
 def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monkeypatch):
@@ -90,7 +92,7 @@ def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monk
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or empty(*a, **k))
     cache = RunCache(max_bytes=1000)  # smaller than one split's features
-    assert ft.frozen_features(model, spec, cfg, Images(data.train, torch.device("cpu")), 1, torch.device("cpu"), cache) is None
+    assert inference.frozen_features(model, spec, cfg, Images(data.train, torch.device("cpu")), 1, torch.device("cpu"), cache) is None
     assert not allocated and not cache.held_keys()
     result = finetune(cfg, data, cache=cache)  # falls back to running the prefix per batch
     assert len(result.history) == 2 and [k[0] for k in cache.held_keys()] == ["stages"]  # no features
@@ -123,7 +125,7 @@ def _live_tensor_bytes(cache: RunCache) -> int:
 
 def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeypatch):
     """The CPU proxy for 'GPU memory is released between trials': live tensor bytes at each trial's start."""
-    import autoft.objective as objective_module
+    import autoft.study.objective as objective_module
 
     monkeypatch.chdir(tmp_path)
 
@@ -192,7 +194,7 @@ def test_device_streaming_with_a_tiny_device_budget_on_cpu_tensors(tiny_config, 
 _ANON_RUN = """
 import sys, threading, time
 from autoft.config import Config
-from autoft.finetune import finetune
+from autoft.training.loop import finetune
 
 def anonymous():
     for line in open("/proc/self/status"):
@@ -265,7 +267,7 @@ def test_device_copies_stay_under_the_device_budget_and_go_with_their_dataset(ti
 def test_fixed_steps_epochs_read_only_the_rows_their_batches_name(tiny_config, monkeypatch):
     """epoch_images=k: each epoch trains on a fresh draw of k training images (the schedule's steps follow it), and
     the store is read for exactly those rows and the validation images, never the rest of the training set."""
-    from autoft.data import ImageStore
+    from autoft.data.store import ImageStore
 
     cfg = tiny_config.replace(epoch_images=10, batch_size=4, epochs=2, cv_folds=1, aug_strength=0.5)
     data = load_data(cfg)

@@ -12,15 +12,16 @@ import torch
 from PIL import Image
 
 from autoft.backbones import build_model
-from autoft.checkpoint import save_checkpoint
+from autoft.training.checkpoint import save_checkpoint
 from autoft.cli import main
 from autoft.config import Config
-from autoft.data import center_crop
+from autoft.data.augment import center_crop
 from autoft.exceptions import AutoftError, DataError
-from autoft.finetune import load_data, predict_logits
-from autoft.plots import PNG_SIZE
-from autoft.predict import evaluate, export, image_paths, load_model
-from autoft.runs import train
+from autoft.cache import load_data
+from autoft.training.inference import predict_logits
+from autoft.results.plots import PNG_SIZE
+from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.training.run import train
 from conftest import make_image_folder
 
 

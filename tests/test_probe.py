@@ -15,14 +15,16 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from autoft import probe
-from autoft.checkpoint import assemble
+from autoft.training import probe
+from autoft.training.checkpoint import assemble
 from autoft.config import Config
 from autoft.cache import RunCache
-from autoft.finetune import build_on_device, finetune, frozen_features, load_data, plan_folds, predict_logits
-from autoft.predict import image_paths, load_model
-from autoft.runs import train
-from autoft.study import SearchOptions, run_search
+from autoft.cache import load_data
+from autoft.training.inference import frozen_features, predict_logits
+from autoft.training.loop import build_on_device, finetune, plan_folds
+from autoft.results.predict import image_paths, load_model
+from autoft.training.run import train
+from autoft.study.run import run_search, SearchOptions
 from conftest import make_image_folder
 
 CPU = torch.device("cpu")

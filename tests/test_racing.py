@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from autoft.racing import WIN_FLOOR, Verdict, p_win, race, runs_on_for_mix
+from autoft.study.racing import p_win, race, runs_on_for_mix, Verdict, WIN_FLOOR
 
 FOLDS = 5
 

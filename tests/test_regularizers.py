@@ -10,9 +10,9 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from autoft import probe
+from autoft.training import probe
 from autoft.backbones import build_model, set_drop_path
-from autoft.finetune import Regularizers, finetune
+from autoft.training.loop import finetune, Regularizers
 
 ON = {"mixup": 0.4, "cutmix": 1.0, "ema_decay": 0.99, "trivial_augment": True}
 NEUTRAL = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "trivial_augment": False, "drop_path_rate": 0.0}
@@ -35,7 +35,7 @@ def base(tiny_config):
 
 def test_at_their_neutral_values_no_regularizer_code_runs_and_the_run_is_bit_for_bit_the_same(base, monkeypatch):
     reference, torch_state, numpy_state = _run(base.replace(**NEUTRAL))
-    finetune_module = importlib.import_module("autoft.finetune")
+    finetune_module = importlib.import_module("autoft.training.loop")
 
     def refuse(*args, **kwargs):
         raise AssertionError("a regularizer was built at its neutral value")
@@ -93,7 +93,7 @@ def test_drop_path_skips_residual_blocks_in_training_only_rising_to_the_rate():
 def test_a_study_begun_before_these_keys_resumes_with_their_defaults(tiny_config):
     import optuna
 
-    from autoft import records
+    from autoft.results import records
     from autoft.exceptions import ConfigError
     from autoft.space import SearchSpace
 

@@ -18,13 +18,13 @@ from PIL import Image
 
 from autoft.storage import make_storage
 from autoft.backbones import build_model
-from autoft.checkpoint import save_checkpoint
+from autoft.training.checkpoint import save_checkpoint
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import AutoftError
-from autoft.dashboard import ESTIMATES_ID, LEARNING_CURVES_ID, publish_trial
-from autoft.plots import PNG_SIZE
-from autoft.report import write_report
+from autoft.results.dashboard import ESTIMATES_ID, LEARNING_CURVES_ID, publish_trial
+from autoft.results.plots import PNG_SIZE
+from autoft.results.report import write_report
 from conftest import make_image_folder
 
 STORAGE = "sqlite:///studies/autoft.db"
@@ -199,7 +199,7 @@ def test_publish_trial_never_fails_the_trial(tmp_path, caplog):
 
 def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
     """The hook in the objective: finished and pruned trials both get their note and learning curve."""
-    from autoft.study import SearchOptions, run_search
+    from autoft.study.run import run_search, SearchOptions
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autoft.estimate import Estimate
-from autoft.selection import ensemble_selection, nested_predictions, wins_beyond_noise
+from autoft.results.selection import ensemble_selection, nested_predictions, wins_beyond_noise
 
 
 def accuracy(y, pred):

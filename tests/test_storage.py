@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 import pgtest
-from autoft import records
+from autoft.results import records
 from autoft.heartbeat import Trials
 from autoft.storage import make_storage, mask_url, with_driver
 from autoft.cli import build_parser, main

@@ -6,14 +6,14 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from autoft.checkpoint import load_checkpoint
+from autoft.training.checkpoint import load_checkpoint
 from autoft.config import Config
 from autoft.exceptions import ConfigError
 from autoft.space import SearchSpace
-from autoft.objective import trial_seed
-from autoft import records
-from autoft.records import best_trial, load_oof
-from autoft.study import SearchOptions, open_study, run_search
+from autoft.study.objective import trial_seed
+from autoft.results import records
+from autoft.results.records import best_trial, load_oof
+from autoft.study.run import open_study, run_search, SearchOptions
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_portfolio_runs_first_in_order(in_tmp, tiny_config):
 
 def _curves_by_head_lr(curves):
     """A finetune stand-in: each trial reports the curve its head_lr names (fake values, no training)."""
-    from autoft.finetune import Result
+    from autoft.training.loop import Result
 
     def fake_finetune(cfg, data, report, cache=None, **kw):
         curve = curves[cfg.head_lr]
@@ -93,9 +93,9 @@ def test_a_trial_far_behind_the_leader_at_the_same_step_is_pruned_and_one_within
     curves = {1e-2: [0.90, 0.90, 0.90, 0.90],  # the linear probe (head_lr 1e-2): the leader
               0.05: [0.30, 0.30, 0.30, 0.30],  # hopeless: far below the leader's score at the same step
               0.02: [0.80, 0.85, 0.90, 0.90]}  # behind at step 1, but within noise of 12 images: spared
-    monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", _curves_by_head_lr(curves))
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", _curves_by_head_lr(curves))
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "shipped", lambda *a: None)
     cfg = tiny_config.replace(epochs=4, cv_folds=1)  # one fold: a step is an epoch
     run_search(cfg, _opts(trials=1, pruner="median", startup_trials=1))  # the probe
     study = open_study(cfg, _opts(), SearchSpace.default(4), cfg.seed, images=12)
@@ -181,7 +181,7 @@ def test_winner_is_chosen_on_the_estimate_with_ties_within_noise():
 
 
 def test_pruner_spares_every_trial_that_could_still_end_within_noise_of_the_best():
-    from autoft.study import _Guarded, make_pruner
+    from autoft.study.pruning import _Guarded, make_pruner
 
     pruner = make_pruner("median", epochs=4, min_epochs=2, startup=2, images=600)
     assert isinstance(pruner, _Guarded) and isinstance(pruner.inner, optuna.pruners.MedianPruner)
@@ -215,7 +215,7 @@ def test_pruner_spares_every_trial_that_could_still_end_within_noise_of_the_best
 
 
 def test_portfolio_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_config):
-    from autoft.records import enqueue_portfolio
+    from autoft.results.records import enqueue_portfolio
 
     space = SearchSpace.default(tiny_config.epochs)
     study = open_study(tiny_config, _opts(), space, tiny_config.seed, images=36)
@@ -232,7 +232,7 @@ def test_portfolio_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_
 
 
 def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_config):
-    from autoft.records import enqueue_portfolio
+    from autoft.results.records import enqueue_portfolio
 
     space = SearchSpace.default(tiny_config.epochs)
     study = open_study(tiny_config, _opts(), space, tiny_config.seed, images=36)
@@ -244,7 +244,7 @@ def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_con
 def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monkeypatch):
     import importlib
 
-    from autoft.finetune import Result
+    from autoft.training.loop import Result
 
     def fake_finetune(cfg, data, report, cache=None, **kw):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
         m = {"fold": 1, "epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
@@ -253,9 +253,9 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
             report(epoch, {**m, "epoch": epoch + 1})
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=36)
 
-    monkeypatch.setattr(importlib.import_module("autoft.objective"), "finetune", fake_finetune)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "keep_weights", lambda *a: None)
-    monkeypatch.setattr(importlib.import_module("autoft.exports").Exporter, "shipped", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", fake_finetune)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
+    monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "shipped", lambda *a: None)
     cfg = tiny_config.replace(epochs=2, cv_folds=1)  # one fold: a step is an epoch
     opts = _opts(trials=1, pruner="median", startup_trials=1)
     run_search(cfg, opts)  # the linear probe (head_lr 1e-2): 0.9
@@ -279,7 +279,7 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
     import importlib
     import time
 
-    objective_module = importlib.import_module("autoft.objective")
+    objective_module = importlib.import_module("autoft.study.objective")
     real = objective_module.finetune
 
     def slow_finetune(cfg, data, report, cache=None, **kw):
@@ -289,9 +289,9 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
         return real(cfg, data, slow_report, cache=cache, **kw)
 
     monkeypatch.setattr(objective_module, "finetune", slow_finetune)
-    monkeypatch.setattr("autoft.finetune.exact_probe", lambda cfg, stages: False)  # the probe trains by epochs too
+    monkeypatch.setattr("autoft.training.loop.exact_probe", lambda cfg, stages: False)  # the probe trains by epochs too
     t0 = time.monotonic()
-    monkeypatch.setattr("autoft.exports.RESERVE_S", 0.0)  # these exports take no time worth reserving
+    monkeypatch.setattr("autoft.results.exports.RESERVE_S", 0.0)  # these exports take no time worth reserving
     study = run_search(tiny_config.replace(epochs=20), _opts(trials=5, timeout=3.0))
     assert time.monotonic() - t0 < 20  # not the 5 x 20 epochs x 0.4 s the trials asked for
     # the budget counts from the call: what a trial that started had run is kept, and it was stopped for the budget
@@ -319,7 +319,7 @@ def second_backbone():
 
 def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_config, second_backbone):
     from autoft.cli import main
-    from autoft.predict import evaluate, export, load_model
+    from autoft.results.predict import evaluate, export, load_model
 
     (in_tmp / "space.yaml").write_text(f"backbone: [tiny_cnn, {second_backbone}]\n")
     study = run_search(tiny_config, _opts(trials=6, space="space.yaml"))
@@ -344,7 +344,7 @@ def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_conf
 
 def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_config):
     from autoft.backbones import auto_backbones
-    from autoft.study import search_space
+    from autoft.study.run import search_space
 
     base, space = search_space(tiny_config.replace(backbone="auto"), _opts(), fixed=["backbone"])  # as typed
     assert auto_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -358,8 +358,8 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
 
 
 def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tiny_config):
-    from autoft import records
-    from autoft.study import print_summary
+    from autoft.results import records
+    from autoft.results.summary import print_summary
 
     study = optuna.create_study(direction="maximize")
     probe = study.ask()

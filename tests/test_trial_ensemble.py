@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autoft.backbones import build_model
-from autoft.checkpoint import save_checkpoint
+from autoft.training.checkpoint import save_checkpoint
 from autoft.config import Config
-from autoft.data import center_crop, normalize
-from autoft.predict import export, load_model
+from autoft.data.augment import center_crop, normalize
+from autoft.results.predict import export, load_model
 
 
 def test_weighted_ensemble_predicts_the_weighted_mean_and_exports_as_one_graph(tmp_path):
@@ -43,9 +43,9 @@ def _search_with_fake_oof(tmp_path, tiny_config, wrong_on):
     import optuna
     from types import SimpleNamespace
 
-    from autoft import records
+    from autoft.results import records
     from autoft.cache import RunCache
-    from autoft.exports import Exporter
+    from autoft.results.exports import Exporter
 
     cfg = tiny_config.replace(epochs=1)
     cache = RunCache()
@@ -73,9 +73,9 @@ def _search_with_fake_oof(tmp_path, tiny_config, wrong_on):
 
 def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_does_not(tmp_path, tiny_config,
                                                                                          capsys):
-    from autoft import records
-    from autoft.checkpoint import load_checkpoint
-    from autoft.study import print_summary
+    from autoft.results import records
+    from autoft.training.checkpoint import load_checkpoint
+    from autoft.results.summary import print_summary
 
     # each trial wrong on its own third of the images: any two outvote the third, the mix is right everywhere
     study, best, out = _search_with_fake_oof(tmp_path / "wins", tiny_config, lambda k, i: i % 3 == k)
@@ -109,7 +109,7 @@ def test_an_ensemble_of_trials_is_chosen_from_the_kept_set_only(tmp_path, tiny_c
     """A trial that fell out of the kept set lost its models while the search ran: the ensemble must not choose it
     (it would be trained again after the deadline). Each of three trials is wrong on its own third of the images,
     so all three together are right everywhere; with room for two, the third is left out."""
-    from autoft import records
+    from autoft.results import records
 
     monkeypatch.setattr(records, "KEEP", 2)
     study, best, _ = _search_with_fake_oof(tmp_path, tiny_config, lambda k, i: i % 3 == k)

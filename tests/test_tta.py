@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from autoft.backbones import FlipAveraged, build_model
+from autoft.backbones import build_model, FlipAveraged
 from autoft.cache import RunCache
-from autoft.checkpoint import assemble, load_checkpoint, model_from_checkpoint
-from autoft.data import center_crop
-from autoft.finetune import build_on_device, finetune, load_data, plan_folds, predict_logits
-from autoft.predict import evaluate, export, image_paths, load_model
-from autoft.runs import train
-from autoft.study import tta_line
+from autoft.training.checkpoint import assemble, load_checkpoint, model_from_checkpoint
+from autoft.data.augment import center_crop
+from autoft.cache import load_data
+from autoft.training.inference import predict_logits
+from autoft.training.loop import build_on_device, finetune, plan_folds
+from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.training.run import train
+from autoft.results.summary import tta_line
 from conftest import make_image_folder
 
 CPU = torch.device("cpu")

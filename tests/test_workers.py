@@ -15,15 +15,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import autoft.objective
-import autoft.records
-import autoft.interrupts
-import autoft.workers
+import autoft.study.objective
+import autoft.results.records
+import autoft.system.interrupts
+import autoft.study.workers
 from autoft.storage import make_storage
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import Terminated, TrialFailure
-from autoft.workers import Worker, has_slot, plan
+from autoft.study.workers import has_slot, plan, Worker
 
 from conftest import make_image_folder
 
@@ -55,9 +55,9 @@ def n_finished(study: optuna.Study) -> int:
 @pytest.fixture(autouse=True)
 def _no_dashboard_notes(monkeypatch):
     """Per-trial dashboard plots are not what these tests are about; in this process, skip their cost."""
-    import autoft.dashboard
+    import autoft.results.dashboard
 
-    monkeypatch.setattr(autoft.dashboard, "publish_trial", lambda *a, **k: None)
+    monkeypatch.setattr(autoft.results.dashboard, "publish_trial", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_dead_runs_zombie_is_retried_by_the_next_search(tmp_path, monkeypatch, i
     assert main(search_args(image_folder, "--trials", "2")) == 0  # the retry runs before the next portfolio recipe
     trials = study.get_trials(deepcopy=False)
     assert trials[zombie.number].state == TrialState.FAIL
-    assert autoft.records.reason(trials[zombie.number]) == "worker stopped sending heartbeats"
+    assert autoft.results.records.reason(trials[zombie.number]) == "worker stopped sending heartbeats"
     assert any(t.system_attrs.get("failed_trial") == zombie.number and t.state in FINISHED for t in trials)
     assert n_finished(study) == 3
 
@@ -194,8 +194,8 @@ def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_pat
 def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
     """Only a process of this machine that is gone, a zombie, or whose pid now belongs to a later process is dead;
     a live worker, one on another machine, or one recorded by another autoft are left to heartbeats."""
-    from autoft.processes import process_id, this_machine
-    from autoft.workers import PROCESS, dead_worker
+    from autoft.system.processes import process_id, this_machine
+    from autoft.study.workers import dead_worker, PROCESS
 
     def trial(recorded: str) -> SimpleNamespace:
         return SimpleNamespace(user_attrs={PROCESS: recorded, "worker": "me:1"}, system_attrs={}, number=7)
@@ -249,14 +249,14 @@ def test_worker_needs_an_existing_study(tmp_path, monkeypatch, capsys):
 
 def _patched_finetune(monkeypatch, fault):
     """Wrap the trainer: `fault(call_number, cfg)` may raise; otherwise train for real."""
-    real, calls = autoft.objective.finetune, []
+    real, calls = autoft.study.objective.finetune, []
 
     def finetune(cfg, data=None, report=None, **kwargs):
         calls.append(cfg)
         fault(len(calls), cfg)
         return real(cfg, data, report, **kwargs)
 
-    monkeypatch.setattr(autoft.objective, "finetune", finetune)
+    monkeypatch.setattr(autoft.study.objective, "finetune", finetune)
     return calls
 
 
@@ -269,7 +269,7 @@ def test_crashing_trial_is_recorded_memory_released_and_study_goes_on(tmp_path, 
 
     _patched_finetune(monkeypatch, fault)
     released = []
-    monkeypatch.setattr(autoft.objective.Objective, "release_memory", lambda self: released.append(1))
+    monkeypatch.setattr(autoft.study.objective.Objective, "release_memory", lambda self: released.append(1))
     assert main(search_args(image_folder, "--trials", "3")) == 0
     study = load()
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -316,7 +316,7 @@ def test_study_none_of_whose_trials_finished_takes_a_new_space(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.yaml").write_text("head_lr: 5.0\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(autoft.objective, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loss is nan")))
+        mp.setattr(autoft.study.objective, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loss is nan")))
         assert main(search_args(image_folder, "--trials", "1", "--space", "bad.yaml")) == 2
     assert states(load()) == [TrialState.FAIL] * 3
     (tmp_path / "good.yaml").write_text("head_lr: 0.05\n")
@@ -404,7 +404,7 @@ def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp
                 pass
 
             thing = Thing()
-            ref = weakref.ref(thing, lambda _: autoft.interrupts.stop(Terminated))
+            ref = weakref.ref(thing, lambda _: autoft.system.interrupts.stop(Terminated))
             del thing  # the callback raises Terminated; Python prints "Exception ignored" and goes on
             gc.collect()
             assert ref() is None

@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from .config import Config
+from ..config import Config
 
 CS = np.logspace(-4, 1, 11)  # the C grid of the inner cross-validation: 1e-4 to 10, half a decade apart
 INNER_FOLDS = 5

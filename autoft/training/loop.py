@@ -25,8 +25,6 @@ strictly higher, tau chosen again with it), and the choice ships with the model 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import math
 import resource
@@ -34,18 +32,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..backbones import BackboneSpec, build_model, Net, set_drop_path
+from ..cache import Images, RunCache
+from ..config import Config
+from ..data.augment import augment, normalize
+from ..data.dataset import Dataset, Fold
+from ..estimate import Estimate, fold_of, scores
+from ..exceptions import ConfigError, TrialFailure
+from .probe import applies as exact_probe, CHOSEN_C, EXACT, fit_heads
+from .inference import autocast, frozen_features, predict_logits
 
-from .backbones import BackboneSpec, Concatenated, FlipAveraged, Net, build_model, set_drop_path
-from .cache import Images, RunCache, as_images
-from .config import Config
-from .data import Dataset, Fold, Split, augment, center_crop, normalize
-from .estimate import Estimate, fold_of, scores
-from .exceptions import ConfigError, TrialFailure
-from .probe import CHOSEN_C, EXACT, applies as exact_probe, fit_heads
+
 
 Report = Callable[[int, dict[str, Any]], Any]
 TAUS = tuple(i / 4 for i in range(9))  # logit_adjustment auto's grid: 0, 0.25, ..., 2 (Menon et al. found 1 best)
@@ -108,12 +108,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only: on CPU it is ~10x slower than fp32 for these convnets."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def lr_factor(epoch: float, warmup: int, t_max: int) -> float:
     """Linear warmup over `warmup` epochs, then torch's CosineAnnealingLR curve (eta_min=0, period t_max)."""
@@ -161,18 +155,6 @@ def plan_folds(cfg: Config, data: Dataset) -> list[Fold]:
     if cfg.cv_folds > 1 and len(data.labelled) < cfg.cv_max_images:
         return data.cv_folds(cfg.cv_folds)
     return [data.holdout]
-
-
-def refit_config(cfg: Config, epochs: int, tau: float = 0.0, tta: str = "none") -> Config:
-    """The recipe for `epochs` epochs on every labelled image, along the validated learning-rate curve, with the
-    logit adjustment `tau` and test-time augmentation `tta` the validation chose (the refit validates nothing to
-    choose them on).
-
-    The schedule is a function of the epoch, not of the step, so the refit's last epoch ends where the
-    validated run's epoch `epochs` ended (same warmup, same cosine period), not at a re-stretched cosine.
-    """
-    return cfg.replace(epochs=epochs, t_max=cfg.cosine_t_max, head_only_epochs=min(cfg.head_only_epochs, epochs),
-                       patience=0, logit_adjustment=tau, tta=tta)
 
 
 @dataclass
@@ -632,7 +614,7 @@ class Regularizers:
         return x, torch.cat([head, rest])
 
 
-def _cpu_copy(model: Net) -> dict[str, torch.Tensor]:
+def cpu_copy(model: Net) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
@@ -668,89 +650,6 @@ def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None,
-         cache: RunCache | None = None) -> Result:
-    """What a validated run ships, as `final` says: `result` itself (its fold models, the ensemble the score
-    validated); their uniform soup (`soup`); or the recipe retrained on every labelled image for the epochs the
-    score chose (`refit`). Nothing validated (a refit itself): `result`."""
-    if cfg.final == "ensemble" or not result.validated:
-        return result
-    if cfg.final == "soup":
-        return dataclasses.replace(result, members=[make_soup(cfg, data, result.members, cache)]) if len(result.members) > 1 \
-            else result
-    return refit(cfg, data, result.best["epoch"], report, cache, result.tau, result.tta)
-
-
-def soup(members: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The uniform model soup (Wortsman et al., ICML 2022): every floating-point tensor averaged over the members;
-    integer counters (BatchNorm's num_batches_tracked) from the first member."""
-    return {k: torch.stack([m[k] for m in members]).mean(0) if v.is_floating_point() else v.clone()
-            for k, v in members[0].items()}
-
-
-def make_soup(cfg: Config, data: Dataset, members: Sequence[Mapping[str, torch.Tensor]],
-              cache: RunCache | None = None) -> dict[str, torch.Tensor]:
-    """The fold models as one model at one model's prediction cost: their uniform `soup`, then the BatchNorm
-    statistics of the stages that trained recomputed on every labelled image (eval transform), as SWA does
-    (Izmailov et al. 2018; torch.optim.swa_utils.update_bn): averaged weights change the activations, so
-    averaged statistics would not match them (measured: a soup with averaged statistics fell to chance where
-    the recomputed one kept the fold models' accuracy). Frozen stages are the same in every member: untouched."""
-    device = resolve_device(cfg.device)
-    cache = RunCache() if cache is None else cache
-    model, spec = build_on_device(cfg, len(data.classes), device, cache=cache)
-    model.load_state_dict(soup(members))
-    recompute_batchnorm(model, spec, cfg, cache.images(data.labelled, device), cfg.freeze_depth, device, cache)
-    return _cpu_copy(model)
-
-
-@torch.no_grad()
-def recompute_batchnorm(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int,
-                        device: torch.device, cache: RunCache) -> None:
-    """Running statistics of every BatchNorm after stage `depth`: the plain average over batches of `images` of
-    their batch statistics (momentum None, as torch.optim.swa_utils.update_bn), stages before `depth` in eval."""
-    norms = [m for s in model.stages[depth:] for m in s.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.eval()
-    for stage in model.stages[depth:]:
-        stage.train()
-    feats = frozen_features(model, spec, cfg, images, depth, device, cache) if depth else None
-    chunks = torch.arange(len(images)).split(max(2, cfg.batch_size * 2))
-    chunks = chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) == 1 else chunks  # one image has no batch statistics
-    pixels = images.batches(chunks) if feats is None else iter(())
-    for chunk in chunks:
-        x = feats[chunk.to(feats.device)] if feats is not None else model.features(
-            _eval_input(next(pixels).to(device), spec, cfg.image_size), depth)
-        with autocast(device):
-            model(x, start=depth)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
-
-
-def shipped_kind(result: Result, shipped: Result) -> str:
-    """What `ship` made of `result`, in words, for metrics and summaries."""
-    n, epoch = len(result.members), result.best["epoch"]
-    if shipped is result:
-        if n > 1:
-            return f"ensemble of {n} fold models at epoch {epoch}"
-        return f"one model at epoch {epoch}" + ("" if result.validated else " (nothing validated)")
-    if result.config.final == "soup":
-        return f"soup (uniform weight average) of {n} fold models at epoch {epoch}"
-    return f"refit on every labelled image for {shipped.config.epochs} epoch(s)"
-
-
-def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,
-          cache: RunCache | None = None, tau: float = 0.0, tta: str = "none") -> Result:
-    """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve, logit
-    adjusted by the validated `tau`, with the validated test-time augmentation `tta`."""
-    return finetune(refit_config(cfg, epochs, tau, tta), data, report, [data.everything()], cache)
-
-
 def _set_trainable(model: Net, depth: int) -> None:
     """Stages before `depth`: no gradients and BatchNorm in eval mode; the rest train."""
     model.train()
@@ -759,116 +658,3 @@ def _set_trainable(model: Net, depth: int) -> None:
         stage.train(not frozen)
         for p in stage.parameters():
             p.requires_grad_(not frozen)
-
-
-@torch.no_grad()
-def evaluate_split(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
-                   device: torch.device, cache: RunCache | None = None) -> tuple[float, np.ndarray]:
-    """Loss and predicted classes on a split (test/, or new data); the frozen prefix's output comes from `cache`."""
-    logits = predict_logits(model, spec, cfg, split, depth, device, cache=cache)
-    return F.cross_entropy(logits, split.labels.to(device)).item(), logits.argmax(1).cpu().numpy()
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor | Split | Images,
-                   depth: int, device: torch.device, index: torch.Tensor | None = None,
-                   cache: RunCache | None = None, flip: bool = False) -> torch.Tensor:
-    """Logits for the images at `index` (all of them by default) through the eval transform (mirrored with
-    `flip`), in batches.
-
-    `images`: uint8 (N, 3, S, S) as a tensor, a Split (read from its store) or Images. With `depth`, the frozen
-    prefix's output over all of them comes from `cache` (computed once) when it fits its budget. A FlipAveraged
-    model is its model's mean over the plain and the mirrored views, each of them cached so.
-    """
-    if isinstance(model, FlipAveraged):
-        views = [predict_logits(model.model, spec, cfg, images, depth, device, index, cache, f)
-                 for f in (flip, not flip)]
-        return (views[0].float() + views[1].float()) / 2
-    images = as_images(images, device)
-    was_training = model.training
-    model.eval()
-    cached = depth and cache is not None
-    feats = frozen_features(model, spec, cfg, images, depth, device, cache, flip) if cached else None
-    index = torch.arange(len(images)) if index is None else index.cpu()
-    chunks = index.split(max(1, cfg.batch_size * 2))
-    pixels = images.batches(chunks) if feats is None else iter(())
-    out = []
-    for chunk in chunks:
-        if feats is not None:
-            x, start = feats[chunk.to(feats.device)], depth
-        else:  # no depth, or features too big to keep: the whole model from the images
-            x, start = _eval_input(next(pixels).to(device, non_blocking=True), spec, cfg.image_size, flip), 0
-        with autocast(device):
-            out.append(model(x, start=start).float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.num_classes, device=device)
-
-
-def _eval_input(images: torch.Tensor, spec: BackboneSpec, size: int, flip: bool = False) -> torch.Tensor:
-    x = normalize(center_crop(images, size), spec.mean, spec.std)
-    return (x.flip(-1) if flip else x).contiguous(memory_format=torch.channels_last)
-
-
-# --- frozen-prefix features ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int, device: torch.device,
-                    cache: RunCache, flip: bool = False) -> torch.Tensor | None:
-    """Output of the frozen stages[:depth] for every one of `images` (eval transform, mirrored with `flip`), computed
-    once per `cache`.
-
-    Frozen stages hold the pretrained weights unchanged, so trials with the same backbone, weights, image
-    size and depth share the result. It counts against the cache's byte budget (least recently used out);
-    features that would not fit even alone, or of images with no key, are never materialised: None tells
-    the caller to run the prefix per batch, so a huge set costs time, never memory. Several backbones side by
-    side (backbones.Concatenated) are cached per backbone, under the key of that backbone's own probe where
-    its input is the same, so a probe on all of them reuses what each one's probe computed.
-    """
-    if images.key is None:
-        return None
-    stage = model.stages[0] if depth == 1 else None
-    view = ("flip",) if flip else ()
-    if isinstance(stage, Concatenated):
-        parts = [_features(cache, ("features", name, cfg.weights, stage.view_key(i, cfg.image_size), stage.depths[i],
-                                   images.key, str(device), *view), stage.backbones[i:i + 1], images, cfg, device,
-                           functools.partial(lambda x, i: stage.part(i, _eval_input(x, spec, cfg.image_size, flip)),
-                                             i=i))
-                 for i, name in enumerate(stage.names)]
-        return None if any(p is None for p in parts) else torch.cat(parts, 1)
-    key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device), *view)
-    return _features(cache, key, model.stages[:depth], images, cfg, device,
-                     lambda x: model.features(_eval_input(x, spec, cfg.image_size, flip), depth))
-
-
-def _features(cache: RunCache, key: tuple, frozen: Sequence[torch.nn.Module], images: Images, cfg: Config,
-              device: torch.device, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-    """`compute` (stored images -> features, through the `frozen` modules in eval mode) over every one of
-    `images`, held in `cache` under `key`; each pass over the images is counted there (`feature_passes`)."""
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    was_training = [s.training for s in frozen]
-    for s in frozen:
-        s.eval()
-    feats = None
-    step = max(1, cfg.batch_size * 2)
-    chunks = torch.arange(len(images)).split(step)
-    cache.feature_passes[key] += 1
-    try:
-        with autocast(device):
-            for chunk, pixels in zip(chunks, images.batches(chunks)):
-                part = compute(pixels)
-                if feats is None:  # the first batch tells the size of the whole; filled in place, no concatenation
-                    nbytes = part[0].numel() * part.element_size() * len(images)
-                    if not cache.make_room(nbytes):
-                        return None
-                    fmt = torch.channels_last if part.dim() == 4 else torch.contiguous_format
-                    feats = torch.empty((len(images), *part.shape[1:]), dtype=part.dtype, device=part.device,
-                                        memory_format=fmt)
-                feats[chunk[0]:chunk[-1] + 1] = part
-    finally:
-        for s, t in zip(frozen, was_training):
-            s.train(t)
-    if feats is not None:
-        cache.put(key, feats, feats.numel() * feats.element_size())
-    return feats

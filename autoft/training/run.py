@@ -17,15 +17,16 @@ from typing import Any
 
 import torch
 
-from .backbones import get_backbone
+from ..backbones import get_backbone
 from .checkpoint import assemble, save_checkpoint
-from .config import Config
-from .data import Dataset
-from .estimate import Estimate, scored
-from .files import atomic_write_text, check_writable_dir, versions
-from .cache import RunCache
-from .finetune import (Report, Result, evaluate_split, finetune, fold_notice, plan_folds, resolve_device, ship,
-                       shipped_kind)
+from ..config import Config
+from ..data.dataset import Dataset
+from ..estimate import Estimate, scored
+from ..system.files import atomic_write_text, check_writable_dir, versions
+from ..cache import RunCache
+from .finals import ship, shipped_kind
+from .inference import evaluate_split
+from .loop import finetune, fold_notice, plan_folds, Report, resolve_device, Result
 
 log = logging.getLogger("autoft")
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones import Ensemble, FlipAveraged, LogitAdjusted, build_model
-from .config import Config
-from .data import Fingerprint
-from .exceptions import AutoftError, ConfigError
-from .files import atomic_torch_save, torch_load, versions
+from ..backbones import build_model, Ensemble, FlipAveraged, LogitAdjusted
+from ..config import Config
+from ..data.scan import Fingerprint
+from ..exceptions import AutoftError, ConfigError
+from ..system.files import atomic_torch_save, torch_load, versions
 
 FORMAT = "autoft-checkpoint/2"
 READABLE = ("autoft-checkpoint/1", FORMAT)  # format 1: one model, no members

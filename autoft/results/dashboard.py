@@ -11,13 +11,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from . import records
-from .config import Config
-from .estimate import METRICS
-from .exceptions import ConfigError, one_line
-from .files import check_writable_dir
-from .finetune import score_key
+from ..config import Config
+from ..estimate import METRICS
+from ..exceptions import ConfigError, one_line
+from ..system.files import check_writable_dir
+from ..training.loop import score_key
 from .plots import estimates_figure, learning_curves_figure, learning_curves_png, points
-from .storage import DEFAULT_ARTIFACTS, artifact_store, attach_bytes, load_study, make_storage, mask_url
+from ..storage import artifact_store, attach_bytes, DEFAULT_ARTIFACTS, load_study, make_storage, mask_url
 
 log = logging.getLogger("autoft")
 LEARNING_CURVES_ID = "learning-curves"  # the study page's figures, rewritten after every trial

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from .exceptions import Terminated
+from ..exceptions import Terminated
 
 STORAGE_CODE = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg2", "pymysql")  # module name prefixes
 EXCEPTIONS: dict[int, type[KeyboardInterrupt]] = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}

@@ -18,14 +18,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import records
-from .estimate import span
-from .exceptions import AutoftError, one_line
-from .files import atomic_write_text, check_writable_dir
+from ..estimate import span
+from ..exceptions import AutoftError, one_line
+from ..system.files import atomic_write_text, check_writable_dir
 from .plots import (estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png,
                     save_learning_curves_png, score_range)
 from .predict import evaluate
-from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
-from .study import tie_break, time_per_state
+from ..storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
+from .summary import tie_break, time_per_state
 
 SLICE_PARAMS = ("freeze_depth", "head_lr", "base_lr")
 SCORE_AXIS = ("optimization_history", "intermediate_values", "slice")  # plots whose y axis is the study's metric

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import records
-from .estimate import span
-from .exceptions import AutoftError
-from .files import atomic_open, atomic_write_bytes
+from ..estimate import span
+from ..exceptions import AutoftError
+from ..system.files import atomic_open, atomic_write_bytes
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
 PNG_DPI = 100

@@ -38,12 +38,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import records
-from .exceptions import AutoftError, Terminated, one_line
-from .heartbeat import Trials, requeue_once
-from .interrupts import check_stopped
-from .processes import gone, process_id, this_machine
-from .storage import heartbeat_periods
+from ..results import records
+from ..exceptions import AutoftError, one_line, Terminated
+from ..heartbeat import requeue_once, Trials
+from ..system.interrupts import check_stopped
+from ..system.processes import gone, process_id, this_machine
+from ..storage import heartbeat_periods
 
 log = logging.getLogger("autoft")
 POLL_S = 1.0

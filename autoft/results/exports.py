@@ -23,17 +23,19 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import probe, records
-from .checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members
-from .config import Config
+from . import records
+from ..training import probe
+from ..training.checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members
+from ..config import Config
 from .dashboard import publish_estimates
-from .estimate import Estimate, score
-from .exceptions import AutoftError
-from .files import atomic_paths, versions
-from .cache import RunCache
-from .finetune import Result, finetune, make_soup, refit, ship, shipped_kind
+from ..estimate import Estimate, score
+from ..exceptions import AutoftError
+from ..system.files import atomic_paths, versions
+from ..cache import RunCache
+from ..training.finals import make_soup, refit, ship, shipped_kind
+from ..training.loop import finetune, Result
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
-from .storage import attach_bytes, read_artifact, remove_artifact
+from ..storage import attach_bytes, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
 RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for

@@ -23,13 +23,13 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import Config
-from .data import Fingerprint
-from .estimate import METRICS, Estimate
-from .exceptions import ConfigError
-from .finetune import Result, adjusted
-from .space import PROBE, SearchSpace, fine_tunable, next_backbone, shares
-from .storage import attach_bytes, read_artifact
+from ..config import Config
+from ..data.scan import Fingerprint
+from ..estimate import Estimate, METRICS
+from ..exceptions import ConfigError
+from ..training.loop import adjusted, Result
+from ..space import fine_tunable, next_backbone, PROBE, SearchSpace, shares
+from ..storage import attach_bytes, read_artifact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
 

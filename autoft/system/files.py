@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .exceptions import ConfigError, DiskFullError, disk_full
+from ..exceptions import ConfigError, disk_full, DiskFullError
 from .interrupts import deferred
 from .processes import start_time, this_machine
 

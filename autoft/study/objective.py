@@ -17,18 +17,21 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import dashboard, interrupts, probe, racing, records
-from .backbones import get_backbone
-from .config import Config
-from .data import Dataset
-from .exceptions import TrialFailure, one_line
-from .exports import Exporter, joins
-from .cache import RunCache
-from .finetune import BatchHook, Partial, Race, Report, Result, adjusted, finetune, fold_notice, plan_folds, \
-    resolve_device
-from .probe import EXACT
+from ..results import dashboard, records
+from . import racing
+from ..system import interrupts
+from ..training import probe
+from ..backbones import get_backbone
+from ..config import Config
+from ..data.dataset import Dataset
+from ..exceptions import one_line, TrialFailure
+from ..results.exports import Exporter, joins
+from ..cache import RunCache
+from ..training.loop import (adjusted, BatchHook, finetune, fold_notice, Partial, plan_folds, Race, Report,
+                             resolve_device, Result)
+from ..training.probe import EXACT
 from .racing import Verdict
-from .space import SearchSpace
+from ..space import SearchSpace
 
 log = logging.getLogger("autoft")
 

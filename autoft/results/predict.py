@@ -22,16 +22,21 @@ import torch
 from PIL import ExifTags, Image
 from torch import nn
 
-from .backbones import get_backbone
-from .cache import label_files
-from .checkpoint import load_checkpoint, model_from_checkpoint, trained_on
-from .config import Config
-from .estimate import scored
-from .data import (WIDE_MODES, Dataset, Fingerprint, _try_decode, center_crop, decode, find_images, normalize, scan,
-                   skipped_summary, store_size_for)
-from .exceptions import AutoftError, DataError
-from .files import atomic_path, atomic_write_text, check_output_file, output_file
-from .finetune import load_data, predict_logits, resolve_device
+from ..backbones import get_backbone
+from ..cache import label_files
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, trained_on
+from ..config import Config
+from ..estimate import scored
+from ..data.augment import center_crop, normalize
+from ..data.dataset import Dataset
+from ..data.decode import try_decode, decode, WIDE_MODES
+from ..data.scan import find_images, Fingerprint, scan, skipped_summary
+from ..data.store import store_size_for
+from ..exceptions import AutoftError, DataError
+from ..system.files import atomic_path, atomic_write_text, check_output_file, output_file
+from ..cache import load_data
+from ..training.inference import predict_logits
+from ..training.loop import resolve_device
 from .plots import save_confusion_png
 
 log = logging.getLogger("autoft")
@@ -102,7 +107,7 @@ class Predictor:
         """
         for i in range(0, len(paths), chunk):
             part = [os.fspath(p) for p in paths[i:i + chunk]]
-            decoded = [_try_decode(p, self.store_size, self.value_range) for p in part]
+            decoded = [try_decode(p, self.store_size, self.value_range) for p in part]
             good = [a for a in decoded if not isinstance(a, str)]
             tops = iter(self._top_k(self._logits(self._batch(good)), k) if good else [])
             for path, a in zip(part, decoded):

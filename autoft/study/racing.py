@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from .estimate import RESAMPLES, from_confusion, score
+from ..estimate import from_confusion, RESAMPLES, score
 
 ALPHA = 0.05  # "behind": the false-stop rate over the whole race of a trial as good as the leader
 WIN_FLOOR = 0.05  # "cannot win": a trial goes on while its predictive probability to win beyond noise is at least this

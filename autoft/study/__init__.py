@@ -1,0 +1,1 @@
+"""The search: the Optuna study, the objective, pruning and fold racing, workers, progress."""

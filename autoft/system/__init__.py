@@ -1,0 +1,1 @@
+"""What autoft needs from the machine: files written whole, processes known by identity, signals."""
