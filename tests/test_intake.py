@@ -234,7 +234,7 @@ def test_an_unwritable_cache_is_one_error_before_decoding(tmp_path, monkeypatch)
 
 
 def _disk_full_after(monkeypatch, limit: int, err: int = errno.ENOSPC) -> None:
-    """Every atomic write (files.py) fails with `err` once `limit` bytes are written, as on a full disk; so does
+    """Every atomic write (system/files.py) fails with `err` once `limit` bytes are written, as on a full disk; so does
     claiming the space of an image store."""
     real_open = open
 

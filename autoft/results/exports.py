@@ -25,21 +25,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import records
 from ..training import probe
-from ..training.checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint, members
+from ..training.checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint
 from ..config import Config
 from .dashboard import publish_estimates
 from ..estimate import Estimate, score
 from ..exceptions import AutoftError
 from ..system.files import atomic_paths, versions
 from ..cache import RunCache
-from ..training.finals import make_soup, refit, ship, shipped_kind
-from ..training.loop import finetune, Result
+from ..training.finals import Weights, mixed_models, result_checkpoint, shipped_kind, shipped_model
+from ..training.loop import Result
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
 from ..storage import attach_bytes, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
 RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for
-Weights = dict[str, Any] | bytes  # a checkpoint, or a checkpoint file's bytes (a kept artifact, copied as it is)
 
 
 class Exporter:
@@ -91,8 +90,8 @@ class Exporter:
         completed (`export`), so it never holds a trial that did not finish."""
         candidates, _ = records.with_running(trial.study, trial.number, result)
         if trial.number in records.kept_set(candidates):
-            data = _serialize(self._checkpoint(cfg, result, trial.number, trial.study.study_name, "ensemble",
-                                               shipped_kind(result, result)))
+            data = _serialize(result_checkpoint(cfg, self.cache.dataset(cfg), result, trial.number,
+                                                trial.study.study_name, "ensemble", shipped_kind(result, result)))
             records.record_weights(trial, attach_bytes(trial, f"weights_trial_{trial.number}.pt", data,
                                                        "application/octet-stream", self.artifacts))
 
@@ -138,33 +137,14 @@ class Exporter:
         cfg = records.config(best)
         if self.saved() == (study.study_name, best.number, cfg.final):
             return None
-        data = self.cache.dataset(cfg)
-        if cfg.final == "refit":
-            epochs = best.user_attrs[records.BEST_EPOCH]
-            log.info("refit of trial %d on all %d labelled images for %d epoch(s)", best.number, len(data.labelled), epochs)
-            kept_epoch = records.kept_epoch(best)
-            return self._checkpoint(cfg, refit(cfg, data, epochs, cache=self.cache, tau=kept_epoch.get("tau", 0.0),
-                                               tta=kept_epoch.get("tta", "none")),
-                                    best.number, study.study_name, "refit", f"refit on every labelled image for {epochs} epoch(s)")
-        kept = self._kept_bytes(best)
-        if kept is None:
+        kept = None if cfg.final == "refit" else self._kept_bytes(best)
+        if kept is None and cfg.final != "refit":
             log.warning("the kept models of trial %d (the winner) are not in %s; training them again from its config",
                         best.number, self.artifacts)
-            result = finetune(cfg, data, cache=self.cache)
-            final = ship(cfg, data, result, cache=self.cache)
-            return self._checkpoint(cfg, final, best.number, study.study_name,
-                                    cfg.final if final is not result else "ensemble", shipped_kind(result, final))
-        if cfg.final != "soup":
-            return kept
-        ckpt = checkpoint_from_bytes(kept, f"the weights of trial {best.number}")
-        folds = members(ckpt)
-        if len(folds) == 1:
-            return kept
-        adjustment = ckpt.get("logit_adjustment") or {}
-        kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
-        return checkpoint([make_soup(cfg, data, folds, self.cache)], ckpt["classes"], cfg,
-                          ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0, adjustment.get("tau", 0.0),
-                          adjustment.get("prior", ()), data.fingerprint, tta=ckpt.get("tta", "none"))
+        chosen = records.kept_epoch(best)
+        return shipped_model(cfg, self.cache.dataset(cfg), kept, best.number, study.study_name,
+                             best.user_attrs[records.BEST_EPOCH], chosen.get("tau", 0.0), chosen.get("tta", "none"),
+                             self.cache)
 
     def _mix_checkpoint(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> dict[str, Any]:
         """The ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its `final`
@@ -177,11 +157,7 @@ class Exporter:
             if ckpt is None:  # kept by no run (an older autoft) or deleted by hand: the one case trained again
                 log.warning("ensemble of trials: the kept models of trial %d are gone; training it again from its "
                             "config", number)
-                result = finetune(cfg, self.cache.dataset(cfg), cache=self.cache)
-                ckpt = self._checkpoint(cfg, result, number, study.study_name, "ensemble", shipped_kind(result, result))
-            folds = members(ckpt)
-            if cfg.final == "soup" and len(folds) > 1:
-                folds = [make_soup(cfg, self.cache.dataset(cfg), folds, self.cache)]
+            folds, ckpt = mixed_models(cfg, self.cache.dataset(cfg), ckpt, number, study.study_name, self.cache)
             states += folds
             weights += [w / len(folds)] * len(folds)
             shared.append(ckpt.get("shared_stages", 0))
@@ -216,12 +192,6 @@ class Exporter:
                 metrics = {}
             self._saved = stamp, metrics
         return self._saved[1]
-
-    def _checkpoint(self, cfg: Config, result: Result, trial: int, study: str, final: str, kind: str) -> dict[str, Any]:
-        metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
-                                   "trial": trial, "study": study, "final": final, "shipped": kind}
-        return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
-                          self.cache.dataset(cfg).fingerprint, tta=result.tta)  # loaded already: no work
 
     # --- the three files, together ---------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Use a trained model: score it on a labelled split, predict new images, export it for deployment.
 
-Every path goes through the training code's own eval transform (`data.decode` at the stored size, then
-`data.center_crop` + `data.normalize` inside `finetune.predict_logits`), so a prediction here is exactly
+Every path goes through the training code's own eval transform (`data.decode.decode` at the stored size, then
+`data.augment.center_crop` + `normalize` inside `training.inference.predict_logits`), so a prediction here is exactly
 what validation measured during training.
 """
 
@@ -54,7 +54,7 @@ class Predictor:
     """A checkpoint ready to classify images: `predict`, `predict_proba`, `top_k`.
 
     Images may be file paths, PIL images, or uint8 arrays/tensors (3,H,W or H,W,3); each is decoded by
-    `data.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data;
+    `data.decode.decode` (any mode to RGB, shorter side to the stored size, centre square) like training data;
     32-bit integer and float images by `value_range`, the one range of the training data's such images (None:
     it had none, and each such image is scaled by its own, see `data.dataset_range`).
     """
@@ -129,7 +129,7 @@ def _decode(image: ImageLike, size: int, value_range: tuple[float, float] | None
 
 
 def _as_file(image: ImageLike) -> str | io.BytesIO:
-    """A path for `data.decode`; in-memory images are handed over as lossless PNG bytes (TIFF for 32-bit ones)."""
+    """A path for `data.decode.decode`; in-memory images are handed over as lossless PNG bytes (TIFF for 32-bit ones)."""
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     if isinstance(image, torch.Tensor):
@@ -310,7 +310,7 @@ class Deployable(nn.Module):
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.net = net
-        # buffers, not data.normalize: torch.tensor() inside forward would be traced as an untracked constant
+        # buffers, not data.augment.normalize: torch.tensor() inside forward would be traced as an untracked constant
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 

@@ -46,7 +46,7 @@ TrialBatchHook = Callable[[int, int, int, float], None]  # (trial number, batche
 
 
 class Objective:
-    """Suggest, fine-tune, report; the pruner (see study.make_pruner) and the fold race decide when a trial falls behind.
+    """Suggest, fine-tune, report; the pruner (see study.pruning.make_pruner) and the fold race decide when a trial falls behind.
 
     Folds train one after another: every epoch of every fold is a step the pruner sees (the same fold's images at
     the same epoch in every trial), and after each fold but the last the trial races the leading trial on the

@@ -18,7 +18,7 @@ autoft adds:
   on; MAX_CRASHES crashes in a row stop the worker, since then it is not the trial that is broken.
 
 This module runs trials of the study and the objective it is given; what a trial is, and how a study is
-opened or joined, is the caller's (study.py).
+opened or joined, is the caller's (study.run).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""The finals: what ships from a trial's validated fold models (its `final`: the ensemble, a soup of
-their weights, or a refit on every labelled image). The one owner of what `final` means.
+"""The finals: what ships from a run's validated fold models, as its `final` says (the ensemble itself, the soup
+of their weights, or the recipe refitted on every labelled image): the one owner of what `final` means, for
+`autoft train` (`ship`) and for a study's exports (`shipped_model`, `mixed_models`), which only write what it makes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Any
 from collections.abc import Mapping, Sequence
 import torch
 from ..backbones import BackboneSpec, Net
@@ -12,7 +15,11 @@ from ..cache import Images, RunCache
 from ..config import Config
 from ..data.dataset import Dataset
 from .inference import eval_input, autocast, frozen_features
+from .checkpoint import checkpoint, checkpoint_from_bytes, members
 from .loop import Report, Result, cpu_copy, build_on_device, finetune, resolve_device
+
+log = logging.getLogger("autoft")
+Weights = dict[str, Any] | bytes  # a checkpoint, or a checkpoint file's bytes (a kept artifact, passed on as it is)
 
 
 
@@ -109,3 +116,56 @@ def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,
     """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve, logit
     adjusted by the validated `tau`, with the validated test-time augmentation `tta`."""
     return finetune(refit_config(cfg, epochs, tau, tta), data, report, [data.everything()], cache)
+
+
+def result_checkpoint(cfg: Config, data: Dataset, result: Result, trial: int, study: str, final: str,
+                      kind: str) -> dict[str, Any]:
+    """The checkpoint of a run's models (`result.members`) as trial `trial` of `study` shipped them (`final`, and
+    `kind` in words)."""
+    metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
+                               "trial": trial, "study": study, "final": final, "shipped": kind}
+    return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
+                      data.fingerprint, tta=result.tta)
+
+
+def shipped_model(cfg: Config, data: Dataset, kept: bytes | None, trial: int, study: str, best_epoch: int,
+                  tau: float, tta: str, cache: RunCache) -> Weights:
+    """A study's winner as its `final` says, from the fold models kept while it ran (`kept`: their checkpoint file,
+    passed on as it is where `final` is the ensemble), so what ships is what was validated, bit for bit: `soup`
+    averages their weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image
+    for `best_epoch` epochs with the validated `tau` and `tta`. Kept models that are gone (None) are trained again
+    from the config: the one case where a validated model trains twice."""
+    if cfg.final == "refit":
+        log.info("refit of trial %d on all %d labelled images for %d epoch(s)", trial, len(data.labelled), best_epoch)
+        return result_checkpoint(cfg, data, refit(cfg, data, best_epoch, cache=cache, tau=tau, tta=tta), trial, study,
+                                 "refit", f"refit on every labelled image for {best_epoch} epoch(s)")
+    if kept is None:
+        result = finetune(cfg, data, cache=cache)
+        final = ship(cfg, data, result, cache=cache)
+        return result_checkpoint(cfg, data, final, trial, study, cfg.final if final is not result else "ensemble",
+                                 shipped_kind(result, final))
+    if cfg.final != "soup":
+        return kept
+    ckpt = checkpoint_from_bytes(kept, f"the weights of trial {trial}")
+    folds = members(ckpt)
+    if len(folds) == 1:
+        return kept
+    adjustment = ckpt.get("logit_adjustment") or {}
+    kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
+    return checkpoint([make_soup(cfg, data, folds, cache)], ckpt["classes"], cfg,
+                      ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0, adjustment.get("tau", 0.0),
+                      adjustment.get("prior", ()), data.fingerprint, tta=ckpt.get("tta", "none"))
+
+
+def mixed_models(cfg: Config, data: Dataset, kept: dict[str, Any] | None, trial: int, study: str,
+                 cache: RunCache) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """A trial's models as they join an ensemble of trials, and the checkpoint they came from: its kept fold models
+    (trained again when gone: None), averaged into one soup where its `final` is `soup` (a refit validated nothing,
+    so it never joins)."""
+    if kept is None:
+        result = finetune(cfg, data, cache=cache)
+        kept = result_checkpoint(cfg, data, result, trial, study, "ensemble", shipped_kind(result, result))
+    folds = members(kept)
+    if cfg.final == "soup" and len(folds) > 1:
+        folds = [make_soup(cfg, data, folds, cache)]
+    return folds, kept
