@@ -9,10 +9,10 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
-from .config import check_keys, Config
+from .config import Config, check_keys
 from .exceptions import AutoftError, ConfigError
+from .results.predict import Predictor, load_model
 from .training.loop import Result
-from .results.predict import load_model, Predictor
 
 if TYPE_CHECKING:
     import optuna
@@ -31,7 +31,7 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
     """
     from .storage import quiet_optuna
-    from .study.run import run_search, search_defaults, SearchOptions
+    from .study.run import SearchOptions, run_search, search_defaults
 
     config_keys = {f.name for f in dataclasses.fields(Config)}
     option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
@@ -44,8 +44,9 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
         return run_search(base, opts, fixed=[k for k in settings if k in config_keys])
 
 
-def train(config: Config | str | os.PathLike, out: str | os.PathLike = "runs/train", full: bool = False,
-          **overrides: Any) -> dict[str, Any]:
+def train(
+    config: Config | str | os.PathLike, out: str | os.PathLike = "runs/train", full: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """Fine-tune once, like `autoft train`: `config` is a Config or a YAML file (an exported best.yaml works).
 
     Writes model.pt, config.yaml and metrics.json to `out` and returns the metrics (test_accuracy when the

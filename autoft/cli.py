@@ -15,13 +15,14 @@ from typing import Any
 import yaml
 
 import autoft
-from .config import check_keys, Config, load_yaml, TEXT_KEYS
-from .system import interrupts
-from .estimate import Estimate, METRICS, span
-from .exceptions import AutoftError, ConfigError, disk_full, Terminated
-from .system.processes import started_monotonic
+
+from .config import TEXT_KEYS, Config, check_keys, load_yaml
+from .estimate import METRICS, Estimate, span
+from .exceptions import AutoftError, ConfigError, Terminated, disk_full
 from .storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, mask_url
 from .study.run import SearchOptions
+from .system import interrupts
+from .system.processes import started_monotonic
 
 log = logging.getLogger("autoft")
 PROJECT_FILE = "autoft.yaml"
@@ -35,7 +36,9 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[dataclasses.Field], Callable[[str], Any]]) -> None:
+def add_flags(
+    group: argparse._ArgumentGroup, cls: type, value: Callable[[dataclasses.Field], Callable[[str], Any]]
+) -> None:
     """Each field of a settings dataclass that has metadata as a flag (`image_size` -> `--image-size`), so the
     dataclass stays the one source of names, help, choices and defaults. `value(field)` parses the flag's text."""
     for f in dataclasses.fields(cls):
@@ -48,19 +51,25 @@ def add_flags(group: argparse._ArgumentGroup, cls: type, value: Callable[[datacl
             helptext += f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
         if str(f.type).startswith("bool"):  # --skip-bad-images / --no-skip-bad-images: a file's true can be undone
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=helptext)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=helptext
+            )
         else:
             choices = f.metadata.get("choices")
             metavar = f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices else f.name.upper())
-            group.add_argument(flag, dest=f.name, type=value(f), default=argparse.SUPPRESS, metavar=metavar, help=helptext)
+            group.add_argument(
+                flag, dest=f.name, type=value(f), default=argparse.SUPPRESS, metavar=metavar, help=helptext
+            )
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """Every Config key as a flag, its value read as YAML like the config file's; a path or column name as typed."""
     p.add_argument("--config", metavar="FILE", help=f"YAML config (default: ./{PROJECT_FILE} when present)")
-    add_flags(p.add_argument_group("config keys (override the file)"), Config,
-              lambda f: str if f.name in TEXT_KEYS else _scalar)
+    add_flags(
+        p.add_argument_group("config keys (override the file)"),
+        Config,
+        lambda f: str if f.name in TEXT_KEYS else _scalar,
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any]]:
@@ -95,8 +104,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = resolve_config(args)
     metrics = train(config, args.out, full=args.full, report=_print_epoch)
     if metrics["estimate"]:
-        print(f"estimate {Estimate.from_dict(metrics['estimate']).describe()} at epoch {metrics['best']['epoch']}"
-              + (f", logit adjustment tau {metrics['tau']:g}" if metrics["tau"] else ""))
+        print(
+            f"estimate {Estimate.from_dict(metrics['estimate']).describe()} at epoch {metrics['best']['epoch']}"
+            + (f", logit adjustment tau {metrics['tau']:g}" if metrics["tau"] else "")
+        )
     print(f"shipped: {metrics['shipped']}; {metrics['seconds']:.1f} s on {metrics['device']}")
     for name, m in (metrics.get("test") or {}).items():
         lo, hi = m["interval"]
@@ -106,10 +117,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_epoch(step: int, m: dict[str, Any]) -> None:
-    val = (f"  val_loss {m['val_loss']:.4f}  " + "  ".join(f"val_{k} {m[f'val_{k}']:.4f}" for k in METRICS)
-           + (f" ({len(m['fold_scores'])} folds)" if len(m.get("fold_scores", ())) > 1 else "")
-           if "val_loss" in m else "  (nothing held out)")
-    print(f"fold {m['fold']} epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s", flush=True)
+    val = (
+        f"  val_loss {m['val_loss']:.4f}  "
+        + "  ".join(f"val_{k} {m[f'val_{k}']:.4f}" for k in METRICS)
+        + (f" ({len(m['fold_scores'])} folds)" if len(m.get("fold_scores", ())) > 1 else "")
+        if "val_loss" in m
+        else "  (nothing held out)"
+    )
+    print(
+        f"fold {m['fold']} epoch {m['epoch']}: train_loss {m['train_loss']:.4f}{val}  {m['images_per_s']:.0f} img/s",
+        flush=True,
+    )
 
 
 def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:
@@ -135,8 +153,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError("autoft worker needs --storage URL (or AUTOFT_STORAGE set to it)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    join(args.storage, args.study, data=args.data, device=args.device, out=args.out, artifacts=args.artifacts,
-         threads=args.threads, timeout=args.timeout, progress=not args.quiet, started=args.started)
+    join(
+        args.storage,
+        args.study,
+        data=args.data,
+        device=args.device,
+        out=args.out,
+        artifacts=args.artifacts,
+        threads=args.threads,
+        timeout=args.timeout,
+        progress=not args.quiet,
+        started=args.started,
+    )
     return 0
 
 
@@ -175,10 +203,14 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     width = max(len(s.name) for s in specs)
     print(f"{'name':<{width}}  params  native  offline  stages  description")
     for s in specs:
-        print(f"{s.name:<{width}}  {count(s.params):>6}  {s.native_size:>6}  {'yes' if s.offline else 'no':>7}  "
-              f"{s.num_stages:>6}  {s.description}")
-    print(f"{'timm/NAME':<{width}}  {'-':>6}  {'-':>6}  {'no':>7}  {'-':>6}  "
-          "any timm model, e.g. timm/resnet18 (pretrained weights downloaded on first use)")
+        print(
+            f"{s.name:<{width}}  {count(s.params):>6}  {s.native_size:>6}  {'yes' if s.offline else 'no':>7}  "
+            f"{s.num_stages:>6}  {s.description}"
+        )
+    print(
+        f"{'timm/NAME':<{width}}  {'-':>6}  {'-':>6}  {'no':>7}  {'-':>6}  "
+        "any timm model, e.g. timm/resnet18 (pretrained weights downloaded on first use)"
+    )
     return 0
 
 
@@ -224,8 +256,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load_model(args.model, args.device)
     if predictor.value_range is not None:
         low, high = predictor.value_range
-        log.info("32-bit integer and float greyscale images (Pillow modes I, F) are scaled by the model's range, "
-                 "%g..%g to 0..255, from its training data", low, high)
+        log.info(
+            "32-bit integer and float greyscale images (Pillow modes I, F) are scaled by the model's range, "
+            "%g..%g to 0..255, from its training data",
+            low,
+            high,
+        )
     paths = image_paths(args.images)
     rows, failed = [], 0
     for path, top, error in predictor.top_k_files(paths, args.top_k):  # an unreadable file is reported, the rest go on
@@ -247,10 +283,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .results.predict import export, LOADS
+    from .results.predict import LOADS, export
 
     ex = export(args.model, args.format, args.out)
-    print(f"wrote {ex.path} ({ex.format}); reproduces the PyTorch logits on a sample batch within {ex.max_abs_diff:.1e}")
+    print(
+        f"wrote {ex.path} ({ex.format}); reproduces the PyTorch logits on a sample batch within {ex.max_abs_diff:.1e}"
+    )
     print(f"input, preprocessing and class names: {ex.metadata_path}")
     print(f"load it with {LOADS[ex.format].replace('FILE', repr(str(ex.path)))}")
     return 0
@@ -268,7 +306,9 @@ def _artifacts_flag(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoft", description="Find the best way to fine-tune a pretrained image classifier.")
+    parser = argparse.ArgumentParser(
+        prog="autoft", description="Find the best way to fine-tune a pretrained image classifier."
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--version", action="version", version=f"autoft {autoft.__version__}")
     # -q after the command too (`autoft search -q`); SUPPRESS keeps a -q given before it
@@ -289,9 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("search settings (override the file's search: block)"), SearchOptions, lambda f: str)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("worker", help="join an existing study as one more worker, from any machine that reaches its storage")
-    p.add_argument("--storage", default=os.environ.get("AUTOFT_STORAGE"),
-                   help="the study's storage URL (default: $AUTOFT_STORAGE, which keeps a password off the command line)")
+    p = sub.add_parser(
+        "worker", help="join an existing study as one more worker, from any machine that reaches its storage"
+    )
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("AUTOFT_STORAGE"),
+        help="the study's storage URL (default: $AUTOFT_STORAGE, which keeps a password off the command line)",
+    )
     p.add_argument("--study", required=True, help="name of the study to join")
     p.add_argument("--data", help="dataset root on this machine, when not at the path the study was started with")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -303,8 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("best", help="print the best config and score of a study")
     _study_flags(p, artifacts=True)
-    p.add_argument("--metric", choices=METRICS, help="re-rank the finished trials by this metric, from their out-of-fold "
-                                                     "predictions (no training; default: the study's own ranking)")
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        help="re-rank the finished trials by this metric, from their out-of-fold "
+        "predictions (no training; default: the study's own ranking)",
+    )
     p.set_defaults(func=cmd_best)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study's storage")
@@ -323,15 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix of a model on labelled data")
     p.add_argument("--model", required=True, help="best.pt or model.pt")
-    p.add_argument("--data", help="dataset root (default: the data the model was trained on); a folder of class "
-                                  "folders without train/ is scored whole")
-    p.add_argument("--labels", metavar="FILE.csv",
-                   help="score the images a CSV lists (path,label[,split]; columns named as in training) instead")
-    p.add_argument("--split", choices=("train", "val", "test", "all"),
-                   help="split to score; all = train and val (default: val; new data without train/: all)")
+    p.add_argument(
+        "--data",
+        help="dataset root (default: the data the model was trained on); a folder of class "
+        "folders without train/ is scored whole",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE.csv",
+        help="score the images a CSV lists (path,label[,split]; columns named as in training) instead",
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "test", "all"),
+        help="split to score; all = train and val (default: val; new data without train/: all)",
+    )
     p.add_argument("--out", help="confusion matrix PNG (default: <model>_<split>_confusion.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (said) instead of stopping")
+    p.add_argument(
+        "--skip-bad-images", action="store_true", help="leave unreadable images out (said) instead of stopping"
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -369,7 +429,9 @@ def setup_logging(quiet: bool) -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat etc. are stable enough
+    warnings.filterwarnings(
+        "ignore", category=optuna.exceptions.ExperimentalWarning
+    )  # heartbeat etc. are stable enough
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         storage = getattr(args, "storage", None)
         where = f" (the study's storage is {storage})" if storage else ""
-        print(f"autoft: error: {mask_url(full + where)}; free space there and run again (finished work is kept)",
-              file=sys.stderr)
+        print(
+            f"autoft: error: {mask_url(full + where)}; free space there and run again (finished work is kept)",
+            file=sys.stderr,
+        )
         return 2
 
 

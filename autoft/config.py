@@ -34,83 +34,207 @@ def _rng(lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
 class Config:
     """Everything one fine-tune needs. Every key has a default, so `data:` alone is a valid file."""
 
-    data: str | None = field(default=None, metadata={"help": "dataset root (train/<class>/...); none = built-in digits demo"})
-    labels: str | None = field(default=None, metadata={
-        "help": "CSV file with columns path,label[,split] (paths relative to its folder), instead of class folders",
-        "metavar": "FILE.csv"})
-    val_labels: str | None = field(default=None, metadata={
-        "help": "CSV file of the val rows (path,label), when they are not in the labels file", "metavar": "FILE.csv"})
-    test_labels: str | None = field(default=None, metadata={
-        "help": "CSV file of the test rows (path,label), only ever scored", "metavar": "FILE.csv"})
-    path_column: str = field(default="path", metadata={
-        "help": "the labels CSVs' column of image paths (an exact match first, else case-insensitive)",
-        "metavar": "NAME"})
-    label_column: str = field(default="label", metadata={
-        "help": "the labels CSVs' column of class names", "metavar": "NAME"})
-    backbone: str = field(default="efficientnet_lite0", metadata={
-        "help": "registered backbone, torchvision name or timm/NAME; autoft search: auto (compare the offline ones) "
-                "unless one is set (default: efficientnet_lite0)"})
-    weights: str | None = field(default=None, metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"})
+    data: str | None = field(
+        default=None, metadata={"help": "dataset root (train/<class>/...); none = built-in digits demo"}
+    )
+    labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV file with columns path,label[,split] (paths relative to its folder), instead of class folders",
+            "metavar": "FILE.csv",
+        },
+    )
+    val_labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "CSV file of the val rows (path,label), when they are not in the labels file",
+            "metavar": "FILE.csv",
+        },
+    )
+    test_labels: str | None = field(
+        default=None,
+        metadata={"help": "CSV file of the test rows (path,label), only ever scored", "metavar": "FILE.csv"},
+    )
+    path_column: str = field(
+        default="path",
+        metadata={
+            "help": "the labels CSVs' column of image paths (an exact match first, else case-insensitive)",
+            "metavar": "NAME",
+        },
+    )
+    label_column: str = field(
+        default="label", metadata={"help": "the labels CSVs' column of class names", "metavar": "NAME"}
+    )
+    backbone: str = field(
+        default="efficientnet_lite0",
+        metadata={
+            "help": "registered backbone, torchvision name or timm/NAME; autoft search: auto (compare the "
+            "offline ones) "
+            "unless one is set (default: efficientnet_lite0)"
+        },
+    )
+    weights: str | None = field(
+        default=None,
+        metadata={"help": "state-dict file; none = the backbone's pretrained weights; 'random' = no pretraining"},
+    )
     image_size: int = field(default=128, metadata=_rng(16, 1024) | {"help": "input side in pixels (square)"})
     batch_size: int = field(default=32, metadata=_rng(1, 4096) | {"help": "images per training step"})
     epochs: int = field(default=5, metadata=_rng(1, 10000) | {"help": "passes over the training images"})
-    epoch_images: int = field(default=0, metadata=_rng(0, 10**9) | {
-        "help": "training images per epoch, a fresh seeded draw each epoch (fixed steps, or a cheap fidelity on a "
-                "large set); 0 = every training image"})
+    epoch_images: int = field(
+        default=0,
+        metadata=_rng(0, 10**9)
+        | {
+            "help": "training images per epoch, a fresh seeded draw each epoch (fixed steps, or a cheap fidelity on a "
+            "large set); 0 = every training image"
+        },
+    )
     freeze_depth: int = field(default=0, metadata=_rng(0, 1000) | {"help": "leading backbone stages kept frozen"})
-    head_only_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"})
+    head_only_epochs: int = field(
+        default=0, metadata=_rng(0, 10000) | {"help": "epochs that train only the head before unfreezing"}
+    )
     head_lr: float = field(default=1e-2, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the new head"})
-    base_lr: float = field(default=1e-3, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the unfrozen backbone stages"})
-    layer_decay: float = field(default=1.0, metadata=_rng(0, 1, lo_open=True) | {
-        "help": "each earlier unfrozen stage trains at this times the rate of the stage after it (1 = all at base_lr)"})
+    base_lr: float = field(
+        default=1e-3, metadata=_rng(0, 10, lo_open=True) | {"help": "learning rate of the unfrozen backbone stages"}
+    )
+    layer_decay: float = field(
+        default=1.0,
+        metadata=_rng(0, 1, lo_open=True)
+        | {
+            "help": "each earlier unfrozen stage trains at this times the rate of the stage after it (1 = all "
+            "at base_lr)"
+        },
+    )
     optimizer: str = field(default="adamw", metadata=_rng(choices=OPTIMIZERS) | {"help": "optimizer"})
-    momentum: float = field(default=0.9, metadata=_rng(0, 1, hi_open=True) | {"help": "momentum of the sgd optimizer (Nesterov)"})
+    momentum: float = field(
+        default=0.9, metadata=_rng(0, 1, hi_open=True) | {"help": "momentum of the sgd optimizer (Nesterov)"}
+    )
     weight_decay: float = field(default=1e-4, metadata=_rng(0, 1) | {"help": "weight decay (decoupled for adamw)"})
-    t_max: int | None = field(default=None, metadata=_rng(1, 10000) | {"help": "cosine period in epochs; none = epochs"})
+    t_max: int | None = field(
+        default=None, metadata=_rng(1, 10000) | {"help": "cosine period in epochs; none = epochs"}
+    )
     warmup_epochs: int = field(default=0, metadata=_rng(0, 10000) | {"help": "epochs of linear learning-rate warmup"})
-    aug_strength: float = field(default=0.5, metadata=_rng(0, 1) | {"help": "data augmentation, 0 (none) to 1 (strong)"})
-    label_smoothing: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {"help": "label smoothing of the loss"})
-    trivial_augment: bool = field(default=False, metadata={
-        "help": "TrivialAugment (torchvision's TrivialAugmentWide): one random operation at a random magnitude per "
-                "training image, before the aug_strength crop and flip"})
-    mixup: float = field(default=0.0, metadata=_rng(0, 10) | {
-        "help": "Mixup's alpha (timm.data.Mixup): each training batch mixed with itself reversed by a Beta(alpha, "
-                "alpha) share, targets too; 0 = off"})
-    cutmix: float = field(default=0.0, metadata=_rng(0, 10) | {
-        "help": "CutMix's alpha (timm.data.Mixup): a box of a Beta(alpha, alpha) share of each training image "
-                "pasted from another, targets mixed by area; 0 = off (with mixup too, each batch gets one of them)"})
-    ema_decay: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {
-        "help": "an exponential moving average of the weights (timm.utils.ModelEmaV3, with its warmup) is validated "
-                "and shipped; its decay per step, 0 = off"})
-    drop_path_rate: float = field(default=0.0, metadata=_rng(0, 1, hi_open=True) | {
-        "help": "stochastic depth: each residual block of the stages that train is skipped in training with a "
-                "probability rising linearly to this at the last (timm's drop_path_rate); 0 = off"})
-    patience: int = field(default=0, metadata=_rng(0, 10000) | {"help": "stop after this many epochs without improvement; 0 = never"})
-    seed: int = field(default=0, metadata=_rng(0, 2**32 - 1) | {"help": "random seed (a search derives each trial's from it)"})
+    aug_strength: float = field(
+        default=0.5, metadata=_rng(0, 1) | {"help": "data augmentation, 0 (none) to 1 (strong)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata=_rng(0, 1, hi_open=True) | {"help": "label smoothing of the loss"}
+    )
+    trivial_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "TrivialAugment (torchvision's TrivialAugmentWide): one random operation at a random magnitude per "
+            "training image, before the aug_strength crop and flip"
+        },
+    )
+    mixup: float = field(
+        default=0.0,
+        metadata=_rng(0, 10)
+        | {
+            "help": "Mixup's alpha (timm.data.Mixup): each training batch mixed with itself reversed by a Beta(alpha, "
+            "alpha) share, targets too; 0 = off"
+        },
+    )
+    cutmix: float = field(
+        default=0.0,
+        metadata=_rng(0, 10)
+        | {
+            "help": "CutMix's alpha (timm.data.Mixup): a box of a Beta(alpha, alpha) share of each training image "
+            "pasted from another, targets mixed by area; 0 = off (with mixup too, each batch gets one of them)"
+        },
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata=_rng(0, 1, hi_open=True)
+        | {
+            "help": "an exponential moving average of the weights (timm.utils.ModelEmaV3, with its warmup) is "
+            "validated "
+            "and shipped; its decay per step, 0 = off"
+        },
+    )
+    drop_path_rate: float = field(
+        default=0.0,
+        metadata=_rng(0, 1, hi_open=True)
+        | {
+            "help": "stochastic depth: each residual block of the stages that train is skipped in training with a "
+            "probability rising linearly to this at the last (timm's drop_path_rate); 0 = off"
+        },
+    )
+    patience: int = field(
+        default=0, metadata=_rng(0, 10000) | {"help": "stop after this many epochs without improvement; 0 = never"}
+    )
+    seed: int = field(
+        default=0, metadata=_rng(0, 2**32 - 1) | {"help": "random seed (a search derives each trial's from it)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"})
     skip_bad_images: bool = field(default=False, metadata={"help": "skip unreadable images instead of stopping"})
-    val_fraction: float = field(default=0.2, metadata=_rng(0, 1, lo_open=True, hi_open=True) | {"help": "share of train held out when there is no val/"})
-    cv_folds: int = field(default=5, metadata=_rng(1, 20) | {
-        "help": "score on every labelled image (train/ and val/) by stratified k-fold cross-validation; 1 = the holdout"})
-    cv_max_images: int = field(default=5000, metadata=_rng(0, 10**9) | {
-        "help": "from this many labelled images on, validate on the holdout instead: k folds cost k trainings"})
-    final: str = field(default="ensemble", metadata=_rng(choices=FINALS) | {
-        "help": "what is shipped: the validated fold models averaged as one model (ensemble), their uniform weight "
-                "average (soup: one model's cost), or one model refit on every labelled image for the epochs "
-                "cross-validation chose"})
+    val_fraction: float = field(
+        default=0.2,
+        metadata=_rng(0, 1, lo_open=True, hi_open=True) | {"help": "share of train held out when there is no val/"},
+    )
+    cv_folds: int = field(
+        default=5,
+        metadata=_rng(1, 20)
+        | {
+            "help": "score on every labelled image (train/ and val/) by stratified k-fold cross-validation; 1 = "
+            "the holdout"
+        },
+    )
+    cv_max_images: int = field(
+        default=5000,
+        metadata=_rng(0, 10**9)
+        | {"help": "from this many labelled images on, validate on the holdout instead: k folds cost k trainings"},
+    )
+    final: str = field(
+        default="ensemble",
+        metadata=_rng(choices=FINALS)
+        | {
+            "help": "what is shipped: the validated fold models averaged as one model (ensemble), their uniform weight "
+            "average (soup: one model's cost), or one model refit on every labelled image for the epochs "
+            "cross-validation chose"
+        },
+    )
 
-    metric: str = field(default="accuracy", metadata=_rng(choices=METRICS) | {
-        "help": "what every epoch is scored, pruned, selected and reported on (balanced ones for imbalanced classes)"})
-    class_weight: str = field(default="none", metadata=_rng(choices=CLASS_WEIGHTS) | {
-        "help": "weights of the loss per class: balanced = inverse class frequency (sklearn), sqrt = its square root"})
-    balanced_sampling: bool = field(default=False, metadata={
-        "help": "draw each epoch's training images with probability inversely proportional to their class's size"})
-    logit_adjustment: float | str = field(default=0.0, metadata=_rng(0, 10) | {"words": ("auto",), "help":
-        "tau of post-hoc logit adjustment, logits - tau * log(class prior) (Menon et al. 2021); auto = chosen on "
-        "the out-of-fold predictions from 0, 0.25, ..., 2"})
-    tta: str = field(default="auto", metadata=_rng(choices=TTA) | {
-        "help": "test-time augmentation: flip = the mean of the logits on the image and on its mirror image (not for "
-                "data where a mirror image is another class); auto = flip where it scores better out of fold"})
+    metric: str = field(
+        default="accuracy",
+        metadata=_rng(choices=METRICS)
+        | {
+            "help": "what every epoch is scored, pruned, selected and reported on (balanced ones for imbalanced "
+            "classes)"
+        },
+    )
+    class_weight: str = field(
+        default="none",
+        metadata=_rng(choices=CLASS_WEIGHTS)
+        | {
+            "help": "weights of the loss per class: balanced = inverse class frequency (sklearn), sqrt = its "
+            "square root"
+        },
+    )
+    balanced_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "draw each epoch's training images with probability inversely proportional to their class's size"
+        },
+    )
+    logit_adjustment: float | str = field(
+        default=0.0,
+        metadata=_rng(0, 10)
+        | {
+            "words": ("auto",),
+            "help": "tau of post-hoc logit adjustment, logits - tau * log(class prior) (Menon et al. 2021); "
+            "auto = chosen on "
+            "the out-of-fold predictions from 0, 0.25, ..., 2",
+        },
+    )
+    tta: str = field(
+        default="auto",
+        metadata=_rng(choices=TTA)
+        | {
+            "help": "test-time augmentation: flip = the mean of the logits on the image and on its mirror image "
+            "(not for "
+            "data where a mirror image is another class); auto = flip where it scores better out of fold"
+        },
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -119,7 +243,9 @@ class Config:
                 value = expand_path(value, f.name)
             setattr(self, f.name, _check(f, value))
         if self.head_only_epochs > self.epochs:
-            raise ConfigError(f"config key 'head_only_epochs': {self.head_only_epochs} is more than epochs ({self.epochs})")
+            raise ConfigError(
+                f"config key 'head_only_epochs': {self.head_only_epochs} is more than epochs ({self.epochs})"
+            )
         for key in ("val_labels", "test_labels"):
             if getattr(self, key) is not None and self.labels is None:
                 raise ConfigError(f"config key {key!r} needs 'labels' too: the CSV of the train rows (--labels FILE)")
@@ -162,6 +288,7 @@ class Config:
     def portable(self) -> "Config":
         """The config as exports store it: local paths (data, a weights file, the labels CSVs) made absolute, so an
         exported best.yaml or checkpoint works from any folder."""
+
         def absolute(path: str | None) -> str | None:
             return path if path in (None, "random") else os.path.abspath(os.path.expanduser(path))
 
@@ -220,14 +347,20 @@ def load_yaml(path: str | os.PathLike, raw: Iterable[str] = ()) -> dict[str, Any
     except IsADirectoryError:
         raise ConfigError(f"config file {os.fspath(path)!r} is a folder, not a YAML file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{os.fspath(path)} is not a text (UTF-8) YAML file: byte {exc.start} cannot be decoded") from None
+        raise ConfigError(
+            f"{os.fspath(path)} is not a text (UTF-8) YAML file: byte {exc.start} cannot be decoded"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         if isinstance(exc, yaml.reader.ReaderError):  # a binary file: its str() spans lines
-            problem = f"unacceptable character #x{exc.character:04x} at byte {exc.position}" if isinstance(exc.character, int) else exc.reason
+            problem = (
+                f"unacceptable character #x{exc.character:04x} at byte {exc.position}"
+                if isinstance(exc.character, int)
+                else exc.reason
+            )
         else:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{os.fspath(path)} is not valid YAML{where}: {problem}") from None
@@ -238,8 +371,12 @@ def load_yaml(path: str | os.PathLike, raw: Iterable[str] = ()) -> dict[str, Any
     raw = set(raw)
     for key_node, value_node in node.value if raw else ():
         key = key_node.value
-        if key in raw and isinstance(value_node, yaml.ScalarNode) and values.get(key) is not None \
-                and not isinstance(values.get(key), str):
+        if (
+            key in raw
+            and isinstance(value_node, yaml.ScalarNode)
+            and values.get(key) is not None
+            and not isinstance(values.get(key), str)
+        ):
             values[key] = value_node.value
     return values
 

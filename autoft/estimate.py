@@ -32,8 +32,9 @@ RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
     """(C, C) counts, row = true class, column = predicted (sklearn.metrics.confusion_matrix's layout)."""
-    return np.bincount(np.asarray(y_true) * classes + np.asarray(y_pred), minlength=classes * classes
-                       ).reshape(classes, classes)
+    return np.bincount(np.asarray(y_true) * classes + np.asarray(y_pred), minlength=classes * classes).reshape(
+        classes, classes
+    )
 
 
 def from_confusion(metric: str, cm: np.ndarray) -> np.ndarray:
@@ -68,8 +69,9 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> dict[str, fl
     return {m: float(from_confusion(m, cm)) for m in METRICS}
 
 
-def bootstrap(metric: str, y_true: np.ndarray, y_pred: np.ndarray, classes: int, resamples: int = RESAMPLES,
-              seed: int = 0) -> tuple[float, float, float]:
+def bootstrap(
+    metric: str, y_true: np.ndarray, y_pred: np.ndarray, classes: int, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
     """(low, high, standard error) of `metric` by a stratified, paired percentile bootstrap (Efron & Tibshirani
     1993, ch. 13): each resample draws, within every class, as many of its images as it has, with replacement.
 
@@ -139,12 +141,16 @@ class Estimate:
         return self.noise
 
     @classmethod
-    def measure(cls, metric: str, y_true: np.ndarray, y_pred: np.ndarray, classes: int,
-                fold: np.ndarray | None = None) -> "Estimate":
+    def measure(
+        cls, metric: str, y_true: np.ndarray, y_pred: np.ndarray, classes: int, fold: np.ndarray | None = None
+    ) -> "Estimate":
         """`metric` of predictions, its interval, and with `fold` (each image's fold) the score of every fold."""
         y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-        folds = () if fold is None else tuple(score(metric, y_true[fold == f], y_pred[fold == f], classes)
-                                              for f in np.unique(fold))
+        folds = (
+            ()
+            if fold is None
+            else tuple(score(metric, y_true[fold == f], y_pred[fold == f], classes) for f in np.unique(fold))
+        )
         boot = None if metric == "accuracy" else bootstrap(metric, y_true, y_pred, classes)
         return cls(score(metric, y_true, y_pred, classes), len(y_true), folds if len(folds) > 1 else (), metric, boot)
 
@@ -152,16 +158,25 @@ class Estimate:
     def of(cls, metrics: Mapping[str, Any], images: int, metric: str = "accuracy") -> "Estimate":
         """From an epoch's metrics (`val_<metric>`, `fold_scores`, `bootstrap`) and the images they pooled."""
         boot = metrics.get("bootstrap")
-        return cls(metrics[f"val_{metric}"], images, tuple(metrics.get("fold_scores") or ()), metric,
-                   tuple(boot) if boot else None)
+        return cls(
+            metrics[f"val_{metric}"],
+            images,
+            tuple(metrics.get("fold_scores") or ()),
+            metric,
+            tuple(boot) if boot else None,
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Estimate":
         """Back from `to_dict` (also reads the accuracy-only form earlier versions stored)."""
         boot = d.get("bootstrap")
-        return cls(d["value"] if "value" in d else d["accuracy"], d["images"],
-                   tuple(d.get("fold_scores", d.get("fold_accuracy")) or ()), d.get("metric", "accuracy"),
-                   tuple(boot) if boot else None)
+        return cls(
+            d["value"] if "value" in d else d["accuracy"],
+            d["images"],
+            tuple(d.get("fold_scores", d.get("fold_accuracy")) or ()),
+            d.get("metric", "accuracy"),
+            tuple(boot) if boot else None,
+        )
 
     def epoch_metrics(self) -> dict[str, Any]:
         """What an epoch's metrics carry of this estimate, beside the pooled scores (`of` reads it back)."""
@@ -174,9 +189,16 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.interval
-        return {"metric": self.metric, "value": self.value, "interval": [lo, hi], "images": self.images,
-                "folds": self.folds, "fold_scores": list(self.fold_scores), "se": self.se,
-                "bootstrap": list(self.boot) if self.boot else None}
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "interval": [lo, hi],
+            "images": self.images,
+            "folds": self.folds,
+            "fold_scores": list(self.fold_scores),
+            "se": self.se,
+            "bootstrap": list(self.boot) if self.boot else None,
+        }
 
 
 def span(low: float, high: float) -> str:
@@ -191,8 +213,14 @@ def span(low: float, high: float) -> str:
 
 def scored(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> dict[str, dict[str, Any]]:
     """Every metric of a test split's predictions with its interval, for metrics files, evaluate and benchmarks."""
-    return {m: {k: v for k, v in Estimate.measure(m, y_true, y_pred, classes).to_dict().items()
-                if k in ("value", "interval", "images")} for m in METRICS}
+    return {
+        m: {
+            k: v
+            for k, v in Estimate.measure(m, y_true, y_pred, classes).to_dict().items()
+            if k in ("value", "interval", "images")
+        }
+        for m in METRICS
+    }
 
 
 def fold_of(index: Sequence[np.ndarray], n: int) -> np.ndarray:

@@ -108,7 +108,9 @@ class Trials:
             return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
         now, failed = time.time(), []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            last = t.user_attrs.get(BEAT, (t.datetime_start or datetime.now()).timestamp())  # not beating yet: its start
+            last = t.user_attrs.get(
+                BEAT, (t.datetime_start or datetime.now()).timestamp()
+            )  # not beating yet: its start
             if now - last > self.grace and self.fail(t.number, reason, key):
                 failed.append(self.get(t.number))
                 requeue_once(self.study, failed[-1])

@@ -35,14 +35,25 @@ from typing import Any
 import numpy as np
 import optuna
 
-from .backbones import BackboneSpec, get_backbone, JOIN
-from .config import check_keys, CLASS_WEIGHTS, Config, load_yaml, OPTIMIZERS, parse_number
+from .backbones import JOIN, BackboneSpec, get_backbone
+from .config import CLASS_WEIGHTS, OPTIMIZERS, Config, check_keys, load_yaml, parse_number
 from .exceptions import ConfigError
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # what a trial is scored on and shipped as, and what it costs (epoch_images), must be the same for all of them
-_NOT_SEARCHABLE = {"data", "device", "seed", "weights", "skip_bad_images", "cv_folds", "cv_max_images", "final",
-                   "val_fraction", "metric", "epoch_images"}
+_NOT_SEARCHABLE = {
+    "data",
+    "device",
+    "seed",
+    "weights",
+    "skip_bad_images",
+    "cv_folds",
+    "cv_max_images",
+    "final",
+    "val_fraction",
+    "metric",
+    "epoch_images",
+}
 SYMBOLS = ("stages", "native", "native/2")  # bounds that a backbone resolves
 RESOLUTION_STEP = 32
 IMBALANCE_RATIO = 2  # largest class / smallest class from which the remedies are searched
@@ -100,18 +111,62 @@ class Param:
 # at the backbone's native resolution, where its frozen features are best and cost one pass.
 _PLAIN = {"class_weight": "none", "balanced_sampling": False}  # the recipes as experts wrote them; remedies searched
 PORTFOLIO: dict[str, dict[str, Any]] = {
-    "linear_probe": {"freeze_depth": "stages", "image_size": "native", "aug_strength": 0.0, "head_only_epochs": 0,
-                     "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
-                     "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
-    "hand_recipe": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 0,
-                    "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 1.0, "optimizer": "adam", "t_max": 10,
-                    "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
-    "freeze_unfreeze": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.5, "head_only_epochs": 1,
-                        "head_lr": 1e-2, "base_lr": 1e-3, "layer_decay": 0.6, "optimizer": "adamw", "t_max": "epochs",
-                        "weight_decay": 1e-4, "label_smoothing": 0.0, **_PLAIN},
-    "low_rate_full": {"freeze_depth": 0, "image_size": "base", "aug_strength": 0.3, "head_only_epochs": 0,
-                      "head_lr": 1e-2, "base_lr": 1e-4, "layer_decay": 1.0, "optimizer": "adamw", "t_max": "epochs",
-                      "weight_decay": 1e-2, "label_smoothing": 0.1, **_PLAIN},
+    "linear_probe": {
+        "freeze_depth": "stages",
+        "image_size": "native",
+        "aug_strength": 0.0,
+        "head_only_epochs": 0,
+        "head_lr": 1e-2,
+        "base_lr": 1e-3,
+        "layer_decay": 1.0,
+        "optimizer": "adamw",
+        "t_max": "epochs",
+        "weight_decay": 1e-4,
+        "label_smoothing": 0.0,
+        **_PLAIN,
+    },
+    "hand_recipe": {
+        "freeze_depth": 0,
+        "image_size": "base",
+        "aug_strength": 0.5,
+        "head_only_epochs": 0,
+        "head_lr": 1e-2,
+        "base_lr": 1e-3,
+        "layer_decay": 1.0,
+        "optimizer": "adam",
+        "t_max": 10,
+        "weight_decay": 1e-4,
+        "label_smoothing": 0.0,
+        **_PLAIN,
+    },
+    "freeze_unfreeze": {
+        "freeze_depth": 0,
+        "image_size": "base",
+        "aug_strength": 0.5,
+        "head_only_epochs": 1,
+        "head_lr": 1e-2,
+        "base_lr": 1e-3,
+        "layer_decay": 0.6,
+        "optimizer": "adamw",
+        "t_max": "epochs",
+        "weight_decay": 1e-4,
+        "label_smoothing": 0.0,
+        **_PLAIN,
+    },
+    "low_rate_full": {
+        "freeze_depth": 0,
+        "image_size": "base",
+        "aug_strength": 0.3,
+        "head_only_epochs": 0,
+        "head_lr": 1e-2,
+        "base_lr": 1e-4,
+        "layer_decay": 1.0,
+        "optimizer": "adamw",
+        "t_max": "epochs",
+        "weight_decay": 1e-2,
+        "label_smoothing": 0.1,
+        **_PLAIN,
+    },
 }
 
 
@@ -126,26 +181,44 @@ class SearchSpace:
         """The built-in space; with several `backbones`, the backbone is a searched choice too; for `imbalanced`
         classes (see `imbalanced()`), the remedies too."""
         params = {"backbone": Param(choices=tuple(backbones), kind="choice")} if len(backbones) > 1 else {}
-        remedies = {"class_weight": Param(choices=CLASS_WEIGHTS, kind="choice"),
-                    "balanced_sampling": Param(choices=(False, True), kind="choice"),
-                    "logit_adjustment": Param(value="auto", kind="fixed")} if imbalanced else {}
-        return cls(params | remedies | {
-            "image_size": Param("native/2", "native", kind="int", step=RESOLUTION_STEP),
-            "freeze_depth": Param(0, "stages", kind="int"),
-            "head_only_epochs": Param(0, max(0, epochs - 1), kind="int") if epochs > 1 else Param(value=0, kind="fixed"),
-            "head_lr": Param(1e-4, 1e-1, log=True),
-            "base_lr": Param(1e-5, 1e-2, log=True),
-            "layer_decay": Param(0.5, 1.0),
-            "t_max": Param(1, max(10, 2 * epochs), kind="int"),
-            "aug_strength": Param(0.0, 1.0),
-            "optimizer": Param(choices=OPTIMIZERS, kind="choice"),
-            "weight_decay": Param(1e-6, 1e-2, log=True),
-            "label_smoothing": Param(0.0, 0.2),
-        })
+        remedies = (
+            {
+                "class_weight": Param(choices=CLASS_WEIGHTS, kind="choice"),
+                "balanced_sampling": Param(choices=(False, True), kind="choice"),
+                "logit_adjustment": Param(value="auto", kind="fixed"),
+            }
+            if imbalanced
+            else {}
+        )
+        return cls(
+            params
+            | remedies
+            | {
+                "image_size": Param("native/2", "native", kind="int", step=RESOLUTION_STEP),
+                "freeze_depth": Param(0, "stages", kind="int"),
+                "head_only_epochs": Param(0, max(0, epochs - 1), kind="int")
+                if epochs > 1
+                else Param(value=0, kind="fixed"),
+                "head_lr": Param(1e-4, 1e-1, log=True),
+                "base_lr": Param(1e-5, 1e-2, log=True),
+                "layer_decay": Param(0.5, 1.0),
+                "t_max": Param(1, max(10, 2 * epochs), kind="int"),
+                "aug_strength": Param(0.0, 1.0),
+                "optimizer": Param(choices=OPTIMIZERS, kind="choice"),
+                "weight_decay": Param(1e-6, 1e-2, log=True),
+                "label_smoothing": Param(0.0, 0.2),
+            }
+        )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike | None, base: Config, backbones: Sequence[str] = (),
-                  fixed: Sequence[str] = (), imbalanced: bool = False) -> "SearchSpace":
+    def from_yaml(
+        cls,
+        path: str | os.PathLike | None,
+        base: Config,
+        backbones: Sequence[str] = (),
+        fixed: Sequence[str] = (),
+        imbalanced: bool = False,
+    ) -> "SearchSpace":
         """The default space, with each searched key in `fixed` (the ones the user set) fixed at `base`'s value,
         then the file's entries replacing or adding parameters, then validated for `base`."""
         space = cls.default(base.epochs, backbones, imbalanced)
@@ -177,11 +250,16 @@ class SearchSpace:
                 _validate(name, unresolved.resolve(spec), spec, base.epochs)
 
     def suggest(self, trial: optuna.Trial, base: Config) -> Config:
-        backbone = self._sample(trial, "backbone", self.params["backbone"]) if "backbone" in self.params else base.backbone
+        backbone = (
+            self._sample(trial, "backbone", self.params["backbone"]) if "backbone" in self.params else base.backbone
+        )
         spec = get_backbone(backbone)
         branching = self._branching(base)
-        values = {name: self._sample(trial, f"{name}@{backbone}" if name in branching else name, p.resolve(spec))
-                  for name, p in self.params.items() if name != "backbone"}
+        values = {
+            name: self._sample(trial, f"{name}@{backbone}" if name in branching else name, p.resolve(spec))
+            for name, p in self.params.items()
+            if name != "backbone"
+        }
         return base.replace(backbone=backbone, **values)
 
     def _branching(self, base: Config) -> set[str]:
@@ -220,8 +298,12 @@ class SearchSpace:
             if p is None or p.kind == "fixed":
                 continue
             p = p.resolve(spec)
-            named = {"stages": spec.num_stages, "native": spec.native_size, "epochs": base.epochs,
-                     "base": getattr(base, name)}
+            named = {
+                "stages": spec.num_stages,
+                "native": spec.native_size,
+                "epochs": base.epochs,
+                "base": getattr(base, name),
+            }
             key = f"{name}@{backbone}" if name in branching else name
             out[key] = _clip(named.get(want, want) if isinstance(want, str) else want, p)
         return out
@@ -305,7 +387,9 @@ def _validate(name: str, p: Param, spec: BackboneSpec, epochs: int) -> None:
         except ConfigError as exc:
             raise ConfigError(f"search space: {exc}") from None
     if name == "freeze_depth" and max(values) > spec.num_stages:
-        raise ConfigError(f"search space: freeze_depth goes up to {max(values)}, but {spec.name} has {spec.num_stages} stages")
+        raise ConfigError(
+            f"search space: freeze_depth goes up to {max(values)}, but {spec.name} has {spec.num_stages} stages"
+        )
     if name == "head_only_epochs" and max(values) > epochs:
         raise ConfigError(f"search space: head_only_epochs goes up to {max(values)}, more than epochs ({epochs})")
 
@@ -318,14 +402,23 @@ def _parse(name: str, spec: Any) -> Param:
     if isinstance(spec, dict):
         extra = set(spec) - {"low", "high", "log", "step"}
         if extra or not {"low", "high"} <= set(spec):
-            raise ConfigError(f"search space: {name} must be {{low: ..., high: ..., log: false}}, a list of choices or a value")
+            raise ConfigError(
+                f"search space: {name} must be {{low: ..., high: ..., log: false}}, a list of choices or a value"
+            )
         is_int = str(_CONFIG_FIELDS[name].type).startswith("int") if name in _CONFIG_FIELDS else False
         if spec["high"] == "native/2":
             raise ConfigError(f"search space: {name} high may be stages or native; native/2 is a low bound only")
-        low, high = (spec[end] if is_int and spec[end] in SYMBOLS else
-                     parse_number(spec[end], name, integer=is_int, label=f"search space: {name} {end}")
-                     for end in ("low", "high"))
-        step = parse_number(spec["step"], name, integer=True, label=f"search space: {name} step") if "step" in spec else None
+        low, high = (
+            spec[end]
+            if is_int and spec[end] in SYMBOLS
+            else parse_number(spec[end], name, integer=is_int, label=f"search space: {name} {end}")
+            for end in ("low", "high")
+        )
+        step = (
+            parse_number(spec["step"], name, integer=True, label=f"search space: {name} step")
+            if "step" in spec
+            else None
+        )
         if step is not None and step < 1:
             raise ConfigError(f"search space: {name} step must be at least 1, got {step}")
         if not is_int:

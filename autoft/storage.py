@@ -18,16 +18,16 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from .exceptions import ConfigError
-from .system.files import atomic_open, check_output_file, check_writable_dir, temp_dir
 from .heartbeat import requeue_once
+from .system.files import atomic_open, check_output_file, check_writable_dir, temp_dir
 
 DEFAULT_STORAGE = "sqlite:///studies/autoft.db"
 DEFAULT_ARTIFACTS = "studies/artifacts"  # weights and learning-curve PNGs uploaded by trials, served by the dashboard
@@ -57,7 +57,11 @@ def is_journal(url: str) -> bool:
 
 
 def journal_file(url: str) -> Path:
-    return Path(url.split("journal:", 1)[-1].removeprefix("///").removeprefix("//")) if url.startswith("journal:") else Path(url)
+    return (
+        Path(url.split("journal:", 1)[-1].removeprefix("///").removeprefix("//"))
+        if url.startswith("journal:")
+        else Path(url)
+    )
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -91,8 +95,10 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 def check_study_name(name: str) -> str:
     """A study name is also a folder under studies/: letters, digits, '.', '_' and '-', not starting with '.'."""
     if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
-        raise ConfigError(f"study name {name!r} is not allowed: use up to 128 letters, digits, '.', '_' and '-', "
-                          "not starting with '.' and without '..'")
+        raise ConfigError(
+            f"study name {name!r} is not allowed: use up to 128 letters, digits, '.', '_' and '-', "
+            "not starting with '.' and without '..'"
+        )
     return name
 
 
@@ -129,8 +135,15 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
         except OSError as exc:
             raise ConfigError(f"cannot open journal storage {path}: {exc.strerror or exc}") from None
     if "://" not in url:
-        raise ConfigError(f"storage {mask_url(url)!r} is not a URL; use sqlite:///path.db, postgresql://..., mysql://... or journal:PATH")
-    heartbeat: dict = {"heartbeat_interval": beat, "grace_period": grace, "heartbeat_stale_trial_callback": requeue_once}
+        raise ConfigError(
+            f"storage {mask_url(url)!r} is not a URL; use sqlite:///path.db, postgresql://..., mysql://... or "
+            f"journal:PATH"
+        )
+    heartbeat: dict = {
+        "heartbeat_interval": beat,
+        "grace_period": grace,
+        "heartbeat_stale_trial_callback": requeue_once,
+    }
     if url.startswith("sqlite:"):
         db = sqlite_file(url)
         if db is None:  # nothing outlives this process, so no trial can go stale: no heartbeat (its thread would
@@ -150,7 +163,11 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except ImportError:
-        driver = "psycopg2-binary (pip install 'autoft[postgres]')" if url.startswith("postgresql") else "its database driver"
+        driver = (
+            "psycopg2-binary (pip install 'autoft[postgres]')"
+            if url.startswith("postgresql")
+            else "its database driver"
+        )
         raise ConfigError(f"storage {mask_url(url)}: the database driver is not installed; install {driver}") from None
     except Exception as exc:
         reason = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
@@ -162,8 +179,9 @@ def export_dir(study: str) -> Path:
     return EXPORTS / check_study_name(study)
 
 
-def load_study(url: str, name: str | None = None, opened: optuna.storages.BaseStorage | None = None,
-               **kwargs) -> optuna.Study:
+def load_study(
+    url: str, name: str | None = None, opened: optuna.storages.BaseStorage | None = None, **kwargs
+) -> optuna.Study:
     """An existing study in the storage at `url` (`opened`: that storage, already made; `kwargs` go to
     optuna.load_study); `name` None: the storage's only one. A missing or ambiguous one is a one-line error listing
     the studies the storage holds."""
@@ -206,8 +224,9 @@ def attach_bytes(trial: optuna.Trial, filename: str, data: bytes, mimetype: str,
     with temp_dir(artifacts) as tmp:
         path = Path(tmp) / filename
         path.write_bytes(data)
-        return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=trial,
-                               mimetype=mimetype)
+        return upload_artifact(
+            artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=trial, mimetype=mimetype
+        )
 
 
 def read_artifact(artifact_id: str, artifacts: str | os.PathLike) -> bytes | None:

@@ -48,7 +48,7 @@ def make_data(root: Path, per_class: int = 24) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 img = rng.integers(0, 60, (24, 24, 3), dtype=np.uint8)
-                img[:12, ci * 12:(ci + 1) * 12] = 220
+                img[:12, ci * 12 : (ci + 1) * 12] = 220
                 Image.fromarray(img).save(folder / f"{i:03d}.png")
     return root
 
@@ -62,11 +62,38 @@ def _load(url: str, name: str) -> optuna.Study | None:
 
 
 def run(kind: str, url: str, work: Path, requested: int, workers: int, epochs: int) -> dict:
-    env = {**os.environ, "AUTOFT_HEARTBEAT_S": "1", "AUTOFT_GRACE_S": "4", "AUTOFT_CACHE": str(work / "cache"),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "autoft.cli", "-q", "search", "--data", str(make_data(work / "data")),
-           "--backbone", "tiny_cnn", "--image-size", "32", "--epochs", str(epochs), "--device", "cpu",
-           "--trials", str(requested), "--workers", str(workers), "--storage", url, "--study", "faults"]
+    env = {
+        **os.environ,
+        "AUTOFT_HEARTBEAT_S": "1",
+        "AUTOFT_GRACE_S": "4",
+        "AUTOFT_CACHE": str(work / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "autoft.cli",
+        "-q",
+        "search",
+        "--data",
+        str(make_data(work / "data")),
+        "--backbone",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        "--trials",
+        str(requested),
+        "--workers",
+        str(workers),
+        "--storage",
+        url,
+        "--study",
+        "faults",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     study, killed = None, None
@@ -74,8 +101,14 @@ def run(kind: str, url: str, work: Path, requested: int, workers: int, epochs: i
         study = study or _load(url, "faults")
         if study is not None:
             done = records.finished_count(study.get_trials(deepcopy=False))
-            victim = next((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING
-                           and t.intermediate_values and records.worker_pid(t)), None)
+            victim = next(
+                (
+                    t
+                    for t in study.get_trials(deepcopy=False)
+                    if t.state == TrialState.RUNNING and t.intermediate_values and records.worker_pid(t)
+                ),
+                None,
+            )
             if victim is not None and done >= workers:  # mid-study and mid-trial
                 os.kill(records.worker_pid(victim), signal.SIGKILL)
                 killed = victim.number
@@ -90,13 +123,21 @@ def run(kind: str, url: str, work: Path, requested: int, workers: int, epochs: i
             finished_by_origin[origin[t.number]] = finished_by_origin.get(origin[t.number], 0) + 1
     stale = [t for t in trials if t.state == TrialState.FAIL and not records.is_surplus(t)]
     count = records.state_counts(trials)
-    return {"storage": kind, "requested": requested, "complete": count[TrialState.COMPLETE],
-            "pruned": count[TrialState.PRUNED], "fail": count[TrialState.FAIL],
-            "retried": sum(records.original_number(t) != t.number for t in trials),
-            "duplicates": sum(n - 1 for n in finished_by_origin.values() if n > 1),
-            "lost": sum(origin[t.number] not in finished_by_origin for t in stale) + count[TrialState.RUNNING],
-            "surplus": count[TrialState.FAIL] - len(stale), "killed_trial": killed, "exit": proc.returncode,
-            "wall_s": round(time.perf_counter() - t0, 1), **({"stderr": err.strip()[-500:]} if proc.returncode else {})}
+    return {
+        "storage": kind,
+        "requested": requested,
+        "complete": count[TrialState.COMPLETE],
+        "pruned": count[TrialState.PRUNED],
+        "fail": count[TrialState.FAIL],
+        "retried": sum(records.original_number(t) != t.number for t in trials),
+        "duplicates": sum(n - 1 for n in finished_by_origin.values() if n > 1),
+        "lost": sum(origin[t.number] not in finished_by_origin for t in stale) + count[TrialState.RUNNING],
+        "surplus": count[TrialState.FAIL] - len(stale),
+        "killed_trial": killed,
+        "exit": proc.returncode,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        **({"stderr": err.strip()[-500:]} if proc.returncode else {}),
+    }
 
 
 def main() -> None:

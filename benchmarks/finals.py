@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from autoft.backbones import get_backbone
-from autoft.training.checkpoint import assemble
+from autoft.cache import load_data
 from autoft.config import Config
 from autoft.estimate import METRICS, scored
-from autoft.cache import load_data
+from autoft.training.checkpoint import assemble
 from autoft.training.finals import ship
 from autoft.training.inference import evaluate_split
 from autoft.training.loop import finetune, resolve_device
@@ -67,22 +67,36 @@ def main() -> int:
 
 def run(name: str, root: Path, spec, args: argparse.Namespace) -> dict:
     keys = {k: spec.num_stages if v == "stages" else v for k, v in RECIPES[name].items()}
-    cfg = Config(data=str(root), backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
-                 device=args.device, metric=args.metric, **keys)
+    cfg = Config(
+        data=str(root),
+        backbone=args.backbone,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        device=args.device,
+        metric=args.metric,
+        **keys,
+    )
     data = load_data(cfg)
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     folds = finetune(cfg, data)
     cv_seconds = time.perf_counter() - t0
-    row = {"data": str(args.data), "recipe": name, "metric": args.metric,
-           "config": {k: v for k, v in cfg.to_dict().items() if k in keys or k in ("backbone", "image_size", "epochs")},
-           "estimate": folds.best[f"val_{args.metric}"], "best_epoch": folds.best["epoch"], "cv_seconds": cv_seconds}
+    row = {
+        "data": str(args.data),
+        "recipe": name,
+        "metric": args.metric,
+        "config": {k: v for k, v in cfg.to_dict().items() if k in keys or k in ("backbone", "image_size", "epochs")},
+        "estimate": folds.best[f"val_{args.metric}"],
+        "best_epoch": folds.best["epoch"],
+        "cv_seconds": cv_seconds,
+    }
     for final in ("ensemble", "soup", "refit"):
         t0 = time.perf_counter()
         shipped = ship(cfg.replace(final=final), data, folds)
         ship_seconds = time.perf_counter() - t0
-        model = assemble(cfg.backbone, len(data.classes), shipped.members, shipped.shared_stages, shipped.tau,
-                         shipped.prior)
+        model = assemble(
+            cfg.backbone, len(data.classes), shipped.members, shipped.shared_stages, shipped.tau, shipped.prior
+        )
         model = model.to(device, memory_format=torch.channels_last)
         evaluate_split(model, spec, cfg, data.test.subset(torch.arange(min(8, len(data.test)))), 0, device)  # warm-up
         t0 = time.perf_counter()
@@ -90,12 +104,21 @@ def run(name: str, root: Path, spec, args: argparse.Namespace) -> dict:
         predict_ms = (time.perf_counter() - t0) / len(data.test) * 1000
         test = scored(data.test.labels.numpy(), pred, len(data.classes))
         models = len(shipped.members)
-        row[final] = {"test": test, "ship_seconds": ship_seconds, "models_per_image": models,
-                      "shared_stages": shipped.shared_stages if models > 1 else 0, "predict_ms_per_image": predict_ms}
+        row[final] = {
+            "test": test,
+            "ship_seconds": ship_seconds,
+            "models_per_image": models,
+            "shared_stages": shipped.shared_stages if models > 1 else 0,
+            "predict_ms_per_image": predict_ms,
+        }
         m = test[args.metric]
-        print(f"{name:<13} {final:<9} test {args.metric} {m['value']:.4f} ({m['interval'][0]:.3f}-"
-              f"{m['interval'][1]:.3f}), {models} model(s)/image, {predict_ms:.2f} ms/image, +{ship_seconds:.1f} s "
-              f"to ship after {cv_seconds:.1f} s of CV", file=sys.stderr, flush=True)
+        print(
+            f"{name:<13} {final:<9} test {args.metric} {m['value']:.4f} ({m['interval'][0]:.3f}-"
+            f"{m['interval'][1]:.3f}), {models} model(s)/image, {predict_ms:.2f} ms/image, +{ship_seconds:.1f} s "
+            f"to ship after {cv_seconds:.1f} s of CV",
+            file=sys.stderr,
+            flush=True,
+        )
     return row
 
 

@@ -38,14 +38,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import spearmanr
 
-from autoft.results import records
-from autoft.study import racing
-from autoft.training import probe
 from autoft.estimate import score
+from autoft.results import records
 from autoft.results.exports import joins
-from autoft.training.loop import adjusted, Partial
+from autoft.study import racing
 from autoft.study.objective import versus
 from autoft.study.pruning import _Guarded
+from autoft.training import probe
+from autoft.training.loop import Partial, adjusted
 
 BUDGET_S = 900.0  # what "trials per budget" is quoted for
 
@@ -98,8 +98,15 @@ def load(path: str) -> tuple[list[Recorded], str, int, int]:
                 for k in range(1, folds):
                     if f"index{k}" in z:
                         index = z[f"index{k}"]
-                        r.partials[k] = Partial(k, folds, index, z[f"log_probs{k}"], r.oof.labels[index],
-                                                float(z[f"tau{k}"]), int(z[f"epoch{k}"]))
+                        r.partials[k] = Partial(
+                            k,
+                            folds,
+                            index,
+                            z[f"log_probs{k}"],
+                            r.oof.labels[index],
+                            float(z[f"tau{k}"]),
+                            int(z[f"epoch{k}"]),
+                        )
         out.append(r)
     epochs = records.config(out[0].trial).epochs
     return sorted(out, key=lambda r: r.trial.number), metric, epochs, records.folds_run(out[0].trial)
@@ -116,12 +123,14 @@ class _WithProbes(_Guarded):
 def guarded(kind: str, first_rung: int = 1) -> Callable[[int, str, int], optuna.pruners.BasePruner]:
     """A pruner as make_pruner builds it (successive halving, reduction 3, 1 startup trial), its first rung after
     `first_rung` steps; `kind`: "with probes" (the guard before), "fine-tunes" (now), "best at step" or "none"."""
+
     def make(images: int, metric: str, epochs: int) -> optuna.pruners.BasePruner:
         if kind == "none":
             return optuna.pruners.NopPruner()
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
         cls = {"with probes": _WithProbes, "best at step": _BestAtStep}.get(kind, _Guarded)
         return cls(inner, 1, 1, images, metric, epochs)
+
     return make
 
 
@@ -179,8 +188,9 @@ RACES = {
 }
 
 
-def replay(trials: list[Recorded], pruner: optuna.pruners.BasePruner, rule: Race, metric: str, epochs: int,
-           folds: int) -> dict:
+def replay(
+    trials: list[Recorded], pruner: optuna.pruners.BasePruner, rule: Race, metric: str, epochs: int, folds: int
+) -> dict:
     """One replay through ask/tell: which trials completed, and what each cost and why it stopped."""
     study = optuna.create_study(direction="maximize", pruner=pruner)
     done: list[Recorded] = []
@@ -191,7 +201,7 @@ def replay(trials: list[Recorded], pruner: optuna.pruners.BasePruner, rule: Race
         last = len(r.values)
         stopped = None
         for i, step in enumerate(sorted(r.values)):
-            trial.set_user_attr(records.STEPS, r.steps[:i + 1] if not r.exact else r.steps)
+            trial.set_user_attr(records.STEPS, r.steps[: i + 1] if not r.exact else r.steps)
             trial.report(r.values[step], step)
             if r.exact or step == last:
                 continue
@@ -239,8 +249,10 @@ def fidelity(trials: list[Recorded], epochs: int, folds: int, metric: str) -> di
     for k in range(1, folds):
         have = [r for r in tunes if k in r.partials]
         log_prior = np.log(np.maximum(have[0].oof.prior, 1e-12)) if have else None
-        pooled = [score(metric, p.labels, adjusted(p.log_probs, log_prior, p.tau).argmax(1), p.log_probs.shape[1])
-                  for p in (r.partials[k] for r in have)]
+        pooled = [
+            score(metric, p.labels, adjusted(p.log_probs, log_prior, p.tau).argmax(1), p.log_probs.shape[1])
+            for p in (r.partials[k] for r in have)
+        ]
         out[f"first {k} folds pooled"] = _rho(pooled, [r.trial.value for r in have])
     return out
 
@@ -275,13 +287,23 @@ def main() -> int:
         rows = []
         for pname, make in pruners.items():
             for rname, rule in RACES.items():
-                row = {"file": path, "metric": metric, "trials": len(trials), "sampled": len(rest), "pruner": pname,
-                       "race": rname}
+                row = {
+                    "file": path,
+                    "metric": metric,
+                    "trials": len(trials),
+                    "sampled": len(rest),
+                    "pruner": pname,
+                    "race": rname,
+                }
                 for kind, orders in (("", product), ("stress_", stress)):
-                    runs = [replay(order, make(images, metric, epochs), rule, metric, epochs, folds)
-                            for order in orders]
-                    row |= {kind + k: v for k, v in summarize(orders, runs).items()
-                            if not kind or k.startswith("winner") or k == "mean_regret"}
+                    runs = [
+                        replay(order, make(images, metric, epochs), rule, metric, epochs, folds) for order in orders
+                    ]
+                    row |= {
+                        kind + k: v
+                        for k, v in summarize(orders, runs).items()
+                        if not kind or k.startswith("winner") or k == "mean_regret"
+                    }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         print(json.dumps({"file": path, "fidelity_spearman": fidelity(trials, epochs, folds, metric)}))
@@ -302,31 +324,46 @@ def summarize(orders: list[list[Recorded]], runs: list[dict]) -> dict:
 
     return {
         "seconds_saved": round(mean(1 - run["seconds"] / f for run, f in zip(runs, full)), 3),
-        "seconds_recorded_order": round(runs[0]["seconds"]), "seconds_without": round(full[0]),
+        "seconds_recorded_order": round(runs[0]["seconds"]),
+        "seconds_without": round(full[0]),
         "trials_per_budget": round(mean(len(o) * BUDGET_S / r["seconds"] for o, r in zip(orders, runs)), 1),
-        "sampled_completed_per_budget": round(mean(sum(not records.portfolio_name(k.trial) for k in r["kept"])
-                                                   * BUDGET_S / r["seconds"] for r in runs), 1),
+        "sampled_completed_per_budget": round(
+            mean(sum(not records.portfolio_name(k.trial) for k in r["kept"]) * BUDGET_S / r["seconds"] for r in runs), 1
+        ),
         "stopped_by_pruner": round(mean(r["by_pruner"] for r in runs), 2),
         "stopped_by_race": round(mean(r["by_race"] for r in runs), 2),
         "ran_on_for_mix": round(mean(r["mixed"] for r in runs), 2),
         "winner_stopped": round(mean(any(t is s for s in run["stopped"]) for t, run in zip(truths, runs)), 3),
-        "winner_lost_beyond_noise": round(mean(g > records.Candidate.of(s.trial).noise
-                                               for g, s in zip(regret, shipped)), 3),
-        "mean_regret": round(mean(regret), 4), "replays": len(runs)}
+        "winner_lost_beyond_noise": round(
+            mean(g > records.Candidate.of(s.trial).noise for g, s in zip(regret, shipped)), 3
+        ),
+        "mean_regret": round(mean(regret), 4),
+        "replays": len(runs),
+    }
 
 
 def table(rows: list[dict]) -> str:
     """The rows as Markdown: one line per pruner and racing rule."""
-    cols = [("pruner", "pruner"), ("race", "fold racing"), ("seconds_saved", "seconds saved"),
-            ("trials_per_budget", f"trials per {BUDGET_S:g} s"),
-            ("sampled_completed_per_budget", f"sampled completed per {BUDGET_S:g} s"),
-            ("stopped_by_pruner", "stopped by pruner"), ("stopped_by_race", "by race"),
-            ("ran_on_for_mix", "ran on for the mix"), ("winner_stopped", "winner stopped"),
-            ("winner_lost_beyond_noise", "lost beyond noise"), ("mean_regret", "mean regret"),
-            ("stress_winner_stopped", "stress: winner stopped"),
-            ("stress_winner_lost_beyond_noise", "stress: lost beyond noise"), ("stress_mean_regret", "stress: regret")]
-    head = f"{rows[0]['file']}: {rows[0]['trials']} trials ({rows[0]['sampled']} sampled), {rows[0]['metric']}, " \
-           f"{rows[0]['replays']} replays, {rows[0]['seconds_without']} s recorded\n"
+    cols = [
+        ("pruner", "pruner"),
+        ("race", "fold racing"),
+        ("seconds_saved", "seconds saved"),
+        ("trials_per_budget", f"trials per {BUDGET_S:g} s"),
+        ("sampled_completed_per_budget", f"sampled completed per {BUDGET_S:g} s"),
+        ("stopped_by_pruner", "stopped by pruner"),
+        ("stopped_by_race", "by race"),
+        ("ran_on_for_mix", "ran on for the mix"),
+        ("winner_stopped", "winner stopped"),
+        ("winner_lost_beyond_noise", "lost beyond noise"),
+        ("mean_regret", "mean regret"),
+        ("stress_winner_stopped", "stress: winner stopped"),
+        ("stress_winner_lost_beyond_noise", "stress: lost beyond noise"),
+        ("stress_mean_regret", "stress: regret"),
+    ]
+    head = (
+        f"{rows[0]['file']}: {rows[0]['trials']} trials ({rows[0]['sampled']} sampled), {rows[0]['metric']}, "
+        f"{rows[0]['replays']} replays, {rows[0]['seconds_without']} s recorded\n"
+    )
     lines = ["| " + " | ".join(name for _, name in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[k]) for k, _ in cols) + " |" for r in rows]
     return head + "\n".join(lines)

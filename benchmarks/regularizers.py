@@ -31,16 +31,22 @@ import numpy as np
 import torch
 
 from autoft.backbones import FlipAveraged, get_backbone
-from autoft.training.checkpoint import assemble
-from autoft.config import Config
-from autoft.estimate import Estimate, METRICS, score, scored
 from autoft.cache import load_data
+from autoft.config import Config
+from autoft.estimate import METRICS, Estimate, score, scored
+from autoft.training.checkpoint import assemble
 from autoft.training.inference import evaluate_split, predict_logits
 from autoft.training.loop import adjusted, choose_tau, finetune, plan_folds, resolve_device
 
 RECIPE = dict(freeze_depth=0, aug_strength=0.5, head_lr=1e-2, base_lr=1e-3, optimizer="adam", t_max=10)
-ARMS = {"plain": {}, "mixup": {"mixup": 0.2}, "cutmix": {"cutmix": 1.0}, "ema": {"ema_decay": 0.999},
-        "drop_path": {"drop_path_rate": 0.1}, "trivial_augment": {"trivial_augment": True}}
+ARMS = {
+    "plain": {},
+    "mixup": {"mixup": 0.2},
+    "cutmix": {"cutmix": 1.0},
+    "ema": {"ema_decay": 0.999},
+    "drop_path": {"drop_path_rate": 0.1},
+    "trivial_augment": {"trivial_augment": True},
+}
 
 
 def main() -> int:
@@ -67,10 +73,14 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             e, d = row["estimate"], row["vs_plain"]
             t, f = row["test"][args.metric], row["test_with_flip"][args.metric]
-            print(f"{arm:<16} estimate {e['value']:.4f} ({e['interval'][0]:.3f}-{e['interval'][1]:.3f}), "
-                  f"vs plain {d['difference']:+.4f} (se {d['se']:.4f}); test {t['value']:.4f} "
-                  f"({t['interval'][0]:.3f}-{t['interval'][1]:.3f}), with flip {f['value']:.4f} "
-                  f"(out of fold {row['flip_oof_gain']:+.4f}); {row['seconds']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{arm:<16} estimate {e['value']:.4f} ({e['interval'][0]:.3f}-{e['interval'][1]:.3f}), "
+                f"vs plain {d['difference']:+.4f} (se {d['se']:.4f}); test {t['value']:.4f} "
+                f"({t['interval'][0]:.3f}-{t['interval'][1]:.3f}), with flip {f['value']:.4f} "
+                f"(out of fold {row['flip_oof_gain']:+.4f}); {row['seconds']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 
@@ -100,12 +110,18 @@ def run(arm: str, root: Path, args: argparse.Namespace) -> tuple[dict, tuple[np.
     both = torch.from_numpy((plain + mirrored) / 2).log_softmax(1).numpy()
     oof_pred = adjusted(plain, log_prior, result.tau).argmax(1)
     flip_pred = adjusted(both, log_prior, choose_tau(cfg, both, labels, log_prior)).argmax(1)
-    row = {"data": str(args.data), "arm": arm, "config": ARMS[arm], "metric": args.metric,
-           "estimate": Estimate.of(result.best, result.validated, args.metric).to_dict(),
-           "best_epoch": result.best["epoch"], "seconds": seconds,
-           "test": scored(y, pred, classes), "test_with_flip": scored(y, pred_flip, classes),
-           "flip_oof_gain": score(args.metric, labels, flip_pred, classes)
-           - score(args.metric, labels, oof_pred, classes)}
+    row = {
+        "data": str(args.data),
+        "arm": arm,
+        "config": ARMS[arm],
+        "metric": args.metric,
+        "estimate": Estimate.of(result.best, result.validated, args.metric).to_dict(),
+        "best_epoch": result.best["epoch"],
+        "seconds": seconds,
+        "test": scored(y, pred, classes),
+        "test_with_flip": scored(y, pred_flip, classes),
+        "flip_oof_gain": score(args.metric, labels, flip_pred, classes) - score(args.metric, labels, oof_pred, classes),
+    }
     return row, (labels, oof_pred)
 
 
@@ -117,8 +133,10 @@ def paired(base: tuple, arm: tuple, metric: str, resamples: int = 2000) -> dict:
     classes = int(labels.max()) + 1
     diff = score(metric, labels, b, classes) - score(metric, labels, a, classes)
     rng = np.random.default_rng(0)
-    draws = [score(metric, labels[i], b[i], classes) - score(metric, labels[i], a[i], classes)
-             for i in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))]
+    draws = [
+        score(metric, labels[i], b[i], classes) - score(metric, labels[i], a[i], classes)
+        for i in (rng.integers(0, len(labels), len(labels)) for _ in range(resamples))
+    ]
     return {"difference": float(diff), "se": float(np.std(draws))}
 
 

@@ -35,14 +35,14 @@ import numpy as np
 CLASSES = 10
 
 
-def _image(i: int, label: int) -> "Image.Image":
+def _image(i: int, label: int):  # a PIL image
     from PIL import Image
 
     rng = np.random.default_rng(i)
     img = rng.integers(0, 90, (120, 160, 3), dtype=np.uint8)
     y, x = divmod(label, 5)
     colour = np.array([(label * 97) % 256, (label * 53 + 80) % 256, (label * 31 + 160) % 256], np.uint8)
-    img[10 + y * 55:10 + y * 55 + 45, 5 + x * 30:5 + x * 30 + 30] = colour
+    img[10 + y * 55 : 10 + y * 55 + 45, 5 + x * 30 : 5 + x * 30 + 30] = colour
     return Image.fromarray(img)
 
 
@@ -156,16 +156,33 @@ print(json.dumps({
 """
 
 
-def run_one(data: Path, cache_dir: Path, backbone: str, args: argparse.Namespace, device_bytes: int | None,
-            in_memory: bool = False) -> dict:
+def run_one(
+    data: Path,
+    cache_dir: Path,
+    backbone: str,
+    args: argparse.Namespace,
+    device_bytes: int | None,
+    in_memory: bool = False,
+) -> dict:
     """A fixed-steps epoch in a fresh process against an empty store (so decoding is measured)."""
     shutil.rmtree(cache_dir, ignore_errors=True)
     batch = args.lite0_batch_size if backbone != "tiny_cnn" else args.batch_size
-    spec = {"data": str(data), "backbone": backbone, "image_size": args.image_size, "batch_size": batch,
-            "steps": args.steps, "device": args.device, "device_bytes": device_bytes, "in_memory": in_memory}
+    spec = {
+        "data": str(data),
+        "backbone": backbone,
+        "image_size": args.image_size,
+        "batch_size": batch,
+        "steps": args.steps,
+        "device": args.device,
+        "device_bytes": device_bytes,
+        "in_memory": in_memory,
+    }
     repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, AUTOFT_CACHE=str(cache_dir),
-               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        AUTOFT_CACHE=str(cache_dir),
+        PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p),
+    )
     out = subprocess.run([sys.executable, "-c", RUN, json.dumps(spec)], env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"run failed for {data} ({backbone}):\n{out.stderr[-3000:]}")

@@ -33,26 +33,47 @@ def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
     import optuna
 
     from autoft.config import Config
-    from autoft.results.records import best_trial, history, WALL_TIME
-    from autoft.study.run import run_search, SearchOptions
+    from autoft.results.records import WALL_TIME, best_trial, history
+    from autoft.study.run import SearchOptions, run_search
 
     t0 = time.perf_counter()
-    base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-                  epochs=args.epochs, seed=args.seed, device=args.device, cv_folds=1)
-    opts = SearchOptions(trials=args.trials, study="bench", storage=f"sqlite:///{tmp / 'autoft.db'}", out=str(tmp / "out"),
-                         artifacts=str(tmp / "artifacts"), progress=False)
+    base = Config(
+        data=args.data,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        cv_folds=1,
+    )
+    opts = SearchOptions(
+        trials=args.trials,
+        study="bench",
+        storage=f"sqlite:///{tmp / 'autoft.db'}",
+        out=str(tmp / "out"),
+        artifacts=str(tmp / "artifacts"),
+        progress=False,
+    )
     study = run_search(base, opts, fixed=["image_size"])
     seconds = time.perf_counter() - t0
     best = best_trial(study)
     states = [t.state for t in study.trials]
     for t in study.trials:
         h = history(t)
-        print(f"autoft trial {t.number}: {t.state.name.lower()}, {len(h)} epochs, {t.user_attrs.get(WALL_TIME, 0):.1f} s, "
-              f"val_accuracy {max((e['val_accuracy'] for e in h), default=0):.3f}, {_params(t.params)}", file=sys.stderr)
-    return {"seconds": seconds, "best": study.best_value,  # the maximum, as on the plain side
-            "winner": best.value if best else float("nan"),  # what autoft ships: chosen within noise of the maximum
-            "pruned": states.count(optuna.trial.TrialState.PRUNED),
-            "epochs_run": sum(len(history(t)) for t in study.trials)}
+        print(
+            f"autoft trial {t.number}: {t.state.name.lower()}, {len(h)} epochs, "
+            f"{t.user_attrs.get(WALL_TIME, 0):.1f} s, "
+            f"val_accuracy {max((e['val_accuracy'] for e in h), default=0):.3f}, {_params(t.params)}",
+            file=sys.stderr,
+        )
+    return {
+        "seconds": seconds,
+        "best": study.best_value,  # the maximum, as on the plain side
+        "winner": best.value if best else float("nan"),  # what autoft ships: chosen within noise of the maximum
+        "pruned": states.count(optuna.trial.TrialState.PRUNED),
+        "epochs_run": sum(len(history(t)) for t in study.trials),
+    }
 
 
 def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
@@ -69,8 +90,16 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
 
     t0 = time.perf_counter()
     spec = get_backbone(args.backbone)
-    base = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-                  epochs=args.epochs, seed=args.seed, device=args.device, cv_folds=1)
+    base = Config(
+        data=args.data,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        cv_folds=1,
+    )
     space = SearchSpace.from_yaml(None, base, fixed=["image_size"])
     root = Path(args.data)
     eval_tf, train_tf = tutorial_transforms(spec, args.image_size)
@@ -85,17 +114,25 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
         train_dl = DataLoader(train_ds, cfg.batch_size, shuffle=True, num_workers=args.workers)
         val_dl = DataLoader(val_ds, cfg.batch_size * 2, num_workers=args.workers)
         best = max(tutorial_fit(cfg, spec, len(train_ds.classes), train_dl, val_dl, device)) / len(val_ds)
-        print(f"plain trial {trial.number}: {cfg.epochs} epochs, {time.perf_counter() - t_trial:.1f} s, "
-              f"val_accuracy {best:.3f}, {_params(trial.params)}", file=sys.stderr)
+        print(
+            f"plain trial {trial.number}: {cfg.epochs} epochs, {time.perf_counter() - t_trial:.1f} s, "
+            f"val_accuracy {best:.3f}, {_params(trial.params)}",
+            file=sys.stderr,
+        )
         return best
 
-    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", trial_seed(args.seed, 0)),
-                                pruner=optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        direction="maximize", sampler=make_sampler("tpe", trial_seed(args.seed, 0)), pruner=optuna.pruners.NopPruner()
+    )
     for _, params in space.portfolio(base):
         study.enqueue_trial(params)
     study.optimize(objective, n_trials=args.trials)
-    return {"seconds": time.perf_counter() - t0, "best": study.best_value, "pruned": 0,
-            "epochs_run": args.trials * args.epochs}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "best": study.best_value,
+        "pruned": 0,
+        "epochs_run": args.trials * args.epochs,
+    }
 
 
 def tutorial_transforms(spec, size: int):
@@ -104,16 +141,30 @@ def tutorial_transforms(spec, size: int):
 
     from autoft.data.store import store_size_for
 
-    eval_tf = T.Compose([T.Resize(store_size_for(size, spec.crop_pct)), T.CenterCrop(size), T.ToTensor(),
-                         T.Normalize(spec.mean, spec.std)])
+    eval_tf = T.Compose(
+        [
+            T.Resize(store_size_for(size, spec.crop_pct)),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
 
     def train_tf(s: float) -> T.Compose:
         if s == 0:
             return eval_tf
         r = math.log(4 / 3) * s
-        return T.Compose([T.RandomResizedCrop(size, scale=(1 - 0.92 * s, 1.0), ratio=(math.exp(-r), math.exp(r))),
-                          T.RandomHorizontalFlip(0.5 * s), T.RandomRotation(30 * s),
-                          T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(1 - 0.92 * s, 1.0), ratio=(math.exp(-r), math.exp(r))),
+                T.RandomHorizontalFlip(0.5 * s),
+                T.RandomRotation(30 * s),
+                T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s),
+                T.ToTensor(),
+                T.Normalize(spec.mean, spec.std),
+            ]
+        )
+
     return eval_tf, train_tf
 
 
@@ -128,16 +179,19 @@ def tutorial_fit(cfg, spec, num_classes: int, train_dl, val_dl, device) -> list[
 
     stages, n_features = spec.build(cfg.weights)  # pretrained weights read from disk, as a tutorial does
     model = Net(stages, n_features, num_classes).to(device)
-    for p in model.stages[:cfg.freeze_depth].parameters():
+    for p in model.stages[: cfg.freeze_depth].parameters():
         p.requires_grad_(False)
     n = len(model.stages)
     groups = [{"params": model.head.parameters(), "lr": cfg.head_lr}] + [
         {"params": model.stages[i].parameters(), "lr": cfg.base_lr * cfg.layer_decay ** (n - 1 - i)}
-        for i in range(cfg.freeze_depth, n)]
+        for i in range(cfg.freeze_depth, n)
+    ]
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     else:
-        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, weight_decay=cfg.weight_decay)
+        opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
+            groups, weight_decay=cfg.weight_decay
+        )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
     correct_per_epoch = []
     for epoch in range(cfg.epochs):
@@ -195,8 +249,12 @@ def run_sides(args: argparse.Namespace, argv: list[str] | None, script: str, run
         return {}
     res = {}
     for side in ("autoft", "plain"):
-        child = subprocess.run([sys.executable, script, *(argv if argv is not None else sys.argv[1:]), "--only", side],
-                               stdout=subprocess.PIPE, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, script, *(argv if argv is not None else sys.argv[1:]), "--only", side],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
         res[side] = json.loads(child.stdout.strip().splitlines()[-1])
     return res
 
@@ -209,18 +267,37 @@ def main(argv: list[str] | None = None) -> dict:
     if not res:
         return {}
     for side, r in res.items():
-        print(f"{side}: {r['seconds']:.1f} s, best val_accuracy {r['best']:.4f}, {r['pruned']} pruned, "
-              f"{r['epochs_run']} epochs run", file=sys.stderr, flush=True)
+        print(
+            f"{side}: {r['seconds']:.1f} s, best val_accuracy {r['best']:.4f}, {r['pruned']} pruned, "
+            f"{r['epochs_run']} epochs run",
+            file=sys.stderr,
+            flush=True,
+        )
     a, b = res["autoft"], res["plain"]
-    out = {"trials": args.trials, "image_size": args.image_size, "epochs": args.epochs, "backbone": args.backbone,
-           "device": args.device, "autoft_s": round(a["seconds"], 1), "plain_s": round(b["seconds"], 1),
-           "speedup": round(b["seconds"] / a["seconds"], 2), "autoft_best": round(a["best"], 4),
-           "plain_best": round(b["best"], 4), "autoft_winner": round(a["winner"], 4), "autoft_pruned": a["pruned"], "autoft_epochs": a["epochs_run"],
-           "plain_epochs": b["epochs_run"]}
+    out = {
+        "trials": args.trials,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "backbone": args.backbone,
+        "device": args.device,
+        "autoft_s": round(a["seconds"], 1),
+        "plain_s": round(b["seconds"], 1),
+        "speedup": round(b["seconds"] / a["seconds"], 2),
+        "autoft_best": round(a["best"], 4),
+        "plain_best": round(b["best"], 4),
+        "autoft_winner": round(a["winner"], 4),
+        "autoft_pruned": a["pruned"],
+        "autoft_epochs": a["epochs_run"],
+        "plain_epochs": b["epochs_run"],
+    }
     print(json.dumps(out))
-    print(f"{args.trials} trials x {args.epochs} epochs at {args.image_size} px on {args.device}: autoft {a['seconds']:.0f} s "
-          f"(best {a['best']:.4f}, {a['pruned']} pruned) vs plain Optuna {b['seconds']:.0f} s (best {b['best']:.4f}): "
-          f"{out['speedup']:.2f}x faster, best accuracy {'at least as good' if out['autoft_best'] >= out['plain_best'] else 'lower'}")
+    print(
+        f"{args.trials} trials x {args.epochs} epochs at {args.image_size} px on {args.device}: autoft "
+        f"{a['seconds']:.0f} s "
+        f"(best {a['best']:.4f}, {a['pruned']} pruned) vs plain Optuna {b['seconds']:.0f} s (best {b['best']:.4f}): "
+        f"{out['speedup']:.2f}x faster, best accuracy "
+        f"{'at least as good' if out['autoft_best'] >= out['plain_best'] else 'lower'}"
+    )
     return out
 
 

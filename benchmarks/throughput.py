@@ -2,8 +2,8 @@
 
     python benchmarks/throughput.py --data ../shared/data/hotdog_nothotdog --backbone efficientnet_lite0 --device cpu
 
-(a) autoft: `finetune` itself (batches cut from the memory-mapped uint8 image store, batched per-sample augmentation on the device,
-    channels_last, bf16 autocast on CUDA), its own per-epoch `images_per_s` (training steps only);
+(a) autoft: `finetune` itself (batches cut from the memory-mapped uint8 image store, batched per-sample augmentation
+    on the device, channels_last, bf16 autocast on CUDA), its own per-epoch `images_per_s` (training steps only);
 (b) tutorial: torchvision ImageFolder + DataLoader(num_workers) + PIL RandomResizedCrop/flip/ToTensor/
     Normalize, fp32, the same model and optimizer;
 (c) limit: the same model and optimizer on synthetic tensors already on the device (bf16 autocast +
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from autoft.backbones import build_model, get_backbone
 from autoft.config import Config
-from autoft.data.dataset import Dataset, Fold, load_dataset, Split
+from autoft.data.dataset import Dataset, Fold, Split, load_dataset
 from autoft.training.loop import autocast, finetune, resolve_device
 
 
@@ -39,8 +39,9 @@ def tiled(data: Dataset, n_train: int) -> Dataset:
     rows of the same store, repeated, validated on the holdout as before."""
     idx = torch.arange(n_train) % len(data.train)
     train, val = data.train.subset(idx), data.val
-    labelled = Split(data.store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]),
-                     train.paths + val.paths)
+    labelled = Split(
+        data.store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]), train.paths + val.paths
+    )
     holdout = Fold(torch.arange(n_train), torch.arange(n_train, len(labelled)))
     return Dataset(data.classes, labelled, holdout, None, data.image_size, data.store_size)
 
@@ -53,17 +54,29 @@ def autoft_loop(data: Dataset, cfg: Config) -> list[float]:
 def tutorial_loop(root: Path, cfg: Config, times: int, workers: int, device: torch.device) -> list[float]:
     """The loop most tutorials write: decode and augment JPEGs with PIL in DataLoader workers, fp32."""
     from torch.utils.data import ConcatDataset, DataLoader
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     spec = get_backbone(cfg.backbone)
-    tf = T.Compose([T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    tf = T.Compose(
+        [T.RandomResizedCrop(cfg.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    )
     folder = datasets.ImageFolder(str(root / "train" if (root / "train").is_dir() else root), tf)
-    loader = DataLoader(ConcatDataset([folder] * times), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ConcatDataset([folder] * times),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     model, _ = build_model(cfg.backbone, len(folder.classes), cfg.weights, cfg.seed)
     model = model.to(device).train()
-    opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.head_lr},
-                            {"params": model.stages.parameters(), "lr": cfg.base_lr}])
+    opt = torch.optim.Adam(
+        [
+            {"params": model.head.parameters(), "lr": cfg.head_lr},
+            {"params": model.stages.parameters(), "lr": cfg.base_lr},
+        ]
+    )
     rates = []
     for _ in range(cfg.epochs):
         t0, seen = time.perf_counter(), 0  # worker start-up included: a tutorial loop pays it every epoch
@@ -83,9 +96,15 @@ def limit_loop(cfg: Config, n_images: int, n_classes: int, device: torch.device)
     """The same model and optimizer on tensors already on the device: no data loading at all."""
     model, _ = build_model(cfg.backbone, n_classes, cfg.weights, cfg.seed)
     model = model.to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam([{"params": model.head.parameters(), "lr": cfg.head_lr},
-                            {"params": model.stages.parameters(), "lr": cfg.base_lr}])
-    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(
+        [
+            {"params": model.head.parameters(), "lr": cfg.head_lr},
+            {"params": model.stages.parameters(), "lr": cfg.base_lr},
+        ]
+    )
+    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     y = torch.randint(0, n_classes, (cfg.batch_size,), device=device)
 
     def step():
@@ -128,23 +147,49 @@ def main(argv: list[str] | None = None) -> dict:
     times = args.repeat or max(1, round(target / len(data.train)))
     n_images = times * len(data.train)
     big = tiled(data, n_images)
-    cfg = Config(data=args.data, backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
-                 freeze_depth=0, optimizer="adam", head_lr=1e-2, base_lr=1e-3, aug_strength=1.0, device=str(device),
-                 cv_folds=1)  # one model per epoch, as the other two loops train
+    cfg = Config(
+        data=args.data,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        freeze_depth=0,
+        optimizer="adam",
+        head_lr=1e-2,
+        base_lr=1e-3,
+        aug_strength=1.0,
+        device=str(device),
+        cv_folds=1,
+    )  # one model per epoch, as the other two loops train
 
     epochs = {"autoft": [], "tutorial": [], "limit": []}
     for r in range(args.rounds):
         epochs["autoft"] += autoft_loop(big, cfg)
         epochs["tutorial"] += tutorial_loop(Path(args.data), cfg, times, args.workers, device)
         epochs["limit"] += limit_loop(cfg, n_images, len(data.classes), device)
-        print(f"round {r + 1}/{args.rounds}, {n_images} images/epoch, img/s per epoch: "
-              + "; ".join(f"{k} {' '.join(f'{v:.1f}' for v in vs)}" for k, vs in epochs.items()), file=sys.stderr, flush=True)
-    print("medians: " + ", ".join(f"{k} {statistics.median(vs):.1f}" for k, vs in epochs.items()), file=sys.stderr, flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}, {n_images} images/epoch, img/s per epoch: "
+            + "; ".join(f"{k} {' '.join(f'{v:.1f}' for v in vs)}" for k, vs in epochs.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        "medians: " + ", ".join(f"{k} {statistics.median(vs):.1f}" for k, vs in epochs.items()),
+        file=sys.stderr,
+        flush=True,
+    )
     best = {k: max(vs) for k, vs in epochs.items()}
-    out = {"backbone": args.backbone, "device": device.type, "image_size": args.image_size, "batch_size": args.batch_size,
-           "autoft_img_s": round(best["autoft"], 1), "tutorial_img_s": round(best["tutorial"], 1),
-           "limit_img_s": round(best["limit"], 1), "vs_tutorial": round(best["autoft"] / best["tutorial"], 2),
-           "vs_limit": round(best["autoft"] / best["limit"], 2)}
+    out = {
+        "backbone": args.backbone,
+        "device": device.type,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "autoft_img_s": round(best["autoft"], 1),
+        "tutorial_img_s": round(best["tutorial"], 1),
+        "limit_img_s": round(best["limit"], 1),
+        "vs_tutorial": round(best["autoft"] / best["tutorial"], 2),
+        "vs_limit": round(best["autoft"] / best["limit"], 2),
+    }
     print(json.dumps(out), flush=True)
     return out
 

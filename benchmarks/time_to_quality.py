@@ -29,18 +29,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run_autoft(args: argparse.Namespace, tmp: Path) -> dict:
-    from autoft.results import records
     from autoft.config import Config
-    from autoft.study.run import run_search, SearchOptions
+    from autoft.results import records
+    from autoft.study.run import SearchOptions, run_search
 
     t0 = time.time()
-    base = Config(data=args.data, backbone=args.backbone, epochs=args.epochs, seed=args.seed, device=args.device,
-                  **({"image_size": args.image_size} if args.image_size else {}))
-    opts = SearchOptions(trials=10_000, timeout=args.budget, study="ttq", storage=f"sqlite:///{tmp / 'autoft.db'}",
-                         out=str(tmp / "out"), artifacts=str(tmp / "artifacts"), progress=False)
+    base = Config(
+        data=args.data,
+        backbone=args.backbone,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+        **({"image_size": args.image_size} if args.image_size else {}),
+    )
+    opts = SearchOptions(
+        trials=10_000,
+        timeout=args.budget,
+        study="ttq",
+        storage=f"sqlite:///{tmp / 'autoft.db'}",
+        out=str(tmp / "out"),
+        artifacts=str(tmp / "artifacts"),
+        progress=False,
+    )
     study = run_search(base, opts, fixed=["image_size"] if args.image_size else [])
-    done = [(t.datetime_complete.timestamp() - t0, t.value, bool(records.portfolio_name(t)))
-            for t in study.trials if t.state.name == "COMPLETE"]
+    done = [
+        (t.datetime_complete.timestamp() - t0, t.value, bool(records.portfolio_name(t)))
+        for t in study.trials
+        if t.state.name == "COMPLETE"
+    ]
     return {"seconds": time.time() - t0, "finished": done, "trials": len(study.trials)}
 
 
@@ -48,22 +64,23 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
     import numpy as np
     import optuna
     import torch
+    from search import tutorial_fit, tutorial_transforms
     from sklearn.model_selection import StratifiedKFold
     from torch.utils.data import ConcatDataset, DataLoader, Subset
     from torchvision import datasets
 
     from autoft.backbones import get_backbone
     from autoft.config import Config
-    from autoft.study.objective import trial_seed
     from autoft.space import SearchSpace
+    from autoft.study.objective import trial_seed
     from autoft.study.pruning import make_sampler
-    from search import tutorial_fit, tutorial_transforms
 
     t0 = time.time()
     spec = get_backbone(args.backbone)
     size = args.image_size or spec.native_size
-    base = Config(data=args.data, backbone=args.backbone, image_size=size, epochs=args.epochs, seed=args.seed,
-                  device=args.device)
+    base = Config(
+        data=args.data, backbone=args.backbone, image_size=size, epochs=args.epochs, seed=args.seed, device=args.device
+    )
     space = SearchSpace.from_yaml(None, base, fixed=["image_size"] if args.image_size else [])
     eval_tf, train_tf = tutorial_transforms(spec, size)
     root = Path(args.data)
@@ -89,7 +106,9 @@ def run_plain(args: argparse.Namespace, tmp: Path) -> dict:
             correct += tutorial_fit(cfg, spec, classes, train_dl, val_dl, device)
         value = float(correct.max() / len(labels))  # the best epoch of the pooled out-of-fold curve, as autoft's
         finished.append((time.time() - t0, value, False))
-        print(f"plain trial {trial.number}: {time.time() - t0:.0f} s, estimate {value:.4f}", file=sys.stderr, flush=True)
+        print(
+            f"plain trial {trial.number}: {time.time() - t0:.0f} s, estimate {value:.4f}", file=sys.stderr, flush=True
+        )
         return value
 
     study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", trial_seed(args.seed, 0)))
@@ -128,15 +147,24 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("no portfolio recipe finished within the budget: raise --budget")
     bar = max(portfolio)
     out = {"data": Path(args.data).name, "budget_s": args.budget, "bar": round(bar, 4), "device": args.device}
-    lines = [f"bar: the best portfolio recipe's 5-fold estimate, {bar:.4f}",
-             "| side | time to the bar (s) | trials complete | best estimate | wall (s) |", "|---|---|---|---|---|"]
+    lines = [
+        f"bar: the best portfolio recipe's 5-fold estimate, {bar:.4f}",
+        "| side | time to the bar (s) | trials complete | best estimate | wall (s) |",
+        "|---|---|---|---|---|",
+    ]
     for side, r in res.items():
         t = reached(r["finished"], bar)
         best = max((v for _, v, _ in r["finished"]), default=float("nan"))
-        out |= {f"{side}_to_bar_s": None if t is None else round(t, 1), f"{side}_trials": len(r["finished"]),
-                f"{side}_best": round(best, 4), f"{side}_s": round(r["seconds"], 1)}
-        lines.append(f"| {side} | {'not reached' if t is None else f'{t:.0f}'} | {len(r['finished'])} | {best:.4f} | "
-                     f"{r['seconds']:.0f} |")
+        out |= {
+            f"{side}_to_bar_s": None if t is None else round(t, 1),
+            f"{side}_trials": len(r["finished"]),
+            f"{side}_best": round(best, 4),
+            f"{side}_s": round(r["seconds"], 1),
+        }
+        lines.append(
+            f"| {side} | {'not reached' if t is None else f'{t:.0f}'} | {len(r['finished'])} | {best:.4f} | "
+            f"{r['seconds']:.0f} |"
+        )
     print("\n".join(lines), file=sys.stderr)
     print(json.dumps(out))
     return out

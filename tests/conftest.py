@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # a background job (`make test &`): Ctrl-C as in a terminal,
     signal.signal(signal.SIGINT, signal.default_int_handler)  # here and in the CLI subprocesses the tests signal
 
@@ -20,8 +19,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 12, splits=("train", "val"),
-                      size: int = 24, seed: int = 0, ext: str = ".png") -> Path:
+def make_image_folder(
+    root: Path,
+    classes=("cat", "dog"),
+    per_class: int = 12,
+    splits=("train", "val"),
+    size: int = 24,
+    seed: int = 0,
+    ext: str = ".png",
+) -> Path:
     """Learnable classes: class i is a bright square in quadrant i on noise, so a tiny CNN separates them."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -33,7 +39,7 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 12, s
                 img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
                 q = size // 2
                 y0, x0 = (ci // 2 % 2) * q, (ci % 2) * q
-                img[y0:y0 + q, x0:x0 + q] = rng.integers(180, 255, 3, dtype=np.uint8)
+                img[y0 : y0 + q, x0 : x0 + q] = rng.integers(180, 255, 3, dtype=np.uint8)
                 Image.fromarray(img).save(folder / f"{i:03d}{ext}")
     return root
 
@@ -48,8 +54,17 @@ def tiny_config(image_folder):
     """A Config for fast CPU runs: tiny_cnn backbone at 32 px."""
     from autoft.config import Config
 
-    return Config(data=str(image_folder), backbone="tiny_cnn", image_size=32, batch_size=8, epochs=3,
-                  head_lr=0.05, base_lr=0.01, device="cpu", aug_strength=0.0)
+    return Config(
+        data=str(image_folder),
+        backbone="tiny_cnn",
+        image_size=32,
+        batch_size=8,
+        epochs=3,
+        head_lr=0.05,
+        base_lr=0.01,
+        device="cpu",
+        aug_strength=0.0,
+    )
 
 
 def make_read_only(path: Path) -> "callable":
@@ -70,8 +85,12 @@ def make_read_only(path: Path) -> "callable":
         def undo():
             for p, mode in modes.items():
                 p.chmod(mode)
+
         return undo
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode
+    ):
         subprocess.run(["chattr", "-R", "-i", str(path)], capture_output=True)
         pytest.skip("cannot make a folder read-only for root here (no chattr, or a file system without +i)")
     return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True)

@@ -66,8 +66,19 @@ def throwaway_postgres(password: str = "secret") -> Iterator[str]:
 
     try:
         run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "autoft", "--no-sync", "-E", "UTF8")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "start",
-            "-o", f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} -F")
+        run(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} -F",
+        )
         yield f"postgresql://autoft:{password}@127.0.0.1:{port}/postgres"
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 import pytest
+from conftest import make_image_folder
 
 import autoft
 from autoft.exceptions import ConfigError
-from conftest import make_image_folder
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -36,11 +36,19 @@ def test_api_calls_work_in_a_script(tmp_path):
     make_image_folder(tmp_path / "data")
     (tmp_path / "use_autoft.py").write_text(SCRIPT)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # AUTOFT_CACHE is the test's own (conftest)
-    proc = subprocess.run([sys.executable, "use_autoft.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "use_autoft.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"learned": True, "predicted": ["cat", "dog"], "top": "cat", "trials": 2,
-                      "best_exported": True, "retrained_epochs": 1}
+    assert result == {
+        "learned": True,
+        "predicted": ["cat", "dog"],
+        "top": "cat",
+        "trials": 2,
+        "best_exported": True,
+        "retrained_epochs": 1,
+    }
     assert (tmp_path / "studies" / "api" / "best.pt").is_file() and (tmp_path / "run" / "model.pt").is_file()
 
 
@@ -74,4 +82,6 @@ def test_api_prints_no_optuna_lines_or_blank_lines(tmp_path):
     lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert all(line.startswith("trials") for line in lines), proc.stderr  # the bar only
     assert "" not in proc.stdout.splitlines(), proc.stdout
-    assert proc.stdout.startswith("study quiet: 2 trials this run") and proc.stdout.endswith("done, optuna verbosity 20\n")
+    assert proc.stdout.startswith("study quiet: 2 trials this run") and proc.stdout.endswith(
+        "done, optuna verbosity 20\n"
+    )

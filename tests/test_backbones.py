@@ -267,8 +267,10 @@ def _cache_timm_weights(hub, arch: str = "test_resnet.r160_in1k") -> dict[str, t
     from safetensors.torch import save_file
 
     torch.manual_seed(7)
-    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and "running_var" not in k else v
-             for k, v in timm.create_model(arch, pretrained=False).state_dict().items()}
+    state = {
+        k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() and "running_var" not in k else v
+        for k, v in timm.create_model(arch, pretrained=False).state_dict().items()
+    }
     revision = "0" * 40
     folder = hub / f"models--timm--{arch}"
     (folder / "snapshots" / revision).mkdir(parents=True)

@@ -9,9 +9,9 @@ import torch
 from optuna.trial import TrialState
 
 from autoft.results import records
-from autoft.training.checkpoint import load_checkpoint
 from autoft.study.racing import ALPHA, race
-from autoft.study.run import run_search, SearchOptions
+from autoft.study.run import SearchOptions, run_search
+from autoft.training.checkpoint import load_checkpoint
 
 
 def _opts(**kw):
@@ -19,6 +19,7 @@ def _opts(**kw):
 
 
 # --- fold racing -----------------------------------------------------------------------------------------------
+
 
 def test_a_trial_behind_beyond_noise_after_one_fold_is_stopped():
     rng = np.random.default_rng(0)
@@ -62,8 +63,15 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
         labels = data.labelled.labels.numpy()
         folds = 5
         for f in range(folds):
-            m = {"fold": f + 1, "epoch": 1, "train_loss": 1.0, "val_loss": 0.1, "val_accuracy": 1.0 if good else 0.5,
-                 "images_per_s": 1.0, "epoch_time_s": 0.1}
+            m = {
+                "fold": f + 1,
+                "epoch": 1,
+                "train_loss": 1.0,
+                "val_loss": 0.1,
+                "val_accuracy": 1.0 if good else 0.5,
+                "images_per_s": 1.0,
+                "epoch_time_s": 0.1,
+            }
             report(f * cfg.epochs, m)
             if race is not None and f + 1 < folds:
                 n = (f + 1) * len(labels) // folds
@@ -72,10 +80,32 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
                 pred = np.where(right, labels[index], 1 - labels[index])
                 race(Partial(f + 1, folds, index, np.log(np.eye(2)[pred] * 0.98 + 0.01), labels[index], 0.0, 1))
         oof = np.eye(2, dtype=np.float32)[labels] * 0.98 + 0.01
-        m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.1, "val_accuracy": 1.0, "images_per_s": 1.0,
-             "epoch_time_s": 0.1, "fold_scores": [1.0] * 5, "tau": 0.0}
-        return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=len(labels), oof=oof,
-                      fold=np.arange(len(labels)) % 5, prior=[0.5, 0.5])
+        m = {
+            "epoch": 1,
+            "train_loss": 1.0,
+            "val_loss": 0.1,
+            "val_accuracy": 1.0,
+            "images_per_s": 1.0,
+            "epoch_time_s": 0.1,
+            "fold_scores": [1.0] * 5,
+            "tau": 0.0,
+        }
+        return Result(
+            m,
+            m,
+            [m],
+            [{}],
+            0,
+            data.classes,
+            cfg,
+            "cpu",
+            0.1,
+            1.0,
+            validated=len(labels),
+            oof=oof,
+            fold=np.arange(len(labels)) % 5,
+            prior=[0.5, 0.5],
+        )
 
     monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", fake_finetune)
     monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
@@ -91,6 +121,7 @@ def test_the_race_prunes_a_losing_trial_after_its_first_folds(tmp_path, tiny_con
 
 # --- kept weights: nothing trains twice -------------------------------------------------------------------------
 
+
 def _weights_files(artifacts):
     """The checkpoints among the artifacts (the rest are out-of-fold .npz files and learning-curve PNGs)."""
     out = []
@@ -103,8 +134,7 @@ def _weights_files(artifacts):
     return out
 
 
-def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_nothing(tmp_path, tiny_config,
-                                                                                  monkeypatch):
+def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_nothing(tmp_path, tiny_config, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(records, "KEEP", 1)  # the winner and the best by value: at most two trials' models
     study = run_search(tiny_config.replace(epochs=2), _opts(trials=4, pruner="none"))
@@ -149,6 +179,7 @@ def test_a_winner_whose_kept_models_were_deleted_is_trained_again_and_said(tmp_p
 
 # --- the deadline ---------------------------------------------------------------------------------------------
 
+
 class FakeClock:
     def __init__(self):
         self.now = 1000.0
@@ -181,10 +212,26 @@ def test_the_deadline_holds_with_a_trial_in_flight(tmp_path, tiny_config, monkey
         steps = 5 * cfg.epochs
         for s in range(steps):
             clock.now += 10.0
-            report(s, {"fold": s // cfg.epochs + 1, "epoch": s % cfg.epochs + 1, "train_loss": 1.0, "val_loss": 0.5,
-                       "val_accuracy": 0.8, "images_per_s": 1.0, "epoch_time_s": 10.0})
-        m = {"epoch": cfg.epochs, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "images_per_s": 1.0,
-             "epoch_time_s": 10.0 * steps}
+            report(
+                s,
+                {
+                    "fold": s // cfg.epochs + 1,
+                    "epoch": s % cfg.epochs + 1,
+                    "train_loss": 1.0,
+                    "val_loss": 0.5,
+                    "val_accuracy": 0.8,
+                    "images_per_s": 1.0,
+                    "epoch_time_s": 10.0,
+                },
+            )
+        m = {
+            "epoch": cfg.epochs,
+            "train_loss": 1.0,
+            "val_loss": 0.5,
+            "val_accuracy": 0.8,
+            "images_per_s": 1.0,
+            "epoch_time_s": 10.0 * steps,
+        }
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 10.0 * steps, 1.0, validated=36)
 
     _train_on_the_clock(monkeypatch, tmp_path, clock, fake_finetune)
@@ -209,13 +256,29 @@ def test_a_trial_the_deadline_reaches_in_its_last_fold_completes_on_what_it_has(
         for s in range(5 * cfg.epochs):
             clock.now += 10.0
             fold, epoch = s // cfg.epochs + 1, s % cfg.epochs + 1
-            stop = report(s, {"fold": fold, "epoch": epoch, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8,
-                              "images_per_s": 1.0, "epoch_time_s": 10.0})
+            stop = report(
+                s,
+                {
+                    "fold": fold,
+                    "epoch": epoch,
+                    "train_loss": 1.0,
+                    "val_loss": 0.5,
+                    "val_accuracy": 0.8,
+                    "images_per_s": 1.0,
+                    "epoch_time_s": 10.0,
+                },
+            )
             asked.append(stop)
             if stop and fold == 5:
                 break
-        m = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "images_per_s": 1.0,
-             "epoch_time_s": 10.0}
+        m = {
+            "epoch": 1,
+            "train_loss": 1.0,
+            "val_loss": 0.5,
+            "val_accuracy": 0.8,
+            "images_per_s": 1.0,
+            "epoch_time_s": 10.0,
+        }
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 10.0, 1.0, validated=36)
 
     _train_on_the_clock(monkeypatch, tmp_path, clock, fake_finetune)
@@ -253,19 +316,53 @@ def _fake_trainer(clock: FakeClock, plans: list[dict]):
             final = float(plan["right"][fold == f].mean())
             for e in range(1 if plan.get("exact") else cfg.epochs):
                 clock.now += STEP_S
-                score = final if plan.get("exact") else plan.get("first", final) + (final - plan.get("first", final)) \
-                    * e / (cfg.epochs - 1)
-                report(f * cfg.epochs + e, {"fold": f + 1, "epoch": e + 1, "train_loss": 1.0, "val_loss": 0.3,
-                                            "val_accuracy": score, "images_per_s": 1.0, "epoch_time_s": STEP_S,
-                                            **({"exact_probe": True} if plan.get("exact") else {})})
+                score = (
+                    final
+                    if plan.get("exact")
+                    else plan.get("first", final) + (final - plan.get("first", final)) * e / (cfg.epochs - 1)
+                )
+                report(
+                    f * cfg.epochs + e,
+                    {
+                        "fold": f + 1,
+                        "epoch": e + 1,
+                        "train_loss": 1.0,
+                        "val_loss": 0.3,
+                        "val_accuracy": score,
+                        "images_per_s": 1.0,
+                        "epoch_time_s": STEP_S,
+                        **({"exact_probe": True} if plan.get("exact") else {}),
+                    },
+                )
             if race is not None and f + 1 < FOLDS:
                 seen = np.flatnonzero(fold <= f)
                 race(Partial(f + 1, FOLDS, seen, np.log(probs[seen]), labels[seen], 0.0, cfg.epochs))
-        m = {"epoch": cfg.epochs, "train_loss": 1.0, "val_loss": 0.3, "val_accuracy": float(plan["right"].mean()),
-             "images_per_s": 1.0, "epoch_time_s": STEP_S, "tau": 0.0,
-             "fold_scores": [float(plan["right"][fold == f].mean()) for f in range(FOLDS)]}
-        return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", STEP_S, 1.0, validated=len(labels), oof=probs,
-                      fold=fold, prior=[0.5, 0.5])
+        m = {
+            "epoch": cfg.epochs,
+            "train_loss": 1.0,
+            "val_loss": 0.3,
+            "val_accuracy": float(plan["right"].mean()),
+            "images_per_s": 1.0,
+            "epoch_time_s": STEP_S,
+            "tau": 0.0,
+            "fold_scores": [float(plan["right"][fold == f].mean()) for f in range(FOLDS)],
+        }
+        return Result(
+            m,
+            m,
+            [m],
+            [{}],
+            0,
+            data.classes,
+            cfg,
+            "cpu",
+            STEP_S,
+            1.0,
+            validated=len(labels),
+            oof=probs,
+            fold=fold,
+            prior=[0.5, 0.5],
+        )
 
     return fake_finetune
 
@@ -273,11 +370,12 @@ def _fake_trainer(clock: FakeClock, plans: list[dict]):
 def _ask_tell(tmp_path, monkeypatch, plans: list[dict]) -> optuna.Study:
     """Each plan through the product's Objective by ask/tell, in a study with the product's pruner (successive
     halving behind the guard) and fold racing; every trial samples the same image size (so any two can mix)."""
+    from conftest import make_image_folder
+
     from autoft.cache import RunCache
     from autoft.config import Config
     from autoft.study.pruning import make_pruner, make_sampler
     from autoft.study.run import _objective, search_space
-    from conftest import make_image_folder
 
     clock = FakeClock()
     _train_on_the_clock(monkeypatch, tmp_path, clock, _fake_trainer(clock, plans))
@@ -289,8 +387,11 @@ def _ask_tell(tmp_path, monkeypatch, plans: list[dict]) -> optuna.Study:
     base, space = search_space(base.portable(), opts, fixed=("image_size",))
     objective = _objective(base, opts, space, cache)
     images = objective.validated_images() // objective.folds()
-    study = optuna.create_study(direction="maximize", sampler=make_sampler("random", 0),
-                                pruner=make_pruner("sha", EPOCHS, 1, 1, images, "accuracy", FOLDS))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=make_sampler("random", 0),
+        pruner=make_pruner("sha", EPOCHS, 1, 1, images, "accuracy", FOLDS),
+    )
     for _ in plans:
         trial = study.ask()
         try:
@@ -364,8 +465,11 @@ def test_a_probe_never_prunes_a_fine_tune_at_its_first_epoch(tmp_path, monkeypat
     it meets the probe in the fold race, on whole folds."""
     probe_right = _right(200, 0.96, seed=1)
     tune = _right(200, 0.9, seed=2)
-    study = _ask_tell(tmp_path, monkeypatch, [{"right": probe_right, "exact": True},
-                                              {"right": tune, "first": 0.70}, {"right": tune, "first": 0.50}])
+    study = _ask_tell(
+        tmp_path,
+        monkeypatch,
+        [{"right": probe_right, "exact": True}, {"right": tune, "first": 0.70}, {"right": tune, "first": 0.50}],
+    )
     probe_trial, _, slow = study.trials
     assert probe_trial.state == TrialState.COMPLETE
     assert len(records.steps(slow)) >= EPOCHS  # it trained fold 1 to its end
@@ -376,8 +480,15 @@ def test_a_fine_tune_behind_the_leading_fine_tune_at_the_same_epoch_is_still_pru
     """The rung stays where fine-tunes compare: a completed fine-tune that scored 0.85 after one epoch of fold 1
     is the yardstick for a later one at 0.30 there (beyond noise: pruned at its first epoch)."""
     leader = _right(200, 0.9)
-    study = _ask_tell(tmp_path, monkeypatch, [{"right": leader, "first": 0.85}, {"right": leader, "first": 0.80},
-                                              {"right": _right(200, 0.5, seed=3), "first": 0.30}])
+    study = _ask_tell(
+        tmp_path,
+        monkeypatch,
+        [
+            {"right": leader, "first": 0.85},
+            {"right": leader, "first": 0.80},
+            {"right": _right(200, 0.5, seed=3), "first": 0.30},
+        ],
+    )
     assert study.trials[2].user_attrs["prune_reason"].startswith("pruned after fold 1/5 epoch 1")
 
 
@@ -422,7 +533,11 @@ def test_the_summary_says_how_many_sampled_trials_ran_to_completion():
 
     from autoft.results.summary import sampled_story
 
-    trials = [create_trial(value=0.9, user_attrs={records.PORTFOLIO: "linear_probe"}),
-              create_trial(value=0.8), create_trial(state=TrialState.PRUNED), create_trial(value=0.7),
-              create_trial(state=TrialState.FAIL)]
+    trials = [
+        create_trial(value=0.9, user_attrs={records.PORTFOLIO: "linear_probe"}),
+        create_trial(value=0.8),
+        create_trial(state=TrialState.PRUNED),
+        create_trial(value=0.7),
+        create_trial(state=TrialState.FAIL),
+    ]
     assert sampled_story(trials) == "sampled trials (the portfolio aside): 3, of which 2 ran to completion"

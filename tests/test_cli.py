@@ -10,14 +10,28 @@ import urllib.request
 import optuna
 import pytest
 import yaml
+from conftest import make_image_folder
 
 from autoft.cli import main
 from autoft.config import Config
 from autoft.storage import make_storage
-from conftest import make_image_folder
 
-TINY = ["--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu",
-        "--head-lr", "0.05", "--base-lr", "0.01", "--aug-strength", "0"]
+TINY = [
+    "--backbone",
+    "tiny_cnn",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--head-lr",
+    "0.05",
+    "--base-lr",
+    "0.01",
+    "--aug-strength",
+    "0",
+]
 
 
 @pytest.fixture
@@ -87,9 +101,13 @@ def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
     data = make_image_folder(in_tmp / "data")
     assert main(["search", "--data", str(data), "--trials", "1", "--epochs", "1", "--study", "dash", *TINY]) == 0
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", "dashboard", "--study", "dash", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoft.cli", "dashboard", "--study", "dash", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
     try:
         body = None
         for _ in range(100):
@@ -115,10 +133,26 @@ def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
 
 def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
     data = make_image_folder(in_tmp / "data", per_class=40)
-    cmd = [sys.executable, "-m", "autoft.cli", "search", "--data", str(data), "--trials", "50", "--epochs", "4",
-           "--sampler", "random", "--pruner", "none", *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "autoft.cli",
+        "search",
+        "--data",
+        str(data),
+        "--trials",
+        "50",
+        "--epochs",
+        "4",
+        "--sampler",
+        "random",
+        "--pruner",
+        "none",
+        *TINY,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     best_yaml = in_tmp / "studies" / "autoft" / "best.yaml"
     deadline = time.time() + 120
     while not best_yaml.exists() and time.time() < deadline:
@@ -133,7 +167,9 @@ def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
     assert "COMPLETE" in states and "RUNNING" not in states and len(states) < 50
     cfg = Config.from_yaml(best_yaml)
     assert cfg.backbone == "tiny_cnn"
-    assert yaml.safe_load(best_yaml.read_text())["result"]["trial"] in [t.number for t in study.trials if t.state.name == "COMPLETE"]
+    assert yaml.safe_load(best_yaml.read_text())["result"]["trial"] in [
+        t.number for t in study.trials if t.state.name == "COMPLETE"
+    ]
 
 
 def test_quiet_works_before_and_after_the_command(in_tmp, capsys):
@@ -166,8 +202,10 @@ def test_skip_bad_images_from_a_file_can_be_turned_off(in_tmp):
     from autoft.cli import build_parser, resolve_config
 
     (in_tmp / "autoft.yaml").write_text("skip_bad_images: true\n")
-    resolved = {args: resolve_config(build_parser().parse_args(["train", *args]))[0].skip_bad_images
-                for args in [(), ("--no-skip-bad-images",), ("--skip-bad-images",)]}
+    resolved = {
+        args: resolve_config(build_parser().parse_args(["train", *args]))[0].skip_bad_images
+        for args in [(), ("--no-skip-bad-images",), ("--skip-bad-images",)]
+    }
     assert resolved == {(): True, ("--no-skip-bad-images",): False, ("--skip-bad-images",): True}
 
 
@@ -190,8 +228,28 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     from autoft.training.run import train
 
     data = make_image_folder(in_tmp / "data")
-    assert main(["-q", "search", "--data", str(data), "--trials", "2", "--epochs", "2", "--weights", "random",
-                 "--sampler", "random", "--pruner", "none", *TINY]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "search",
+                "--data",
+                str(data),
+                "--trials",
+                "2",
+                "--epochs",
+                "2",
+                "--weights",
+                "random",
+                "--sampler",
+                "random",
+                "--pruner",
+                "none",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     trial = optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db").trials[1]
     torch.manual_seed(12345)  # train() builds its backbone afresh, as a new process would
     metrics = train(Config.from_dict(trial.user_attrs["config"]), "again")
@@ -200,8 +258,25 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
 
 def test_a_searched_key_set_on_the_command_line_is_not_searched(in_tmp, capsys):
     data = make_image_folder(in_tmp / "data")
-    args = ["search", "--data", str(data), "--trials", "5", "--epochs", "1", "--freeze-depth", "2", "--study", "fix",
-            "--backbone", "tiny_cnn", "--batch-size", "8", "--device", "cpu"]
+    args = [
+        "search",
+        "--data",
+        str(data),
+        "--trials",
+        "5",
+        "--epochs",
+        "1",
+        "--freeze-depth",
+        "2",
+        "--study",
+        "fix",
+        "--backbone",
+        "tiny_cnn",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     study = optuna.load_study(study_name="fix", storage=make_storage("sqlite:///studies/autoft.db"))
     assert [t.user_attrs["config"]["freeze_depth"] for t in study.trials] == [2] * 5  # the probe's "stages" too

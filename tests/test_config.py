@@ -27,20 +27,23 @@ def test_export_result_block_is_ignored_on_read(tmp_path):
     assert Config.from_yaml(f).epochs == 2
 
 
-@pytest.mark.parametrize("values, key", [
-    ({"epochs": "three"}, "epochs"),
-    ({"epochs": True}, "epochs"),
-    ({"head_lr": "fast"}, "head_lr"),
-    ({"head_lr": 0}, "head_lr"),
-    ({"aug_strength": 1.5}, "aug_strength"),
-    ({"optimizer": "rmsprop"}, "optimizer"),
-    ({"label_smoothing": 1.0}, "label_smoothing"),
-    ({"device": "tpu"}, "device"),
-    ({"image_size": 4}, "image_size"),
-    ({"head_only_epochs": 9, "epochs": 3}, "head_only_epochs"),
-    ({"skip_bad_images": "yes"}, "skip_bad_images"),
-    ({"learning_rate": 0.1}, "learning_rate"),
-])
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"epochs": "three"}, "epochs"),
+        ({"epochs": True}, "epochs"),
+        ({"head_lr": "fast"}, "head_lr"),
+        ({"head_lr": 0}, "head_lr"),
+        ({"aug_strength": 1.5}, "aug_strength"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"device": "tpu"}, "device"),
+        ({"image_size": 4}, "image_size"),
+        ({"head_only_epochs": 9, "epochs": 3}, "head_only_epochs"),
+        ({"skip_bad_images": "yes"}, "skip_bad_images"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+    ],
+)
 def test_bad_values_name_the_key_in_one_line(values, key):
     with pytest.raises(ConfigError) as err:
         Config.from_dict(values)
@@ -78,9 +81,23 @@ NON_FINITE = [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-inf", "
 
 
 def test_every_float_and_int_key_is_covered():
-    assert sorted(FLOAT_KEYS) == sorted(["head_lr", "base_lr", "layer_decay", "momentum", "weight_decay", "aug_strength",
-                                         "label_smoothing", "val_fraction", "logit_adjustment", "mixup", "cutmix",
-                                         "ema_decay", "drop_path_rate"])
+    assert sorted(FLOAT_KEYS) == sorted(
+        [
+            "head_lr",
+            "base_lr",
+            "layer_decay",
+            "momentum",
+            "weight_decay",
+            "aug_strength",
+            "label_smoothing",
+            "val_fraction",
+            "logit_adjustment",
+            "mixup",
+            "cutmix",
+            "ema_decay",
+            "drop_path_rate",
+        ]
+    )
     assert {"image_size", "batch_size", "epochs", "t_max", "seed"} <= set(INT_KEYS)
 
 
@@ -173,5 +190,7 @@ def test_path_keys_expand_home_and_environment_variables(tmp_path, monkeypatch):
     assert cfg.labels == str(tmp_path / "home" / "x" / "pics.csv")
     assert Config(data=tmp_path / "d").data == str(tmp_path / "d")  # a PathLike from Python
     assert Config(weights="random").weights == "random" and Config(data="null").data is None
-    with pytest.raises(ConfigError, match=r"config key 'data': environment variable \$NOPE_X in '\$NOPE_X/a' is not set"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'data': environment variable \$NOPE_X in '\$NOPE_X/a' is not set"
+    ):
         Config(data="$NOPE_X/a")

@@ -4,19 +4,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
+import autoft.data.decode as decode_module
+import autoft.data.store as store_module
 from autoft.backbones import build_model
 from autoft.config import Config
 from autoft.data.augment import augment, center_crop
-import autoft.data.decode as decode_module
-import autoft.data.store as store_module
 from autoft.data.dataset import load_dataset
 from autoft.data.decode import decode
 from autoft.data.demo import demo_digits
 from autoft.data.scan import scan
 from autoft.exceptions import DataError
-from conftest import make_image_folder
 
 
 def test_scan_finds_classes_and_ignores_non_images(tmp_path):
@@ -104,7 +104,9 @@ def test_second_load_decodes_nothing(tmp_path):
     second = load_dataset(root, 16)
     assert second.store.decoded == 0
     assert torch.equal(first.train.read(), second.train.read())
-    import os, time
+    import os
+    import time
+
     os.utime(root / "train" / "cat" / "000.png", ns=(time.time_ns(), time.time_ns() + 10**9))
     assert load_dataset(root, 16).store.decoded == 14  # a changed file invalidates the store
 
@@ -113,7 +115,9 @@ def test_splits_are_rows_of_one_memory_mapped_store(tmp_path):
     root = make_image_folder(tmp_path, per_class=5, splits=("train", "val", "test"))
     ds = load_dataset(root, 16)
     images = ds.store.images
-    assert isinstance(images, np.memmap) and images.mode == "r" and images.shape == (18, 3, 18, 18)  # 10 train, 4 val, 4 test at 16 / 0.875
+    assert (
+        isinstance(images, np.memmap) and images.mode == "r" and images.shape == (18, 3, 18, 18)
+    )  # 10 train, 4 val, 4 test at 16 / 0.875
     assert ds.train.store is ds.val.store is ds.test.store is ds.store  # index sets, never copies
     assert sorted(ds.labelled.rows.tolist() + ds.test.rows.tolist()) == list(range(18))
     for split in (ds.train, ds.val, ds.test):
@@ -175,17 +179,22 @@ def test_demo_digits_is_built_offline():
 
 # --- photos as people take them -----------------------------------------------------------------------------
 
+
 def _upright_portrait(w: int, h: int) -> np.ndarray:
     """A portrait photo as it should look: red top half, blue bottom half."""
     img = np.zeros((h, w, 3), np.uint8)
     img[: h // 2] = (255, 0, 0)
-    img[h // 2:] = (0, 0, 255)
+    img[h // 2 :] = (0, 0, 255)
     return img
 
 
-@pytest.mark.parametrize("orientation, stored_as", [(6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270),
-                                                    (3, Image.Transpose.ROTATE_180)])
-@pytest.mark.parametrize("w, h", [(48, 64), (480, 640)])  # 480x640 also goes through JPEG draft (reduced-scale) decoding
+@pytest.mark.parametrize(
+    "orientation, stored_as",
+    [(6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270), (3, Image.Transpose.ROTATE_180)],
+)
+@pytest.mark.parametrize(
+    "w, h", [(48, 64), (480, 640)]
+)  # 480x640 also goes through JPEG draft (reduced-scale) decoding
 def test_exif_orientation_is_applied(tmp_path, orientation, stored_as, w, h):
     """A phone stores the sensor's pixels sideways plus an EXIF Orientation tag; decode must show the photo upright."""
     stored = Image.fromarray(_upright_portrait(w, h)).transpose(stored_as)  # what the camera wrote
@@ -299,8 +308,8 @@ def _brightness_net():
 
 
 def test_evaluate_scores_the_replaced_pixels(tmp_path):
-    from autoft.training.checkpoint import save_checkpoint
     from autoft.results.predict import evaluate
+    from autoft.training.checkpoint import save_checkpoint
 
     root = tmp_path / "d"
     for split in ("train", "val"):
@@ -333,7 +342,9 @@ def test_class_folder_linked_into_the_dataset_is_refused(tmp_path, target):
 def test_class_folder_linked_to_train_itself_is_refused(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=3)
     _link(root / "train" / "all", root / "train")
-    with pytest.raises(DataError, match=r"class folder .*train/all resolves to .*train, the train/ folder itself") as err:
+    with pytest.raises(
+        DataError, match=r"class folder .*train/all resolves to .*train, the train/ folder itself"
+    ) as err:
         scan(root)
     assert "\n" not in str(err.value)
 
@@ -345,6 +356,7 @@ def test_links_to_unrelated_folders_and_link_cycles_are_fine(tmp_path):
     _link(root / "train" / "cat" / "loop", "..")  # a cycle inside a class folder: not followed, no endless walk
     _link(root / "train" / "dog" / "self", ".")
     import shutil
+
     shutil.rmtree(root / "val" / "cat")
     _link(root / "val" / "cat", root / "train" / "cat")  # same class in another split: labels agree, allowed
     found = scan(root)

@@ -10,21 +10,21 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import make_image_folder
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
+from test_report import STORAGE, fake_study
 
-from autoft.results import records
 from autoft.backbones import get_backbone
 from autoft.cli import main
 from autoft.estimate import Estimate, span
 from autoft.exceptions import AutoftError, ConfigError
-from autoft.training.probe import CHOSEN_C, EXACT
-from autoft.storage import load_study, make_storage
+from autoft.results import records
 from autoft.results.summary import print_summary, tie_break, time_per_state
+from autoft.storage import load_study, make_storage
 from autoft.study.progress import Progress
 from autoft.study.workers import Ran
-from conftest import make_image_folder
-from test_report import STORAGE, fake_study
+from autoft.training.probe import CHOSEN_C, EXACT
 
 
 class _Clock:
@@ -95,15 +95,30 @@ def test_progress_redraws_many_batches_a_second_at_tqdms_pace(tiny_config):
 
 def _trial(number: int, value: float | None, state=TrialState.COMPLETE, seconds: float = 1.0, **attrs) -> FrozenTrial:
     start = datetime.datetime(2026, 1, 1)
-    return FrozenTrial(number=number, state=state, value=value, values=None, datetime_start=start,
-                       datetime_complete=start + datetime.timedelta(seconds=seconds), params=attrs.pop("params", {}),
-                       distributions=attrs.pop("distributions", {}), user_attrs=attrs, system_attrs={},
-                       intermediate_values={}, trial_id=number)
+    return FrozenTrial(
+        number=number,
+        state=state,
+        value=value,
+        values=None,
+        datetime_start=start,
+        datetime_complete=start + datetime.timedelta(seconds=seconds),
+        params=attrs.pop("params", {}),
+        distributions=attrs.pop("distributions", {}),
+        user_attrs=attrs,
+        system_attrs={},
+        intermediate_values={},
+        trial_id=number,
+    )
 
 
 def test_time_per_state_counts_pruned_and_failed_trials_too():
-    trials = [_trial(0, 0.8, seconds=30), _trial(1, 0.9, seconds=25), _trial(2, None, TrialState.PRUNED, 1000),
-              _trial(3, None, TrialState.PRUNED, 60), _trial(4, None, TrialState.FAIL, 5)]
+    trials = [
+        _trial(0, 0.8, seconds=30),
+        _trial(1, 0.9, seconds=25),
+        _trial(2, None, TrialState.PRUNED, 1000),
+        _trial(3, None, TrialState.PRUNED, 60),
+        _trial(4, None, TrialState.FAIL, 5),
+    ]
     assert time_per_state(trials) == "1,120 s (55 s in 2 complete, 1,060 s in 2 pruned, 5 s in 1 failed)"
     assert time_per_state([]) == "0 s"
 
@@ -115,12 +130,33 @@ def test_summary_of_a_tie_break_winner_says_why_and_marks_the_probes_unused_keys
     space = {"head_lr": FloatDistribution(1e-4, 1.0, log=True), "freeze_depth": IntDistribution(0, 5)}
     common = {"distributions": space}
     probe_cfg = tiny_config.replace(freeze_depth=5, head_lr=0.01)
-    study.add_trial(_trial(0, 0.8529, params={"head_lr": 0.01, "freeze_depth": 5}, **common, config=probe_cfg.to_dict(),
-                           portfolio="linear_probe", val_loss=0.40, estimate=Estimate(0.8529, 340).to_dict(),
-                           history=[{"epoch": 1, EXACT: True, CHOSEN_C: [0.1, 0.3]}], best_epoch=1))
-    study.add_trial(_trial(1, 0.8647, params={"head_lr": 0.002, "freeze_depth": 0}, **common,
-                           config=tiny_config.to_dict(), portfolio="hand_recipe", val_loss=0.52,
-                           estimate=Estimate(0.8647, 340).to_dict(), history=[{"epoch": 1}]))
+    study.add_trial(
+        _trial(
+            0,
+            0.8529,
+            params={"head_lr": 0.01, "freeze_depth": 5},
+            **common,
+            config=probe_cfg.to_dict(),
+            portfolio="linear_probe",
+            val_loss=0.40,
+            estimate=Estimate(0.8529, 340).to_dict(),
+            history=[{"epoch": 1, EXACT: True, CHOSEN_C: [0.1, 0.3]}],
+            best_epoch=1,
+        )
+    )
+    study.add_trial(
+        _trial(
+            1,
+            0.8647,
+            params={"head_lr": 0.002, "freeze_depth": 0},
+            **common,
+            config=tiny_config.to_dict(),
+            portfolio="hand_recipe",
+            val_loss=0.52,
+            estimate=Estimate(0.8647, 340).to_dict(),
+            history=[{"epoch": 1}],
+        )
+    )
     best = records.best_trial(study)
     assert best.number == 0
     print_summary(study, best, 1.0, tmp_path, [])
@@ -141,8 +177,16 @@ def test_best_yaml_of_an_exact_probe_says_which_keys_it_does_not_use(tmp_path, t
     from autoft.results.exports import Exporter
 
     study = optuna.create_study(direction="maximize")
-    study.add_trial(_trial(0, 0.85, config=tiny_config.replace(freeze_depth=5).to_dict(), val_loss=0.4,
-                           history=[{"epoch": 1, EXACT: True}], best_epoch=1))
+    study.add_trial(
+        _trial(
+            0,
+            0.85,
+            config=tiny_config.replace(freeze_depth=5).to_dict(),
+            val_loss=0.4,
+            history=[{"epoch": 1, EXACT: True}],
+            best_epoch=1,
+        )
+    )
     text = Exporter(tmp_path, tmp_path / "artifacts", RunCache()).best_yaml(study, study.trials[0], {}, final=True)
     assert "# an exact linear probe (its head fitted, C by cross-validation): epochs, head_only_epochs, head_lr" in text
     assert yaml.safe_load(text)["head_lr"] == tiny_config.head_lr  # still a config `autoft train` reads back
@@ -155,6 +199,7 @@ def test_bare_best_and_report_use_the_storages_only_study_and_list_several(tmp_p
     assert main(["best"]) == 0
     assert capsys.readouterr().out.startswith("# study mine, trial 0")
     from autoft.results.report import write_report
+
     rep = write_report(None, STORAGE, "out")
     assert rep.skipped["parallel_coordinate"].startswith("one completed trial")
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
@@ -190,7 +235,7 @@ def test_a_zero_width_interval_says_so():
 
 
 def test_plots_of_one_trial_keep_the_score_axis_near_0_1():
-    from autoft.results.plots import estimates_figure, learning_curves_figure, Point, score_range
+    from autoft.results.plots import Point, estimates_figure, learning_curves_figure, score_range
 
     fig = learning_curves_figure({"trial 0": [{"epoch": 1, "val_loss": 0.1, "val_accuracy": 1.0}]})
     low, high = fig.layout.yaxis2.range

@@ -17,22 +17,36 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import make_image_folder
 from optuna.trial import TrialState
 
-from autoft.results import records
-from autoft.training.checkpoint import load_checkpoint
 from autoft.cli import main
+from autoft.results import records
 from autoft.storage import make_storage
-
-from conftest import make_image_folder
+from autoft.training.checkpoint import load_checkpoint
 
 HOLD = str(Path(__file__).with_name("hold.py"))
 STUDY_DIR = Path("studies") / "autoft"
 
 
 def search_args(data: Path, *more: str, epochs: int = 2) -> list[str]:
-    return ["-q", "search", "--data", str(data), "--backbone", "tiny_cnn", "--image-size", "32", "--epochs", str(epochs),
-            "--device", "cpu", "--batch-size", "8", *more]
+    return [
+        "-q",
+        "search",
+        "--data",
+        str(data),
+        "--backbone",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        *more,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -42,8 +56,14 @@ def env() -> dict[str, str]:
 def held(cwd: Path, spec: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
     """The CLI with `args` in a subprocess, held at `spec` (see hold.py); returns it and the marker it writes."""
     marker = cwd / f"held-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, HOLD, spec, str(marker), "--", *args], cwd=cwd, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, HOLD, spec, str(marker), "--", *args],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, marker
 
 
@@ -91,6 +111,7 @@ def data(tmp_path) -> Path:
 
 # --- 1. a study always resumes ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("lost", ["artifacts", "artifacts_elsewhere"])
 def test_1_a_study_whose_artifacts_are_gone_resumes_and_rebuilds_best_pt(tmp_path, monkeypatch, data, capsys, lost):
     monkeypatch.chdir(tmp_path)
@@ -116,6 +137,7 @@ def test_1_a_study_whose_artifacts_are_gone_resumes_and_rebuilds_best_pt(tmp_pat
 
 # --- 2. signals and kill -9 while images are decoded ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_2_a_signal_while_images_are_decoded_leaves_no_temp_file(tmp_path, data, sig, code):
     proc, marker = held(tmp_path, "autoft.system.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
@@ -138,11 +160,16 @@ def test_2_kill_9_while_images_are_decoded_is_swept_by_the_next_run(tmp_path, da
 
 # --- 3. a signal during the final export ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_completes_it(tmp_path, data, sig,
-                                                                                             code, monkeypatch):
-    proc, marker = held(tmp_path, "autoft.results.exports:Exporter.shipped",
-                        search_args(data, "--trials", "3", "--pruner", "none", "--final", "soup"))
+def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_completes_it(
+    tmp_path, data, sig, code, monkeypatch
+):
+    proc, marker = held(
+        tmp_path,
+        "autoft.results.exports:Exporter.shipped",
+        search_args(data, "--trials", "3", "--pruner", "none", "--final", "soup"),
+    )
     rc, err = signal_when_held(proc, marker, sig)
     assert rc == code, err
     lines = err.strip().splitlines()
@@ -161,8 +188,8 @@ def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_
 
 def test_3_a_signal_during_the_renames_waits_for_all_of_them(tmp_path, monkeypatch):
     """files.atomic_paths: a signal that comes between two renames is raised after the last one."""
-    from autoft.system import files, interrupts
     from autoft.exceptions import Terminated
+    from autoft.system import files, interrupts
 
     real, done = os.replace, []
 
@@ -183,9 +210,13 @@ def test_3_a_signal_during_the_renames_waits_for_all_of_them(tmp_path, monkeypat
 
 # --- 4. kill -9 between the new best's weights and the trial's end -----------------------------------------------
 
+
 def test_4_kill_9_before_a_trial_completes_never_ships_it_and_its_weights_go(tmp_path, data, monkeypatch, capsys):
-    proc, marker = held(tmp_path, "autoft.results.exports:Exporter.keep_weights:after",
-                        search_args(data, "--trials", "3", "--pruner", "none"))
+    proc, marker = held(
+        tmp_path,
+        "autoft.results.exports:Exporter.keep_weights:after",
+        search_args(data, "--trials", "3", "--pruner", "none"),
+    )
     signal_when_held(proc, marker, signal.SIGKILL)
     study = load(tmp_path)
     (victim,) = study.get_trials(deepcopy=False)
@@ -200,23 +231,38 @@ def test_4_kill_9_before_a_trial_completes_never_ships_it_and_its_weights_go(tmp
     artifacts = tmp_path / "studies" / "artifacts"
     assert not (artifacts / records.weights_artifact(victim)).exists()  # the kept set alone, as promised
     kept = records.kept_set([records.Candidate.of(t) for t in records.completed(load(tmp_path))])
-    held_weights = [t for t in trials if records.weights_artifact(t) and (artifacts / records.weights_artifact(t)).exists()]
+    held_weights = [
+        t for t in trials if records.weights_artifact(t) and (artifacts / records.weights_artifact(t)).exists()
+    ]
     assert {t.number for t in held_weights} <= kept
     exports_agree(tmp_path / STUDY_DIR)
 
 
 # --- 5. workers end with their parent ---------------------------------------------------------------------------
 
+
 def test_5_workers_end_with_a_killed_parent_and_the_study_resumes(tmp_path, data, monkeypatch):
-    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "50", "--workers", "2",
-                                                                              "--pruner", "none", epochs=10)],
-                            cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autoft.cli",
+            *search_args(data, "--trials", "50", "--workers", "2", "--pruner", "none", epochs=10),
+        ],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.monotonic()
     while True:
         assert time.monotonic() - t0 < 180, "the workers never both ran a trial"
         try:
-            running = [t for t in load(tmp_path).get_trials(deepcopy=False)  # fine-tunes (a probe ends at once)
-                       if t.state == TrialState.RUNNING and t.intermediate_values and t.user_attrs["config"]["aug_strength"]]
+            running = [
+                t
+                for t in load(tmp_path).get_trials(deepcopy=False)  # fine-tunes (a probe ends at once)
+                if t.state == TrialState.RUNNING and t.intermediate_values and t.user_attrs["config"]["aug_strength"]
+            ]
         except Exception:  # the study is not there yet
             running = []
         if len(running) == 2:
@@ -232,8 +278,9 @@ def test_5_workers_end_with_a_killed_parent_and_the_study_resumes(tmp_path, data
     trials = load(tmp_path).get_trials(deepcopy=False)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     ended = [trials[t.number] for t in running]  # interrupted, unless it finished (or was raced out) in the meantime
-    assert all(t.state in records.FINISHED or records.reason(t).startswith("interrupted") for t in ended), \
-        [(t.number, t.state, records.reason(t)) for t in ended]
+    assert all(t.state in records.FINISHED or records.reason(t).startswith("interrupted") for t in ended), [
+        (t.number, t.state, records.reason(t)) for t in ended
+    ]
     assert any(records.reason(t).startswith("interrupted") for t in trials)  # 50 asked: they were stopped mid-trial
     monkeypatch.chdir(tmp_path)
     finished = sum(t.state in records.FINISHED for t in trials)
@@ -251,23 +298,28 @@ def _alive(pid: int) -> bool:
 
 # --- 6. the budget includes everything ---------------------------------------------------------------------------
 
+
 def test_6_the_clock_starts_at_process_start(tmp_path):
-    code = ("import time; time.sleep(1.0); from autoft.system.processes import started_monotonic; "
-            "print(time.monotonic() - started_monotonic())")
-    age = float(subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True,
-                               check=True).stdout)
+    code = (
+        "import time; time.sleep(1.0); from autoft.system.processes import started_monotonic; "
+        "print(time.monotonic() - started_monotonic())"
+    )
+    age = float(
+        subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True).stdout
+    )
     assert age >= 1.0  # the sleep and the imports before it count
 
 
 def test_6_an_exact_probe_that_would_overrun_the_budget_does_not_start(tmp_path, tiny_config):
     from autoft.cache import RunCache
     from autoft.results.exports import Exporter
-    from autoft.study.objective import Objective
     from autoft.space import SearchSpace
+    from autoft.study.objective import Objective
 
     cfg = tiny_config.replace(freeze_depth=3, aug_strength=0.0, image_size=64)
-    objective = Objective(tiny_config, SearchSpace({}), 0, Exporter(tmp_path, str(tmp_path / "a"), RunCache()),
-                          RunCache())
+    objective = Objective(
+        tiny_config, SearchSpace({}), 0, Exporter(tmp_path, str(tmp_path / "a"), RunCache()), RunCache()
+    )
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
     objective._afford(trial, cfg)  # nothing measured yet: the first probe runs
@@ -288,17 +340,52 @@ def test_6_a_budget_that_buys_no_trial_says_so_and_exits_non_zero(tmp_path, data
 
 # --- 7. messages that say what to fix ---------------------------------------------------------------------------
 
+
 def test_7_evaluate_offers_and_takes_skip_bad_images(tmp_path, data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--data", str(data), "--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1",
-                 "--device", "cpu", "--cv-folds", "1", "--out", "run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--backbone",
+                "tiny_cnn",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--cv-folds",
+                "1",
+                "--out",
+                "run",
+            ]
+        )
+        == 0
+    )
     new = make_image_folder(tmp_path / "new", per_class=4, splits=("train", "test"))
     (new / "test" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
     capsys.readouterr()
     assert main(["evaluate", "--model", "run/model.pt", "--data", str(new), "--split", "test"]) == 2
     assert "--skip-bad-images" in capsys.readouterr().err
-    assert main(["evaluate", "--model", "run/model.pt", "--data", str(new), "--split", "test", "--skip-bad-images",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "run/model.pt",
+                "--data",
+                str(new),
+                "--split",
+                "test",
+                "--skip-bad-images",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert '"n": 4' in capsys.readouterr().out  # 2 per class; the broken one left out
 
 
@@ -321,14 +408,29 @@ def test_7_a_truncated_model_file_is_called_what_it_is(tmp_path, monkeypatch, ca
 
 # --- 8. no wasted work ------------------------------------------------------------------------------------------
 
+
 def test_8_an_image_size_fixed_in_the_space_decodes_that_size_only(tmp_path, data, monkeypatch):
     from autoft.backbones import get_backbone
     from autoft.data.store import store_size_for
 
     monkeypatch.chdir(tmp_path)
     Path("space.yaml").write_text("image_size: 32\n")
-    args = ["-q", "search", "--data", str(data), "--backbone", "tiny_cnn", "--epochs", "1", "--device", "cpu",
-            "--trials", "1", "--space", "space.yaml"]
+    args = [
+        "-q",
+        "search",
+        "--data",
+        str(data),
+        "--backbone",
+        "tiny_cnn",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--trials",
+        "1",
+        "--space",
+        "space.yaml",
+    ]
     assert main(args) == 0
     stores = [np.load(p, mmap_mode="r").shape[-1] for p in (cache() / "images").glob("*.npy")]
     assert stores == [store_size_for(32, get_backbone("tiny_cnn").crop_pct)]
@@ -343,6 +445,7 @@ def test_8_an_epoch_of_one_batch_moves_the_bar_to_the_next_epoch():
             from types import SimpleNamespace
 
             from autoft.config import Config
+
             return [SimpleNamespace(number=0, user_attrs={"config": Config(backbone="tiny_cnn", epochs=2).to_dict()})]
 
         user_attrs: dict = {}

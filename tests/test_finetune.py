@@ -6,11 +6,10 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from autoft.backbones import build_model
-from autoft.cache import RunCache
+from autoft.cache import RunCache, load_data
 from autoft.config import Config
 from autoft.estimate import Estimate
 from autoft.exceptions import ConfigError, TrialFailure
-from autoft.cache import load_data
 from autoft.training.finals import refit_config
 from autoft.training.loop import finetune, lr_factor, make_optimizer, plan_folds, score_key
 
@@ -237,12 +236,18 @@ def test_refit_trains_every_labelled_image_for_the_epoch_the_score_chose(tiny_co
 
 
 def test_imbalance_remedies_train_and_the_adjustment_reaches_the_checkpoint(tiny_config, tmp_path):
-    from autoft.training.checkpoint import load_checkpoint
     from autoft.results.predict import evaluate
+    from autoft.training.checkpoint import load_checkpoint
     from autoft.training.run import train
 
-    cfg = tiny_config.replace(epochs=2, cv_folds=1, metric="balanced_accuracy", class_weight="balanced",
-                              balanced_sampling=True, logit_adjustment=0.75)
+    cfg = tiny_config.replace(
+        epochs=2,
+        cv_folds=1,
+        metric="balanced_accuracy",
+        class_weight="balanced",
+        balanced_sampling=True,
+        logit_adjustment=0.75,
+    )
     metrics = train(cfg, tmp_path / "run")
     assert metrics["tau"] == 0.75 and all(h["tau"] == 0.75 for h in metrics["history"])
     assert metrics["best_val_score"] == metrics["best"]["val_balanced_accuracy"]

@@ -15,20 +15,19 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from conftest import make_image_folder
 from PIL import Image, features
 
-import autoft.system.files
-from autoft.training.checkpoint import load_checkpoint, trained_on
-from autoft.cli import main
 import autoft.data.decode as decode_module
 import autoft.data.scan as scan_module
 import autoft.data.store as store_module
+import autoft.system.files
+from autoft.cli import main
 from autoft.data.dataset import load_dataset
 from autoft.data.decode import decode, rescaled_notice
 from autoft.data.scan import scan, skipped_summary
-from autoft.exceptions import DataError, disk_full, DiskFullError, one_line
-
-from conftest import make_image_folder
+from autoft.exceptions import DataError, DiskFullError, disk_full, one_line
+from autoft.training.checkpoint import load_checkpoint, trained_on
 
 FAST = ["--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1", "--device", "cpu", "--batch-size", "8"]
 
@@ -39,6 +38,7 @@ def _photo(path: Path, fmt: str | None = None, value: int = 200) -> None:
 
 
 # --- every file is either used or reported --------------------------------------------------------------------
+
 
 def test_hidden_files_and_folders_are_skipped_at_any_depth_and_counted(tmp_path, caplog):
     root = make_image_folder(tmp_path / "d", per_class=3)
@@ -92,11 +92,11 @@ def test_a_folder_beside_train_is_said_not_ignored(tmp_path):
     make_image_folder(tmp_path / "tmp", per_class=3, splits=("valid",))
     shutil.move(tmp_path / "tmp" / "valid", root / "valid")  # Roboflow's name for val/
     assert scan(root).skipped == {"folder beside train/ (only train, val and test are read)": 1}
-    assert skipped_summary(scan(root).skipped) == (
-        "skipped 1 folder beside train/ (only train, val and test are read)")
+    assert skipped_summary(scan(root).skipped) == ("skipped 1 folder beside train/ (only train, val and test are read)")
 
 
 # --- modes ----------------------------------------------------------------------------------------------------
+
 
 def _wide(path: Path, value: float | np.ndarray, dtype=np.float32) -> Path:
     """A 32 x 32 float (mode F) or int32 (mode I) TIFF of `value` (constant, or an array)."""
@@ -155,7 +155,9 @@ def test_wide_images_keep_their_detail_and_odd_values(tmp_path):
     assert decode(str(_wide(tmp_path / "nan.tif", nan)), 32).max() >= 253
     assert decode_module.dataset_range([(0.2, 0.5), (0.0, 0.7)]) == (0.0, 1.0)
     assert decode_module.dataset_range([(-3.0, 0.5), (0.0, 40.0)]) == (-3.0, 40.0)
-    assert decode_module.dataset_range([decode_module.extent(Image.fromarray(np.full((8, 8), np.nan, np.float32)))]) == (0.0, 1.0)
+    assert decode_module.dataset_range(
+        [decode_module.extent(Image.fromarray(np.full((8, 8), np.nan, np.float32)))]
+    ) == (0.0, 1.0)
 
 
 def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
@@ -179,8 +181,8 @@ def test_a_dataset_without_wide_images_opens_each_once(tmp_path, monkeypatch):
 
 def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, monkeypatch, capsys):
     from autoft.backbones import get_backbone
-    from autoft.training.checkpoint import load_checkpoint, trained_on
     from autoft.results.predict import load_model
+    from autoft.training.checkpoint import load_checkpoint, trained_on
 
     _wide_set(tmp_path / "d", {"high": 900_000, "low": 100_000}, np.int32)
     monkeypatch.chdir(tmp_path)
@@ -205,6 +207,7 @@ def test_predict_and_evaluate_scale_new_images_by_the_training_range(tmp_path, m
 
 # --- names that are not UTF-8 --------------------------------------------------------------------------------
 
+
 def test_non_utf8_file_names_work_end_to_end(tmp_path, monkeypatch, capsysbinary):
     root = make_image_folder(tmp_path / "d", per_class=6, splits=("train", "val", "test"))
     odd = os.fsdecode(b"caf\xe9-\xff.png")  # bytes from an old zip: not UTF-8
@@ -224,6 +227,7 @@ def test_non_utf8_file_names_work_end_to_end(tmp_path, monkeypatch, capsysbinary
 
 # --- the cache and the disk -----------------------------------------------------------------------------------
 
+
 def test_an_unwritable_cache_is_one_error_before_decoding(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "d", per_class=3)
     (tmp_path / "f").write_text("a file")
@@ -241,6 +245,7 @@ def _disk_full_after(monkeypatch, limit: int, err: int = errno.ENOSPC) -> None:
     def fallocate(fd, offset, length):
         if offset + length > limit:
             raise OSError(err, os.strerror(err))
+
     monkeypatch.setattr(os, "posix_fallocate", fallocate, raising=False)
 
     class Full:
@@ -262,12 +267,17 @@ def _disk_full_after(monkeypatch, limit: int, err: int = errno.ENOSPC) -> None:
         def __exit__(self, *exc):
             self.fh.close()
 
-    monkeypatch.setattr(autoft.system.files, "open", lambda f, mode="r", *a, **k: Full(real_open(f, mode, *a, **k))
-                        if "w" in mode else real_open(f, mode, *a, **k), raising=False)
+    monkeypatch.setattr(
+        autoft.system.files,
+        "open",
+        lambda f, mode="r", *a, **k: Full(real_open(f, mode, *a, **k)) if "w" in mode else real_open(f, mode, *a, **k),
+        raising=False,
+    )
 
 
-@pytest.mark.parametrize("err, words", [(errno.ENOSPC, "No space left on device (ENOSPC)"),
-                                        (errno.EFBIG, "File too large (EFBIG)")])
+@pytest.mark.parametrize(
+    "err, words", [(errno.ENOSPC, "No space left on device (ENOSPC)"), (errno.EFBIG, "File too large (EFBIG)")]
+)
 def test_a_full_disk_while_caching_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, err, words):
     make_image_folder(tmp_path / "d", per_class=4)
     monkeypatch.setenv("AUTOFT_CACHE", str(tmp_path / "cache"))
@@ -288,7 +298,8 @@ def _sqlite_full() -> Exception:
         except sqlite3.OperationalError as cause:
             raise optuna.exceptions.StorageInternalError(
                 "An exception is raised during the commit. This typically happens due to invalid data in the commit, "
-                "e.g. exceeding max length.") from cause
+                "e.g. exceeding max length."
+            ) from cause
     except optuna.exceptions.StorageInternalError as exc:
         return exc
 
@@ -301,24 +312,36 @@ def test_a_full_disk_under_the_study_names_the_real_cause(tmp_path, monkeypatch,
 
     def search(*a, **k):
         raise exc
+
     monkeypatch.setattr("autoft.study.run.run_search", search)
     monkeypatch.chdir(tmp_path)
     assert main(["search", "--data", "d", "--storage", "sqlite:///s/x.db"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["autoft: error: out of disk space: database or disk is full (sqlite3 OperationalError) (the "
-                     "study's storage is sqlite:///s/x.db); free space there and run again (finished work is kept)"]
+    assert lines == [
+        "autoft: error: out of disk space: database or disk is full (sqlite3 OperationalError) (the "
+        "study's storage is sqlite:///s/x.db); free space there and run again (finished work is kept)"
+    ]
 
     from autoft.results import dashboard
 
     def full(*a, **k):
         raise exc
+
     monkeypatch.setattr("optuna_dashboard.save_plotly_graph_object", full)
     study = optuna.create_study()
-    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"estimate": {
-        "accuracy": 0.5, "images": 10, "fold_accuracy": [0.5], "interval": [0.2, 0.8], "folds": 1}}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.5,
+            user_attrs={
+                "estimate": {"accuracy": 0.5, "images": 10, "fold_accuracy": [0.5], "interval": [0.2, 0.8], "folds": 1}
+            },
+        )
+    )
     dashboard.publish_estimates(study, study.trials, study.trials[0])  # logs through the handler main() set up
-    assert capsys.readouterr().err == ("autoft: could not publish the estimates to the dashboard: out of disk space: "
-                                       "database or disk is full (sqlite3 OperationalError)\n")
+    assert capsys.readouterr().err == (
+        "autoft: could not publish the estimates to the dashboard: out of disk space: "
+        "database or disk is full (sqlite3 OperationalError)\n"
+    )
 
 
 def test_full_disk_error_is_an_autoft_error():
@@ -328,6 +351,7 @@ def test_full_disk_error_is_an_autoft_error():
 
 
 # --- a dataset is identified by its content, not its spelling ---------------------------------------------------
+
 
 def test_the_fingerprint_is_the_content_whatever_the_spelling(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "photos", per_class=4)
@@ -342,11 +366,13 @@ def test_the_fingerprint_is_the_content_whatever_the_spelling(tmp_path, monkeypa
 
     (root / "train" / "cat" / "000.png").rename(root / "train" / "cat" / "zzz.png")
     assert scan("photos").fingerprint.differences(fp) == (
-        "train: as many images, but other files (renamed, replaced or relabelled) (8 -> 8)")
+        "train: as many images, but other files (renamed, replaced or relabelled) (8 -> 8)"
+    )
     make_image_folder(tmp_path / "photos", classes=("bird",), per_class=3)  # 3 train, 2 val
     (root / "val" / "dog" / "000.png").unlink()
     assert scan("photos").fingerprint.differences(fp) == (
-        "classes added: 'bird'; train: 3 image(s) more (8 -> 11); val: 1 image(s) more (4 -> 5)")
+        "classes added: 'bird'; train: 3 image(s) more (8 -> 11); val: 1 image(s) more (4 -> 5)"
+    )
 
 
 def test_a_file_replaced_in_place_is_decoded_again(tmp_path):
@@ -357,7 +383,9 @@ def test_a_file_replaced_in_place_is_decoded_again(tmp_path):
     Image.new("RGB", (30, 30), (0, 0, 255)).save(f)  # another picture under the same name
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old modification time
     again = load_dataset(root, 16)
-    assert again.store.decoded and not np.array_equal(first.labelled.read()[0].numpy(), again.labelled.read()[0].numpy())
+    assert again.store.decoded and not np.array_equal(
+        first.labelled.read()[0].numpy(), again.labelled.read()[0].numpy()
+    )
 
 
 def test_the_study_knows_its_data_by_content_not_spelling(tmp_path, monkeypatch, capsys):
@@ -373,7 +401,9 @@ def test_the_study_knows_its_data_by_content_not_spelling(tmp_path, monkeypatch,
     study = optuna.load_study(study_name="autoft", storage=db)
     assert len(study.trials) == 4
     assert study.user_attrs["data"]["path"] == str(tmp_path / "moved")  # where they are now
-    assert all(t.user_attrs["config"]["data"] in (str(tmp_path / "2024"), str(tmp_path / "moved")) for t in study.trials)
+    assert all(
+        t.user_attrs["config"]["data"] in (str(tmp_path / "2024"), str(tmp_path / "moved")) for t in study.trials
+    )
     capsys.readouterr()
 
     other = tmp_path / "elsewhere"  # another dataset that happens to be called 2024 too
@@ -381,9 +411,11 @@ def test_the_study_knows_its_data_by_content_not_spelling(tmp_path, monkeypatch,
     monkeypatch.chdir(other)
     assert main([*search, "--data", "2024"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"autoft: error: study 'autoft' was searched on other data than {other / '2024'}: classes added: "
-                     "'bird'; train: 10 image(s) more (8 -> 18); val: 5 image(s) more (4 -> 9); use a new --study "
-                     f"name, or the data it was searched on ({tmp_path / 'moved'})"]
+    assert lines == [
+        f"autoft: error: study 'autoft' was searched on other data than {other / '2024'}: classes added: "
+        "'bird'; train: 10 image(s) more (8 -> 18); val: 5 image(s) more (4 -> 9); use a new --study "
+        f"name, or the data it was searched on ({tmp_path / 'moved'})"
+    ]
     assert len(optuna.load_study(study_name="autoft", storage=db).trials) == 4  # nothing mixed in
 
 
@@ -404,6 +436,7 @@ def test_checkpoints_store_the_fingerprint_of_their_data(tmp_path, monkeypatch):
 
 
 # --- labels from a CSV -----------------------------------------------------------------------------------------
+
 
 def _csv_set(root: Path, per_class: int = 6, split: bool = True, classes=("cat", "dog")) -> Path:
     """A Kaggle-style set: images in one folder, labels in a CSV beside it (path,label[,split])."""
@@ -440,27 +473,51 @@ def test_train_and_search_take_labels_from_a_csv(tmp_path, monkeypatch):
     assert f"labels: {tmp_path / 'k' / 'labels.csv'}" in best  # stored absolute, like data
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "labels.csv is empty; expected a header path,label[,split]"),
-    ("path,label\n", "labels.csv has a header but no rows"),
-    ("file,class\na.png,cat\n", "labels.csv has no 'path' column (its header: file,class); expected path,label[,split], "
-     "or name yours with --path-column and --label-column"),
-    ("path,Label,LABEL\nimages/0000.png,cat,dog\n",
-     "labels.csv: columns 2 ('Label') and 3 ('LABEL') both match the label column 'label'; rename one, or pass "
-     "--label-column with the exact name of the one to use"),
-    ("path,label,label\nimages/0000.png,cat,dog\n",
-     "labels.csv: columns 2 ('label') and 3 ('label') both match the label column 'label'; rename one"),
-    ("path,label,split\nimages/0000.png,cat,train\nnope.png,dog,train\n",
-     "labels.csv line 3: image 'nope.png' does not exist (paths are relative to "),
-    ("path,label,split\nimages/0000.png,cat,holdout\n",
-     "labels.csv line 2: split 'holdout' is not train, val (validation, valid, dev) or test"),
-    ("path,label\nimages/0000.png,cat\nimages/0001.png,cat\n", "has 1 class(es) in its train rows; a classifier needs"),
-    ("path,label\nimages/0000.png,cat\nimages/0001.png,cat\nimages/0002.png,dog\n",
-     "class 'dog' has one training image; a validation split needs at least two"),
-    ("path,label,split\nimages/0000.png,cat,train\nimages/0001.png,dog,train\nimages/0002.png,bird,val\n",
-     "labels.csv line 4: class 'bird' is in val but has no train rows"),
-    ("path,label\nimages/0000.png,cat\nimages/0000.png,dog\n", "labels.csv line 3: 'images/0000.png' is listed twice"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "labels.csv is empty; expected a header path,label[,split]"),
+        ("path,label\n", "labels.csv has a header but no rows"),
+        (
+            "file,class\na.png,cat\n",
+            "labels.csv has no 'path' column (its header: file,class); expected path,label[,split], "
+            "or name yours with --path-column and --label-column",
+        ),
+        (
+            "path,Label,LABEL\nimages/0000.png,cat,dog\n",
+            "labels.csv: columns 2 ('Label') and 3 ('LABEL') both match the label column 'label'; rename one, or pass "
+            "--label-column with the exact name of the one to use",
+        ),
+        (
+            "path,label,label\nimages/0000.png,cat,dog\n",
+            "labels.csv: columns 2 ('label') and 3 ('label') both match the label column 'label'; rename one",
+        ),
+        (
+            "path,label,split\nimages/0000.png,cat,train\nnope.png,dog,train\n",
+            "labels.csv line 3: image 'nope.png' does not exist (paths are relative to ",
+        ),
+        (
+            "path,label,split\nimages/0000.png,cat,holdout\n",
+            "labels.csv line 2: split 'holdout' is not train, val (validation, valid, dev) or test",
+        ),
+        (
+            "path,label\nimages/0000.png,cat\nimages/0001.png,cat\n",
+            "has 1 class(es) in its train rows; a classifier needs",
+        ),
+        (
+            "path,label\nimages/0000.png,cat\nimages/0001.png,cat\nimages/0002.png,dog\n",
+            "class 'dog' has one training image; a validation split needs at least two",
+        ),
+        (
+            "path,label,split\nimages/0000.png,cat,train\nimages/0001.png,dog,train\nimages/0002.png,bird,val\n",
+            "labels.csv line 4: class 'bird' is in val but has no train rows",
+        ),
+        (
+            "path,label\nimages/0000.png,cat\nimages/0000.png,dog\n",
+            "labels.csv line 3: 'images/0000.png' is listed twice",
+        ),
+    ],
+)
 def test_csv_mistakes_are_one_line_naming_the_line(tmp_path, text, message):
     _csv_set(tmp_path / "k")
     (tmp_path / "k" / "labels.csv").write_text(text)
@@ -478,6 +535,7 @@ def test_data_with_labels_must_be_the_csv_folder(tmp_path):
 
 
 # --- evaluate on new data ---------------------------------------------------------------------------------------
+
 
 def test_evaluate_scores_new_data_whole_and_says_seen_only_when_it_is(tmp_path, monkeypatch, capsys):
     from autoft.results.predict import evaluate
@@ -521,7 +579,9 @@ def test_a_small_class_is_one_notice_not_library_warnings(tmp_path, monkeypatch,
         __import__("warnings").simplefilter("always")
         assert main(["search", "--data", "d", *FAST, "--trials", "3", "--epochs", "2"]) == 0
     err = capsys.readouterr().err
-    notice = "class 'dog' has 1 labelled image: cross-validation uses 2 folds, not 5, and 'dog' is validated in only one"
+    notice = (
+        "class 'dog' has 1 labelled image: cross-validation uses 2 folds, not 5, and 'dog' is validated in only one"
+    )
     assert err.count(notice) == 1, err
     assert "least populated class" not in err and not [w for w in caught if "least populated" in str(w.message)]
 
@@ -550,8 +610,14 @@ def _kaggle_set(root: Path, per_class: int = 8) -> Path:
 
 
 def _split_files(root: Path) -> list[str]:
-    return ["--labels", str(root / "train.csv"), "--val-labels", str(root / "validation.csv"),
-            "--test-labels", str(root / "test.csv")]
+    return [
+        "--labels",
+        str(root / "train.csv"),
+        "--val-labels",
+        str(root / "validation.csv"),
+        "--test-labels",
+        str(root / "test.csv"),
+    ]
 
 
 def test_an_exact_column_name_wins_over_one_equal_only_case_folded(tmp_path, monkeypatch):
@@ -586,17 +652,22 @@ def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_f
     assert [len(found.splits[s][0]) for s in ("train", "val", "test")] == [8, 4, 4] and not found.flat
     assert trained_on(ckpt) == found.fingerprint
     # the same images listed in one file with a split column are the same data (a study resumes on either)
-    lines = ["path,label,split"] + [f"{r.split(',')[1]},{r.split(',')[3]},{s}" for s in ("train", "validation", "test")
-                                    for r in (root / f"{s}.csv").read_text().splitlines()[1:]]
+    lines = ["path,label,split"] + [
+        f"{r.split(',')[1]},{r.split(',')[3]},{s}"
+        for s in ("train", "validation", "test")
+        for r in (root / f"{s}.csv").read_text().splitlines()[1:]
+    ]
     (root / "one.csv").write_text("\n".join(lines) + "\n")
     assert scan(None, root / "one.csv").fingerprint == found.fingerprint
 
     assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0
     best = yaml.safe_load((tmp_path / "studies" / "autoft" / "best.yaml").read_text())
     assert (best["labels"], best["val_labels"], best["test_labels"]) == tuple(
-        str(root / f"{s}.csv") for s in ("train", "validation", "test"))  # absolute, so it trains from anywhere
+        str(root / f"{s}.csv") for s in ("train", "validation", "test")
+    )  # absolute, so it trains from anywhere
     assert (best["path_column"], best["label_column"]) == ("Filename", "ClassName")
     from autoft.results import records
+
     joined = records.read_study_meta(optuna.load_study(study_name="autoft", storage="sqlite:///studies/autoft.db")).base
     assert (joined.val_labels, joined.label_column) == (best["val_labels"], "ClassName")  # what a worker reads
     assert main(["-q", "search", *_split_files(Path("k")), *KAGGLE_COLUMNS, *FAST, "--trials", "1"]) == 0  # resumes
@@ -604,8 +675,21 @@ def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_f
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert main(["-q", "train", "--config", str(tmp_path / "studies" / "autoft" / "best.yaml"), "--epochs", "1",
-                 "--out", "again"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--config",
+                str(tmp_path / "studies" / "autoft" / "best.yaml"),
+                "--epochs",
+                "1",
+                "--out",
+                "again",
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint("again/model.pt")["classes"] == ["cat", "dog"]
     ev = evaluate("again/model.pt", labels_csv=root / "test.csv")
     assert (ev["split"], ev["n"], ev["seen_in_training"]) == ("all", 4, False)  # the model's columns read it
@@ -620,25 +704,41 @@ def test_validation_valid_and_dev_are_the_val_split(tmp_path, split):
     assert [len(found.splits[s][0]) for s in ("train", "val")] == [12, 6]
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"test.csv": ",Filename,Label,ClassName\n0,cat/nope.png,0,cat\n"},
-     "test.csv line 2: image 'cat/nope.png' does not exist (paths are relative to "),
-    ({"test.csv": ",Filename,Label,ClassName\n0,cat/000.png,0,cat\n"},
-     "test.csv line 2: 'cat/000.png' is listed twice (also on line 2 of "),
-    ({"validation.csv": ",Filename,Label,ClassName\n0,cat/004.png,0,bird\n"},
-     "validation.csv line 2: class 'bird' is in val but has no train rows"),
-    ({"validation.csv": "Filename,ClassName,split\ncat/004.png,cat,test\n"},
-     "validation.csv line 2: split 'test' in the val labels file (--val-labels); it lists val rows only"),
-    ({"test.csv": ",Filename,Label,ClassName\n"}, "test.csv has a header but no rows"),
-    ({"test.csv": "Filename,Label\ncat/006.png,0\n"}, "test.csv has no 'ClassName' column (--label-column; its "
-                                                        "header: Filename,Label)"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (
+            {"test.csv": ",Filename,Label,ClassName\n0,cat/nope.png,0,cat\n"},
+            "test.csv line 2: image 'cat/nope.png' does not exist (paths are relative to ",
+        ),
+        (
+            {"test.csv": ",Filename,Label,ClassName\n0,cat/000.png,0,cat\n"},
+            "test.csv line 2: 'cat/000.png' is listed twice (also on line 2 of ",
+        ),
+        (
+            {"validation.csv": ",Filename,Label,ClassName\n0,cat/004.png,0,bird\n"},
+            "validation.csv line 2: class 'bird' is in val but has no train rows",
+        ),
+        (
+            {"validation.csv": "Filename,ClassName,split\ncat/004.png,cat,test\n"},
+            "validation.csv line 2: split 'test' in the val labels file (--val-labels); it lists val rows only",
+        ),
+        ({"test.csv": ",Filename,Label,ClassName\n"}, "test.csv has a header but no rows"),
+        (
+            {"test.csv": "Filename,Label\ncat/006.png,0\n"},
+            "test.csv has no 'ClassName' column (--label-column; its header: Filename,Label)",
+        ),
+    ],
+)
 def test_the_checks_hold_across_the_split_files(tmp_path, files, message):
     root = _kaggle_set(tmp_path / "k")
     for name, text in files.items():
         (root / name).write_text(text)
     with pytest.raises(DataError) as err:
-        scan(None, scan_module.Labels(*(root / f"{s}.csv" for s in ("train", "validation", "test")), "Filename", "ClassName"))
+        scan(
+            None,
+            scan_module.Labels(*(root / f"{s}.csv" for s in ("train", "validation", "test")), "Filename", "ClassName"),
+        )
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -647,17 +747,20 @@ def test_a_data_folder_with_split_csvs_beside_its_class_folders_says_so(tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", "k", *FAST, "--out", "run"]) == 0
     err = capsys.readouterr().err
-    hint = ("k holds train.csv, validation.csv, test.csv, which look like lists of splits, but --data reads every "
-            "image in its class folders as labelled, test rows included; to use their splits, pass --labels "
-            "k/train.csv --val-labels k/validation.csv --test-labels k/test.csv --path-column Filename "
-            "--label-column NAME (one of Label, ClassName) instead of --data")
+    hint = (
+        "k holds train.csv, validation.csv, test.csv, which look like lists of splits, but --data reads every "
+        "image in its class folders as labelled, test rows included; to use their splits, pass --labels "
+        "k/train.csv --val-labels k/validation.csv --test-labels k/test.csv --path-column Filename "
+        "--label-column NAME (one of Label, ClassName) instead of --data"
+    )
     assert err.count(hint) == 1, err
     for split in ("train", "validation", "test"):
         (tmp_path / "k" / f"{split}.csv").unlink()
     (tmp_path / "k" / "labels.csv").write_text("path,label,split\ncat/000.png,cat,train\n")  # one file, split column
     assert scan_module.split_lists_hint(Path("k")) == (
         "k holds labels.csv, which looks like a list of splits, but --data reads every image in its class folders as "
-        "labelled, test rows included; to use their splits, pass --labels k/labels.csv instead of --data")
+        "labelled, test rows included; to use their splits, pass --labels k/labels.csv instead of --data"
+    )
     make_image_folder(tmp_path / "plain", per_class=3, splits=("train",))
     (tmp_path / "plain" / "train" / "notes.csv").write_text("a,b\n1,2\n")  # no split list: nothing said
     assert main(["train", "--data", "plain/train", *FAST, "--out", "run2"]) == 0

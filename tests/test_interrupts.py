@@ -1,4 +1,5 @@
 """A signal never lands inside a storage write: it waits for the next safe place, and the storage stays usable."""
+
 import os
 import signal
 
@@ -6,9 +7,9 @@ import optuna
 import pytest
 import sqlalchemy
 
-from autoft.system import interrupts
 from autoft.exceptions import Terminated
 from autoft.storage import make_storage
+from autoft.system import interrupts
 
 
 @pytest.mark.parametrize("sig, exc_type", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])

@@ -10,25 +10,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_image_folder
 from optuna.trial import TrialState
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from autoft.results import records
-from autoft.training import probe
-from autoft.backbones import _REGISTRY, _tiny_cnn, get_backbone, JOIN, pretrained_stages, register_backbone
-from autoft.cache import RunCache
-from autoft.training.checkpoint import assemble
+from autoft.backbones import _REGISTRY, JOIN, _tiny_cnn, get_backbone, pretrained_stages, register_backbone
+from autoft.cache import RunCache, load_data
 from autoft.data.augment import center_crop, normalize
-from autoft.cache import load_data
+from autoft.results import records
+from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.space import next_backbone, shares
+from autoft.study.run import SearchOptions, run_search
+from autoft.training import probe
+from autoft.training.checkpoint import assemble
 from autoft.training.inference import frozen_features, predict_logits
 from autoft.training.loop import build_on_device, finetune, plan_folds
-from autoft.results.predict import evaluate, export, image_paths, load_model
 from autoft.training.run import train
-from autoft.space import next_backbone, shares
-from autoft.study.run import run_search, SearchOptions
-from conftest import make_image_folder
 
 CPU = torch.device("cpu")
 OTHER = "tiny_cnn_24"  # a second test backbone, at another native size and normalisation: its input is resized
@@ -37,8 +36,16 @@ JOINED = f"tiny_cnn{JOIN}{OTHER}"
 
 @pytest.fixture(autouse=True)
 def other_backbone():
-    register_backbone(OTHER, stages=3, mean=(0.4, 0.45, 0.5), std=(0.3, 0.25, 0.2), native_size=24, offline=True,
-                      pretrained=False, description="tiny_cnn at 24 px, for tests")(_tiny_cnn)
+    register_backbone(
+        OTHER,
+        stages=3,
+        mean=(0.4, 0.45, 0.5),
+        std=(0.3, 0.25, 0.2),
+        native_size=24,
+        offline=True,
+        pretrained=False,
+        description="tiny_cnn at 24 px, for tests",
+    )(_tiny_cnn)
     yield
     del _REGISTRY[OTHER]
 
@@ -61,8 +68,16 @@ def test_a_joined_backbone_crops_and_resizes_the_one_input_for_each_backbone():
 def _cfg(data):
     from autoft.config import Config
 
-    return Config(data=data, backbone=JOINED, image_size=36, batch_size=8, epochs=2, device="cpu", freeze_depth=1,
-                  aug_strength=0.0)
+    return Config(
+        data=data,
+        backbone=JOINED,
+        image_size=36,
+        batch_size=8,
+        epochs=2,
+        device="cpu",
+        freeze_depth=1,
+        aug_strength=0.0,
+    )
 
 
 def test_joined_probe_is_scikit_learns_fit_on_the_concatenated_features_and_shares_the_first_probes(tmp_path):
@@ -82,15 +97,24 @@ def test_joined_probe_is_scikit_learns_fit_on_the_concatenated_features_and_shar
     stored = data.labelled.read()  # uint8 at 36 px
     with torch.no_grad():  # each backbone's features by hand, as its own eval transform would make them
         mine = _stages("tiny_cnn")(normalize(center_crop(stored, 32), (0.5,) * 3, (0.5,) * 3))
-        resized = F.interpolate(center_crop(stored, 30), size=(24, 24), mode="bicubic", antialias=True,
-                                align_corners=False)
+        resized = F.interpolate(
+            center_crop(stored, 30), size=(24, 24), mode="bicubic", antialias=True, align_corners=False
+        )
         other = _stages(OTHER)(normalize(resized, (0.4, 0.45, 0.5), (0.3, 0.25, 0.2)))
     fresh = RunCache()  # the joined model's own first part, computed afresh, is tiny_cnn's probe's features exactly
-    joined = frozen_features(build_on_device(cfg, 3, CPU)[0], get_backbone(JOINED), cfg,
-                             fresh.images(data.labelled, CPU), 1, CPU, fresh)
+    joined = frozen_features(
+        build_on_device(cfg, 3, CPU)[0], get_backbone(JOINED), cfg, fresh.images(data.labelled, CPU), 1, CPU, fresh
+    )
     single_data = load_data(single)
-    alone = frozen_features(build_on_device(single, 3, CPU)[0], get_backbone("tiny_cnn"), single,
-                            fresh.images(single_data.labelled, CPU), 3, CPU, RunCache())
+    alone = frozen_features(
+        build_on_device(single, 3, CPU)[0],
+        get_backbone("tiny_cnn"),
+        single,
+        fresh.images(single_data.labelled, CPU),
+        3,
+        CPU,
+        RunCache(),
+    )
     assert torch.equal(joined[:, :32], alone)  # so the shared cache key holds what either would compute
     torch.testing.assert_close(joined, torch.cat([mine, other], 1), atol=1e-5, rtol=0)
     x = torch.cat([mine, other], 1).double().numpy()
@@ -100,8 +124,9 @@ def test_joined_probe_is_scikit_learns_fit_on_the_concatenated_features_and_shar
         inner = StratifiedKFold(probe.INNER_FOLDS, shuffle=True, random_state=cfg.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            ref = LogisticRegressionCV(Cs=probe.CS, cv=inner, scoring="neg_log_loss",
-                                       max_iter=probe.MAX_ITER).fit(scaler.transform(x[tr]), y[tr])
+            ref = LogisticRegressionCV(Cs=probe.CS, cv=inner, scoring="neg_log_loss", max_iter=probe.MAX_ITER).fit(
+                scaler.transform(x[tr]), y[tr]
+            )
         assert result.best[probe.CHOSEN_C][i] == pytest.approx(np.atleast_1d(ref.C_)[0])
         net = assemble(cfg.backbone, 3, [result.members[i]], 0)  # the shipped fold model, from the images
         got = predict_logits(net, get_backbone(JOINED), cfg, data.labelled, 0, CPU, fold.val).softmax(1).double()
@@ -124,8 +149,10 @@ def _mislabel(root, share=0.3):
         moves = []
         for i, name in enumerate(classes):
             files = sorted((root / split / name).iterdir())
-            moves += [(f, root / split / classes[(i + 1) % len(classes)] / f"moved_{f.name}")
-                      for f in rng.sample(files, int(len(files) * share))]
+            moves += [
+                (f, root / split / classes[(i + 1) % len(classes)] / f"moved_{f.name}")
+                for f in rng.sample(files, int(len(files) * share))
+            ]
         for src, dst in moves:
             shutil.move(src, dst)
 
@@ -174,14 +201,21 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
     monkeypatch.setattr(study_module, "auto_backbones", lambda: ["tiny_cnn", OTHER])
     caches = []
     monkeypatch.setattr(study_module, "RunCache", lambda: caches.append(RunCache()) or caches[-1])
-    base = _cfg(str(root)).replace(backbone="auto", image_size=32, freeze_depth=0, aug_strength=0.5, epochs=1,
-                                   head_lr=0.05, base_lr=0.01)
-    opts = SearchOptions(trials=8, progress=False, storage=f"sqlite:///{tmp_path / 's.db'}", out=str(tmp_path / "out"),
-                         artifacts=str(tmp_path / "art"), pruner="none")
+    base = _cfg(str(root)).replace(
+        backbone="auto", image_size=32, freeze_depth=0, aug_strength=0.5, epochs=1, head_lr=0.05, base_lr=0.01
+    )
+    opts = SearchOptions(
+        trials=8,
+        progress=False,
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        out=str(tmp_path / "out"),
+        artifacts=str(tmp_path / "art"),
+        pruner="none",
+    )
     study = run_search(base, opts, fixed=["backbone", "epochs"])
     trials = study.get_trials(deepcopy=False)
     names = [t.user_attrs.get(records.PORTFOLIO) for t in trials]
-    assert names[:3] == [f"linear_probe@tiny_cnn", f"linear_probe@{OTHER}", f"linear_probe@{JOINED}"]
+    assert names[:3] == ["linear_probe@tiny_cnn", f"linear_probe@{OTHER}", f"linear_probe@{JOINED}"]
     assert all(t.state == TrialState.COMPLETE for t in trials[:3])
     assert names[3:6] == ["hand_recipe", "freeze_unfreeze", "low_rate_full"]
     allocated = [t.user_attrs[records.ALLOCATED]["backbone"] for t in trials[3:]]
@@ -200,10 +234,10 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
 
 def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf
+    from test_backbones import _cache_timm_weights
 
     import autoft.backbones as backbones
     import autoft.study.run as study_module
-    from test_backbones import _cache_timm_weights
 
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -212,8 +246,14 @@ def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(t
     monkeypatch.setattr(study_module, "auto_backbones", lambda: ["tiny_cnn", *backbones.cached_timm_models()])
     root = make_image_folder(tmp_path / "d")
     base = _cfg(str(root)).replace(backbone="auto", image_size=32, freeze_depth=0, aug_strength=0.5, epochs=1)
-    opts = SearchOptions(trials=5, progress=False, storage=f"sqlite:///{tmp_path / 's.db'}", out=str(tmp_path / "out"),
-                         artifacts=str(tmp_path / "art"), pruner="none")
+    opts = SearchOptions(
+        trials=5,
+        progress=False,
+        storage=f"sqlite:///{tmp_path / 's.db'}",
+        out=str(tmp_path / "out"),
+        artifacts=str(tmp_path / "art"),
+        pruner="none",
+    )
     trials = run_search(base, opts, fixed=["backbone", "epochs"]).get_trials(deepcopy=False)
     timm_name = "timm/test_resnet.r160_in1k"
     assert trials[1].user_attrs[records.PORTFOLIO] == f"linear_probe@{timm_name}"

@@ -13,14 +13,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autoft"
 LAYERS = {
     "exceptions": 0,
     "system": 1,  # files written whole, processes known by identity, signals
-    "estimate": 2, "config": 2,  # metrics with their intervals; the config and its checks
-    "heartbeat": 2, "storage": 2,  # Optuna's storages, artifacts and heartbeats, through its public API
+    "estimate": 2,
+    "config": 2,  # metrics with their intervals; the config and its checks
+    "heartbeat": 2,
+    "storage": 2,  # Optuna's storages, artifacts and heartbeats, through its public API
     "data": 3,  # images in: scan, decode, the image store, datasets and folds, augmentation
-    "backbones": 4, "cache": 4, "space": 4,  # the registry; what a run keeps in memory; the search space
+    "backbones": 4,
+    "cache": 4,
+    "space": 4,  # the registry; what a run keeps in memory; the search space
     "training": 5,  # one fine-tune: the loop, exact probes, finals, inference, checkpoints
     "results": 6,  # what a study keeps and shows: records, exports, summaries, plots, dashboard, predictions
     "study": 7,  # the search: study, objective, pruning, fold racing, workers, progress
-    "cli": 8, "__init__": 8,
+    "cli": 8,
+    "__init__": 8,
 }
 
 
@@ -55,7 +60,7 @@ def autoft_imports(path: Path, module: str | None = None) -> list[tuple[str, int
                     continue
                 base = parts[1:]
             else:
-                base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+                base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
             if node.module is None or (node.level == 0 and not base):  # from . import a, b
                 found += [(".".join(base + [alias.name]), node.lineno) for alias in node.names]
             else:
@@ -75,10 +80,14 @@ def problems() -> list[str]:
             if target not in edges and target.rsplit(".", 1)[0] not in edges:
                 out.append(f"autoft {name}:{line} imports {target}, which is no module of autoft's")
             elif stage(name) in LAYERS and LAYERS[stage(target)] > LAYERS[stage(name)]:
-                out.append(f"autoft {name}:{line} imports {target}: layer {LAYERS[stage(name)]} -> "
-                           f"{LAYERS[stage(target)]}, up")
-            elif stage(target) != stage(name) and LAYERS.get(stage(target)) == LAYERS.get(stage(name)) \
-                    and "." in name + target:
+                out.append(
+                    f"autoft {name}:{line} imports {target}: layer {LAYERS[stage(name)]} -> {LAYERS[stage(target)]}, up"
+                )
+            elif (
+                stage(target) != stage(name)
+                and LAYERS.get(stage(target)) == LAYERS.get(stage(name))
+                and "." in name + target
+            ):
                 out.append(f"autoft {name}:{line} imports {target}: packages side by side do not import each other")
     deps = {n: {t for t, _ in i if t in edges} for n, i in edges.items()}
     out += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(deps)]
@@ -93,7 +102,7 @@ def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for nxt in sorted(deps.get(node, ())):
             if state.get(nxt) == "open":
-                found.append(path[path.index(nxt):] + [nxt])
+                found.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -116,10 +125,17 @@ def test_the_folders_are_the_stages():
 
 def test_the_check_sees_lazy_imports_relative_ones_and_cycles(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("from .. import config\nfrom . import records\n\ndef f():\n    from ..study.run import run_search\n"
-                 "    import autoft.cli\n    from .plots import points\n")
-    assert autoft_imports(f, "results.m") == [("config", 1), ("results.records", 2), ("study.run", 5), ("cli", 6),
-                                              ("results.plots", 7)]
+    f.write_text(
+        "from .. import config\nfrom . import records\n\ndef f():\n    from ..study.run import run_search\n"
+        "    import autoft.cli\n    from .plots import points\n"
+    )
+    assert autoft_imports(f, "results.m") == [
+        ("config", 1),
+        ("results.records", 2),
+        ("study.run", 5),
+        ("cli", 6),
+        ("results.plots", 7),
+    ]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 

@@ -8,16 +8,16 @@ import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 
-from autoft.results import records
-from autoft.backbones import build_model, LogitAdjusted
+from autoft.backbones import LogitAdjusted, build_model
 from autoft.cache import RunCache
-from autoft.training.checkpoint import assemble
 from autoft.config import Config
-from autoft.estimate import bootstrap, confusion, Estimate, from_confusion, scores
-from autoft.exceptions import ConfigError
-from autoft.training.loop import _FoldRun, adjusted, choose_tau, class_weights, Result
 from autoft.data.dataset import Fold
-from autoft.space import imbalanced, SearchSpace
+from autoft.estimate import Estimate, bootstrap, confusion, from_confusion, scores
+from autoft.exceptions import ConfigError
+from autoft.results import records
+from autoft.space import SearchSpace, imbalanced
+from autoft.training.checkpoint import assemble
+from autoft.training.loop import Result, _FoldRun, adjusted, choose_tau, class_weights
 
 
 def _predictions(seed=0, counts=(40, 15, 6), recall=(0.9, 0.6, 0.4)):
@@ -39,13 +39,17 @@ def test_metrics_match_scikit_learn_on_fixed_predictions(seed):
     assert scores(y, never, 3)["f1_macro"] == pytest.approx(f1_score(y, never, average="macro", zero_division=0))
     batch = np.stack([confusion(y, p, 3), confusion(y, never, 3)])  # batched, as the bootstrap computes them
     assert from_confusion("balanced_accuracy", batch) == pytest.approx(
-        [balanced_accuracy_score(y, p), balanced_accuracy_score(y, never)])
+        [balanced_accuracy_score(y, p), balanced_accuracy_score(y, never)]
+    )
 
 
 def test_bootstrap_interval_covers_the_true_value_at_its_nominal_rate():
     # population: per-class recall fixed, errors spread evenly; the estimand is the metric of the expected confusion
     counts, recall, c = np.array([120, 60, 30, 16]), np.array([0.9, 0.8, 0.6, 0.5]), 4
-    expected = np.array([[r if i == j else (1 - r) / (c - 1) for j in range(c)] for i, r in enumerate(recall)]) * counts[:, None]
+    expected = (
+        np.array([[r if i == j else (1 - r) / (c - 1) for j in range(c)] for i, r in enumerate(recall)])
+        * counts[:, None]
+    )
     sims, hits = 200, {"balanced_accuracy": 0, "f1_macro": 0}
     for s in range(sims):
         y, p = _predictions(100 + s, counts, recall)
@@ -71,18 +75,24 @@ def test_metric_is_a_config_key_with_its_choices():
     assert Config(metric="balanced_accuracy").metric == "balanced_accuracy"
     with pytest.raises(ConfigError, match="metric"):
         Config(metric="auc")
-    assert Config(logit_adjustment="auto").logit_adjustment == "auto" and Config(logit_adjustment="0.5").logit_adjustment == 0.5
+    assert (
+        Config(logit_adjustment="auto").logit_adjustment == "auto"
+        and Config(logit_adjustment="0.5").logit_adjustment == 0.5
+    )
     with pytest.raises(ConfigError, match="logit_adjustment"):
         Config(logit_adjustment="sometimes")
 
 
 # --- selection and pruning follow the metric -------------------------------------------------------------------
 
+
 def _told(study, value, loss, se, seconds=10.0, history=None):
     """A completed trial scored on balanced accuracy, with its bootstrap standard error."""
     t = study.ask()
     t.set_user_attr("val_loss", loss)
-    t.set_user_attr("estimate", Estimate(value, 200, (), "balanced_accuracy", (value - 2 * se, value + 2 * se, se)).to_dict())
+    t.set_user_attr(
+        "estimate", Estimate(value, 200, (), "balanced_accuracy", (value - 2 * se, value + 2 * se, se)).to_dict()
+    )
     t.set_user_attr("train_seconds", seconds)
     for step, v in enumerate(history or [], 1):
         t.report(v, step)
@@ -109,8 +119,19 @@ def test_pruning_uses_the_running_trials_own_metric_noise():
 
     def running(now, se):
         t = study.ask()
-        t.set_user_attr("steps", [{"fold": 1, "epoch": 1, "val_balanced_accuracy": now, "fold_scores": [],
-                                   "bootstrap": [now - 2 * se, now + 2 * se, se], "images": 200}])
+        t.set_user_attr(
+            "steps",
+            [
+                {
+                    "fold": 1,
+                    "epoch": 1,
+                    "val_balanced_accuracy": now,
+                    "fold_scores": [],
+                    "bootstrap": [now - 2 * se, now + 2 * se, se],
+                    "images": 200,
+                }
+            ],
+        )
         t.report(now, 1)
         return t
 
@@ -121,12 +142,26 @@ def test_pruning_uses_the_running_trials_own_metric_noise():
 
 # --- out-of-fold predictions kept, and `best --metric` ----------------------------------------------------------
 
+
 def _fake_result(cfg, probabilities, prior, tau=0.0):
     n = len(probabilities)
     m = {"epoch": 1, "val_loss": 0.5, "tau": tau}
-    return Result(m, m, [m], [{}], 0, ["a", "b", "c"], cfg, "cpu", 0.1, 1.0, validated=n,
-                  oof=probabilities.astype(np.float32), fold=np.where(np.isnan(probabilities[:, 0]), -1, np.arange(n) % 5),
-                  prior=prior)
+    return Result(
+        m,
+        m,
+        [m],
+        [{}],
+        0,
+        ["a", "b", "c"],
+        cfg,
+        "cpu",
+        0.1,
+        1.0,
+        validated=n,
+        oof=probabilities.astype(np.float32),
+        fold=np.where(np.isnan(probabilities[:, 0]), -1, np.arange(n) % 5),
+        prior=prior,
+    )
 
 
 def test_oof_artifact_round_trip(tmp_path):
@@ -135,8 +170,13 @@ def test_oof_artifact_round_trip(tmp_path):
     probs = np.random.default_rng(0).dirichlet(np.ones(3), 30)
     probs[3] = np.nan  # an image no fold validated
     labels = np.arange(30) % 3
-    records.write_oof(trial, _fake_result(Config(), probs, [0.5, 0.3, 0.2], tau=0.5), labels,
-                      [f"img{i}.png" for i in range(30)], str(tmp_path))
+    records.write_oof(
+        trial,
+        _fake_result(Config(), probs, [0.5, 0.3, 0.2], tau=0.5),
+        labels,
+        [f"img{i}.png" for i in range(30)],
+        str(tmp_path),
+    )
     study.tell(trial, 0.5)
     oof = records.load_oof(study.trials[0], tmp_path)
     np.testing.assert_array_equal(oof.probabilities, probs.astype(np.float32))
@@ -170,13 +210,28 @@ def test_best_metric_reranks_a_finished_study_without_training(tmp_path, monkeyp
     assert records.best_trial(study).number == 0  # by accuracy, the study's metric
     best, estimate = records.best_by(study, "balanced_accuracy", tmp_path / "art")
     assert best.number == 1 and estimate.value == pytest.approx(0.5) and estimate.metric == "balanced_accuracy"
-    assert main(["best", "--study", "s", "--storage", storage, "--artifacts", str(tmp_path / "art"),
-                 "--metric", "balanced_accuracy"]) == 0
+    assert (
+        main(
+            [
+                "best",
+                "--study",
+                "s",
+                "--storage",
+                storage,
+                "--artifacts",
+                str(tmp_path / "art"),
+                "--metric",
+                "balanced_accuracy",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("# study s, trial 1: balanced_accuracy 0.5000 (95 % interval") and "backbone:" in out
 
 
 # --- imbalance -------------------------------------------------------------------------------------------------
+
 
 def test_imbalance_remedies_appear_in_the_space_only_for_imbalanced_data():
     assert not imbalanced([60, 60, 59]) and not imbalanced([60, 31]) and imbalanced([60, 30]) and imbalanced([60, 6])
@@ -204,12 +259,23 @@ def test_class_weights_are_scikit_learns():
 def test_balanced_sampling_draws_every_class_about_equally():
     labels = torch.tensor([0] * 90 + [1] * 10)
     cfg = Config(backbone="tiny_cnn", balanced_sampling=True, device="cpu")
-    run = _FoldRun(cfg, Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0, labels, 2, torch.device("cpu"),
-                   RunCache())
+    run = _FoldRun(
+        cfg, Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0, labels, 2, torch.device("cpu"), RunCache()
+    )
     drawn = labels[torch.multinomial(run.draw, 100 * 50, replacement=True, generator=torch.Generator().manual_seed(0))]
     assert abs(drawn.float().mean().item() - 0.5) < 0.03  # the rare class drawn half the time, not a tenth
-    assert _FoldRun(cfg.replace(balanced_sampling=False), Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)), 0,
-                    labels, 2, torch.device("cpu"), RunCache()).draw is None
+    assert (
+        _FoldRun(
+            cfg.replace(balanced_sampling=False),
+            Fold(torch.arange(100), torch.zeros(0, dtype=torch.long)),
+            0,
+            labels,
+            2,
+            torch.device("cpu"),
+            RunCache(),
+        ).draw
+        is None
+    )
 
 
 def test_logit_adjustment_with_tau_zero_is_a_no_op():
@@ -219,8 +285,9 @@ def test_logit_adjustment_with_tau_zero_is_a_no_op():
     net, _ = build_model("tiny_cnn", 3, weights="random")
     state = net.state_dict()
     plain = assemble("tiny_cnn", 3, [state], 0)
-    assert not isinstance(plain, LogitAdjusted) and not isinstance(assemble("tiny_cnn", 3, [state], 0, 0.0, [0.7, 0.2, 0.1]),
-                                                                     LogitAdjusted)
+    assert not isinstance(plain, LogitAdjusted) and not isinstance(
+        assemble("tiny_cnn", 3, [state], 0, 0.0, [0.7, 0.2, 0.1]), LogitAdjusted
+    )
     shifted = assemble("tiny_cnn", 3, [state], 0, 1.0, [0.7, 0.2, 0.1]).eval()
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
@@ -235,8 +302,11 @@ def test_auto_tau_is_chosen_on_the_metric_and_is_zero_when_it_does_not_help():
     log_prior = np.log([0.9, 0.1])
     cfg = Config(logit_adjustment="auto", metric="balanced_accuracy")
     tau = choose_tau(cfg, log_probs, y, log_prior)
-    assert tau > 0 and scores(y, adjusted(log_probs, log_prior, tau).argmax(1), 2)["balanced_accuracy"] > \
-        scores(y, log_probs.argmax(1), 2)["balanced_accuracy"]
+    assert (
+        tau > 0
+        and scores(y, adjusted(log_probs, log_prior, tau).argmax(1), 2)["balanced_accuracy"]
+        > scores(y, log_probs.argmax(1), 2)["balanced_accuracy"]
+    )
     right = np.log(np.eye(2)[y] * 0.98 + 0.01)  # already perfect: no adjustment
     assert choose_tau(cfg, right, y, log_prior) == 0.0
     assert choose_tau(cfg.replace(logit_adjustment=0.5), log_probs, y, log_prior) == 0.5
@@ -247,15 +317,25 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
 
     from conftest import make_image_folder
 
-    from autoft.study.run import run_search, SearchOptions
+    from autoft.study.run import SearchOptions, run_search
 
     data = make_image_folder(tmp_path / "data", per_class=12)
     for f in sorted((data / "train" / "dog").iterdir())[2:]:  # with val/: 18 cats, 8 dogs, imbalanced
         f.unlink()
 
     def fake_finetune(cfg, data, report, cache=None, **kw):  # fake scores, no training
-        m = {"fold": 1, "epoch": 1, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.8, "val_balanced_accuracy": 0.6,
-             "val_f1_macro": 0.55, "images_per_s": 1.0, "epoch_time_s": 0.1, "tau": 0.0}
+        m = {
+            "fold": 1,
+            "epoch": 1,
+            "train_loss": 1.0,
+            "val_loss": 0.5,
+            "val_accuracy": 0.8,
+            "val_balanced_accuracy": 0.6,
+            "val_f1_macro": 0.55,
+            "images_per_s": 1.0,
+            "epoch_time_s": 0.1,
+            "tau": 0.0,
+        }
         report(0, m)
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=len(data.labelled))
 
@@ -268,8 +348,10 @@ def test_an_imbalanced_accuracy_search_says_so_and_a_resume_keeps_its_metric(tmp
     assert records.class_counts(study) == [18, 8] and study.metric_names == ["val_accuracy"]
     assert {"class_weight", "balanced_sampling", "logit_adjustment"} <= set(study.user_attrs[records.SPACE])
     out = capsys.readouterr().out
-    assert ("imbalanced classes (18 to 8 images): accuracy favours the common ones; the winner's balanced accuracy is "
-            "0.6000 (accuracy 0.8000); to choose on it: --metric balanced_accuracy") in out
+    assert (
+        "imbalanced classes (18 to 8 images): accuracy favours the common ones; the winner's balanced accuracy is "
+        "0.6000 (accuracy 0.8000); to choose on it: --metric balanced_accuracy"
+    ) in out
     with pytest.raises(ConfigError, match=r"different base config \(metric\)"):
         run_search(cfg.replace(metric="balanced_accuracy"), SearchOptions(trials=1, sampler="random"))
 

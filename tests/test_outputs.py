@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image_folder
 
 import autoft.results.predict
 import autoft.training.run
-from autoft.training.checkpoint import FORMAT
 from autoft.cli import main
-from autoft.system.files import atomic_open, atomic_path, atomic_write_text, STALE_TMP_S
-from conftest import make_image_folder
+from autoft.system.files import STALE_TMP_S, atomic_open, atomic_path, atomic_write_text
+from autoft.training.checkpoint import FORMAT
 
 TINY = ["--backbone", "tiny_cnn", "--image-size", "32", "--batch-size", "8", "--device", "cpu", "--epochs", "1"]
 
@@ -46,8 +46,11 @@ def project(searched, tmp_path, monkeypatch) -> Path:
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_error(capsys, expected: str) -> str:
@@ -58,9 +61,12 @@ def _one_error(capsys, expected: str) -> str:
 
 # --- item 5: outputs checked before any work ------------------------------------------------------------------
 
+
 def test_train_out_that_is_a_file_fails_before_training(project, monkeypatch, capsys):
     (project / "taken").write_text("not a folder\n")
-    monkeypatch.setattr(autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
+    monkeypatch.setattr(
+        autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written")
+    )
     assert main(["train", "--data", "data", "--out", "taken", *TINY]) == 2
     _one_error(capsys, "output folder taken is a file, not a folder")
     assert (project / "taken").read_text() == "not a folder\n"
@@ -69,7 +75,9 @@ def test_train_out_that_is_a_file_fails_before_training(project, monkeypatch, ca
 def test_train_into_a_read_only_folder_fails_before_training(project, monkeypatch, capsys, read_only):
     (project / "runs").mkdir()
     read_only(project / "runs")
-    monkeypatch.setattr(autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written"))
+    monkeypatch.setattr(
+        autoft.training.run, "finetune", lambda *a, **k: pytest.fail("trained although --out cannot be written")
+    )
     assert main(["train", "--data", "data", "--out", "runs/train", *TINY]) == 2
     _one_error(capsys, "is not writable")
 
@@ -82,11 +90,14 @@ def test_search_out_that_is_a_file_wastes_no_trial(project, capsys):
     assert _fingerprint(project / "studies") == before
 
 
-@pytest.mark.parametrize("command", [
-    ["report"],
-    ["evaluate", "--model", "studies/autoft/best.pt"],
-    ["export", "--model", "studies/autoft/best.pt"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["report"],
+        ["evaluate", "--model", "studies/autoft/best.pt"],
+        ["export", "--model", "studies/autoft/best.pt"],
+    ],
+)
 def test_read_only_studies_is_one_line_for_every_command(project, capsys, read_only, command):
     read_only(project / "studies")
     before = _fingerprint(project / "studies")
@@ -95,16 +106,28 @@ def test_read_only_studies_is_one_line_for_every_command(project, capsys, read_o
     assert _fingerprint(project / "studies") == before
 
 
-@pytest.mark.parametrize("command, expected", [
-    (["report", "--out", "f"], "report folder f is a file, not a folder"),
-    (["evaluate", "--model", "studies/autoft/best.pt", "--out", "f/x.png"], "--out f/x.png: f is a file, not a folder"),
-    (["export", "--model", "studies/autoft/best.pt", "--out", "f/x.pt"], "--out f/x.pt: f is a file, not a folder"),
-    (["dashboard", "--artifacts", "f"], "--artifacts f is a file, not a folder"),
-    (["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--out", "f"], "--out f is a file, not a folder"),
-    (["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--threads", "0"], "--threads must be at least 1"),
-    (["report", "--storage", "sqlite:////proc/autoft/x.db"], "/proc"),
-    (["report", "--study", ".."], "study name '..' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["report", "--out", "f"], "report folder f is a file, not a folder"),
+        (
+            ["evaluate", "--model", "studies/autoft/best.pt", "--out", "f/x.png"],
+            "--out f/x.png: f is a file, not a folder",
+        ),
+        (["export", "--model", "studies/autoft/best.pt", "--out", "f/x.pt"], "--out f/x.pt: f is a file, not a folder"),
+        (["dashboard", "--artifacts", "f"], "--artifacts f is a file, not a folder"),
+        (
+            ["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--out", "f"],
+            "--out f is a file, not a folder",
+        ),
+        (
+            ["worker", "--storage", "sqlite:///studies/autoft.db", "--study", "autoft", "--threads", "0"],
+            "--threads must be at least 1",
+        ),
+        (["report", "--storage", "sqlite:////proc/autoft/x.db"], "/proc"),
+        (["report", "--study", ".."], "study name '..' is not allowed"),
+    ],
+)
 def test_output_in_the_way_is_one_line(project, capsys, command, expected):
     (project / "f").write_text("a file\n")
     assert main(command) == 2
@@ -122,7 +145,9 @@ def test_evaluate_out_folder_gets_the_default_name_and_says_so(project, capsys):
 def test_export_out_folder_gets_the_default_name(project, capsys):
     (project / "deploy").mkdir()
     assert main(["export", "--model", "studies/autoft/best.pt", "--out", "deploy"]) == 0
-    assert (project / "deploy" / "best.torchscript.pt").is_file() and (project / "deploy" / "best.torchscript.pt.json").is_file()
+    assert (project / "deploy" / "best.torchscript.pt").is_file() and (
+        project / "deploy" / "best.torchscript.pt.json"
+    ).is_file()
     assert "wrote deploy/best.torchscript.pt" in capsys.readouterr().out
 
 
@@ -130,8 +155,26 @@ def test_export_out_folder_gets_the_default_name(project, capsys):
 def test_in_memory_sqlite_runs_a_search_without_tracebacks(project, url):
     """A study that lives only as long as the process: it runs (in a process of its own, so that a heartbeat
     thread's traceback would show on its stderr), exports its best, and prints nothing it should not."""
-    proc = subprocess.run([sys.executable, "-m", "autoft.cli", "search", "--data", "data", "--trials", "2",
-                           "--storage", url, "--study", "mem", *TINY], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoft.cli",
+            "search",
+            "--data",
+            "data",
+            "--trials",
+            "2",
+            "--storage",
+            url,
+            "--study",
+            "mem",
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
     assert "study mem: 2 trials this run" in proc.stdout and (project / "studies" / "mem" / "best.yaml").is_file()
@@ -139,6 +182,7 @@ def test_in_memory_sqlite_runs_a_search_without_tracebacks(project, url):
 
 
 # --- item 6: atomic writes with normal permissions ----------------------------------------------------------
+
 
 def test_every_output_is_0644_under_umask_022(project, capsys):
     old = os.umask(0o022)
@@ -216,6 +260,7 @@ def test_temp_files_of_killed_writers_are_swept_by_the_next_write(tmp_path):
 
 
 # --- item 9: a checkpoint that is not whole ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("missing", ["state_dict", "classes", "config"])
 @pytest.mark.parametrize("command", ["evaluate", "export", "predict"])

@@ -11,11 +11,10 @@ import torch
 
 import autoft.training.inference as inference
 import autoft.training.loop as ft
-from autoft.backbones import _REGISTRY, build_model, Net, register_backbone
-from autoft.cache import Images, RunCache, Streamed
-from autoft.cache import load_data
+from autoft.backbones import _REGISTRY, Net, build_model, register_backbone
+from autoft.cache import Images, RunCache, Streamed, load_data
+from autoft.study.run import SearchOptions, run_search
 from autoft.training.loop import finetune
-from autoft.study.run import run_search, SearchOptions
 
 
 @pytest.fixture
@@ -78,7 +77,9 @@ def test_feature_cache_stays_under_its_bound_and_evicts_oldest(tiny_config, monk
     bound = int(one.numel() * one.element_size() * 1.2)
     cache = RunCache(max_bytes=bound)
     inference.frozen_features(model, spec, cfg, images, 1, dev, cache)
-    kept = inference.frozen_features(model, spec, cfg, images, 2, dev, cache)  # half the size: depth 1 must go to make room
+    kept = inference.frozen_features(
+        model, spec, cfg, images, 2, dev, cache
+    )  # half the size: depth 1 must go to make room
     assert cache.held_bytes() <= bound
     assert [k[4] for k in cache.held_keys()] == [2]
     assert inference.frozen_features(model, spec, cfg, images, 2, dev, cache) is kept
@@ -92,7 +93,12 @@ def test_features_larger_than_the_bound_are_never_materialised(tiny_config, monk
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or empty(*a, **k))
     cache = RunCache(max_bytes=1000)  # smaller than one split's features
-    assert inference.frozen_features(model, spec, cfg, Images(data.train, torch.device("cpu")), 1, torch.device("cpu"), cache) is None
+    assert (
+        inference.frozen_features(
+            model, spec, cfg, Images(data.train, torch.device("cpu")), 1, torch.device("cpu"), cache
+        )
+        is None
+    )
     assert not allocated and not cache.held_keys()
     result = finetune(cfg, data, cache=cache)  # falls back to running the prefix per batch
     assert len(result.history) == 2 and [k[0] for k in cache.held_keys()] == ["stages"]  # no features
@@ -146,8 +152,16 @@ def test_caches_stay_bounded_when_backbones_alternate(tiny_config, monkeypatch):
     """Datasets per backbone crop and size, features per backbone/size/depth: both bounded, oldest out first."""
     from autoft.backbones import _REGISTRY
 
-    register_backbone("tiny_cnn_b", stages=3, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.75, native_size=32,
-                      offline=True, pretrained=False)(_REGISTRY["tiny_cnn"].build)
+    register_backbone(
+        "tiny_cnn_b",
+        stages=3,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        crop_pct=0.75,
+        native_size=32,
+        offline=True,
+        pretrained=False,
+    )(_REGISTRY["tiny_cnn"].build)
     try:
         cache = RunCache(max_datasets=2)
         a, b = tiny_config, tiny_config.replace(backbone="tiny_cnn_b")
@@ -182,7 +196,9 @@ def test_device_streaming_with_a_tiny_device_budget_on_cpu_tensors(tiny_config, 
     assert isinstance(images, Streamed)
     readers = []
     host = Streamed._host
-    monkeypatch.setattr(Streamed, "_host", lambda self, i: readers.append(threading.current_thread().name) or host(self, i))
+    monkeypatch.setattr(
+        Streamed, "_host", lambda self, i: readers.append(threading.current_thread().name) or host(self, i)
+    )
     batches = torch.randperm(len(data.labelled)).split(5)
     got = list(images.batches(batches))
     assert len(got) == len(batches) and all(torch.equal(g, data.labelled.read(b)) for g, b in zip(got, batches))
@@ -220,9 +236,14 @@ def _peak_anonymous_bytes(root) -> int:
 
     # A fixed mmap threshold: glibc's sliding one lets freed batch buffers fragment the heap, by an amount that
     # grows with the steps a run takes and says nothing about what the run holds per image (README).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _ANON_RUN, str(root)], capture_output=True, text=True, env=env, check=True)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="131072",
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _ANON_RUN, str(root)], capture_output=True, text=True, env=env, check=True
+    )
     return int(out.stdout.split()[-1])
 
 

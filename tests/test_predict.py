@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
 from autoft.backbones import build_model
-from autoft.training.checkpoint import save_checkpoint
+from autoft.cache import load_data
 from autoft.cli import main
 from autoft.config import Config
 from autoft.data.augment import center_crop
 from autoft.exceptions import AutoftError, DataError
-from autoft.cache import load_data
-from autoft.training.inference import predict_logits
 from autoft.results.plots import PNG_SIZE
 from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.training.checkpoint import save_checkpoint
+from autoft.training.inference import predict_logits
 from autoft.training.run import train
-from conftest import make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,17 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOFT_CACHE", str(root / "cache"))
         data = make_image_folder(root / "data", splits=("train", "val", "test"))
-        cfg = Config(data=str(data), backbone="tiny_cnn", image_size=32, batch_size=8, epochs=6, head_lr=0.05,
-                     base_lr=0.02, device="cpu", aug_strength=0.2)
+        cfg = Config(
+            data=str(data),
+            backbone="tiny_cnn",
+            image_size=32,
+            batch_size=8,
+            epochs=6,
+            head_lr=0.05,
+            base_lr=0.02,
+            device="cpu",
+            aug_strength=0.2,
+        )
         metrics = train(cfg, root / "run")  # 5-fold cross-validation: model.pt is the ensemble of the fold models
     assert metrics["best_val_accuracy"] >= 0.9, "fixture model did not learn the toy classes"
     assert metrics["shipped"].startswith("ensemble of 5 fold models")
@@ -102,7 +111,9 @@ def test_evaluate_matches_a_hand_computation(tmp_path):
     assert ev["n"] == 8
     assert ev["accuracy"] == pytest.approx(6 / 8)
     assert ev["balanced_accuracy"] == pytest.approx((0 + 1) / 2)
-    assert ev["per_class"]["dog"] == pytest.approx({"precision": 6 / 8, "recall": 1.0, "f1": 2 * 0.75 / 1.75, "support": 6})
+    assert ev["per_class"]["dog"] == pytest.approx(
+        {"precision": 6 / 8, "recall": 1.0, "f1": 2 * 0.75 / 1.75, "support": 6}
+    )
     assert ev["per_class"]["cat"] == pytest.approx({"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2})
     assert ev["confusion_matrix"] == [[0, 2], [0, 6]]
     png = Path(ev["confusion_png"])
@@ -114,8 +125,12 @@ def test_evaluate_matches_a_hand_computation(tmp_path):
 
 def test_evaluate_on_new_data_with_some_of_the_classes_scores_those_and_names_the_absent(tmp_path, caplog):
     """A 3-class model that always says 'bee', on new data holding bees and cats (6 each in val/) but no ants."""
-    cfg = Config(data=str(make_image_folder(tmp_path / "own", classes=("ant", "bee", "cat"))), backbone="tiny_cnn",
-                 image_size=32, device="cpu")
+    cfg = Config(
+        data=str(make_image_folder(tmp_path / "own", classes=("ant", "bee", "cat"))),
+        backbone="tiny_cnn",
+        image_size=32,
+        device="cpu",
+    )
     net, _ = build_model("tiny_cnn", 3, weights="random")
     with torch.no_grad():
         net.head.weight.zero_()
@@ -201,16 +216,56 @@ def test_export_onnx_without_onnx_says_what_to_install(trained, monkeypatch, tmp
 
 def test_cli_evaluate_predict_export(trained, tmp_path, capsys):
     model, data = trained
-    assert main(["evaluate", "--model", str(model), "--data", str(data), "--split", "test", "--out", str(tmp_path / "cm.png"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "cm.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "accuracy          1.0000 (95 % interval 0.758-1.000 on 12 images)" in out
-    assert ("balanced_accuracy 1.0000 (95 % interval 1.000, of zero width: every bootstrap resample scored the same "
-            "on 12 images)") in out and "f1_macro" in out and "precision" in out and (tmp_path / "cm.png").is_file()
+    assert (
+        (
+            "balanced_accuracy 1.0000 (95 % interval 1.000, of zero width: every bootstrap resample scored the same "
+            "on 12 images)"
+        )
+        in out
+        and "f1_macro" in out
+        and "precision" in out
+        and (tmp_path / "cm.png").is_file()
+    )
 
     assert "not what it scores on new ones" not in err  # test/ never trains anything
-    assert main(["evaluate", "--model", str(model), "--data", str(data), "--split", "train", "--out", str(tmp_path / "t.png"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path / "t.png"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "the model trained on these train images" in capsys.readouterr().err
 
     assert main(["predict", "--model", str(model), str(data / "val"), "--top-k", "2", "--json", "--device", "cpu"]) == 0
@@ -263,7 +318,9 @@ def test_cli_predict_reports_unreadable_files_and_goes_on(trained, tmp_path, cap
 def test_top_k_files_yields_every_file_in_order(trained, tmp_path):
     model, data = trained
     (tmp_path / "x.png").write_text("not an image")
-    paths = image_paths([data / "val" / "cat"])[:2] + [str(tmp_path / "x.png")] + image_paths([data / "val" / "dog"])[:1]
+    paths = (
+        image_paths([data / "val" / "cat"])[:2] + [str(tmp_path / "x.png")] + image_paths([data / "val" / "dog"])[:1]
+    )
     results = list(load_model(model, device="cpu").top_k_files(paths, k=1, chunk=2))
     assert [p for p, _, _ in results] == paths
     assert [top[0][0] if top else None for _, top, _ in results] == ["cat", "cat", None, "dog"]

@@ -10,22 +10,21 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from optuna.trial import TrialState
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
+from autoft.cache import RunCache, load_data
+from autoft.config import Config
+from autoft.results.predict import image_paths, load_model
+from autoft.study.run import SearchOptions, run_search
 from autoft.training import probe
 from autoft.training.checkpoint import assemble
-from autoft.config import Config
-from autoft.cache import RunCache
-from autoft.cache import load_data
 from autoft.training.inference import frozen_features, predict_logits
 from autoft.training.loop import build_on_device, finetune, plan_folds
-from autoft.results.predict import image_paths, load_model
 from autoft.training.run import train
-from autoft.study.run import run_search, SearchOptions
-from conftest import make_image_folder
 
 CPU = torch.device("cpu")
 
@@ -38,8 +37,10 @@ def _noisy_labels(root, share: float = 0.3, seed: int = 0):
         moves = []
         for i, name in enumerate(classes):
             files = sorted((root / split / name).iterdir())
-            moves += [(f, root / split / classes[(i + 1) % len(classes)] / f"moved_{name}_{f.name}")
-                      for f in rng.sample(files, int(len(files) * share))]
+            moves += [
+                (f, root / split / classes[(i + 1) % len(classes)] / f"moved_{name}_{f.name}")
+                for f in rng.sample(files, int(len(files) * share))
+            ]
         for src, dst in moves:
             shutil.move(src, dst)
     return root
@@ -63,8 +64,9 @@ def test_exact_probe_is_scikit_learns_fit_on_the_same_features(tmp_path, tiny_co
         inner = StratifiedKFold(probe.INNER_FOLDS, shuffle=True, random_state=cfg.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's announced default changes
-            ref = LogisticRegressionCV(Cs=probe.CS, cv=inner, scoring="neg_log_loss",
-                                       max_iter=probe.MAX_ITER).fit(scaler.transform(x[tr]), y[tr])
+            ref = LogisticRegressionCV(Cs=probe.CS, cv=inner, scoring="neg_log_loss", max_iter=probe.MAX_ITER).fit(
+                scaler.transform(x[tr]), y[tr]
+            )
         assert result.best[probe.CHOSEN_C][i] == pytest.approx(np.atleast_1d(ref.C_)[0])
         expected = ref.predict_proba(scaler.transform(x[va]))
         # the shipped fold model, run from the images through every stage (nothing cached), gives the same

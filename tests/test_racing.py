@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from autoft.study.racing import p_win, race, runs_on_for_mix, Verdict, WIN_FLOOR
+from autoft.study.racing import WIN_FLOOR, Verdict, p_win, race, runs_on_for_mix
 
 FOLDS = 5
 
@@ -24,9 +24,24 @@ def _races(n: int, leader: float, ahead: float, sims: int, seed: int, shared: fl
         v = np.where(rng.random(n) < shared, u, rng.random(n))
         theirs = np.where(u < leader, y, (y + 1) % 5)
         mine = np.where(v < leader + ahead, y, (y + 2) % 5)
-        stopped = next((k for k in range(1, FOLDS) if race("accuracy", y[:k * n // FOLDS], mine[:k * n // FOLDS],
-                                                            theirs[:k * n // FOLDS], 5, FOLDS, delta=delta,
-                                                            validated=n, done=k).stop), None)
+        stopped = next(
+            (
+                k
+                for k in range(1, FOLDS)
+                if race(
+                    "accuracy",
+                    y[: k * n // FOLDS],
+                    mine[: k * n // FOLDS],
+                    theirs[: k * n // FOLDS],
+                    5,
+                    FOLDS,
+                    delta=delta,
+                    validated=n,
+                    done=k,
+                ).stop
+            ),
+            None,
+        )
         yield stopped, (mine == y).mean() - (theirs == y).mean() > delta
 
 
@@ -36,8 +51,7 @@ def test_a_trial_that_would_have_won_beyond_noise_is_rarely_stopped(n, leader):
     whose score over every fold beats the leader's by more than one standard error, the race stops at most
     WIN_FLOOR (measured 0.02-0.03 at WIN_FLOOR 0.05), sampling noise aside."""
     se = math.sqrt(leader * (1 - leader) / n)
-    runs = [r for i, ahead in enumerate((0.0, 1.0, 2.0, 3.0))
-            for r in _races(n, leader, ahead * se, 250, seed=i)]
+    runs = [r for i, ahead in enumerate((0.0, 1.0, 2.0, 3.0)) for r in _races(n, leader, ahead * se, 250, seed=i)]
     won = [stopped for stopped, win in runs if win]
     rate = sum(s is not None for s in won) / len(won)
     assert len(won) > 300

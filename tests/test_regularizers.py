@@ -10,9 +10,9 @@ import pytest
 import torch
 from timm.layers import DropPath
 
-from autoft.training import probe
 from autoft.backbones import build_model, set_drop_path
-from autoft.training.loop import finetune, Regularizers
+from autoft.training import probe
+from autoft.training.loop import Regularizers, finetune
 
 ON = {"mixup": 0.4, "cutmix": 1.0, "ema_decay": 0.99, "trivial_augment": True}
 NEUTRAL = {"mixup": 0.0, "cutmix": 0.0, "ema_decay": 0.0, "trivial_augment": False, "drop_path_rate": 0.0}
@@ -93,8 +93,8 @@ def test_drop_path_skips_residual_blocks_in_training_only_rising_to_the_rate():
 def test_a_study_begun_before_these_keys_resumes_with_their_defaults(tiny_config):
     import optuna
 
-    from autoft.results import records
     from autoft.exceptions import ConfigError
+    from autoft.results import records
     from autoft.space import SearchSpace
 
     space = SearchSpace.default(tiny_config.epochs)

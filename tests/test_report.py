@@ -13,30 +13,51 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from conftest import make_image_folder
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from PIL import Image
 
-from autoft.storage import make_storage
 from autoft.backbones import build_model
-from autoft.training.checkpoint import save_checkpoint
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import AutoftError
 from autoft.results.dashboard import ESTIMATES_ID, LEARNING_CURVES_ID, publish_trial
 from autoft.results.plots import PNG_SIZE
 from autoft.results.report import write_report
-from conftest import make_image_folder
+from autoft.storage import make_storage
+from autoft.training.checkpoint import save_checkpoint
 
 STORAGE = "sqlite:///studies/autoft.db"
-DISTRIBUTIONS = {"freeze_depth": IntDistribution(0, 3), "head_lr": FloatDistribution(1e-4, 1.0, log=True),
-                 "base_lr": FloatDistribution(1e-5, 1e-1, log=True), "optimizer": CategoricalDistribution(["adam", "sgd"])}
-PLOTS = {"optimization_history", "param_importances", "parallel_coordinate", "intermediate_values", "slice",
-         "learning_curves", "confusion_val", "confusion_test", "estimates"}
+DISTRIBUTIONS = {
+    "freeze_depth": IntDistribution(0, 3),
+    "head_lr": FloatDistribution(1e-4, 1.0, log=True),
+    "base_lr": FloatDistribution(1e-5, 1e-1, log=True),
+    "optimizer": CategoricalDistribution(["adam", "sgd"]),
+}
+PLOTS = {
+    "optimization_history",
+    "param_importances",
+    "parallel_coordinate",
+    "intermediate_values",
+    "slice",
+    "learning_curves",
+    "confusion_val",
+    "confusion_test",
+    "estimates",
+}
 
 
 def _history(acc: float, epochs: int) -> list[dict[str, float]]:
-    return [{"epoch": e, "train_loss": 1.2 - acc * e / 3, "val_loss": 1.3 - acc * e / 3, "val_accuracy": acc * e / 3,
-             "images_per_s": 100.0} for e in range(1, epochs + 1)]
+    return [
+        {
+            "epoch": e,
+            "train_loss": 1.2 - acc * e / 3,
+            "val_loss": 1.3 - acc * e / 3,
+            "val_accuracy": acc * e / 3,
+            "images_per_s": 100.0,
+        }
+        for e in range(1, epochs + 1)
+    ]
 
 
 def fake_study(name: str, data: Path, n: int, best_pt: Path | None) -> optuna.Study:
@@ -53,9 +74,14 @@ def fake_study(name: str, data: Path, n: int, best_pt: Path | None) -> optuna.St
             trial.report(h["val_accuracy"], h["epoch"])
         cfg = Config(data=str(data), backbone="tiny_cnn", image_size=32, device="cpu", **trial.params)
         score = history[-1]["val_accuracy"]
-        for key, value in {"config": cfg.to_dict(), "history": history, "val_loss": history[-1]["val_loss"],
-                           "wall_time_s": 1.5, "train_seconds": 1.0 + i,
-                           "estimate": {"accuracy": score, "images": 36, "fold_accuracy": [score] * 5}}.items():
+        for key, value in {
+            "config": cfg.to_dict(),
+            "history": history,
+            "val_loss": history[-1]["val_loss"],
+            "wall_time_s": 1.5,
+            "train_seconds": 1.0 + i,
+            "estimate": {"accuracy": score, "images": 36, "fold_accuracy": [score] * 5},
+        }.items():
             trial.set_user_attr(key, value)
         if i == 0:
             trial.set_user_attr("portfolio", "linear_probe")
@@ -66,7 +92,9 @@ def fake_study(name: str, data: Path, n: int, best_pt: Path | None) -> optuna.St
             study.tell(trial, history[-1]["val_accuracy"])
     if best_pt is not None:
         net, _ = build_model("tiny_cnn", 2, weights="random")
-        save_checkpoint(best_pt, [net.state_dict()], ["cat", "dog"], Config.from_dict(study.best_trial.user_attrs["config"]))
+        save_checkpoint(
+            best_pt, [net.state_dict()], ["cat", "dog"], Config.from_dict(study.best_trial.user_attrs["config"])
+        )
     return study
 
 
@@ -117,7 +145,11 @@ def test_report_html_loads_nothing_from_the_network(report):
     parser.feed(text)
     assert parser.refs, "expected image data and PNG links"
     for tag, attr, value in parser.refs:
-        assert value.startswith("data:") or (attr == "href" and (root / rep.html).with_name(value).is_file()), (tag, attr, value[:80])
+        assert value.startswith("data:") or (attr == "href" and (root / rep.html).with_name(value).is_file()), (
+            tag,
+            attr,
+            value[:80],
+        )
     assert "link" not in parser.tags and "iframe" not in parser.tags
     assert "url(http" not in text and "@import" not in text
     assert "Plotly.newPlot" in text and len(text) > 3_000_000  # plotly.js inlined, figures drawn by it
@@ -132,7 +164,10 @@ def test_report_of_a_small_study_says_what_it_left_out(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "param_importances: left out (1 finished trial(s); importances need at least 4)" in out
     assert "confusion_val: left out (no best.pt in out" in out
-    assert "optimization_history: out/optimization_history.png" in out and "learning_curves: out/learning_curves.png" in out
+    assert (
+        "optimization_history: out/optimization_history.png" in out
+        and "learning_curves: out/learning_curves.png" in out
+    )
     assert out.rstrip().endswith("wrote out/report.html")
     assert "not drawn" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
@@ -199,7 +234,7 @@ def test_publish_trial_never_fails_the_trial(tmp_path, caplog):
 
 def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
     """The hook in the objective: finished and pruned trials both get their note and learning curve."""
-    from autoft.study.run import run_search, SearchOptions
+    from autoft.study.run import SearchOptions, run_search
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
@@ -213,5 +248,7 @@ def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
         assert any(a["mimetype"] == "image/png" for a in t["artifacts"])
     assert {g["id"] for g in detail["plotly_graph_objects"]} == {LEARNING_CURVES_ID, ESTIMATES_ID}
     (figure,) = [g for g in detail["plotly_graph_objects"] if g["id"] == ESTIMATES_ID]
-    shown = {re.split(r" \(|:", text)[0] for trace in json.loads(figure["graph_object"])["data"] for text in trace["text"]}
+    shown = {
+        re.split(r" \(|:", text)[0] for trace in json.loads(figure["graph_object"])["data"] for text in trace["text"]
+    }
     assert shown == {"trial 0", "trial 2"}  # every completed trial, the last one too

@@ -1,4 +1,5 @@
-"""Ensemble selection on synthetic out-of-fold probabilities: the known best mix, and never a mix that only fits noise."""
+"""Ensemble selection on synthetic out-of-fold probabilities: the known best mix, and never a mix that only fits
+noise."""
 
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ def test_a_shipped_mix_is_never_worse_than_the_single_winner_on_fresh_images(see
     nested = nested_scores(cands, y, accuracy)
     fresh = np.stack([_softmax(fresh_x @ w) for w in weights])
     if wins_beyond_noise(mix, nested, Estimate(nested[1], n).noise):
-        assert accuracy(fresh_y, np.tensordot(mix.weights, fresh, 1).argmax(1)) >= accuracy(
-            fresh_y, fresh[single].argmax(1)) - 0.005
+        assert (
+            accuracy(fresh_y, np.tensordot(mix.weights, fresh, 1).argmax(1))
+            >= accuracy(fresh_y, fresh[single].argmax(1)) - 0.005
+        )
 
 
 def test_copies_of_one_model_never_ship_as_a_mix():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from autoft.backbones import build_model
-from autoft.training.checkpoint import load_checkpoint, members
 from autoft.cache import load_data
+from autoft.results.predict import image_paths, load_model
+from autoft.study.run import SearchOptions, run_search
+from autoft.training.checkpoint import load_checkpoint, members
 from autoft.training.finals import make_soup, soup
 from autoft.training.inference import predict_logits
 from autoft.training.loop import finetune
-from autoft.results.predict import image_paths, load_model
 from autoft.training.run import train
-from autoft.study.run import run_search, SearchOptions
 
 CPU = torch.device("cpu")
 

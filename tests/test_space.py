@@ -27,8 +27,10 @@ def test_default_space_suggests_complete_valid_configs():
 
 def test_space_file_fixes_and_reshapes(tmp_path):
     f = tmp_path / "space.yaml"
-    f.write_text("head_lr: {low: 1e-3, high: 1e-2, log: true}\noptimizer: [adam]\nlabel_smoothing: 0.1\n"
-                 "batch_size: {low: 8, high: 16}\n")
+    f.write_text(
+        "head_lr: {low: 1e-3, high: 1e-2, log: true}\noptimizer: [adam]\nlabel_smoothing: 0.1\n"
+        "batch_size: {low: 8, high: 16}\n"
+    )
     space = SearchSpace.from_yaml(f, R18)
     trial = optuna.create_study().ask()
     cfg = space.suggest(trial, Config(epochs=4))
@@ -37,23 +39,26 @@ def test_space_file_fixes_and_reshapes(tmp_path):
     assert "label_smoothing" not in trial.params  # fixed values are not sampled
 
 
-@pytest.mark.parametrize("text, match", [
-    ("head_lr: {low: 0.1, high: 0.01}\n", "greater than high"),
-    ("learning_rate: {low: 0.1, high: 1}\n", "unknown parameter"),
-    ("freeze_depth: {low: 0, high: 12}\n", "resnet18 has 5 stages"),
-    ("head_lr: {low: 0, high: 0.1, log: true}\n", "log"),
-    ("optimizer: [adam, lion]\n", "optimizer"),
-    ("aug_strength: {low: 0, high: 2}\n", "aug_strength"),
-    ("head_only_epochs: {low: 0, high: 9}\n", "head_only_epochs"),
-    ("data: {low: 1, high: 2}\n", "unknown parameter"),
-    ("head_lr: {min: 1, max: 2}\n", "low"),
-    ("freeze_depth: {low: 0.5, high: 2}\n", "expected an integer"),
-    ("image_size: {low: 100, high: 224, step: 32}\n", "does not divide"),
-    ("image_size: {low: 128, high: native/2}\n", "native/2 is a low bound only"),
-    ("head_lr: {low: native, high: 1}\n", "head_lr low"),
-    ("backbone: [efficientnet_lite0, no_such_net]\n", "unknown backbone 'no_such_net'"),
-    ("cv_folds: [3, 5]\n", "unknown parameter"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("head_lr: {low: 0.1, high: 0.01}\n", "greater than high"),
+        ("learning_rate: {low: 0.1, high: 1}\n", "unknown parameter"),
+        ("freeze_depth: {low: 0, high: 12}\n", "resnet18 has 5 stages"),
+        ("head_lr: {low: 0, high: 0.1, log: true}\n", "log"),
+        ("optimizer: [adam, lion]\n", "optimizer"),
+        ("aug_strength: {low: 0, high: 2}\n", "aug_strength"),
+        ("head_only_epochs: {low: 0, high: 9}\n", "head_only_epochs"),
+        ("data: {low: 1, high: 2}\n", "unknown parameter"),
+        ("head_lr: {min: 1, max: 2}\n", "low"),
+        ("freeze_depth: {low: 0.5, high: 2}\n", "expected an integer"),
+        ("image_size: {low: 100, high: 224, step: 32}\n", "does not divide"),
+        ("image_size: {low: 128, high: native/2}\n", "native/2 is a low bound only"),
+        ("head_lr: {low: native, high: 1}\n", "head_lr low"),
+        ("backbone: [efficientnet_lite0, no_such_net]\n", "unknown backbone 'no_such_net'"),
+        ("cv_folds: [3, 5]\n", "unknown parameter"),
+    ],
+)
 def test_invalid_space_is_one_line_error(tmp_path, text, match):
     f = tmp_path / "space.yaml"
     f.write_text(text)
@@ -84,8 +89,10 @@ def test_conditional_space_never_leaves_the_chosen_backbone():
     base = Config(epochs=3)
     space = SearchSpace.default(epochs=3, backbones=["efficientnet_lite0", "tiny_cnn"])
     space.validate(base)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
-        seed=0, multivariate=True, group=True, n_startup_trials=5))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True, n_startup_trials=5),
+    )
     for _ in range(30):
         trial = study.ask()
         cfg = space.suggest(trial, base)
@@ -99,7 +106,10 @@ def test_conditional_space_never_leaves_the_chosen_backbone():
     assert {t.params["backbone"] for t in study.trials} == {"efficientnet_lite0", "tiny_cnn"}
     recipes = dict(space.portfolio(base))
     assert {"linear_probe@efficientnet_lite0", "linear_probe@tiny_cnn", "hand_recipe"} <= set(recipes)
-    assert recipes["linear_probe@tiny_cnn"]["backbone"] == "tiny_cnn" and recipes["hand_recipe"]["backbone"] == "efficientnet_lite0"
+    assert (
+        recipes["linear_probe@tiny_cnn"]["backbone"] == "tiny_cnn"
+        and recipes["hand_recipe"]["backbone"] == "efficientnet_lite0"
+    )
     assert recipes["linear_probe@tiny_cnn"]["freeze_depth@tiny_cnn"] == 3
     assert recipes["linear_probe@tiny_cnn"]["image_size@tiny_cnn"] == 32
 
@@ -112,15 +122,18 @@ def test_symbolic_bounds_round_trip_through_the_stored_space():
     assert again.params["image_size"].resolve(__import__("autoft").get_backbone("efficientnet_lite2")).low == 132
 
 
-@pytest.mark.parametrize("text, match", [
-    ("head_lr: .nan\n", "search space: head_lr: nan is not a finite number"),
-    ("head_lr: {low: .nan, high: 1}\n", "search space: head_lr low: nan is not a finite number"),
-    ("head_lr: {low: 1e-4, high: .inf, log: true}\n", "search space: head_lr high: inf is not a finite number"),
-    ("weight_decay: [1e-4, .nan]\n", "search space: weight_decay: nan is not a finite number"),
-    ("label_smoothing: nan\n", "search space: label_smoothing: nan is not a finite number"),
-    ("epochs: .inf\n", "search space: epochs: inf is not a finite number"),
-    ("batch_size: [8, 2.5]\n", "search space: batch_size: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("head_lr: .nan\n", "search space: head_lr: nan is not a finite number"),
+        ("head_lr: {low: .nan, high: 1}\n", "search space: head_lr low: nan is not a finite number"),
+        ("head_lr: {low: 1e-4, high: .inf, log: true}\n", "search space: head_lr high: inf is not a finite number"),
+        ("weight_decay: [1e-4, .nan]\n", "search space: weight_decay: nan is not a finite number"),
+        ("label_smoothing: nan\n", "search space: label_smoothing: nan is not a finite number"),
+        ("epochs: .inf\n", "search space: epochs: inf is not a finite number"),
+        ("batch_size: [8, 2.5]\n", "search space: batch_size: expected an integer"),
+    ],
+)
 def test_non_finite_space_values_are_refused_before_any_trial(tmp_path, text, match):
     f = tmp_path / "space.yaml"
     f.write_text(text)
@@ -131,8 +144,10 @@ def test_non_finite_space_values_are_refused_before_any_trial(tmp_path, text, ma
 
 def test_space_numbers_in_every_spelling(tmp_path):
     f = tmp_path / "space.yaml"
-    f.write_text("head_lr: 1e-3\nbase_lr: {low: 1E-5, high: .001, log: true}\nweight_decay: [1e-4, 1E-3, .001]\n"
-                 "batch_size: {low: 8, high: 1.6e1}\nfreeze_depth: [0, 2e0]\nwarmup_epochs: 1e0\n")
+    f.write_text(
+        "head_lr: 1e-3\nbase_lr: {low: 1E-5, high: .001, log: true}\nweight_decay: [1e-4, 1E-3, .001]\n"
+        "batch_size: {low: 8, high: 1.6e1}\nfreeze_depth: [0, 2e0]\nwarmup_epochs: 1e0\n"
+    )
     space = SearchSpace.from_yaml(f, R18)
     p = space.params
     assert p["head_lr"].value == 0.001 and p["warmup_epochs"].value == 1 and isinstance(p["warmup_epochs"].value, int)

@@ -1,4 +1,5 @@
-"""Storages: passwords masked, heartbeats on every kind (journal included), SQLite under concurrent writers, PostgreSQL."""
+"""Storages: passwords masked, heartbeats on every kind (journal included), SQLite under concurrent writers,
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import shutil
 import time
 
 import optuna
+import pgtest
 import pytest
 from optuna.trial import TrialState
 
-import pgtest
-from autoft.results import records
-from autoft.heartbeat import Trials
-from autoft.storage import make_storage, mask_url, with_driver
 from autoft.cli import build_parser, main
 from autoft.exceptions import ConfigError
+from autoft.heartbeat import Trials
+from autoft.results import records
+from autoft.storage import make_storage, mask_url, with_driver
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,18 @@ def fast_heartbeat(monkeypatch):
     monkeypatch.setenv("AUTOFT_GRACE_S", "2")
 
 
-@pytest.mark.parametrize("text, masked", [
-    ("postgresql://user:secret@host:5432/db", "postgresql://user:***@host:5432/db"),
-    ("error on mysql+pymysql://root:p%40ss@10.0.0.1/x: refused", "error on mysql+pymysql://root:***@10.0.0.1/x: refused"),
-    ("postgresql://user@host/db", "postgresql://user@host/db"),
-    ("sqlite:///studies/autoft.db", "sqlite:///studies/autoft.db"),
-])
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("postgresql://user:secret@host:5432/db", "postgresql://user:***@host:5432/db"),
+        (
+            "error on mysql+pymysql://root:p%40ss@10.0.0.1/x: refused",
+            "error on mysql+pymysql://root:***@10.0.0.1/x: refused",
+        ),
+        ("postgresql://user@host/db", "postgresql://user@host/db"),
+        ("sqlite:///studies/autoft.db", "sqlite:///studies/autoft.db"),
+    ],
+)
 def test_mask_url(text, masked):
     assert mask_url(text) == masked
 
@@ -119,8 +126,25 @@ def test_sqlite_many_writers_never_locked(tmp_path):
 
 
 def _search_args(data, storage, study, *more):
-    return ["-q", "search", "--data", str(data), "--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "2",
-            "--device", "cpu", "--storage", storage, "--study", study, *more]
+    return [
+        "-q",
+        "search",
+        "--data",
+        str(data),
+        "--backbone",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--storage",
+        storage,
+        "--study",
+        study,
+        *more,
+    ]
 
 
 def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, monkeypatch, capfd):

@@ -6,14 +6,14 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from autoft.training.checkpoint import load_checkpoint
 from autoft.config import Config
 from autoft.exceptions import ConfigError
-from autoft.space import SearchSpace
-from autoft.study.objective import trial_seed
 from autoft.results import records
 from autoft.results.records import best_trial, load_oof
-from autoft.study.run import open_study, run_search, SearchOptions
+from autoft.space import SearchSpace
+from autoft.study.objective import trial_seed
+from autoft.study.run import SearchOptions, open_study, run_search
+from autoft.training.checkpoint import load_checkpoint
 
 
 @pytest.fixture
@@ -46,9 +46,26 @@ def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     assert len(ckpt["members"]) == 4 and ckpt["metrics"]["shipped"].startswith("ensemble of 5 fold models")  # validated
     rows = list(csv.DictReader((out / "trials.csv").open()))
     assert [int(r["number"]) for r in rows] == [0, 1, 2, 3]
-    assert {"freeze_depth", "head_lr", "base_lr", "t_max", "aug_strength", "image_size", "recipe", "metric", "value",
-            "interval_low", "interval_high", "fold_scores", "se", "images", "val_accuracy", "val_balanced_accuracy",
-            "val_f1_macro", "tau"} <= set(rows[0])
+    assert {
+        "freeze_depth",
+        "head_lr",
+        "base_lr",
+        "t_max",
+        "aug_strength",
+        "image_size",
+        "recipe",
+        "metric",
+        "value",
+        "interval_low",
+        "interval_high",
+        "fold_scores",
+        "se",
+        "images",
+        "val_accuracy",
+        "val_balanced_accuracy",
+        "val_f1_macro",
+        "tau",
+    } <= set(rows[0])
     assert len(rows[0]["fold_scores"].split(";")) == 5
     attrs = best.user_attrs
     exact = attrs["history"][0].get("exact_probe")  # the portfolio's linear probe is fitted in one step
@@ -78,21 +95,41 @@ def _curves_by_head_lr(curves):
     def fake_finetune(cfg, data, report, cache=None, **kw):
         curve = curves[cfg.head_lr]
         for epoch, acc in enumerate(curve):
-            report(epoch, {"fold": 1, "epoch": epoch + 1, "train_loss": 1.0, "val_loss": 1.0 - acc, "val_accuracy": acc,
-                           "images_per_s": 1.0, "epoch_time_s": 0.1})
-        m = {"epoch": len(curve), "train_loss": 1.0, "val_loss": 1.0 - max(curve), "val_accuracy": max(curve),
-             "images_per_s": 1.0, "epoch_time_s": 0.1}
+            report(
+                epoch,
+                {
+                    "fold": 1,
+                    "epoch": epoch + 1,
+                    "train_loss": 1.0,
+                    "val_loss": 1.0 - acc,
+                    "val_accuracy": acc,
+                    "images_per_s": 1.0,
+                    "epoch_time_s": 0.1,
+                },
+            )
+        m = {
+            "epoch": len(curve),
+            "train_loss": 1.0,
+            "val_loss": 1.0 - max(curve),
+            "val_accuracy": max(curve),
+            "images_per_s": 1.0,
+            "epoch_time_s": 0.1,
+        }
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=12)
+
     return fake_finetune
 
 
-def test_a_trial_far_behind_the_leader_at_the_same_step_is_pruned_and_one_within_noise_is_not(in_tmp, tiny_config,
-                                                                                                 monkeypatch):
+def test_a_trial_far_behind_the_leader_at_the_same_step_is_pruned_and_one_within_noise_is_not(
+    in_tmp, tiny_config, monkeypatch
+):
     import importlib
 
-    curves = {1e-2: [0.90, 0.90, 0.90, 0.90],  # the linear probe (head_lr 1e-2): the leader
-              0.05: [0.30, 0.30, 0.30, 0.30],  # hopeless: far below the leader's score at the same step
-              0.02: [0.80, 0.85, 0.90, 0.90]}  # behind at step 1, but within noise of 12 images: spared
+    curves = {
+        1e-2: [0.90, 0.90, 0.90, 0.90],  # the linear probe (head_lr 1e-2): the leader
+        0.05: [0.30, 0.30, 0.30, 0.30],  # hopeless: far below the leader's score at the same step
+        0.02: [0.80, 0.85, 0.90, 0.90],
+    }  # behind at step 1, but within noise of 12 images: spared
     monkeypatch.setattr(importlib.import_module("autoft.study.objective"), "finetune", _curves_by_head_lr(curves))
     monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "keep_weights", lambda *a: None)
     monkeypatch.setattr(importlib.import_module("autoft.results.exports").Exporter, "shipped", lambda *a: None)
@@ -227,8 +264,12 @@ def test_portfolio_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_
     probes = [t for t in study.trials if t.user_attrs.get("portfolio") == "linear_probe"]
     assert [t.state for t in probes] == [TrialState.FAIL, TrialState.COMPLETE]
     assert probes[1].params == dict(space.portfolio(tiny_config))["linear_probe"]
-    assert [t.user_attrs.get("portfolio") for t in study.trials[1:]] == ["linear_probe", "hand_recipe",
-                                                                          "freeze_unfreeze", "low_rate_full"]
+    assert [t.user_attrs.get("portfolio") for t in study.trials[1:]] == [
+        "linear_probe",
+        "hand_recipe",
+        "freeze_unfreeze",
+        "low_rate_full",
+    ]
 
 
 def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_config):
@@ -238,7 +279,9 @@ def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_con
     study = open_study(tiny_config, _opts(), space, tiny_config.seed, images=36)
     study.enqueue_trial({"head_lr": 0.05}, user_attrs={"note": "a retry, queued by a heartbeat sweep"})
     enqueue_portfolio(study, space.portfolio(tiny_config))
-    assert [t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,))] == [{"note": "a retry, queued by a heartbeat sweep"}]
+    assert [t.user_attrs for t in study.get_trials(states=(TrialState.WAITING,))] == [
+        {"note": "a retry, queued by a heartbeat sweep"}
+    ]
 
 
 def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monkeypatch):
@@ -246,9 +289,18 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
 
     from autoft.training.loop import Result
 
-    def fake_finetune(cfg, data, report, cache=None, **kw):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
-        m = {"fold": 1, "epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
-             "images_per_s": 1.0, "epoch_time_s": 0.1}
+    def fake_finetune(
+        cfg, data, report, cache=None, **kw
+    ):  # fake values: the good LR scores 0.9, the bad one 0.1, every epoch
+        m = {
+            "fold": 1,
+            "epoch": 1,
+            "train_loss": 1.0,
+            "val_loss": 1.0,
+            "val_accuracy": 0.9 if cfg.head_lr > 1e-3 else 0.1,
+            "images_per_s": 1.0,
+            "epoch_time_s": 0.1,
+        }
         for epoch in range(cfg.epochs):
             report(epoch, {**m, "epoch": epoch + 1})
         return Result(m, m, [m], [{}], 0, data.classes, cfg, "cpu", 0.1, 1.0, validated=36)
@@ -286,6 +338,7 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
         def slow_report(epoch, metrics):
             time.sleep(0.4)
             report(epoch, metrics)
+
         return real(cfg, data, slow_report, cache=cache, **kw)
 
     monkeypatch.setattr(objective_module, "finetune", slow_finetune)
@@ -295,8 +348,9 @@ def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tin
     study = run_search(tiny_config.replace(epochs=20), _opts(trials=5, timeout=3.0))
     assert time.monotonic() - t0 < 20  # not the 5 x 20 epochs x 0.4 s the trials asked for
     # the budget counts from the call: what a trial that started had run is kept, and it was stopped for the budget
-    assert study.trials and all(t.state == TrialState.PRUNED and "time budget" in t.user_attrs["prune_reason"]
-                                for t in study.trials)
+    assert study.trials and all(
+        t.state == TrialState.PRUNED and "time budget" in t.user_attrs["prune_reason"] for t in study.trials
+    )
 
 
 @pytest.fixture
@@ -309,10 +363,19 @@ def second_backbone():
     def build(weights):
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
         return [block(3, 12), nn.Sequential(block(12, 24), nn.AdaptiveAvgPool2d(1), nn.Flatten())], 24
 
-    register_backbone("tiny_two", stages=2, mean=(0.5,) * 3, std=(0.5,) * 3, native_size=48, crop_pct=0.8,
-                      offline=True, pretrained=False)(build)
+    register_backbone(
+        "tiny_two",
+        stages=2,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        native_size=48,
+        crop_pct=0.8,
+        offline=True,
+        pretrained=False,
+    )(build)
     yield "tiny_two"
     _REGISTRY.pop("tiny_two")
 
@@ -328,7 +391,10 @@ def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_conf
     for c in configs:  # each trial inside its own backbone's branch of the space
         stages, native = {"tiny_cnn": (3, 32), "tiny_two": (2, 48)}[c["backbone"]]
         assert c["freeze_depth"] <= stages and native // 2 <= c["image_size"] <= native
-    assert [t.user_attrs.get("portfolio") for t in study.trials[:2]] == ["linear_probe@tiny_cnn", "linear_probe@tiny_two"]
+    assert [t.user_attrs.get("portfolio") for t in study.trials[:2]] == [
+        "linear_probe@tiny_cnn",
+        "linear_probe@tiny_two",
+    ]
     out = in_tmp / "studies" / "autoft"
     exported = Config.from_yaml(out / "best.yaml")
     assert exported == Config.from_dict(best_trial(study).user_attrs["config"])
@@ -336,9 +402,14 @@ def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_conf
     assert Config.from_yaml(in_tmp / "again" / "config.yaml") == exported
     shipped = torch.load(out / "best.pt", weights_only=True)
     rebuilt = torch.load(in_tmp / "again" / "model.pt", weights_only=True)
-    assert all(torch.equal(shipped["state_dict"][k], rebuilt["state_dict"][k]) for k in shipped["state_dict"])  # same model
+    assert all(
+        torch.equal(shipped["state_dict"][k], rebuilt["state_dict"][k]) for k in shipped["state_dict"]
+    )  # same model
     assert evaluate(out / "best.pt", split="val", device="cpu")["n"] == 12
-    assert load_model(out / "best.pt", device="cpu").predict(str(tiny_config.data) + "/val/cat/000.png") in (["cat"], ["dog"])
+    assert load_model(out / "best.pt", device="cpu").predict(str(tiny_config.data) + "/val/cat/000.png") in (
+        ["cat"],
+        ["dog"],
+    )
     assert export(out / "best.pt").max_abs_diff <= 1e-4
 
 
@@ -354,6 +425,7 @@ def test_backbone_auto_searches_every_offline_pretrained_backbone(in_tmp, tiny_c
     assert recipes[:4] == [f"linear_probe@{b}" for b in space.backbones(base)] and len(recipes) == 7
     with pytest.raises(ConfigError, match="autoft search compare"):
         from autoft.backbones import get_backbone
+
         get_backbone("auto")
 
 
@@ -370,8 +442,9 @@ def test_summary_names_each_portfolio_recipe_pruned_or_not(tmp_path, capsys, tin
     hand.set_user_attr(records.PORTFOLIO, "hand_recipe")
     hand.report(0.4, 1)
     hand.report(0.3, 4)
-    hand.set_user_attr(records.STEPS, [{"fold": 1, "epoch": 1, "accuracy": 0.4},
-                                       {"fold": 2, "epoch": 1, "accuracy": 0.3}])
+    hand.set_user_attr(
+        records.STEPS, [{"fold": 1, "epoch": 1, "accuracy": 0.4}, {"fold": 2, "epoch": 1, "accuracy": 0.3}]
+    )
     study.tell(hand, state=TrialState.PRUNED)
     print_summary(study, study.trials[0], 1.0, tmp_path, [])
     out = capsys.readouterr().out

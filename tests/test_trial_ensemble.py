@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from autoft.backbones import build_model
-from autoft.training.checkpoint import save_checkpoint
 from autoft.config import Config
 from autoft.data.augment import center_crop, normalize
 from autoft.results.predict import export, load_model
+from autoft.training.checkpoint import save_checkpoint
 
 
 def test_weighted_ensemble_predicts_the_weighted_mean_and_exports_as_one_graph(tmp_path):
@@ -39,12 +39,13 @@ def test_weighted_ensemble_predicts_the_weighted_mean_and_exports_as_one_graph(t
 def _search_with_fake_oof(tmp_path, tiny_config, wrong_on):
     """A study of three completed trials (distinct seeds) told with fake out-of-fold probabilities: trial k is
     confidently wrong on the images `wrong_on(k)` marks; then the search's final export."""
-    import numpy as np
-    import optuna
     from types import SimpleNamespace
 
-    from autoft.results import records
+    import numpy as np
+    import optuna
+
     from autoft.cache import RunCache
+    from autoft.results import records
     from autoft.results.exports import Exporter
 
     cfg = tiny_config.replace(epochs=1)
@@ -71,19 +72,19 @@ def _search_with_fake_oof(tmp_path, tiny_config, wrong_on):
     return study, best, out
 
 
-def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_does_not(tmp_path, tiny_config,
-                                                                                         capsys):
+def test_a_search_ships_a_mix_of_trials_that_wins_beyond_noise_and_not_one_that_does_not(tmp_path, tiny_config, capsys):
     from autoft.results import records
-    from autoft.training.checkpoint import load_checkpoint
     from autoft.results.summary import print_summary
+    from autoft.training.checkpoint import load_checkpoint
 
     # each trial wrong on its own third of the images: any two outvote the third, the mix is right everywhere
     study, best, out = _search_with_fake_oof(tmp_path / "wins", tiny_config, lambda k, i: i % 3 == k)
     ckpt = load_checkpoint(out / "best.pt")
     mix = ckpt["metrics"]["trial_mix"]
     assert sorted(mix["members"]) == [0, 1, 2] and sum(mix["weights"]) == pytest.approx(1)
-    assert len(ckpt["members"]) + 1 == 15 and ckpt["member_weights"] == pytest.approx([w / 5 for w in mix["weights"]
-                                                                                        for _ in range(5)])
+    assert len(ckpt["members"]) + 1 == 15 and ckpt["member_weights"] == pytest.approx(
+        [w / 5 for w in mix["weights"] for _ in range(5)]
+    )
     assert ckpt["metrics"]["final"] == "trials" and ckpt["metrics"]["trial"] == best.number
     val = sorted((Path(tiny_config.data) / "val").rglob("*.png"))
     predicted = load_model(out / "best.pt", device="cpu").predict(val)

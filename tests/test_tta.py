@@ -8,18 +8,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 
-from autoft.backbones import build_model, FlipAveraged
-from autoft.cache import RunCache
-from autoft.training.checkpoint import assemble, load_checkpoint, model_from_checkpoint
+from autoft.backbones import FlipAveraged, build_model
+from autoft.cache import RunCache, load_data
 from autoft.data.augment import center_crop
-from autoft.cache import load_data
+from autoft.results.predict import evaluate, export, image_paths, load_model
+from autoft.results.summary import tta_line
+from autoft.training.checkpoint import assemble, load_checkpoint, model_from_checkpoint
 from autoft.training.inference import predict_logits
 from autoft.training.loop import build_on_device, finetune, plan_folds
-from autoft.results.predict import evaluate, export, image_paths, load_model
 from autoft.training.run import train
-from autoft.results.summary import tta_line
-from conftest import make_image_folder
 
 CPU = torch.device("cpu")
 
@@ -70,8 +69,10 @@ def test_tta_is_chosen_on_out_of_fold_predictions_and_off_where_a_flip_changes_t
     for fold, state in zip(plan_folds(cfg, data), forced.members):
         model, spec = build_on_device(cfg, 2, CPU)
         model.load_state_dict(state)
-        views = [predict_logits(model, spec, cfg, data.labelled, 0, CPU, fold.val, flip=f).log_softmax(1)
-                 for f in (False, True)]
+        views = [
+            predict_logits(model, spec, cfg, data.labelled, 0, CPU, fold.val, flip=f).log_softmax(1)
+            for f in (False, True)
+        ]
         expected[fold.val.numpy()] = ((views[0] + views[1]) / 2).softmax(1).numpy()
     np.testing.assert_allclose(forced.oof, expected, atol=1e-5)
     y = data.labelled.labels.numpy()

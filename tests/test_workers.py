@@ -1,4 +1,5 @@
-"""Many workers and the faults they must survive: exact trial counts, killed workers, crashing trials, signals, seeds."""
+"""Many workers and the faults they must survive: exact trial counts, killed workers, crashing trials, signals,
+seeds."""
 
 from __future__ import annotations
 
@@ -13,19 +14,18 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+from conftest import make_image_folder
 from optuna.trial import TrialState
 
-import autoft.study.objective
 import autoft.results.records
-import autoft.system.interrupts
+import autoft.study.objective
 import autoft.study.workers
-from autoft.storage import make_storage
+import autoft.system.interrupts
 from autoft.cli import main
 from autoft.config import Config
 from autoft.exceptions import Terminated, TrialFailure
-from autoft.study.workers import has_slot, plan, Worker
-
-from conftest import make_image_folder
+from autoft.storage import make_storage
+from autoft.study.workers import Worker, has_slot, plan
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -36,8 +36,23 @@ def one_thread() -> dict[str, str]:
 
 
 def search_args(data: Path, *more: str, epochs: int = 2) -> list[str]:
-    return ["-q", "search", "--data", str(data), "--backbone", "tiny_cnn", "--image-size", "32", "--epochs", str(epochs),
-            "--device", "cpu", "--batch-size", "8", *more]
+    return [
+        "-q",
+        "search",
+        "--data",
+        str(data),
+        "--backbone",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        *more,
+    ]
 
 
 def load(url: str = "sqlite:///studies/autoft.db", name: str = "autoft") -> optuna.Study:
@@ -81,14 +96,21 @@ def running_mid_trial(study: optuna.Study, after_finished: int = 0):
     trials = study.get_trials(deepcopy=False)
     if sum(t.state in FINISHED for t in trials) < after_finished:
         return None
-    return next((t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
-                 and "worker" in t.user_attrs), None)
+    return next(
+        (t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values and "worker" in t.user_attrs),
+        None,
+    )
 
 
 # --- the exact goal -----------------------------------------------------------------------------------------
 
+
 def test_plan_pins_one_gpu_per_worker_else_splits_cores():
-    assert plan(3, ["0", "1"], 16) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}, {"CUDA_VISIBLE_DEVICES": "0"}]
+    assert plan(3, ["0", "1"], 16) == [
+        {"CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_VISIBLE_DEVICES": "1"},
+        {"CUDA_VISIBLE_DEVICES": "0"},
+    ]
     assert plan(3, ["4", "7", "5"], 16) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("4", "7", "5")]
     assert plan(4, [], 16) == [{"threads": "4"}] * 4
     assert plan(3, [], 2) == [{"threads": "1"}] * 3
@@ -120,9 +142,13 @@ def test_two_workers_one_killed_mid_trial_still_exact(tmp_path, fast_heartbeat):
     """`--workers 2` on SQLite, one worker SIGKILLed mid-trial: its trial is failed by heartbeat and retried,
     and the study ends with exactly the trials asked for; nothing crashes on the database lock."""
     data = make_image_folder(tmp_path / "data", per_class=24)
-    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "4", "--workers", "2",
-                                                                              epochs=6)],
-                            cwd=tmp_path, env=one_thread(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "4", "--workers", "2", epochs=6)],
+        cwd=tmp_path,
+        env=one_thread(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"sqlite:///{tmp_path}/studies/autoft.db"
     study = wait_for(lambda: (tmp_path / "studies" / "autoft.db").exists() and _try_load(url), what="the study")
     victim = wait_for(lambda: running_mid_trial(study), what="a trial mid-way")
@@ -167,8 +193,12 @@ def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_pat
     monkeypatch.delenv("AUTOFT_HEARTBEAT_S", raising=False)
     monkeypatch.delenv("AUTOFT_GRACE_S", raising=False)
     data = make_image_folder(tmp_path / "data", per_class=24)
-    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "3", epochs=6)],
-                            cwd=tmp_path, env=one_thread(), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "3", epochs=6)],
+        cwd=tmp_path,
+        env=one_thread(),
+        stderr=subprocess.DEVNULL,
+    )
     url = f"sqlite:///{tmp_path}/studies/autoft.db"
     study = wait_for(lambda: (tmp_path / "studies" / "autoft.db").exists() and _try_load(url), what="the study")
     victim = wait_for(lambda: running_mid_trial(study), what="a trial mid-way")
@@ -184,7 +214,10 @@ def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_pat
     assert "running elsewhere" not in err and f"trial {victim.number}: worker died (" in err
     trials = study.get_trials(deepcopy=False)
     dead = trials[victim.number]
-    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == f"worker died ({victim.user_attrs['worker']})"
+    assert (
+        dead.state == TrialState.FAIL
+        and dead.user_attrs["fail_reason"] == f"worker died ({victim.user_attrs['worker']})"
+    )
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retried) == 1 and retried[0].state in FINISHED and retried[0].params == victim.params
     assert "fail_reason" not in retried[0].user_attrs
@@ -194,8 +227,8 @@ def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_pat
 def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
     """Only a process of this machine that is gone, a zombie, or whose pid now belongs to a later process is dead;
     a live worker, one on another machine, or one recorded by another autoft are left to heartbeats."""
+    from autoft.study.workers import PROCESS, dead_worker
     from autoft.system.processes import process_id, this_machine
-    from autoft.study.workers import dead_worker, PROCESS
 
     def trial(recorded: str) -> SimpleNamespace:
         return SimpleNamespace(user_attrs={PROCESS: recorded, "worker": "me:1"}, system_attrs={}, number=7)
@@ -246,6 +279,7 @@ def test_worker_needs_an_existing_study(tmp_path, monkeypatch, capsys):
 
 
 # --- a trial's own faults ---------------------------------------------------------------------------------------
+
 
 def _patched_finetune(monkeypatch, fault):
     """Wrap the trainer: `fault(call_number, cfg)` may raise; otherwise train for real."""
@@ -316,7 +350,9 @@ def test_study_none_of_whose_trials_finished_takes_a_new_space(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.yaml").write_text("head_lr: 5.0\n")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(autoft.study.objective, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loss is nan")))
+        mp.setattr(
+            autoft.study.objective, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loss is nan"))
+        )
         assert main(search_args(image_folder, "--trials", "1", "--space", "bad.yaml")) == 2
     assert states(load()) == [TrialState.FAIL] * 3
     (tmp_path / "good.yaml").write_text("head_lr: 0.05\n")
@@ -339,18 +375,26 @@ def test_diverged_loss_is_pruned_with_its_reason(tmp_path, monkeypatch, image_fo
     _patched_finetune(monkeypatch, fault)
     assert main(search_args(image_folder, "--trials", "2")) == 0
     first, second = load().trials
-    assert first.state == TrialState.PRUNED and first.user_attrs["fail_reason"] == "training loss diverged (nan) in epoch 1"
+    assert (
+        first.state == TrialState.PRUNED
+        and first.user_attrs["fail_reason"] == "training loss diverged (nan) in epoch 1"
+    )
     assert second.state == TrialState.COMPLETE
 
 
 # --- signals ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_trial_keeps_finished_work_and_resumes(tmp_path, monkeypatch, sig, code):
     data = make_image_folder(tmp_path / "data", per_class=24)
-    proc = subprocess.Popen([sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "20", epochs=6)],
-                            cwd=tmp_path, env={**one_thread(), "PYTHONFAULTHANDLER": "1"}, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoft.cli", *search_args(data, "--trials", "20", epochs=6)],
+        cwd=tmp_path,
+        env={**one_thread(), "PYTHONFAULTHANDLER": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"sqlite:///{tmp_path}/studies/autoft.db"
     study = wait_for(lambda: (tmp_path / "studies" / "autoft.db").exists() and _try_load(url), what="the study")
     victim = wait_for(lambda: running_mid_trial(study, after_finished=1), what="a trial mid-way after one finished")
@@ -378,6 +422,7 @@ def test_signal_mid_trial_keeps_finished_work_and_resumes(tmp_path, monkeypatch,
 
 # --- reproducibility ---------------------------------------------------------------------------------------------
 
+
 def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_folder):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
@@ -400,6 +445,7 @@ def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp
 
     def sigterm_in_a_weakref_callback(n, cfg):
         if n == 2:
+
             class Thing:
                 pass
 

@@ -1,24 +1,24 @@
-"""Batched augmentation and the eval transform, on the compute device.
-"""
+"""Batched augmentation and the eval transform, on the compute device."""
 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
-
-
 # --- batched augmentation on the compute device ----------------------------------------------------------
+
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """The eval transform on stored images: the central size x size square, as float in [0, 1]."""
     off = (x.shape[-1] - size) // 2
-    return x[..., off:off + size, off:off + size].float().div_(255)
+    return x[..., off : off + size, off : off + size].float().div_(255)
 
 
-def augment(x: torch.Tensor, size: int, strength: float, generator: torch.Generator | None = None,
-            force: bool = False) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, size: int, strength: float, generator: torch.Generator | None = None, force: bool = False
+) -> torch.Tensor:
     """Per-sample random-resized crop, flip, rotation and colour jitter, all scaled by one dial.
 
     strength 0 is the eval transform exactly (`force` runs the general path anyway, for tests);
@@ -42,8 +42,9 @@ def augment(x: torch.Tensor, size: int, strength: float, generator: torch.Genera
     flip = torch.where(u(0, 1) < 0.5 * s, -1.0, 1.0)
     angle = u(-30 * s, 30 * s) * (math.pi / 180)
     cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([w * flip * cos, -h * sin, cx], 1),
-                         torch.stack([w * flip * sin, h * cos, cy], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([w * flip * cos, -h * sin, cx], 1), torch.stack([w * flip * sin, h * cos, cy], 1)], 1
+    )
     grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
     out = F.grid_sample(x.float().div_(255), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if s > 0:

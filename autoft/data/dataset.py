@@ -1,5 +1,4 @@
-"""A dataset as a run sees it: labelled and test splits over the image store, and its folds.
-"""
+"""A dataset as a run sees it: labelled and test splits over the image store, and its folds."""
 
 from __future__ import annotations
 
@@ -9,8 +8,10 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+
 import numpy as np
 import torch
+
 from ..exceptions import DataError
 from .decode import Extent
 from .demo import demo_digits
@@ -114,15 +115,28 @@ class Dataset:
         if n >= k:
             return None
         used = max(2, n)
-        why = ("so that every class is in every validation fold" if n >= 2 else
-               f"and {self.classes[small]!r} is validated in only one of them")
-        return (f"class {self.classes[small]!r} has {n} labelled image{'s' if n != 1 else ''}: cross-validation uses "
-                f"{used} folds, not {k}, {why}")
+        why = (
+            "so that every class is in every validation fold"
+            if n >= 2
+            else f"and {self.classes[small]!r} is validated in only one of them"
+        )
+        return (
+            f"class {self.classes[small]!r} has {n} labelled image{'s' if n != 1 else ''}: cross-validation uses "
+            f"{used} folds, not {k}, {why}"
+        )
 
 
-def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: float = 0.875, *, seed: int = 0,
-                 val_fraction: float = 0.2, skip_bad_images: bool = False,
-                 labels: str | os.PathLike | Labels | None = None, value_range: Extent | None = None) -> Dataset:
+def load_dataset(
+    root: str | os.PathLike | None,
+    image_size: int,
+    crop_pct: float = 0.875,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    skip_bad_images: bool = False,
+    labels: str | os.PathLike | Labels | None = None,
+    value_range: Extent | None = None,
+) -> Dataset:
     """Scan (class folders, or the `labels` CSVs), decode (or reuse the cache) and split. `root=None` without
     `labels` uses the built-in digits demo. `value_range`: the range to scale 32-bit integer and float images by
     (a model's, for new data; None: the one these images give, see `dataset_range`)."""
@@ -139,7 +153,9 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     if bad and not skip_bad_images:
         listed = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise DataError(f"{len(bad)} unreadable image(s): {listed}{more}; fix or remove them, or pass --skip-bad-images")
+        raise DataError(
+            f"{len(bad)} unreadable image(s): {listed}{more}; fix or remove them, or pass --skip-bad-images"
+        )
     if bad:
         log.warning("skipped %d unreadable image(s)", len(bad))
 
@@ -156,16 +172,30 @@ def load_dataset(root: str | os.PathLike | None, image_size: int, crop_pct: floa
     n = len(train)
     if "val" in found:
         val = split(*found["val"])
-        labelled = Split(store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]),
-                         train.paths + val.paths)
+        labelled = Split(
+            store, torch.cat([train.rows, val.rows]), torch.cat([train.labels, val.labels]), train.paths + val.paths
+        )
         holdout = Fold(torch.arange(n), torch.arange(n, len(labelled)))
     else:
         if counts.min() < 2:
-            raise DataError(f"class {classes[int(counts.argmin())]!r} has one training image; a validation split needs "
-                            "at least two per class (or add a val/ folder)")
+            raise DataError(
+                f"class {classes[int(counts.argmin())]!r} has one training image; a validation split needs "
+                "at least two per class (or add a val/ folder)"
+            )
         n_val = max(len(classes), round(n * val_fraction))
-        idx_train, idx_val = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=train.labels.numpy())
+        idx_train, idx_val = train_test_split(
+            np.arange(n), test_size=n_val, random_state=seed, stratify=train.labels.numpy()
+        )
         labelled, holdout = train, Fold(torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val)))
     test = split(*found["test"]) if "test" in found else None
-    return Dataset(classes, labelled, holdout, test, image_size, size, bad,
-                   replace(scanned.fingerprint, value_range=store.value_range), scanned.flat)
+    return Dataset(
+        classes,
+        labelled,
+        holdout,
+        test,
+        image_size,
+        size,
+        bad,
+        replace(scanned.fingerprint, value_range=store.value_range),
+        scanned.flat,
+    )

@@ -9,10 +9,9 @@ import io
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
-
-
 
 MIN_SIDE = 8
 
@@ -50,7 +49,9 @@ def _opened(path: str | io.BytesIO, size: int) -> Iterator[Image.Image]:
         if min(w, h) < MIN_SIDE:
             raise ValueError(f"too small: {w}x{h}, under {MIN_SIDE}x{MIN_SIDE}")
         if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-            raise ValueError(f"too large: {w}x{h}, over {Image.MAX_IMAGE_PIXELS:,} pixels (possible decompression bomb)")
+            raise ValueError(
+                f"too large: {w}x{h}, over {Image.MAX_IMAGE_PIXELS:,} pixels (possible decompression bomb)"
+            )
         im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
         im.load()  # decoding errors surface here, before EXIF is read
         _exif_upright(im)
@@ -142,7 +143,14 @@ def try_decode(path: str, size: int, value_range: Extent | None = None) -> np.nd
 
 def rescaled_notice(n: int, value_range: Extent, given: bool = False) -> str:
     """Which range the wide images were scaled by, in one line."""
-    why = ("the model's, from its training data" if given else "values within 0..1, as 8-bit images"
-           if value_range == (0.0, 1.0) else "the dataset's smallest..largest value")
-    return (f"{n} image(s) are 32-bit integer or float greyscale (Pillow modes I, F): all scaled by one range, "
-            f"{value_range[0]:g}..{value_range[1]:g} to 0..255 ({why})")
+    why = (
+        "the model's, from its training data"
+        if given
+        else "values within 0..1, as 8-bit images"
+        if value_range == (0.0, 1.0)
+        else "the dataset's smallest..largest value"
+    )
+    return (
+        f"{n} image(s) are 32-bit integer or float greyscale (Pillow modes I, F): all scaled by one range, "
+        f"{value_range[0]:g}..{value_range[1]:g} to 0..255 ({why})"
+    )

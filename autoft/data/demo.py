@@ -1,18 +1,18 @@
-"""The built-in demo data: scikit-learn's bundled digits as PNG folders.
-"""
+"""The built-in demo data: scikit-learn's bundled digits as PNG folders."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
 from .store import cache_dir
 
-
-
 # --- demo data ----------------------------------------------------------------------------------------------
+
 
 def demo_digits(per_class: int = 30, val_per_class: int = 10) -> Path:
     """scikit-learn's bundled handwritten digits written out as PNGs, so the default run needs no download."""

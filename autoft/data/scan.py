@@ -15,12 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 from PIL import Image
+
 from ..exceptions import ConfigError, DataError
 from .demo import demo_digits
-
-
 
 log = logging.getLogger("autoft")
 
@@ -31,8 +31,13 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 SPLITS = ("train", "val", "test")
 SPLIT_NAMES = {  # a labels CSV's split column: what Kaggle and Hugging Face call val too
-    "train": "train", "val": "val", "validation": "val", "valid": "val", "dev": "val",
-    "test": "test"}
+    "train": "train",
+    "val": "val",
+    "validation": "val",
+    "valid": "val",
+    "dev": "val",
+    "test": "test",
+}
 SPLIT_WORDS = "train, val (validation, valid, dev) or test"
 
 
@@ -84,9 +89,11 @@ def find_images(folder: str | os.PathLike, skipped: Counter[str]) -> list[str]:
 
 
 BESIDE_TRAIN = "folder beside train/ (only train, val and test are read)"
-_PLURALS = {BESIDE_TRAIN: "folders beside train/ (only train, val and test are read)",
-            "linked subfolder (not followed)": "linked subfolders (not followed)",
-            "file outside a class folder": "files outside class folders"}
+_PLURALS = {
+    BESIDE_TRAIN: "folders beside train/ (only train, val and test are read)",
+    "linked subfolder (not followed)": "linked subfolders (not followed)",
+    "file outside a class folder": "files outside class folders",
+}
 
 
 def _plural(n: int, what: str) -> str:
@@ -115,14 +122,22 @@ class Fingerprint:
     value_range: tuple[float, float] | None = field(default=None, compare=False)  # None: no such image, or scanned
 
     def to_dict(self) -> dict[str, Any]:
-        return {"classes": list(self.classes), "counts": dict(self.counts), "hashes": dict(self.hashes),
-                "value_range": list(self.value_range) if self.value_range is not None else None}
+        return {
+            "classes": list(self.classes),
+            "counts": dict(self.counts),
+            "hashes": dict(self.hashes),
+            "value_range": list(self.value_range) if self.value_range is not None else None,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Fingerprint":
         vr = d.get("value_range")  # absent from checkpoints and studies written before it
-        return cls(tuple(d["classes"]), {k: list(v) for k, v in d["counts"].items()}, dict(d["hashes"]),
-                   (float(vr[0]), float(vr[1])) if vr is not None else None)
+        return cls(
+            tuple(d["classes"]),
+            {k: list(v) for k, v in d["counts"].items()},
+            dict(d["hashes"]),
+            (float(vr[0]), float(vr[1])) if vr is not None else None,
+        )
 
     def differences(self, before: "Fingerprint") -> str:
         """What changed from `before` to this, in words ("classes added: 'bird'; train: 6 images more")."""
@@ -137,8 +152,13 @@ class Fingerprint:
             if self.hashes.get(split) == before.hashes.get(split):
                 continue
             now, then = sum(self.counts.get(split, [])), sum(before.counts.get(split, []))
-            change = (f"{now - then} image(s) more" if now > then else f"{then - now} image(s) fewer" if then > now
-                      else "as many images, but other files (renamed, replaced or relabelled)")
+            change = (
+                f"{now - then} image(s) more"
+                if now > then
+                else f"{then - now} image(s) fewer"
+                if then > now
+                else "as many images, but other files (renamed, replaced or relabelled)"
+            )
             out.append(f"{split}: {change} ({then} -> {now})")
         return "; ".join(out) or "the same images"
 
@@ -156,8 +176,9 @@ class Found:
     warning: str | None = None  # what the layout may not mean as read (split lists beside class folders)
 
 
-def _fingerprint(classes: list[str], splits: dict[str, tuple[list[str], list[int]]],
-                 bases: dict[str, str]) -> Fingerprint:
+def _fingerprint(
+    classes: list[str], splits: dict[str, tuple[list[str], list[int]]], bases: dict[str, str]
+) -> Fingerprint:
     """The fingerprint of `splits`, each image's path taken relative to its split's base folder."""
     counts, hashes = {}, {}
     for split, (paths, labels) in splits.items():
@@ -200,8 +221,9 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
         for split, folder in splits.items():
             if folder == r or folder.startswith(r + os.sep):
                 what = f"the {split}/ folder itself" if folder == r else f"which holds the {split}/ folder"
-                raise DataError(f"class folder {d} resolves to {r}, {what}: the class would take every image of "
-                                f"{split}/; {fix(d)}")
+                raise DataError(
+                    f"class folder {d} resolves to {r}, {what}: the class would take every image of {split}/; {fix(d)}"
+                )
         i = bisect.bisect_left(keys, r)
         while i < len(keys) and (keys[i] == r or keys[i].startswith(r + os.sep)):  # class folders inside r
             q, _, e = resolved[i]
@@ -210,13 +232,19 @@ def _refuse_overlapping_links(split_folders: dict[str, Path], class_dirs: list[P
                 continue
             if q == r:  # blame the link, not the real folder it points at
                 x, y = (e, d) if e.is_symlink() and not d.is_symlink() else (d, e)
-                raise DataError(f"class folder {x} resolves to {r}, the folder of class {y.name!r} ({y}) too: its "
-                                f"images would carry both labels; {fix(x)}")
+                raise DataError(
+                    f"class folder {x} resolves to {r}, the folder of class {y.name!r} ({y}) too: its "
+                    f"images would carry both labels; {fix(x)}"
+                )
             if e.is_symlink() and not d.is_symlink():
-                raise DataError(f"class folder {e} resolves to {q}, inside class folder {d}: its images would carry "
-                                f"both labels; {fix(e)}")
-            raise DataError(f"class folder {d} resolves to {r}, which holds class folder {e}: the class would take "
-                            f"{e.name!r} images; {fix(d)}")
+                raise DataError(
+                    f"class folder {e} resolves to {q}, inside class folder {d}: its images would carry "
+                    f"both labels; {fix(e)}"
+                )
+            raise DataError(
+                f"class folder {d} resolves to {r}, which holds class folder {e}: the class would take "
+                f"{e.name!r} images; {fix(d)}"
+            )
 
 
 def scan(root: str | os.PathLike | None, labels: str | os.PathLike | Labels | None = None, say: bool = True) -> Found:
@@ -228,7 +256,9 @@ def scan(root: str | os.PathLike | None, labels: str | os.PathLike | Labels | No
     when the layout may not mean what it is read as, unless `say` is false (a look at the layout before the
     images are loaded, which says it then).
     """
-    found = scan_csv(labels, root) if labels is not None else _scan_folders(Path(demo_digits() if root is None else root))
+    found = (
+        scan_csv(labels, root) if labels is not None else _scan_folders(Path(demo_digits() if root is None else root))
+    )
     if found.skipped and say:
         log.info("%s: %s", found.root, skipped_summary(found.skipped))
     if found.warning and say:
@@ -269,8 +299,10 @@ def split_lists_hint(root: Path) -> str | None:
         command += f" --path-column {path} --label-column NAME (one of {others})"
     files = [*(p.name for s in SPLITS for p in named.get(s, [])), *(p.name for p in with_column)]
     look = "look like lists" if len(files) > 1 else "looks like a list"
-    return (f"{root} holds {', '.join(files)}, which {look} of splits, but --data reads every image in its class "
-            f"folders as labelled, test rows included; to use their splits, pass {command} instead of --data")
+    return (
+        f"{root} holds {', '.join(files)}, which {look} of splits, but --data reads every image in its class "
+        f"folders as labelled, test rows included; to use their splits, pass {command} instead of --data"
+    )
 
 
 def _scan_folders(root: Path) -> Found:
@@ -291,7 +323,9 @@ def _scan_folders(root: Path) -> Found:
     dirs = {split: _class_dirs(folder, skipped) for split, folder in folders.items()}
     classes = [d.name for d in dirs["train"]]
     if len(classes) < 2:
-        raise DataError(f"{train} has {len(classes)} class folder(s); a classifier needs at least two (train/<class>/...)")
+        raise DataError(
+            f"{train} has {len(classes)} class folder(s); a classifier needs at least two (train/<class>/...)"
+        )
     _refuse_overlapping_links(folders, [d for ds in dirs.values() for d in ds])
     splits = {}
     for split, folder in folders.items():
@@ -307,8 +341,9 @@ def _scan_folders(root: Path) -> Found:
         if paths:
             splits[split] = (paths, labels)
     fingerprint = _fingerprint(classes, splits, {s: str(f) for s, f in folders.items()})
-    return Found(os.path.abspath(root), classes, splits, flat, skipped, fingerprint,
-                 split_lists_hint(root) if flat else None)
+    return Found(
+        os.path.abspath(root), classes, splits, flat, skipped, fingerprint, split_lists_hint(root) if flat else None
+    )
 
 
 @dataclass(frozen=True)
@@ -331,8 +366,9 @@ def _column(csv_path: Path, header: list[str], name: str, role: str) -> int | No
     found = exact or [i for i, h in enumerate(header) if h.strip().casefold() == name.casefold()]
     if len(found) > 1:
         both = " and ".join(f"{i + 1} ({header[i]!r})" for i in found[:2])
-        how = "rename one" + ("" if exact or role == "split" else
-                              f", or pass --{role}-column with the exact name of the one to use")
+        how = "rename one" + (
+            "" if exact or role == "split" else f", or pass --{role}-column with the exact name of the one to use"
+        )
         raise DataError(f"{csv_path}: columns {both} both match the {role} column {name!r}; {how}")
     return found[0] if found else None
 
@@ -340,8 +376,10 @@ def _column(csv_path: Path, header: list[str], name: str, role: str) -> int | No
 def _read_csv(csv_path: Path) -> list[list[str]]:
     """Every row of a labels CSV (csv module; UTF-8, a BOM allowed), the header first."""
     if not csv_path.is_file():
-        raise DataError(f"labels file {str(csv_path)!r} {'is a folder' if csv_path.is_dir() else 'does not exist'}; "
-                        "expected a CSV with columns path,label[,split]")
+        raise DataError(
+            f"labels file {str(csv_path)!r} {'is a folder' if csv_path.is_dir() else 'does not exist'}; "
+            "expected a CSV with columns path,label[,split]"
+        )
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -368,8 +406,10 @@ def scan_csv(labels: str | os.PathLike | Labels, data: str | os.PathLike | None 
     main = Path(spec.train)
     base = os.path.abspath(main.parent)
     if data is not None and os.path.realpath(data) != os.path.realpath(base):
-        raise ConfigError(f"data {os.fspath(data)!r} is not the folder of the labels file {main}: its paths are "
-                          f"relative to its own folder ({base}); leave out data")
+        raise ConfigError(
+            f"data {os.fspath(data)!r} is not the folder of the labels file {main}: its paths are "
+            f"relative to its own folder ({base}); leave out data"
+        )
     files = {"train": main} | {s: Path(f) for s, f in (("val", spec.val), ("test", spec.test)) if f is not None}
     flags = {"val": "--val-labels", "test": "--test-labels"}
     bases = dict.fromkeys(SPLITS, base) | {s: os.path.abspath(f.parent) for s, f in files.items()}
@@ -378,12 +418,16 @@ def scan_csv(labels: str | os.PathLike | Labels, data: str | os.PathLike | None 
     for own, csv_path in files.items():
         rows = _read_csv(csv_path)
         header = rows[0]
-        at = {role: _column(csv_path, header, name, role)
-              for role, name in (("path", spec.path_column), ("label", spec.label_column), ("split", "split"))}
+        at = {
+            role: _column(csv_path, header, name, role)
+            for role, name in (("path", spec.path_column), ("label", spec.label_column), ("split", "split"))
+        }
         for role, name in (("path", spec.path_column), ("label", spec.label_column)):
             if at[role] is None and name == role:
-                raise DataError(f"{csv_path} has no {name!r} column (its header: {','.join(header)}); expected "
-                                "path,label[,split], or name yours with --path-column and --label-column")
+                raise DataError(
+                    f"{csv_path} has no {name!r} column (its header: {','.join(header)}); expected "
+                    "path,label[,split], or name yours with --path-column and --label-column"
+                )
             if at[role] is None:
                 raise DataError(f"{csv_path} has no {name!r} column (--{role}-column; its header: {','.join(header)})")
         has_split |= own == "train" and at["split"] is not None
@@ -401,11 +445,15 @@ def scan_csv(labels: str | os.PathLike | Labels, data: str | os.PathLike | None 
             if split is None:
                 raise DataError(f"{csv_path} line {n}: split {written!r} is not {SPLIT_WORDS}")
             if own != "train" and split != own:
-                raise DataError(f"{csv_path} line {n}: split {written!r} in the {own} labels file ({flags[own]}); "
-                                f"it lists {own} rows only")
+                raise DataError(
+                    f"{csv_path} line {n}: split {written!r} in the {own} labels file ({flags[own]}); "
+                    f"it lists {own} rows only"
+                )
             if own == "train" and split in files and split != "train":
-                raise DataError(f"{csv_path} line {n}: a {split} row, but the {split} rows come from {files[split]} "
-                                f"({flags[split]}); keep them in one of the two")
+                raise DataError(
+                    f"{csv_path} line {n}: a {split} row, but the {split} rows come from {files[split]} "
+                    f"({flags[split]}); keep them in one of the two"
+                )
             path = os.path.join(folder, rel)
             if os.path.isdir(path):
                 raise DataError(f"{csv_path} line {n}: {rel!r} is a folder, not an image")

@@ -9,11 +9,13 @@ import json
 import logging
 import os
 from pathlib import Path
+
 import joblib
 import numpy as np
+
 from ..exceptions import ConfigError, DataError
 from ..system.files import atomic_npy, atomic_write_text, check_writable_dir, sweep_temps
-from .decode import Extent, attempt, decode_or_extent, try_decode, dataset_range, rescaled_notice
+from .decode import Extent, attempt, dataset_range, decode_or_extent, rescaled_notice, try_decode
 
 log = logging.getLogger("autoft")
 
@@ -30,8 +32,15 @@ class ImageStore:
     `value_range` is the range its 32-bit integer and float images were scaled by (None: it has none).
     """
 
-    def __init__(self, file: Path, images: np.ndarray, paths: list[str], skipped: dict[str, str], decoded: int,
-                 value_range: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        file: Path,
+        images: np.ndarray,
+        paths: list[str],
+        skipped: dict[str, str],
+        decoded: int,
+        value_range: tuple[float, float] | None = None,
+    ):
         self.file, self.images, self.skipped, self.decoded = file, images, skipped, decoded
         self.value_range = value_range
         self.rows = {p: i for i, p in enumerate(p for p in paths if p not in skipped)}
@@ -116,13 +125,19 @@ def open_store(paths: list[str], size: int, value_range: Extent | None = None) -
         store = _read_store(file, paths, size)
         if store is not None:
             return store
-    log.log(logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
-            "decoding %d images at %d px into the store %s (once; later runs reuse it)", len(paths), size, file.parent)
+    log.log(
+        logging.INFO if len(paths) >= DECODE_NOTICE else logging.DEBUG,
+        "decoding %d images at %d px into the store %s (once; later runs reuse it)",
+        len(paths),
+        size,
+        file.parent,
+    )
     bad, used = _decode_into(file, paths, size, value_range)
     meta = {"skipped": sorted(bad.items()), "value_range": used}  # indices: file names need not be valid UTF-8
     atomic_write_text(file.with_suffix(".json"), json.dumps(meta))
-    return ImageStore(file, np.load(file, mmap_mode="r"), paths, {paths[i]: why for i, why in bad.items()},
-                      len(paths), used)
+    return ImageStore(
+        file, np.load(file, mmap_mode="r"), paths, {paths[i]: why for i, why in bad.items()}, len(paths), used
+    )
 
 
 def _read_store(file: Path, paths: list[str], size: int) -> ImageStore | None:
@@ -139,8 +154,9 @@ def _read_store(file: Path, paths: list[str], size: int) -> ImageStore | None:
         return None
 
 
-def _decode_into(file: Path, paths: list[str], size: int,
-                 value_range: Extent | None) -> tuple[dict[int, str], Extent | None]:
+def _decode_into(
+    file: Path, paths: list[str], size: int, value_range: Extent | None
+) -> tuple[dict[int, str], Extent | None]:
     """Decode `paths` chunk by chunk (threads within a chunk) into a new .npy at `file`, good images only, in
     order; returns index -> reason for the bad ones, and the range wide images were scaled by (None: none is wide).
     The file appears whole or not at all.
@@ -151,11 +167,13 @@ def _decode_into(file: Path, paths: list[str], size: int,
     n_jobs = min(8, os.cpu_count() or 1)
     bad: dict[int, str] = {}
     wide: dict[int, tuple[int, Extent]] = {}  # index -> (its reserved row, its extent)
-    with atomic_npy(file, (len(paths), 3, size, size), np.uint8) as out, \
-            joblib.Parallel(n_jobs=n_jobs, prefer="threads") as parallel:
+    with (
+        atomic_npy(file, (len(paths), 3, size, size), np.uint8) as out,
+        joblib.Parallel(n_jobs=n_jobs, prefer="threads") as parallel,
+    ):
         row = 0
         for start in range(0, len(paths), DECODE_CHUNK):
-            chunk = paths[start:start + DECODE_CHUNK]
+            chunk = paths[start : start + DECODE_CHUNK]
             decoded = parallel(joblib.delayed(attempt)(decode_or_extent, p, size) for p in chunk)
             for i, r in enumerate(decoded, start):
                 if isinstance(r, str):
@@ -172,7 +190,7 @@ def _decode_into(file: Path, paths: list[str], size: int,
         used = value_range or dataset_range(e for _, e in wide.values())
         index = list(wide)
         for start in range(0, len(index), DECODE_CHUNK):
-            chunk = index[start:start + DECODE_CHUNK]
+            chunk = index[start : start + DECODE_CHUNK]
             for i, r in zip(chunk, parallel(joblib.delayed(try_decode)(paths[i], size, used) for i in chunk)):
                 if isinstance(r, str):
                     raise DataError(f"{paths[i]} changed while it was decoded ({r}); run again")

@@ -1,4 +1,5 @@
-"""optuna-dashboard: `autoft dashboard` serves it on loopback by default; `publish_trial` makes each trial readable there."""
+"""optuna-dashboard: `autoft dashboard` serves it on loopback by default; `publish_trial` makes each trial
+readable there."""
 
 from __future__ import annotations
 
@@ -10,22 +11,23 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
-from . import records
 from ..config import Config
 from ..estimate import METRICS
 from ..exceptions import ConfigError, one_line
+from ..storage import DEFAULT_ARTIFACTS, artifact_store, attach_bytes, load_study, make_storage, mask_url
 from ..system.files import check_writable_dir
 from ..training.loop import score_key
+from . import records
 from .plots import estimates_figure, learning_curves_figure, learning_curves_png, points
-from ..storage import artifact_store, attach_bytes, DEFAULT_ARTIFACTS, load_study, make_storage, mask_url
 
 log = logging.getLogger("autoft")
 LEARNING_CURVES_ID = "learning-curves"  # the study page's figures, rewritten after every trial
 ESTIMATES_ID = "estimates"
 
 
-def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: int = 8080,
-          artifacts: str = DEFAULT_ARTIFACTS) -> None:
+def serve(
+    storage_url: str, study: str | None, host: str = "127.0.0.1", port: int = 8080, artifacts: str = DEFAULT_ARTIFACTS
+) -> None:
     """Blocks until Ctrl-C or SIGTERM. Prints the URL of the study's page when the study exists.
 
     optuna-dashboard's WSGI app, served from a thread: the signal reaches the main thread, which only waits, so
@@ -71,8 +73,12 @@ def serve(storage_url: str, study: str | None, host: str = "127.0.0.1", port: in
         server.server_close()
 
 
-def publish_trial(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float]],
-                  artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS) -> None:
+def publish_trial(
+    trial: optuna.Trial,
+    cfg: Config,
+    history: Sequence[dict[str, float]],
+    artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS,
+) -> None:
     """Make a finished (or pruned) trial readable on optuna-dashboard; never fails the trial.
 
     The trial page gets a note with the trial's config and its learning-curve PNG as an image artifact
@@ -93,9 +99,11 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
         return
     score = records.metric_name(cfg.metric)
     best = max(history, key=lambda h: score_key(h, cfg.metric))
-    summary = (f"best {score} {best[score]:.4f} at epoch {best['epoch']} of {len(history)} run ({cfg.epochs} planned); "
-               + ", ".join(f"val_{m} {best[f'val_{m}']:.4f}" for m in METRICS if m != cfg.metric and f"val_{m}" in best)
-               + (f"; logit adjustment tau {best['tau']:g}" if best.get("tau") else ""))
+    summary = (
+        f"best {score} {best[score]:.4f} at epoch {best['epoch']} of {len(history)} run ({cfg.epochs} planned); "
+        + ", ".join(f"val_{m} {best[f'val_{m}']:.4f}" for m in METRICS if m != cfg.metric and f"val_{m}" in best)
+        + (f"; logit adjustment tau {best['tau']:g}" if best.get("tau") else "")
+    )
     estimate = records.estimate(trial)
     if estimate is not None:
         folds = " ".join(f"{a:.3f}" for a in estimate.fold_scores)
@@ -108,11 +116,16 @@ def _publish(trial: optuna.Trial, cfg: Config, history: Sequence[dict[str, float
     study_id = trial.storage.get_study_id_from_name(trial.study.study_name)
     trial_id = trial.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     image = f"/artifacts/{study_id}/{trial_id}/{artifact_id}"
-    save_note(trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n")
+    save_note(
+        trial, f"### Trial {trial.number}\n\n{summary}\n\n![learning curves]({image})\n\n```yaml\n{cfg.to_yaml()}```\n"
+    )
     runs = {t.number: records.history(t) for t in trial.study.get_trials(deepcopy=False) if records.history(t)}
     runs[trial.number] = list(history)
-    save_plotly_graph_object(trial.study, learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)},
-                                                                 cfg.metric), graph_object_id=LEARNING_CURVES_ID)
+    save_plotly_graph_object(
+        trial.study,
+        learning_curves_figure({f"trial {n}": runs[n] for n in sorted(runs)}, cfg.metric),
+        graph_object_id=LEARNING_CURVES_ID,
+    )
 
 
 def publish_estimates(study: optuna.Study, trials: Sequence[FrozenTrial], winner: FrozenTrial | None) -> None:
@@ -123,7 +136,8 @@ def publish_estimates(study: optuna.Study, trials: Sequence[FrozenTrial], winner
     try:
         shown = points(trials, winner.number if winner else None)
         if shown:
-            save_plotly_graph_object(study, estimates_figure(shown, records.study_metric(study)),
-                                     graph_object_id=ESTIMATES_ID)
+            save_plotly_graph_object(
+                study, estimates_figure(shown, records.study_metric(study)), graph_object_id=ESTIMATES_ID
+            )
     except Exception as exc:  # the dashboard is a view
         log.warning("could not publish the estimates to the dashboard: %s", one_line(exc))

@@ -23,19 +23,19 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import records
-from ..training import probe
-from ..training.checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint
+from ..cache import RunCache
 from ..config import Config
-from .dashboard import publish_estimates
 from ..estimate import Estimate, score
 from ..exceptions import AutoftError
+from ..storage import attach_bytes, read_artifact, remove_artifact
 from ..system.files import atomic_paths, versions
-from ..cache import RunCache
+from ..training import probe
+from ..training.checkpoint import checkpoint, checkpoint_from_bytes, load_checkpoint
 from ..training.finals import Weights, mixed_models, result_checkpoint, shipped_kind, shipped_model
 from ..training.loop import Result
+from . import records
+from .dashboard import publish_estimates
 from .selection import ensemble_selection, nested_predictions, wins_beyond_noise
-from ..storage import attach_bytes, read_artifact, remove_artifact
 
 log = logging.getLogger("autoft")
 RESERVE_S = 15.0  # what writing the final exports takes, beside any training `final` asks for
@@ -90,16 +90,30 @@ class Exporter:
         completed (`export`), so it never holds a trial that did not finish."""
         candidates, _ = records.with_running(trial.study, trial.number, result)
         if trial.number in records.kept_set(candidates):
-            data = _serialize(result_checkpoint(cfg, self.cache.dataset(cfg), result, trial.number,
-                                                trial.study.study_name, "ensemble", shipped_kind(result, result)))
-            records.record_weights(trial, attach_bytes(trial, f"weights_trial_{trial.number}.pt", data,
-                                                       "application/octet-stream", self.artifacts))
+            data = _serialize(
+                result_checkpoint(
+                    cfg,
+                    self.cache.dataset(cfg),
+                    result,
+                    trial.number,
+                    trial.study.study_name,
+                    "ensemble",
+                    shipped_kind(result, result),
+                )
+            )
+            records.record_weights(
+                trial,
+                attach_bytes(
+                    trial, f"weights_trial_{trial.number}.pt", data, "application/octet-stream", self.artifacts
+                ),
+            )
 
     def forget_weights(self, trials: Sequence[FrozenTrial]) -> None:
         """The artifact folder holds the kept set's models alone: those of completed trials that fell out of it,
         and of trials that ended otherwise (failed after keeping them, e.g. killed before completing), go."""
-        kept = records.kept_set([records.Candidate.of(t) for t in trials
-                                 if t.state == TrialState.COMPLETE and t.value is not None])
+        kept = records.kept_set(
+            [records.Candidate.of(t) for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        )
         for t in trials:
             artifact = records.weights_artifact(t)
             if artifact and t.state.is_finished() and not (t.state == TrialState.COMPLETE and t.number in kept):
@@ -139,12 +153,23 @@ class Exporter:
             return None
         kept = None if cfg.final == "refit" else self._kept_bytes(best)
         if kept is None and cfg.final != "refit":
-            log.warning("the kept models of trial %d (the winner) are not in %s; training them again from its config",
-                        best.number, self.artifacts)
+            log.warning(
+                "the kept models of trial %d (the winner) are not in %s; training them again from its config",
+                best.number,
+                self.artifacts,
+            )
         chosen = records.kept_epoch(best)
-        return shipped_model(cfg, self.cache.dataset(cfg), kept, best.number, study.study_name,
-                             best.user_attrs[records.BEST_EPOCH], chosen.get("tau", 0.0), chosen.get("tta", "none"),
-                             self.cache)
+        return shipped_model(
+            cfg,
+            self.cache.dataset(cfg),
+            kept,
+            best.number,
+            study.study_name,
+            best.user_attrs[records.BEST_EPOCH],
+            chosen.get("tau", 0.0),
+            chosen.get("tta", "none"),
+            self.cache,
+        )
 
     def _mix_checkpoint(self, study: optuna.Study, best: FrozenTrial, mix: dict[str, Any]) -> dict[str, Any]:
         """The ensemble of trials `mix`: each member's validated models as kept while it ran, shipped as its `final`
@@ -155,21 +180,37 @@ class Exporter:
             cfg = records.config(trials[number])
             ckpt = self.kept_checkpoint(trials[number])
             if ckpt is None:  # kept by no run (an older autoft) or deleted by hand: the one case trained again
-                log.warning("ensemble of trials: the kept models of trial %d are gone; training it again from its "
-                            "config", number)
+                log.warning(
+                    "ensemble of trials: the kept models of trial %d are gone; training it again from its config",
+                    number,
+                )
             folds, ckpt = mixed_models(cfg, self.cache.dataset(cfg), ckpt, number, study.study_name, self.cache)
             states += folds
             weights += [w / len(folds)] * len(folds)
             shared.append(ckpt.get("shared_stages", 0))
             if first is None or number == best.number:
                 first = ckpt
-        metrics: dict[str, Any] = {**first["metrics"], "trial": best.number, "study": study.study_name, "final": "trials",
-                                   "shipped": describe_mix(mix, len(states)),
-                                   "trial_mix": {"members": mix["members"], "weights": mix["weights"]}}
+        metrics: dict[str, Any] = {
+            **first["metrics"],
+            "trial": best.number,
+            "study": study.study_name,
+            "final": "trials",
+            "shipped": describe_mix(mix, len(states)),
+            "trial_mix": {"members": mix["members"], "weights": mix["weights"]},
+        }
         prior = (first.get("logit_adjustment") or {}).get("prior", ())
-        return checkpoint(states, first["classes"], records.config(best), metrics, shared_prefix(states, max(shared)),
-                          mix["tau"], prior, self.cache.dataset(records.config(best)).fingerprint, weights,
-                          mix.get("tta", "none"))
+        return checkpoint(
+            states,
+            first["classes"],
+            records.config(best),
+            metrics,
+            shared_prefix(states, max(shared)),
+            mix["tau"],
+            prior,
+            self.cache.dataset(records.config(best)).fingerprint,
+            weights,
+            mix.get("tta", "none"),
+        )
 
     def saved(self) -> tuple[str | None, int | None, str | None]:
         """(study, trial, final) of the model in best.pt, if there is one."""
@@ -195,8 +236,14 @@ class Exporter:
 
     # --- the three files, together ---------------------------------------------------------------------------
 
-    def publish(self, study: optuna.Study, trials: Sequence[FrozenTrial], best: FrozenTrial | None,
-                weights: Weights | None, final: bool) -> None:
+    def publish(
+        self,
+        study: optuna.Study,
+        trials: Sequence[FrozenTrial],
+        best: FrozenTrial | None,
+        weights: Weights | None,
+        final: bool,
+    ) -> None:
         """trials.csv, best.yaml (when there is a winner) and best.pt (when `weights` replace it) in one
         files.atomic_paths: all old or all new."""
         if weights is None:
@@ -224,27 +271,41 @@ class Exporter:
         trials = study.get_trials(deepcopy=False)
         estimate = records.estimate(best)
         kept = records.kept_epoch(best)
-        result = {"metric": records.study_metric(study),
-                  "estimate": estimate.to_dict() if estimate else {"value": best.value},
-                  "scores": {k: v for k, v in kept.items() if k.startswith("val_") and k != "val_loss"},
-                  "tau": kept.get("tau", 0.0),
-                  "val_loss": records.val_loss(best), "best_epoch": best.user_attrs.get(records.BEST_EPOCH),
-                  "trial": best.number, "recipe": records.portfolio_name(best), "study": study.study_name,
-                  "gain_over_portfolio": records.gain_over_portfolio(best, trials),
-                  "weights_file": "best.pt" if holds else None,
-                  "shipped": (f"trial {holds.get('trial')}: {holds.get('shipped', 'one model')}" if holds else
-                              "nothing yet: the final export trains the winner's models again"),
-                  "export": "final" if final else "interim", "versions": versions()}
+        result = {
+            "metric": records.study_metric(study),
+            "estimate": estimate.to_dict() if estimate else {"value": best.value},
+            "scores": {k: v for k, v in kept.items() if k.startswith("val_") and k != "val_loss"},
+            "tau": kept.get("tau", 0.0),
+            "val_loss": records.val_loss(best),
+            "best_epoch": best.user_attrs.get(records.BEST_EPOCH),
+            "trial": best.number,
+            "recipe": records.portfolio_name(best),
+            "study": study.study_name,
+            "gain_over_portfolio": records.gain_over_portfolio(best, trials),
+            "weights_file": "best.pt" if holds else None,
+            "shipped": (
+                f"trial {holds.get('trial')}: {holds.get('shipped', 'one model')}"
+                if holds
+                else "nothing yet: the final export trains the winner's models again"
+            ),
+            "export": "final" if final else "interim",
+            "versions": versions(),
+        }
         path = (self.out / "best.yaml").absolute()
-        header = (f"# autoft search result: study {study.study_name!r}, {records.describe(best)}\n"
-                  f"# reuse: autoft train --config {shlex.quote(str(path))}\n"
-                  "# paths (data, weights) are stored absolute, so this file works from any folder\n")
+        header = (
+            f"# autoft search result: study {study.study_name!r}, {records.describe(best)}\n"
+            f"# reuse: autoft train --config {shlex.quote(str(path))}\n"
+            "# paths (data, weights) are stored absolute, so this file works from any folder\n"
+        )
         if not final:
-            header += ("# interim export (trials ran, or were interrupted): best.pt is the winner's validated fold "
-                       "models; the search's final export ships it as `final` says\n")
+            header += (
+                "# interim export (trials ran, or were interrupted): best.pt is the winner's validated fold "
+                "models; the search's final export ships it as `final` says\n"
+            )
         if probe.exact(records.history(best)):  # its head is fitted: the keys that shape training by epochs are moot
-            header += (f"# an exact linear probe (its head fitted, C by cross-validation): {', '.join(probe.UNUSED)} "
-                       "unused\n")
+            header += (
+                f"# an exact linear probe (its head fitted, C by cross-validation): {', '.join(probe.UNUSED)} unused\n"
+            )
         return header + records.config(best).portable().to_yaml(result)
 
     @staticmethod
@@ -269,12 +330,16 @@ def mixable(t: FrozenTrial, winner: Config, tau: float, tta: str = "none") -> bo
     return joins(records.config(t), kept.get("tau", 0.0), winner, tau, kept.get("tta", "none"), tta)
 
 
-def joins(cfg: Config, tau: float, winner: Config, winner_tau: float, tta: str = "none",
-          winner_tta: str = "none") -> bool:
+def joins(
+    cfg: Config, tau: float, winner: Config, winner_tau: float, tta: str = "none", winner_tta: str = "none"
+) -> bool:
     """THE rule for who can share an ensemble with the winner: one preprocessing (backbone, its weights, image size),
     one logit adjustment and one test-time augmentation, which predict and export apply to the whole model."""
-    return (cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size) \
-        and tau == winner_tau and tta == winner_tta
+    return (
+        (cfg.backbone, cfg.weights, cfg.image_size) == (winner.backbone, winner.weights, winner.image_size)
+        and tau == winner_tau
+        and tta == winner_tta
+    )
 
 
 def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[str, Any] | None:
@@ -291,8 +356,10 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     tau, tta = kept_epoch.get("tau", 0.0), kept_epoch.get("tta", "none")
     done = records.completed(study)
     kept = records.kept_set([records.Candidate.of(t) for t in done])
-    trials = sorted((t for t in done if mixable(t, winner, tau, tta) and t.number in kept),
-                    key=lambda t: (t.number != best.number, -t.value))  # the winner first: it wins ties
+    trials = sorted(
+        (t for t in done if mixable(t, winner, tau, tta) and t.number in kept),
+        key=lambda t: (t.number != best.number, -t.value),
+    )  # the winner first: it wins ties
     oofs = [(t, o) for t in trials if (o := records.load_oof(t, artifacts)) is not None]
     if not oofs or oofs[0][0].number != best.number:
         return None
@@ -316,13 +383,23 @@ def choose_mix(study: optuna.Study, best: FrozenTrial, artifacts: str) -> dict[s
     estimate = Estimate.measure(metric, labels, mixed, classes)
     noise = (records.estimate(best) or Estimate.measure(metric, labels, single, classes)).noise
     nested = (estimate.value, measure(labels, single))
-    models = [1 if records.config(t).final != "ensemble" else (records.estimate(t) or Estimate(0, 1)).folds
-              for t, _ in oofs]
+    models = [
+        1 if records.config(t).final != "ensemble" else (records.estimate(t) or Estimate(0, 1)).folds for t, _ in oofs
+    ]
     kept = mix.members
-    return {"winner": best.number, "members": [oofs[i][0].number for i in kept],
-            "weights": [float(mix.weights[i]) for i in kept], "shipped": wins_beyond_noise(mix, nested, noise),
-            "estimate": estimate.to_dict(), "single": nested[1], "noise": noise, "tau": tau, "tta": tta,
-            "models": sum(models[i] for i in kept), "single_models": models[0]}
+    return {
+        "winner": best.number,
+        "members": [oofs[i][0].number for i in kept],
+        "weights": [float(mix.weights[i]) for i in kept],
+        "shipped": wins_beyond_noise(mix, nested, noise),
+        "estimate": estimate.to_dict(),
+        "single": nested[1],
+        "noise": noise,
+        "tau": tau,
+        "tta": tta,
+        "models": sum(models[i] for i in kept),
+        "single_models": models[0],
+    }
 
 
 def describe_mix(mix: dict[str, Any], models: int | None = None) -> str:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from . import records
 from ..estimate import span
 from ..exceptions import AutoftError
 from ..system.files import atomic_open, atomic_write_bytes
+from . import records
 
 PNG_SIZE = (1000, 640)  # pixels of every PNG autoft writes
 PNG_DPI = 100
@@ -50,8 +50,9 @@ def score_range(values: Sequence[float | None]) -> tuple[float, float] | None:
     return max(0.0, lo - pad), min(1.0 + pad / 2, hi + pad)
 
 
-def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], metric: str = "accuracy",
-                           train_loss: bool = False):
+def learning_curves_figure(
+    histories: dict[str, Sequence[dict[str, float]]], metric: str = "accuracy", train_loss: bool = False
+):
     """Plotly: loss per epoch (left) and the validation `metric` per epoch (right), one colour per run."""
     import plotly.graph_objects as go
     from plotly.colors import qualitative
@@ -65,8 +66,16 @@ def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], met
         common = {"legendgroup": label, "line": {"color": color}, "mode": "lines+markers"}
         fig.add_trace(go.Scatter(x=epochs, y=[h["val_loss"] for h in hist], name=f"{label} val_loss", **common), 1, 1)
         if train_loss:
-            fig.add_trace(go.Scatter(x=epochs, y=[h["train_loss"] for h in hist], name=f"{label} train_loss",
-                                     **(common | {"line": {"color": color, "dash": "dash"}})), 1, 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=epochs,
+                    y=[h["train_loss"] for h in hist],
+                    name=f"{label} train_loss",
+                    **(common | {"line": {"color": color, "dash": "dash"}}),
+                ),
+                1,
+                1,
+            )
         fig.add_trace(go.Scatter(x=epochs, y=[h.get(score) for h in hist], name=f"{label} {score}", **common), 1, 2)
     fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_yaxes(range=score_range([h.get(score) for hist in histories.values() for h in hist]), row=1, col=2)
@@ -74,8 +83,9 @@ def learning_curves_figure(histories: dict[str, Sequence[dict[str, float]]], met
     return fig
 
 
-def save_learning_curves_png(history: Sequence[dict[str, float]], title: str, path: str | os.PathLike,
-                             metric: str = "accuracy") -> Path:
+def save_learning_curves_png(
+    history: Sequence[dict[str, float]], title: str, path: str | os.PathLike, metric: str = "accuracy"
+) -> Path:
     """`learning_curves_png` written to `path`."""
     path = Path(path)
     atomic_write_bytes(path, learning_curves_png(history, title, metric))
@@ -126,8 +136,17 @@ def points(trials: Sequence[Any], winner: int | None) -> list[Point]:
         if e is None or t.value is None:
             continue
         low, high = e.interval
-        out.append(Point(t.number, e.value, low, high, t.user_attrs.get(records.WALL_TIME) or 0.0,
-                         t.user_attrs.get(records.CONFIG, {}).get("backbone", "?"), t.number == winner))
+        out.append(
+            Point(
+                t.number,
+                e.value,
+                low,
+                high,
+                t.user_attrs.get(records.WALL_TIME) or 0.0,
+                t.user_attrs.get(records.CONFIG, {}).get("backbone", "?"),
+                t.number == winner,
+            )
+        )
     return out
 
 
@@ -141,16 +160,39 @@ def estimates_figure(points: Sequence[Point], metric: str = "accuracy"):
     fig = make_subplots(rows=1, cols=2, subplot_titles=("estimate by trial", "estimate against cost"))
     for i, backbone in enumerate(dict.fromkeys(p.backbone for p in points)):
         mine = [p for p in points if p.backbone == backbone]
-        bars = {"type": "data", "symmetric": False, "array": [p.high - p.value for p in mine],
-                "arrayminus": [p.value - p.low for p in mine]}
-        marker = {"color": qualitative.Plotly[i % len(qualitative.Plotly)],
-                  "line": {"width": [3 if p.winner else 0 for p in mine], "color": "black"}, "size": 9}
-        text = [f"trial {p.number}" + (" (winner)" if p.winner else "") + f": {p.value:.4f} ({span(p.low, p.high)}), "
-                f"{p.seconds:.0f} s" for p in mine]
+        bars = {
+            "type": "data",
+            "symmetric": False,
+            "array": [p.high - p.value for p in mine],
+            "arrayminus": [p.value - p.low for p in mine],
+        }
+        marker = {
+            "color": qualitative.Plotly[i % len(qualitative.Plotly)],
+            "line": {"width": [3 if p.winner else 0 for p in mine], "color": "black"},
+            "size": 9,
+        }
+        text = [
+            f"trial {p.number}" + (" (winner)" if p.winner else "") + f": {p.value:.4f} ({span(p.low, p.high)}), "
+            f"{p.seconds:.0f} s"
+            for p in mine
+        ]
         for col, x in ((1, [p.number for p in mine]), (2, [p.seconds for p in mine])):
-            fig.add_trace(go.Scatter(x=x, y=[p.value for p in mine], error_y=bars, mode="markers", marker=marker,
-                                     text=text, hovertemplate="%{text}", name=backbone, legendgroup=backbone,
-                                     showlegend=col == 1), 1, col)
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[p.value for p in mine],
+                    error_y=bars,
+                    mode="markers",
+                    marker=marker,
+                    text=text,
+                    hovertemplate="%{text}",
+                    name=backbone,
+                    legendgroup=backbone,
+                    showlegend=col == 1,
+                ),
+                1,
+                col,
+            )
     fig.update_xaxes(title_text="trial", row=1, col=1)
     fig.update_xaxes(title_text="trial wall time (s)", type="log", row=1, col=2)
     fig.update_yaxes(title_text=f"{records.metric_name(metric)} (95 % interval)", range=_interval_range(points))
@@ -167,8 +209,14 @@ def save_estimates_png(points: Sequence[Point], path: str | os.PathLike, metric:
         err = np.array([[p.value - p.low for p in mine], [p.high - p.value for p in mine]])
         for ax, x in ((by_trial, [p.number for p in mine]), (by_cost, [p.seconds for p in mine])):
             ax.errorbar(x, [p.value for p in mine], yerr=err, fmt="o", capsize=3, label=backbone)
-            ax.scatter([xi for xi, p in zip(x, mine) if p.winner], [p.value for p in mine if p.winner], s=160,
-                       facecolors="none", edgecolors="black", zorder=3)
+            ax.scatter(
+                [xi for xi, p in zip(x, mine) if p.winner],
+                [p.value for p in mine if p.winner],
+                s=160,
+                facecolors="none",
+                edgecolors="black",
+                zorder=3,
+            )
     by_trial.set_xlabel("trial")
     by_trial.xaxis.get_major_locator().set_params(integer=True)
     by_trial.set_ylabel(f"{records.metric_name(metric)} (95 % interval)")
@@ -193,7 +241,8 @@ def save_confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, path:
     fig = _figure()
     ax = fig.add_subplot()
     ConfusionMatrixDisplay(np.asarray(cm), display_labels=list(classes)).plot(
-        ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, xticks_rotation="vertical")
+        ax=ax, cmap="Blues", colorbar=False, include_values=len(classes) <= 20, xticks_rotation="vertical"
+    )
     ax.set_title(title)
     ax.grid(False)
     return _save(fig, path)

@@ -23,18 +23,17 @@ from PIL import ExifTags, Image
 from torch import nn
 
 from ..backbones import get_backbone
-from ..cache import label_files
-from ..training.checkpoint import load_checkpoint, model_from_checkpoint, trained_on
+from ..cache import label_files, load_data
 from ..config import Config
-from ..estimate import scored
 from ..data.augment import center_crop, normalize
 from ..data.dataset import Dataset
-from ..data.decode import try_decode, decode, WIDE_MODES
-from ..data.scan import find_images, Fingerprint, scan, skipped_summary
+from ..data.decode import WIDE_MODES, decode, try_decode
+from ..data.scan import Fingerprint, find_images, scan, skipped_summary
 from ..data.store import store_size_for
+from ..estimate import scored
 from ..exceptions import AutoftError, DataError
 from ..system.files import atomic_path, atomic_write_text, check_output_file, output_file
-from ..cache import load_data
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, trained_on
 from ..training.inference import predict_logits
 from ..training.loop import resolve_device
 from .plots import save_confusion_png
@@ -44,9 +43,11 @@ SPLITS = ("train", "val", "test")
 FORMATS = ("torchscript", "onnx")
 # How each format loads, for the export's metadata and `autoft export`: TorchScript is deprecated upstream, and
 # torch.jit.load warns so (a FutureWarning) but loads; onnxruntime loads an ONNX file without a warning.
-LOADS = {"torchscript": "torch.jit.load(FILE) (warns that TorchScript is deprecated, and loads; --format onnx "
-                        "gives a model onnxruntime loads without a warning)",
-         "onnx": "onnxruntime.InferenceSession(FILE)"}
+LOADS = {
+    "torchscript": "torch.jit.load(FILE) (warns that TorchScript is deprecated, and loads; --format onnx "
+    "gives a model onnxruntime loads without a warning)",
+    "onnx": "onnxruntime.InferenceSession(FILE)",
+}
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 
 
@@ -59,8 +60,14 @@ class Predictor:
     it had none, and each such image is scaled by its own, see `data.dataset_range`).
     """
 
-    def __init__(self, model: nn.Module, config: Config, classes: Sequence[str], device: str = "auto",
-                 value_range: tuple[float, float] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        classes: Sequence[str],
+        device: str = "auto",
+        value_range: tuple[float, float] | None = None,
+    ):
         self.config, self.classes, self.value_range = config, list(classes), value_range
         self.spec = get_backbone(config.backbone)
         self.store_size = store_size_for(config.image_size, self.spec.crop_pct)
@@ -98,15 +105,16 @@ class Predictor:
         p, idx = logits.softmax(1).topk(min(k, len(self.classes)), dim=1)
         return [[(self.classes[i], float(v)) for v, i in zip(pr, ix)] for pr, ix in zip(p.tolist(), idx.tolist())]
 
-    def top_k_files(self, paths: Sequence[str | os.PathLike], k: int = 1,
-                    chunk: int = 256) -> Iterator[tuple[str, list[tuple[str, float]] | None, str | None]]:
+    def top_k_files(
+        self, paths: Sequence[str | os.PathLike], k: int = 1, chunk: int = 256
+    ) -> Iterator[tuple[str, list[tuple[str, float]] | None, str | None]]:
         """Per file, in order: (path, top-k pairs, None), or (path, None, why) when it cannot be read.
 
         One unreadable file does not stop the others (`top_k` raises instead); files are decoded and
         classified `chunk` at a time, so memory stays bounded on large folders.
         """
         for i in range(0, len(paths), chunk):
-            part = [os.fspath(p) for p in paths[i:i + chunk]]
+            part = [os.fspath(p) for p in paths[i : i + chunk]]
             decoded = [try_decode(p, self.store_size, self.value_range) for p in part]
             good = [a for a in decoded if not isinstance(a, str)]
             tops = iter(self._top_k(self._logits(self._batch(good)), k) if good else [])
@@ -116,7 +124,9 @@ class Predictor:
 
 def _as_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     """One image (path, PIL image, 3-d array) becomes a batch of one; a 4-d array is a batch."""
-    single = isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3)
+    single = isinstance(images, (str, os.PathLike, Image.Image)) or (
+        isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3
+    )
     return [images] if single else list(images)
 
 
@@ -129,17 +139,22 @@ def _decode(image: ImageLike, size: int, value_range: tuple[float, float] | None
 
 
 def _as_file(image: ImageLike) -> str | io.BytesIO:
-    """A path for `data.decode.decode`; in-memory images are handed over as lossless PNG bytes (TIFF for 32-bit ones)."""
+    """A path for `data.decode.decode`; in-memory images are handed over as lossless PNG bytes (TIFF for 32-bit
+    ones)."""
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or 3 not in (image.shape[0], image.shape[-1]):
-            raise DataError(f"an image array must be uint8 with shape (3,H,W) or (H,W,3), got {image.dtype} {image.shape}")
+            raise DataError(
+                f"an image array must be uint8 with shape (3,H,W) or (H,W,3), got {image.dtype} {image.shape}"
+            )
         image = Image.fromarray(image.transpose(1, 2, 0) if image.shape[-1] != 3 else image)
     if not isinstance(image, Image.Image):
-        raise DataError(f"cannot read an image from a {type(image).__name__}; pass a path, a PIL image or a uint8 array")
+        raise DataError(
+            f"cannot read an image from a {type(image).__name__}; pass a path, a PIL image or a uint8 array"
+        )
     exif = Image.Exif()  # carry the EXIF orientation, so a photo opened in memory is turned like one read from its file
     try:
         exif[ExifTags.Base.Orientation] = image.getexif()[ExifTags.Base.Orientation]
@@ -180,16 +195,24 @@ def image_paths(items: Iterable[str | os.PathLike]) -> list[str]:
     if skipped:
         log.info(skipped_summary(skipped))
     if not out:
-        raise DataError(f"no images found in {', '.join(map(str, items))}"
-                        + (f" ({skipped_summary(skipped)})" if skipped else ""))
+        raise DataError(
+            f"no images found in {', '.join(map(str, items))}" + (f" ({skipped_summary(skipped)})" if skipped else "")
+        )
     return out
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------
 
-def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, split: str | None = None,
-             out: str | os.PathLike | None = None, device: str = "auto",
-             labels_csv: str | os.PathLike | None = None, skip_bad_images: bool = False) -> dict[str, Any]:
+
+def evaluate(
+    model_path: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    split: str | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    labels_csv: str | os.PathLike | None = None,
+    skip_bad_images: bool = False,
+) -> dict[str, Any]:
     """Score a checkpoint on labelled images: the data it was trained on (default), or new data (`data_dir`, a
     folder, or `labels_csv`, a CSV as `autoft train --labels` takes, read with the model's path and label columns).
 
@@ -212,9 +235,16 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     ckpt = load_checkpoint(model_path)
     cfg = Config.from_dict(ckpt["config"])
     own = data_dir is None and labels_csv is None
-    where = cfg if own else cfg.replace(data=os.fspath(data_dir) if data_dir is not None else None,  # columns kept
-                                        labels=os.fspath(labels_csv) if labels_csv is not None else None,
-                                        val_labels=None, test_labels=None)
+    where = (
+        cfg
+        if own
+        else cfg.replace(
+            data=os.fspath(data_dir) if data_dir is not None else None,  # columns kept
+            labels=os.fspath(labels_csv) if labels_csv is not None else None,
+            val_labels=None,
+            test_labels=None,
+        )
+    )
     where = where.replace(skip_bad_images=skip_bad_images)
     trained = trained_on(ckpt)
     if split is None:  # which layout new data has: a scan, nothing decoded
@@ -229,8 +259,10 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     classes = predictor.classes
     unknown = [c for c in data.classes if c not in classes]
     if unknown:
-        raise DataError(f"{shown} has classes the model was not trained on: {', '.join(map(repr, unknown))} (the "
-                        f"model knows {', '.join(map(repr, classes))}); remove them or evaluate another model")
+        raise DataError(
+            f"{shown} has classes the model was not trained on: {', '.join(map(repr, unknown))} (the "
+            f"model knows {', '.join(map(repr, classes))}); remove them or evaluate another model"
+        )
     part = data.labelled if split == "all" else getattr(data, split)
     if part is None or len(part) == 0:
         raise DataError(f"{shown} has no {split}/ images to evaluate on")
@@ -239,26 +271,54 @@ def evaluate(model_path: str | os.PathLike, data_dir: str | os.PathLike | None =
     present = [c for i, c in enumerate(classes) if i in set(y_true.tolist())]
     absent = [c for c in classes if c not in present]
     if absent:
-        log.info("%s holds %d of the model's %d classes: scored on those; absent: %s", shown, len(present),
-                 len(classes), ", ".join(absent))
+        log.info(
+            "%s holds %d of the model's %d classes: scored on those; absent: %s",
+            shown,
+            len(present),
+            len(classes),
+            ", ".join(absent),
+        )
     seen = _seen_in_training(cfg, trained, data, split, own)
     labels = list(range(len(classes)))
-    per_class = classification_report(y_true, y_pred, labels=labels, target_names=classes, output_dict=True,
-                                      zero_division=0)
+    per_class = classification_report(
+        y_true, y_pred, labels=labels, target_names=classes, output_dict=True, zero_division=0
+    )
     cm = confusion_matrix(y_true, y_pred, labels=labels)  # the model's classes: predictions of absent ones show
     metrics = _over_present(scored(y_true, y_pred, len(classes)), len(classes), len(present))
-    save_confusion_png(cm, classes, f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
-                                    f"accuracy {metrics['balanced_accuracy']['value']:.3f}", png)
+    save_confusion_png(
+        cm,
+        classes,
+        f"{split}: {len(part)} images, accuracy {per_class['accuracy']:.3f}, balanced "
+        f"accuracy {metrics['balanced_accuracy']['value']:.3f}",
+        png,
+    )
     return {
-        "model": os.fspath(model_path), "data": shown, "split": split, "n": len(part),
-        "metrics": metrics, "accuracy": metrics["accuracy"]["value"], "interval": metrics["accuracy"]["interval"],
-        "balanced_accuracy": metrics["balanced_accuracy"]["value"], "f1_macro": metrics["f1_macro"]["value"],
-        "per_class": {c: {"precision": per_class[c]["precision"], "recall": per_class[c]["recall"],
-                          "f1": per_class[c]["f1-score"], "support": int(per_class[c]["support"])} for c in present},
-        "classes": classes, "absent_classes": absent, "confusion_matrix": cm.tolist(), "confusion_png": str(png),
+        "model": os.fspath(model_path),
+        "data": shown,
+        "split": split,
+        "n": len(part),
+        "metrics": metrics,
+        "accuracy": metrics["accuracy"]["value"],
+        "interval": metrics["accuracy"]["interval"],
+        "balanced_accuracy": metrics["balanced_accuracy"]["value"],
+        "f1_macro": metrics["f1_macro"]["value"],
+        "per_class": {
+            c: {
+                "precision": per_class[c]["precision"],
+                "recall": per_class[c]["recall"],
+                "f1": per_class[c]["f1-score"],
+                "support": int(per_class[c]["support"]),
+            }
+            for c in present
+        },
+        "classes": classes,
+        "absent_classes": absent,
+        "confusion_matrix": cm.tolist(),
+        "confusion_png": str(png),
         "seen_in_training": seen,
-        "report": classification_report(y_true, y_pred, labels=[classes.index(c) for c in present],
-                                        target_names=present, digits=4, zero_division=0),
+        "report": classification_report(
+            y_true, y_pred, labels=[classes.index(c) for c in present], target_names=present, digits=4, zero_division=0
+        ),
     }
 
 
@@ -287,7 +347,9 @@ def _seen_in_training(cfg: Config, trained: Fingerprint | None, data: Dataset, s
         labelled = len(data.labelled)
         return split in ("train", "all") or (split == "val" and _val_trained(cfg, labelled))
     labelled = sum(sum(trained.counts.get(s, [])) for s in ("train", "val"))
-    trained_hashes = {trained.hashes.get("train")} | ({trained.hashes.get("val")} if _val_trained(cfg, labelled) else set())
+    trained_hashes = {trained.hashes.get("train")} | (
+        {trained.hashes.get("val")} if _val_trained(cfg, labelled) else set()
+    )
     parts = ["train"] if data.flat else ["train", "val"] if split == "all" else [split]
     return any(data.fingerprint.hashes.get(p) in trained_hashes for p in parts if p in data.fingerprint.hashes)
 
@@ -298,6 +360,7 @@ def _val_trained(cfg: Config, labelled: int) -> bool:
 
 
 # --- export --------------------------------------------------------------------------------------------------
+
 
 class Deployable(nn.Module):
     """The network with its input normalization built in.
@@ -326,8 +389,12 @@ class Exported:
     max_abs_diff: float  # between the exported model's and PyTorch's logits on the check batch
 
 
-def export(model_path: str | os.PathLike, format: str = "torchscript", out: str | os.PathLike | None = None,
-           tolerance: float = 1e-4) -> Exported:
+def export(
+    model_path: str | os.PathLike,
+    format: str = "torchscript",
+    out: str | os.PathLike | None = None,
+    tolerance: float = 1e-4,
+) -> Exported:
     """Write a deployable model (see `Deployable` for its input) plus `<out>.json` with classes and preprocessing.
 
     The file is loaded back and run on a sample batch; it must reproduce the PyTorch logits within `tolerance`,
@@ -352,14 +419,27 @@ def export(model_path: str | os.PathLike, format: str = "torchscript", out: str 
         got = _export_torchscript(module, sample, tmp) if format == "torchscript" else _export_onnx(module, sample, tmp)
         diff = float((got - reference).abs().max())
         if not diff <= tolerance:
-            raise AutoftError(f"exported {format} model differs from PyTorch by {diff:.3g} (> {tolerance}); not usable as is")
-    meta = {"format": format, "file": out.name, "classes": predictor.classes, "backbone": cfg.backbone,
-            "input": {"shape": ["N", 3, cfg.image_size, cfg.image_size], "dtype": "float32", "range": [0, 1],
-                      "color": "RGB", "normalization": "inside the model",
-                      "preprocessing": f"resize shorter side to {predictor.store_size} px (bicubic), centre-crop "
-                                       f"{predictor.store_size}x{predictor.store_size}, then centre-crop {cfg.image_size}x{cfg.image_size}"},
-            "output": "logits (N, num_classes); softmax for probabilities", "check_max_abs_diff": diff,
-            "load": LOADS[format].replace("FILE", repr(out.name))}
+            raise AutoftError(
+                f"exported {format} model differs from PyTorch by {diff:.3g} (> {tolerance}); not usable as is"
+            )
+    meta = {
+        "format": format,
+        "file": out.name,
+        "classes": predictor.classes,
+        "backbone": cfg.backbone,
+        "input": {
+            "shape": ["N", 3, cfg.image_size, cfg.image_size],
+            "dtype": "float32",
+            "range": [0, 1],
+            "color": "RGB",
+            "normalization": "inside the model",
+            "preprocessing": f"resize shorter side to {predictor.store_size} px (bicubic), centre-crop "
+            f"{predictor.store_size}x{predictor.store_size}, then centre-crop {cfg.image_size}x{cfg.image_size}",
+        },
+        "output": "logits (N, num_classes); softmax for probabilities",
+        "check_max_abs_diff": diff,
+        "load": LOADS[format].replace("FILE", repr(out.name)),
+    }
     meta_path = out.with_name(out.name + ".json")
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return Exported(out, meta_path, format, diff)
@@ -378,9 +458,17 @@ def _export_onnx(module: nn.Module, sample: torch.Tensor, out: Path) -> torch.Te
         import onnx  # noqa: F401  (torch's exporter needs it)
         import onnxruntime
     except ImportError:
-        raise AutoftError("ONNX export needs onnx and onnxruntime: pip install 'autoft[onnx]' "
-                          "(or pip install onnx onnxruntime)") from None
-    torch.onnx.export(module, (sample,), str(out), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        raise AutoftError(
+            "ONNX export needs onnx and onnxruntime: pip install 'autoft[onnx]' (or pip install onnx onnxruntime)"
+        ) from None
+    torch.onnx.export(
+        module,
+        (sample,),
+        str(out),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(["logits"], {"image": sample.numpy()})[0])

@@ -25,11 +25,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config
 from ..data.scan import Fingerprint
-from ..estimate import Estimate, METRICS
+from ..estimate import METRICS, Estimate
 from ..exceptions import ConfigError
-from ..training.loop import adjusted, Result
-from ..space import fine_tunable, next_backbone, PROBE, SearchSpace, shares
+from ..space import PROBE, SearchSpace, fine_tunable, next_backbone, shares
 from ..storage import attach_bytes, read_artifact
+from ..training.loop import Result, adjusted
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's goal
 
@@ -53,7 +53,9 @@ RACE = "race"  # the fold race's looks: after how many folds, against which lead
 MIX = "mix"  # in a look: the trial could not win but ran on for the ensemble of trials (racing.runs_on_for_mix)
 VAL_LOSS = "val_loss"  # of the best epoch, whose val_<metric> is the trial's value
 BEST_EPOCH = "best_epoch"
-ESTIMATE = "estimate"  # Estimate.to_dict(): metric, value, 95 % interval, images, folds, per-fold scores, standard error
+ESTIMATE = (
+    "estimate"  # Estimate.to_dict(): metric, value, 95 % interval, images, folds, per-fold scores, standard error
+)
 OOF = "oof_artifact_id"  # the .npz artifact of the best epoch's out-of-fold probabilities (write_oof, load_oof)
 TRAIN_SECONDS = "train_seconds"  # training and validation time of its epochs: what the recipe costs, caches aside
 WALL_TIME = "wall_time_s"
@@ -92,8 +94,9 @@ def _base(base: Config | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in (base if isinstance(base, dict) else base.to_dict()).items() if k not in _NOT_BASE}
 
 
-def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed: int,
-                     data: Fingerprint | None = None) -> None:
+def write_study_meta(
+    study: optuna.Study, base: Config, space: SearchSpace, seed: int, data: Fingerprint | None = None
+) -> None:
     """A new study's metadata: what a resumed run must match (space, base: the metric with it, data) and a joining
     worker reads."""
     with warnings.catch_warnings():
@@ -108,8 +111,9 @@ def write_study_meta(study: optuna.Study, base: Config, space: SearchSpace, seed
 
 def record_data(study: optuna.Study, base: Config, data: Fingerprint) -> None:
     where = base.portable()
-    study.set_user_attr(DATA, {"path": where.data, **{k: getattr(where, k) for k in WHERE},
-                               "fingerprint": data.to_dict()})
+    study.set_user_attr(
+        DATA, {"path": where.data, **{k: getattr(where, k) for k in WHERE}, "fingerprint": data.to_dict()}
+    )
 
 
 def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data: Fingerprint | None = None) -> None:
@@ -123,8 +127,10 @@ def check_same_meta(study: optuna.Study, base: Config, space: SearchSpace, data:
         then = _base(Config().to_dict() | stored[key]) if key == BASE and key in stored else stored.get(key)
         if then is not None and then != now:
             diff = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-            raise ConfigError(f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "
-                              "use a new --study name or the same settings")
+            raise ConfigError(
+                f"study {study.study_name!r} exists with a different {label} ({', '.join(diff)}); "
+                "use a new --study name or the same settings"
+            )
 
 
 def check_same_data(study: optuna.Study, base: Config, data: Fingerprint | None) -> None:
@@ -136,8 +142,10 @@ def check_same_data(study: optuna.Study, base: Config, data: Fingerprint | None)
     if before != data:
         now = base.labels or base.data or "the built-in demo"
         then = stored["labels"] or stored["path"] or "the built-in demo"
-        raise ConfigError(f"study {study.study_name!r} was searched on other data than {now}: "
-                          f"{data.differences(before)}; use a new --study name, or the data it was searched on ({then})")
+        raise ConfigError(
+            f"study {study.study_name!r} was searched on other data than {now}: "
+            f"{data.differences(before)}; use a new --study name, or the data it was searched on ({then})"
+        )
 
 
 def set_goal(study: optuna.Study, trials: int, settings: dict[str, Any]) -> int:
@@ -182,11 +190,16 @@ def read_study_meta(study: optuna.Study) -> StudyMeta:
     """What a joining worker takes from the study; one without a goal was not started by `autoft search`."""
     attrs = study.user_attrs
     if not {BASE, SPACE, TARGET, SEARCH} <= set(attrs):
-        raise ConfigError(f"study {study.study_name!r} was not started by this autoft version's search; it cannot be joined")
+        raise ConfigError(
+            f"study {study.study_name!r} was not started by this autoft version's search; it cannot be joined"
+        )
     stored = attrs.get(DATA, {})
     data = {"data": stored["path"], **{k: stored[k] for k in WHERE if k in stored}} if stored else {}
-    return StudyMeta(Config.from_dict({**attrs[BASE], **data, "seed": attrs.get(SEED, 0)}),
-                     SearchSpace.from_dict(attrs[SPACE]), attrs[SEARCH])
+    return StudyMeta(
+        Config.from_dict({**attrs[BASE], **data, "seed": attrs.get(SEED, 0)}),
+        SearchSpace.from_dict(attrs[SPACE]),
+        attrs[SEARCH],
+    )
 
 
 def enqueue_portfolio(study: optuna.Study, recipes: Sequence[tuple[str, dict[str, Any]]], count: int = 1) -> None:
@@ -204,8 +217,12 @@ def enqueue_next(study: optuna.Study, space: SearchSpace, base: Config, count: i
     _enqueue(study, lambda lead: space.portfolio(base, lead), fine_tunable(space.backbones(base)), count)
 
 
-def _enqueue(study: optuna.Study, recipes: Callable[[str | None], Sequence[tuple[str, dict[str, Any]]]],
-             backbones: Sequence[str], count: int) -> None:
+def _enqueue(
+    study: optuna.Study,
+    recipes: Callable[[str | None], Sequence[tuple[str, dict[str, Any]]]],
+    backbones: Sequence[str],
+    count: int,
+) -> None:
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return
@@ -242,6 +259,7 @@ def backbone_evidence(trials: Sequence[FrozenTrial], backbones: Sequence[str]) -
 
 
 # --- a trial ---------------------------------------------------------------------------------------------------
+
 
 def record_config(trial: optuna.Trial, cfg: Config) -> None:
     trial.set_user_attr(CONFIG, cfg.to_dict())
@@ -321,10 +339,18 @@ def write_oof(trial: optuna.Trial, result: Result, labels: np.ndarray, paths: Se
     if result.oof is None:
         return
     buf = io.BytesIO()
-    np.savez_compressed(buf, probabilities=result.oof, labels=np.asarray(labels, dtype=np.int64), fold=result.fold,
-                        paths=np.asarray(paths, dtype=str), prior=np.asarray(result.prior), tau=np.float64(result.tau))
-    trial.set_user_attr(OOF, attach_bytes(trial, f"oof_trial_{trial.number}.npz", buf.getvalue(),
-                                          "application/octet-stream", artifacts))
+    np.savez_compressed(
+        buf,
+        probabilities=result.oof,
+        labels=np.asarray(labels, dtype=np.int64),
+        fold=result.fold,
+        paths=np.asarray(paths, dtype=str),
+        prior=np.asarray(result.prior),
+        tau=np.float64(result.tau),
+    )
+    trial.set_user_attr(
+        OOF, attach_bytes(trial, f"oof_trial_{trial.number}.npz", buf.getvalue(), "application/octet-stream", artifacts)
+    )
 
 
 def load_oof(t: FrozenTrial, artifacts: str | os.PathLike) -> Oof | None:
@@ -453,8 +479,9 @@ def portfolio_name(t: FrozenTrial) -> str | None:
     return t.user_attrs.get(PORTFOLIO)
 
 
-def portfolio_results(trials: Sequence[FrozenTrial],
-                      states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> dict[str, FrozenTrial]:
+def portfolio_results(
+    trials: Sequence[FrozenTrial], states: Sequence[TrialState] = (TrialState.COMPLETE,)
+) -> dict[str, FrozenTrial]:
     """The portfolio trials in `states` by recipe name (the first of each, should one have run twice)."""
     out: dict[str, FrozenTrial] = {}
     for t in trials:
@@ -465,14 +492,17 @@ def portfolio_results(trials: Sequence[FrozenTrial],
 
 # --- many trials -----------------------------------------------------------------------------------------------
 
+
 def per_backbone(trials: Sequence[FrozenTrial]) -> dict[str, tuple[int, float, float]]:
     """Per backbone of the completed trials: (trials, best accuracy, median wall seconds of a trial)."""
     out: dict[str, list[FrozenTrial]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and t.value is not None:
             out.setdefault(t.user_attrs.get(CONFIG, {}).get("backbone", "?"), []).append(t)
-    return {b: (len(ts), max(t.value for t in ts),
-                float(np.median([t.user_attrs.get(WALL_TIME, 0.0) for t in ts]))) for b, ts in out.items()}
+    return {
+        b: (len(ts), max(t.value for t in ts), float(np.median([t.user_attrs.get(WALL_TIME, 0.0) for t in ts])))
+        for b, ts in out.items()
+    }
 
 
 def gain_over_portfolio(best: FrozenTrial, trials: Sequence[FrozenTrial]) -> float | None:
@@ -495,8 +525,13 @@ class Candidate:
     def of(cls, t: FrozenTrial, estimate_: Estimate | None = None) -> "Candidate":
         """The trial as recorded, or scored by `estimate_` (another metric of its out-of-fold predictions)."""
         e = estimate_ or estimate(t)
-        return cls(t.number, e.value if estimate_ else t.value, e.noise if e else 0.0, t.user_attrs.get(VAL_LOSS, math.inf),
-                   t.user_attrs.get(TRAIN_SECONDS, t.user_attrs.get(WALL_TIME, 0.0)))
+        return cls(
+            t.number,
+            e.value if estimate_ else t.value,
+            e.noise if e else 0.0,
+            t.user_attrs.get(VAL_LOSS, math.inf),
+            t.user_attrs.get(TRAIN_SECONDS, t.user_attrs.get(WALL_TIME, 0.0)),
+        )
 
 
 def select(candidates: Sequence[Candidate]) -> Candidate | None:
@@ -522,15 +557,19 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return next(t for t in trials if t.number == winner.number) if winner else None
 
 
-def best_by(study: optuna.Study, metric: str, artifacts: str | os.PathLike) -> tuple[FrozenTrial | None, Estimate | None]:
+def best_by(
+    study: optuna.Study, metric: str, artifacts: str | os.PathLike
+) -> tuple[FrozenTrial | None, Estimate | None]:
     """The winner had the study been ranked by `metric`: every completed trial scored from its out-of-fold
     artifact (no training) and chosen by `select`; with that trial's estimate."""
     scored_: list[tuple[FrozenTrial, Estimate]] = []
     for t in completed(study):
         oof = load_oof(t, artifacts)
         if oof is None:
-            raise ConfigError(f"trial {t.number} kept no out-of-fold predictions (an older autoft ran it); "
-                              f"it cannot be re-ranked by {metric}")
+            raise ConfigError(
+                f"trial {t.number} kept no out-of-fold predictions (an older autoft ran it); "
+                f"it cannot be re-ranked by {metric}"
+            )
         scored_.append((t, oof.estimate(metric)))
     winner = select([Candidate.of(t, e) for t, e in scored_])
     return next(((t, e) for t, e in scored_ if t.number == winner.number), (None, None))
@@ -571,8 +610,11 @@ def describe(t: FrozenTrial, estimate_: Estimate | None = None) -> str:
     name = f" ({portfolio_name(t)})" if portfolio_name(t) else ""
     score = e.describe() if e else f"value {t.value:.4f}"
     tau, tta = kept_epoch(t).get("tau"), kept_epoch(t).get("tta")
-    return (f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}" + (f", tau {tau:g}" if tau else "")
-            + (", with test-time flips" if tta == "flip" else ""))
+    return (
+        f"trial {t.number}{name}: {score}, val_loss {val_loss(t, math.nan):.4f}"
+        + (f", tau {tau:g}" if tau else "")
+        + (", with test-time flips" if tta == "flip" else "")
+    )
 
 
 # The trials table (trials.csv and the report): a column is a name and how to read it from a trial;
@@ -581,6 +623,7 @@ def _estimated(read: Callable[[Estimate], Any]) -> Callable[[FrozenTrial], Any]:
     def column(t: FrozenTrial) -> Any:
         e = estimate(t)
         return None if e is None else read(e)
+
     return column
 
 

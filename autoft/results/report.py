@@ -17,14 +17,21 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import records
 from ..estimate import span
 from ..exceptions import AutoftError, one_line
-from ..system.files import atomic_write_text, check_writable_dir
-from .plots import (estimates_figure, learning_curves_figure, optuna_plot, points, save_estimates_png,
-                    save_learning_curves_png, score_range)
-from .predict import evaluate
 from ..storage import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, export_dir, load_study, mask_url
+from ..system.files import atomic_write_text, check_writable_dir
+from . import records
+from .plots import (
+    estimates_figure,
+    learning_curves_figure,
+    optuna_plot,
+    points,
+    save_estimates_png,
+    save_learning_curves_png,
+    score_range,
+)
+from .predict import evaluate
 from .summary import tie_break, time_per_state
 
 SLICE_PARAMS = ("freeze_depth", "head_lr", "base_lr")
@@ -37,8 +44,10 @@ OPTUNA_PLOTS = {
     "optimization_history": ("Optimization history", "plot_optimization_history"),
     "param_importances": ("Parameter importances (fANOVA)", "plot_param_importances"),
     "parallel_coordinate": ("Parallel coordinates", "plot_parallel_coordinate"),
-    "intermediate_values": ("The study's metric per epoch (a pruned trial's line stops where it was pruned)",
-                            "plot_intermediate_values"),
+    "intermediate_values": (
+        "The study's metric per epoch (a pruned trial's line stops where it was pruned)",
+        "plot_intermediate_values",
+    ),
     "slice": ("Slice plots: freeze depth and the two learning rates", "plot_slice"),
 }
 
@@ -51,9 +60,12 @@ class Report:
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> predict.evaluate's result
 
 
-def write_report(study_name: str | None = None, storage_url: str = DEFAULT_STORAGE,
-                 out_dir: str | os.PathLike | None = None,
-                 artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS) -> Report:
+def write_report(
+    study_name: str | None = None,
+    storage_url: str = DEFAULT_STORAGE,
+    out_dir: str | os.PathLike | None = None,
+    artifacts_dir: str | os.PathLike = DEFAULT_ARTIFACTS,
+) -> Report:
     """Write `<out_dir>/report.html` (default out_dir: studies/<study>) and one PNG per plot next to it;
     `study_name` None: the storage's only study.
 
@@ -79,27 +91,44 @@ def write_report(study_name: str | None = None, storage_url: str = DEFAULT_STORA
             sections.append(_section(title, f"<p class=note>not drawn: {html.escape(report.skipped[name])}</p>"))
             continue
         report.pngs[name] = png
-        sections.append(_section(title, interactive.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
-                                 + _png_link(png)))
+        sections.append(
+            _section(
+                title,
+                interactive.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+                + _png_link(png),
+            )
+        )
 
     estimates = points(study.get_trials(deepcopy=False), best.number)
     if estimates:
         png = save_estimates_png(estimates, out / "estimates.png", metric)
         report.pngs["estimates"] = png
-        sections.insert(0, _section("Estimates with their 95 % intervals, by trial and against training cost",
-                                    estimates_figure(estimates, metric).to_html(full_html=False, include_plotlyjs=False,
-                                                                        config={"displaylogo": False}) + _png_link(png)))
+        sections.insert(
+            0,
+            _section(
+                "Estimates with their 95 % intervals, by trial and against training cost",
+                estimates_figure(estimates, metric).to_html(
+                    full_html=False, include_plotlyjs=False, config={"displaylogo": False}
+                )
+                + _png_link(png),
+            ),
+        )
     else:
         report.skipped["estimates"] = "no completed trial recorded an estimate"
 
     history = records.history(best)
     if history:
-        png = save_learning_curves_png(history, f"best trial {best.number}: learning curves", out / "learning_curves.png",
-                                       metric)
+        png = save_learning_curves_png(
+            history, f"best trial {best.number}: learning curves", out / "learning_curves.png", metric
+        )
         report.pngs["learning_curves"] = png
         fig = learning_curves_figure({f"trial {best.number}": history}, metric, train_loss=True)
-        sections.append(_section(f"Best trial {best.number}: learning curves",
-                                 fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) + _png_link(png)))
+        sections.append(
+            _section(
+                f"Best trial {best.number}: learning curves",
+                fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}) + _png_link(png),
+            )
+        )
     else:
         report.skipped["learning_curves"] = f"trial {best.number} recorded no per-epoch history"
 
@@ -115,12 +144,15 @@ def write_report(study_name: str | None = None, storage_url: str = DEFAULT_STORA
             report.skipped[name] = one_line(exc)
             continue
         report.evaluations[split], report.pngs[name] = ev, Path(ev["confusion_png"])
-        scores = ", ".join(f"{m} {v['value']:.4f} ({span(*v['interval'])})"
-                           for m, v in ev["metrics"].items())
-        sections.append(_section(f"Best model on {split}: {scores} ({ev['n']} images"
-                                 f"{'; it trained on them, so this is no estimate' if ev['seen_in_training'] else ''})",
-                                 f"<img alt='confusion matrix, {split}' src='{_data_uri(ev['confusion_png'])}'>"
-                                 f"<pre>{html.escape(ev['report'])}</pre>"))
+        scores = ", ".join(f"{m} {v['value']:.4f} ({span(*v['interval'])})" for m, v in ev["metrics"].items())
+        sections.append(
+            _section(
+                f"Best model on {split}: {scores} ({ev['n']} images"
+                f"{'; it trained on them, so this is no estimate' if ev['seen_in_training'] else ''})",
+                f"<img alt='confusion matrix, {split}' src='{_data_uri(ev['confusion_png'])}'>"
+                f"<pre>{html.escape(ev['report'])}</pre>",
+            )
+        )
 
     atomic_write_text(report.html, _page(study, best, sections, report, storage_url))
     return report
@@ -143,11 +175,13 @@ def _optuna_plot(study: optuna.Study, name: str, fn: str, png: Path, metric: str
             raise AutoftError(f"none of {', '.join(SLICE_PARAMS)} was searched")
     trials = study.get_trials(deepcopy=False)
     scores = [t.value for t in trials if t.state == TrialState.COMPLETE] + [
-        v for t in trials for v in t.intermediate_values.values()]
+        v for t in trials for v in t.intermediate_values.values()
+    ]
     return optuna_plot(study, fn, kwargs, png, score_range(scores) if name in SCORE_AXIS else None), png
 
 
 # --- html ----------------------------------------------------------------------------------------------------
+
 
 def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: Report, storage_url: str) -> str:
     from plotly.offline import get_plotlyjs
@@ -157,37 +191,53 @@ def _page(study: optuna.Study, best: FrozenTrial, sections: list[str], report: R
     recipes = records.portfolio_results(trials)
     gain = records.gain_over_portfolio(best, trials)
     tie = tie_break(best, trials)
-    facts = [("study", study.study_name), ("storage", mask_url(storage_url)),
-             ("trials", f"{len(trials)}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-                        f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"),
-             ("winner", records.describe(best)),
-             *((("tie-break", tie),) if tie else ()),
-             *((f"portfolio: {name}", records.describe(t)) for name, t in recipes.items()),
-             ("gain over the best portfolio recipe", "no portfolio recipe completed" if gain is None else
-              f"{gain:+.4f}" + (" (below it, within one standard error: see the tie-break)" if gain < 0 else "")),
-             ("time in trials", time_per_state(trials))]
+    facts = [
+        ("study", study.study_name),
+        ("storage", mask_url(storage_url)),
+        (
+            "trials",
+            f"{len(trials)}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+            f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running",
+        ),
+        ("winner", records.describe(best)),
+        *((("tie-break", tie),) if tie else ()),
+        *((f"portfolio: {name}", records.describe(t)) for name, t in recipes.items()),
+        (
+            "gain over the best portfolio recipe",
+            "no portfolio recipe completed"
+            if gain is None
+            else f"{gain:+.4f}" + (" (below it, within one standard error: see the tie-break)" if gain < 0 else ""),
+        ),
+        ("time in trials", time_per_state(trials)),
+    ]
     facts_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report.skipped.items())
     config = html.escape(records.config(best).to_yaml())
-    head = (f"<h1>autoft report: study {html.escape(study.study_name)}</h1><table class=facts>{facts_html}</table>"
-            + (f"<p class=note>left out:</p><ul class=note>{skipped}</ul>" if skipped else "")
-            + f"<h2>Best config (trial {best.number})</h2><pre>{config}</pre>")
+    head = (
+        f"<h1>autoft report: study {html.escape(study.study_name)}</h1><table class=facts>{facts_html}</table>"
+        + (f"<p class=note>left out:</p><ul class=note>{skipped}</ul>" if skipped else "")
+        + f"<h2>Best config (trial {best.number})</h2><pre>{config}</pre>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>autoft report: {html.escape(study.study_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}} th,td{{text-align:left;padding:2px 10px;
-font-size:90%}} table.trials td{{font-family:monospace}} .note{{color:#a60}} pre{{background:#f6f6f6;padding:8px}}
+<style>body{{font-family:sans-serif;margin:2em auto;max-width:1200px;color:#222}}
+th,td{{text-align:left;padding:2px 10px;font-size:90%}} table.trials td{{font-family:monospace}} .note{{color:#a60}}
+pre{{background:#f6f6f6;padding:8px}}
 img{{max-width:100%}} section{{margin-top:2em}} .wide{{overflow-x:auto}} pre{{overflow-x:auto}}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
-<body>{head}{''.join(sections)}{_section('All trials', _trials_table(trials))}</body></html>
+<body>{head}{"".join(sections)}{_section("All trials", _trials_table(trials))}</body></html>
 """
 
 
 def _trials_table(trials: list[FrozenTrial]) -> str:
     header, rows = records.trial_rows(trials)
-    return ("<div class=wide><table class=trials><tr>"
-            + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(records.fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-            + "</table></div>")
+    return (
+        "<div class=wide><table class=trials><tr>"
+        + "".join(f"<th>{html.escape(c)}</th>" for c in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(records.fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table></div>"
+    )
 
 
 def _section(title: str, body: str) -> str:
@@ -210,4 +260,3 @@ def _best_weights(out: Path, best: FrozenTrial, artifacts: Path) -> Path | None:
     if artifact and (artifacts / artifact).is_file():
         return artifacts / artifact
     return None
-

@@ -38,8 +38,9 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, None)).mean())
 
 
-def ensemble_selection(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
-                       rounds: int = ROUNDS) -> Selection:
+def ensemble_selection(
+    probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float], rounds: int = ROUNDS
+) -> Selection:
     """`probs` (M candidates, N images, C classes): out-of-fold probabilities on the same images; `labels` (N,);
     `metric(y_true, y_pred)` higher is better. Returns the weights of the best round's mix."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -61,8 +62,14 @@ def ensemble_selection(probs: np.ndarray, labels: np.ndarray, metric: Callable[[
     return Selection(kept / kept.sum(), best[0], -best[1])
 
 
-def nested_predictions(probs: np.ndarray, labels: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
-                       folds: int = 5, seed: int = 0, rounds: int = ROUNDS) -> tuple[np.ndarray, np.ndarray]:
+def nested_predictions(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    folds: int = 5,
+    seed: int = 0,
+    rounds: int = ROUNDS,
+) -> tuple[np.ndarray, np.ndarray]:
     """The predicted classes (N,) of the two procedures on images neither chose on: (the selected mix, the single
     best candidate). Over stratified `folds` of the images (scikit-learn), each is chosen on the other folds and
     predicts the held-out one. Both are selections, so both are judged the same way, paired on the same images."""

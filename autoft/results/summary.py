@@ -1,5 +1,4 @@
-"""The summary a search prints: what won, what it is worth, where the budget went.
-"""
+"""The summary a search prints: what won, what it is worth, where the budget went."""
 
 from __future__ import annotations
 
@@ -8,37 +7,50 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from . import records
+
+from ..estimate import Estimate, span
+from ..space import imbalanced
 from ..training import probe
 from ..training.checkpoint import shipped
-from ..estimate import Estimate, span
-from .exports import describe_mix
 from ..training.probe import EXACT
-from ..space import imbalanced
+from . import records
+from .exports import describe_mix
 
 
-
-def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float, out: Path,
-                  mine: Sequence[FrozenTrial], export_seconds: float = 0.0, budget: float | None = None) -> None:
+def print_summary(
+    study: optuna.Study,
+    best: FrozenTrial | None,
+    seconds: float,
+    out: Path,
+    mine: Sequence[FrozenTrial],
+    export_seconds: float = 0.0,
+    budget: float | None = None,
+) -> None:
     """What the search found, what it is worth (the winner's estimate with its 95 % interval and the images
     behind it), what it adds over the portfolio recipes, where the budget went (`mine`: this run's trials), and
     where the exports are."""
     trials = study.get_trials(deepcopy=False)
     count = records.state_counts(mine)
     done = count[TrialState.COMPLETE] + count[TrialState.PRUNED] + count[TrialState.FAIL]
-    lines = [f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
-             f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s"
-             + (f" of a {budget:g} s budget" if budget else "") + f"; {len(trials)} in the study",
-             f"  time in trials this run: {time_per_state(mine)}",
-             f"  by kind: {budget_story(mine)}; final export {export_seconds:.0f} s",
-             f"  {sampled_story(mine)}"]
+    lines = [
+        f"study {study.study_name}: {done} trials this run ({count[TrialState.COMPLETE]} complete, "
+        f"{count[TrialState.PRUNED]} pruned, {count[TrialState.FAIL]} failed) in {seconds:.1f} s"
+        + (f" of a {budget:g} s budget" if budget else "")
+        + f"; {len(trials)} in the study",
+        f"  time in trials this run: {time_per_state(mine)}",
+        f"  by kind: {budget_story(mine)}; final export {export_seconds:.0f} s",
+        f"  {sampled_story(mine)}",
+    ]
     if best is not None:
         e = records.estimate(best)
         lines.append(f"winner: {records.describe(best)}")
-        lines.append(f"  its estimate rests on {e.folds if e else 1} fold(s) x {len(records.history(best))} epoch(s)"
-                     f" ({e.images if e else '?'} images validated)")
+        lines.append(
+            f"  its estimate rests on {e.folds if e else 1} fold(s) x {len(records.history(best))} epoch(s)"
+            f" ({e.images if e else '?'} images validated)"
+        )
         tie = tie_break(best, trials)
         if tie:
             lines.append(f"  {tie}")
@@ -51,19 +63,25 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
             lines.append(f"  portfolio {name:<28} trial {t.number:<3} {result}")
         gain = records.gain_over_portfolio(best, trials)
         if gain is not None:
-            lines.append(f"  gain over the best portfolio recipe: {gain:+.4f}"
-                         + (" (below it, within one standard error: the tie-break above)" if gain < 0 else ""))
+            lines.append(
+                f"  gain over the best portfolio recipe: {gain:+.4f}"
+                + (" (below it, within one standard error: the tie-break above)" if gain < 0 else "")
+            )
         counts = records.class_counts(study)
         if imbalanced(counts) and records.study_metric(study) == "accuracy":
             kept = records.kept_epoch(best)
-            lines.append(f"  imbalanced classes ({max(counts)} to {min(counts)} images): accuracy favours the common "
-                         f"ones; the winner's balanced accuracy is {kept.get('val_balanced_accuracy', float('nan')):.4f} "
-                         f"(accuracy {kept.get('val_accuracy', float('nan')):.4f}); to choose on it: "
-                         "--metric balanced_accuracy")
+            lines.append(
+                f"  imbalanced classes ({max(counts)} to {min(counts)} images): accuracy favours the common "
+                f"ones; the winner's balanced accuracy is {kept.get('val_balanced_accuracy', float('nan')):.4f} "
+                f"(accuracy {kept.get('val_accuracy', float('nan')):.4f}); to choose on it: "
+                "--metric balanced_accuracy"
+            )
         backbones = records.per_backbone(trials)
         if len(backbones) > 1:  # accuracy against cost, per backbone
-            lines += [f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
-                      for b, (n, acc, sec) in sorted(backbones.items())]
+            lines += [
+                f"  {b:<20} {n:>3} trials, best {acc:.4f}, {sec:.1f} s per trial (median wall time)"
+                for b, (n, acc, sec) in sorted(backbones.items())
+            ]
             line = allocation_line(trials)
             if line:
                 lines.append(f"  {line}")
@@ -74,16 +92,20 @@ def print_summary(study: optuna.Study, best: FrozenTrial | None, seconds: float,
         lines += [f"  {k:<{width}}  {records.fmt(v)}" for k, v in shown.items()]
         if unused:
             chosen = ", ".join(records.fmt(c) for c in records.kept_epoch(best).get(probe.CHOSEN_C) or [])
-            lines.append(f"  an exact probe: its head is fitted (C per fold by cross-validation: {chosen or '-'}); "
-                         f"not used: {', '.join(unused)}")
+            lines.append(
+                f"  an exact probe: its head is fitted (C per fold by cross-validation: {chosen or '-'}); "
+                f"not used: {', '.join(unused)}"
+            )
         line = tta_line(records.kept_epoch(best))
         if line:
             lines.append(f"  {line}")
         mix = records.trial_mix(study, best.number)
         if mix is not None:
             lines.append(mix_summary(mix))
-        lines.append(f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
-                     f"all trials: {out / 'trials.csv'}")
+        lines.append(
+            f"shipped: {out / 'best.pt'} ({shipped(out / 'best.pt')}); config: {out / 'best.yaml'}; "
+            f"all trials: {out / 'trials.csv'}"
+        )
     print("\n".join(lines), flush=True)
 
 
@@ -117,10 +139,17 @@ def budget_story(trials: Sequence[FrozenTrial]) -> str:
             kind = "probes" if records.history(t) and records.history(t)[0].get(EXACT) else "fine-tunes"
         elif t.state == TrialState.PRUNED:
             why = records.reason(t)
-            kind = ("stopped by fold racing (cannot win)" if why.startswith("fold racing") and records.CANNOT_WIN in why else
-                    "stopped by fold racing (behind)" if why.startswith("fold racing") else
-                    "stopped by the budget" if why.startswith("the time budget") else
-                    "pruned by the pruner" if why.startswith("pruned after") else "pruned (diverged)")
+            kind = (
+                "stopped by fold racing (cannot win)"
+                if why.startswith("fold racing") and records.CANNOT_WIN in why
+                else "stopped by fold racing (behind)"
+                if why.startswith("fold racing")
+                else "stopped by the budget"
+                if why.startswith("the time budget")
+                else "pruned by the pruner"
+                if why.startswith("pruned after")
+                else "pruned (diverged)"
+            )
         elif t.state == TrialState.FAIL:
             kind = "failed"
         else:
@@ -141,11 +170,15 @@ def mix_summary(mix: dict[str, Any]) -> str:
     on against the single best trial's, its prediction cost against the single model's; shipped or not."""
     e = Estimate.from_dict(mix["estimate"])
     lo, hi = e.interval
-    scored = (f"{e.metric} {e.value:.4f} (95 % interval {span(lo, hi)}) on images it was not chosen on, against "
-              f"{mix['single']:.4f} for the single best trial (one standard error {mix['noise']:.4f})")
+    scored = (
+        f"{e.metric} {e.value:.4f} (95 % interval {span(lo, hi)}) on images it was not chosen on, against "
+        f"{mix['single']:.4f} for the single best trial (one standard error {mix['noise']:.4f})"
+    )
     if mix["shipped"]:
-        return (f"  shipped an {describe_mix(mix)}: {scored}; prediction costs {mix['models']} forward passes per "
-                f"image against {mix['single_models']} for the winner alone")
+        return (
+            f"  shipped an {describe_mix(mix)}: {scored}; prediction costs {mix['models']} forward passes per "
+            f"image against {mix['single_models']} for the winner alone"
+        )
     if len(mix["members"]) < 2:
         return f"  an ensemble of trials was considered: the selection kept trial {mix['members'][0]} alone"
     return f"  an {describe_mix(mix)} was considered and not shipped, not better beyond noise: {scored}"
@@ -158,10 +191,12 @@ def tie_break(best: FrozenTrial, trials: Sequence[FrozenTrial]) -> str | None:
     top = max(done, key=lambda t: t.value, default=None)
     if top is None or top.value <= best.value:
         return None
-    return (f"tie-break: trial {top.number} scored highest ({top.value:.4f}); every trial within one standard error "
-            f"of it ({records.Candidate.of(top).noise:.4f}) ties, and of those the lowest val_loss wins "
-            f"({records.val_loss(best, math.nan):.4f} against {records.val_loss(top, math.nan):.4f}), then the "
-            "cheaper, then the earlier")
+    return (
+        f"tie-break: trial {top.number} scored highest ({top.value:.4f}); every trial within one standard error "
+        f"of it ({records.Candidate.of(top).noise:.4f}) ties, and of those the lowest val_loss wins "
+        f"({records.val_loss(best, math.nan):.4f} against {records.val_loss(top, math.nan):.4f}), then the "
+        "cheaper, then the earlier"
+    )
 
 
 def time_per_state(trials: Sequence[FrozenTrial]) -> str:

@@ -17,21 +17,31 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from ..results import dashboard, records
-from . import racing
-from ..system import interrupts
-from ..training import probe
 from ..backbones import get_backbone
+from ..cache import RunCache
 from ..config import Config
 from ..data.dataset import Dataset
-from ..exceptions import one_line, TrialFailure
+from ..exceptions import TrialFailure, one_line
+from ..results import dashboard, records
 from ..results.exports import Exporter, joins
-from ..cache import RunCache
-from ..training.loop import (adjusted, BatchHook, finetune, fold_notice, Partial, plan_folds, Race, Report,
-                             resolve_device, Result)
-from ..training.probe import EXACT
-from .racing import Verdict
 from ..space import SearchSpace
+from ..system import interrupts
+from ..training import probe
+from ..training.loop import (
+    BatchHook,
+    Partial,
+    Race,
+    Report,
+    Result,
+    adjusted,
+    finetune,
+    fold_notice,
+    plan_folds,
+    resolve_device,
+)
+from ..training.probe import EXACT
+from . import racing
+from .racing import Verdict
 
 log = logging.getLogger("autoft")
 
@@ -46,7 +56,8 @@ TrialBatchHook = Callable[[int, int, int, float], None]  # (trial number, batche
 
 
 class Objective:
-    """Suggest, fine-tune, report; the pruner (see study.pruning.make_pruner) and the fold race decide when a trial falls behind.
+    """Suggest, fine-tune, report; the pruner (study.pruning.make_pruner) and the fold race decide when a trial
+    falls behind.
 
     Folds train one after another: every epoch of every fold is a step the pruner sees (the same fold's images at
     the same epoch in every trial), and after each fold but the last the trial races the leading trial on the
@@ -117,12 +128,17 @@ class Objective:
                 return False
             if self.time_left(trial.study) < self.unit_seconds:
                 if metrics["fold"] == folds:  # every fold has come this far: it completes on the epochs they share
-                    log.info("trial %d: the time budget ends its last fold after epoch %d; it completes on the epochs "
-                             "every fold reached", trial.number, metrics["epoch"])
+                    log.info(
+                        "trial %d: the time budget ends its last fold after epoch %d; it completes on the epochs "
+                        "every fold reached",
+                        trial.number,
+                        metrics["epoch"],
+                    )
                     return True
                 records.record_unranked(trial)
-                raise optuna.TrialPruned(f"the time budget (--timeout) would run out before the next epoch; stopped "
-                                         f"after {where}")
+                raise optuna.TrialPruned(
+                    f"the time budget (--timeout) would run out before the next epoch; stopped after {where}"
+                )
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {where} at {score} {metrics[score]:.4f}")
             return False
@@ -135,13 +151,17 @@ class Objective:
                 return
             number, v, _ = raced
             records.record_unranked(trial)
-            said = (f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
-                    f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same "
-                    f"{v.images} images")
+            said = (
+                f"fold racing: after {partial.folds_done} of {partial.folds} folds, {cfg.metric} {v.mine:.4f} "
+                f"(its best epoch so far, {partial.epoch}) against trial {number}'s {v.theirs:.4f} on the same "
+                f"{v.images} images"
+            )
             if v.behind:
                 raise optuna.TrialPruned(f"{said} (p = {v.p:.2g} < {v.threshold:.2g})")
-            raise optuna.TrialPruned(f"{said}: {records.CANNOT_WIN} (P(ahead by more than {v.delta:.4f} over every fold) = "
-                                     f"{v.p_win:.2g} < {racing.WIN_FLOOR:g})")
+            raise optuna.TrialPruned(
+                f"{said}: {records.CANNOT_WIN} (P(ahead by more than {v.delta:.4f} over every fold) = "
+                f"{v.p_win:.2g} < {racing.WIN_FLOOR:g})"
+            )
 
         def on_batch(done: int, total: int, rate: float) -> None:
             interrupts.check_stopped()  # a signal that came inside a storage write stops the trial here
@@ -164,7 +184,9 @@ class Objective:
         records.record_result(trial, result, steps)
         if probe.exact(result.history):  # what the next exact probe of this backbone is expected to cost
             fit = sum(h["epoch_time_s"] for h in result.history)
-            self.cache.put(("probe cost", cfg.backbone), (cfg.image_size, max(0.0, self.clock() - started - fit), fit), 0)
+            self.cache.put(
+                ("probe cost", cfg.backbone), (cfg.image_size, max(0.0, self.clock() - started - fit), fit), 0
+            )
         labelled = self.cache.dataset(cfg).labelled
         records.write_oof(trial, result, labelled.labels.numpy(), labelled.paths, self.exporter.artifacts)
         self.exporter.keep_weights(trial, cfg, result)
@@ -182,8 +204,10 @@ class Objective:
         size, features, fit = seen
         cost, left = features * (cfg.image_size / size) ** 2 + fit, self.time_left(trial.study)
         if cost > left:
-            raise optuna.TrialPruned(f"the time budget (--timeout): an exact probe of {cfg.backbone} at {cfg.image_size} "
-                                     f"px takes about {cost:.0f} s here, and {max(0.0, left):.0f} s are left")
+            raise optuna.TrialPruned(
+                f"the time budget (--timeout): an exact probe of {cfg.backbone} at {cfg.image_size} "
+                f"px takes about {cost:.0f} s here, and {max(0.0, left):.0f} s are left"
+            )
 
     def _race(self, trial: optuna.Trial, cfg: Config, partial: Partial) -> tuple[int, Verdict, bool] | None:
         """The trial against the leading completed trial (the highest value) on the images validated so far: the
@@ -198,13 +222,28 @@ class Objective:
             return None
         mix = False
         if verdict.cannot_win:
-            others = sum(records.ran_on_for_mix(t) for t in trial.study.get_trials(deepcopy=False)
-                         if t.number != trial.number and t.state != TrialState.FAIL)
+            others = sum(
+                records.ran_on_for_mix(t)
+                for t in trial.study.get_trials(deepcopy=False)
+                if t.number != trial.number and t.state != TrialState.FAIL
+            )
             mix = racing.runs_on_for_mix(verdict, joins(cfg, partial.tau, records.config(leader), oof.tau), others)
-        records.record_race(trial, {"folds": partial.folds_done, "leader": leader.number, "mine": verdict.mine,
-                                    "theirs": verdict.theirs, "p": verdict.p, "threshold": verdict.threshold,
-                                    "images": verdict.images, "p_win": verdict.p_win, "delta": verdict.delta,
-                                    "mix_gain": verdict.mix_gain, records.MIX: mix})
+        records.record_race(
+            trial,
+            {
+                "folds": partial.folds_done,
+                "leader": leader.number,
+                "mine": verdict.mine,
+                "theirs": verdict.theirs,
+                "p": verdict.p,
+                "threshold": verdict.threshold,
+                "images": verdict.images,
+                "p_win": verdict.p_win,
+                "delta": verdict.delta,
+                "mix_gain": verdict.mix_gain,
+                records.MIX: mix,
+            },
+        )
         return leader.number, verdict, mix
 
     def _oof(self, t: FrozenTrial) -> records.Oof | None:
@@ -216,8 +255,12 @@ class Objective:
             hit = records.load_oof(t, self.exporter.artifacts) or False
             self.cache.put(key, hit, hit.probabilities.nbytes if hit else 0)
             if not hit and t.user_attrs.get(records.OOF):
-                log.warning("fold racing: the out-of-fold predictions of trial %d (the leader) are not in %s; trials are "
-                            "not raced against it", t.number, self.exporter.artifacts)
+                log.warning(
+                    "fold racing: the out-of-fold predictions of trial %d (the leader) are not in %s; trials are "
+                    "not raced against it",
+                    t.number,
+                    self.exporter.artifacts,
+                )
         return hit or None
 
     def _run(self, trial: optuna.Trial, cfg: Config, report: Report, race: Race, on_batch: BatchHook) -> Result:
@@ -227,12 +270,22 @@ class Objective:
         except (torch.OutOfMemoryError, MemoryError) as exc:
             self.release_memory()
             smaller = max(1, cfg.batch_size // 2)
-            log.warning("trial %d ran out of memory at batch size %d; retrying at %d", trial.number, cfg.batch_size, smaller)
-            records.record_oom_retry(trial, f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}")
+            log.warning(
+                "trial %d ran out of memory at batch size %d; retrying at %d", trial.number, cfg.batch_size, smaller
+            )
+            records.record_oom_retry(
+                trial, f"{type(exc).__name__} at batch_size {cfg.batch_size}; retried at {smaller}"
+            )
             records.record_config(trial, cfg.replace(batch_size=smaller))
             try:
-                return finetune(cfg.replace(batch_size=smaller), self.cache.dataset(cfg), report, cache=self.cache,
-                                race=race, on_batch=on_batch)
+                return finetune(
+                    cfg.replace(batch_size=smaller),
+                    self.cache.dataset(cfg),
+                    report,
+                    cache=self.cache,
+                    race=race,
+                    on_batch=on_batch,
+                )
             except (torch.OutOfMemoryError, MemoryError) as again:
                 self.release_memory()
                 records.record_failure(trial, f"out of memory at batch size {smaller}: {one_line(again, 200)}")
@@ -243,20 +296,31 @@ class Objective:
         self.cache.clear()
 
 
-
-
 def versus(metric: str, partial: Partial, leader: records.Oof, delta: float, seed: int = 0) -> Verdict | None:
     """racing.race between a trial's folds so far and a leader's out-of-fold predictions on the same images (each
     logit-adjusted by its own tau), `delta` the leader's standard error; None when the leader's predictions do not
     cover those images. Also what benchmarks/pruning.py replays."""
-    if len(leader.labels) <= partial.index.max() or leader.fold[partial.index].min() < 0 \
-            or not np.array_equal(leader.labels[partial.index], partial.labels):
+    if (
+        len(leader.labels) <= partial.index.max()
+        or leader.fold[partial.index].min() < 0
+        or not np.array_equal(leader.labels[partial.index], partial.labels)
+    ):
         return None
     log_prior = np.log(np.maximum(leader.prior, 1e-12))
     theirs = adjusted(np.log(np.maximum(leader.probabilities[partial.index], 1e-30)), log_prior, leader.tau)
     mine = adjusted(partial.log_probs, log_prior, partial.tau)
     top = np.maximum(theirs.max(1, keepdims=True), mine.max(1, keepdims=True))
     mixed = np.exp(theirs - top) + np.exp(mine - top)  # choose_mix's average: probabilities x prior ** -tau
-    return racing.race(metric, partial.labels, mine.argmax(1), theirs.argmax(1), partial.log_probs.shape[1],
-                       partial.folds, seed=seed, delta=delta, validated=int((leader.fold >= 0).sum()),
-                       mixed=mixed.argmax(1), done=partial.folds_done)
+    return racing.race(
+        metric,
+        partial.labels,
+        mine.argmax(1),
+        theirs.argmax(1),
+        partial.log_probs.shape[1],
+        partial.folds,
+        seed=seed,
+        delta=delta,
+        validated=int((leader.fold >= 0).sum()),
+        mixed=mixed.argmax(1),
+        done=partial.folds_done,
+    )

@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from ..estimate import Estimate
 from ..results import records
 from ..system import interrupts
 from ..training import probe
-from ..estimate import Estimate
-
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -47,8 +48,16 @@ class _Guarded(optuna.pruners.BasePruner):
     compares every trial with the leader, a probe included, on whole folds).
     """
 
-    def __init__(self, inner: optuna.pruners.BasePruner, min_epochs: int, startup: int, images: int, metric: str,
-                 epochs: int = 1, z: float = 1.0):
+    def __init__(
+        self,
+        inner: optuna.pruners.BasePruner,
+        min_epochs: int,
+        startup: int,
+        images: int,
+        metric: str,
+        epochs: int = 1,
+        z: float = 1.0,
+    ):
         self.inner, self.min_epochs, self.startup, self.images = inner, min_epochs, startup, images
         self.metric, self.epochs, self.z = metric, epochs, z
 
@@ -72,8 +81,11 @@ class _Guarded(optuna.pruners.BasePruner):
     @staticmethod
     def yardsticks(finished: Sequence[FrozenTrial]) -> list[FrozenTrial]:
         """The trials a step is measured against: the completed fine-tunes (no exact probe)."""
-        return [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None
-                and not probe.exact(records.steps(t))]
+        return [
+            t
+            for t in finished
+            if t.state == TrialState.COMPLETE and t.value is not None and not probe.exact(records.steps(t))
+        ]
 
     def _noise(self, t: FrozenTrial, step: int, value: float) -> float:
         """The standard error of a trial's score at `step`: on its fold's images (all of them for an exact probe's
@@ -83,8 +95,9 @@ class _Guarded(optuna.pruners.BasePruner):
         return (Estimate.of(metrics, n, self.metric) if metrics else Estimate(value, n)).noise
 
 
-def make_pruner(name: str, epochs: int, min_epochs: int, startup: int, images: int,
-                metric: str = "accuracy", folds: int = 1) -> optuna.pruners.BasePruner:
+def make_pruner(
+    name: str, epochs: int, min_epochs: int, startup: int, images: int, metric: str = "accuracy", folds: int = 1
+) -> optuna.pruners.BasePruner:
     """`images`: how many validation images a step's score (of `metric`) rests on, one fold's (the noise the guard
     allows for); a trial has `folds` x `epochs` steps, the resource successive halving and Hyperband divide."""
     if name == "none":

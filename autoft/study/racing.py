@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from ..estimate import from_confusion, RESAMPLES, score
+from ..estimate import RESAMPLES, from_confusion, score
 
 ALPHA = 0.05  # "behind": the false-stop rate over the whole race of a trial as good as the leader
 WIN_FLOOR = 0.05  # "cannot win": a trial goes on while its predictive probability to win beyond noise is at least this
@@ -70,9 +70,19 @@ class Verdict:
         return self.behind or self.cannot_win
 
 
-def race(metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, classes: int, folds: int,
-         seed: int = 0, delta: float = 0.0, validated: int | None = None, mixed: np.ndarray | None = None,
-         done: int | None = None) -> Verdict:
+def race(
+    metric: str,
+    labels: np.ndarray,
+    mine: np.ndarray,
+    theirs: np.ndarray,
+    classes: int,
+    folds: int,
+    seed: int = 0,
+    delta: float = 0.0,
+    validated: int | None = None,
+    mixed: np.ndarray | None = None,
+    done: int | None = None,
+) -> Verdict:
     """Compare predicted classes `mine` with `theirs` (the leader's) on the same images (`labels`, all (n,)).
 
     `folds`: the study's fold count; each of its folds - 1 looks spends ALPHA / (folds - 1). `delta`: the margin
@@ -96,8 +106,17 @@ def race(metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, 
         p = float(((diff >= 0).sum() + 1) / (RESAMPLES + 1))
         se = max(float(diff.std(ddof=1)), 1 / n)
     gain = score(metric, labels, np.asarray(mixed), classes) - b if mixed is not None else 0.0
-    return Verdict(a, b, float(p), threshold, n, p_win(a - b, se, delta, n, validated), delta, gain,
-                   done is not None and finalist(done, folds))
+    return Verdict(
+        a,
+        b,
+        float(p),
+        threshold,
+        n,
+        p_win(a - b, se, delta, n, validated),
+        delta,
+        gain,
+        done is not None and finalist(done, folds),
+    )
 
 
 def finalist(done: int, folds: int) -> bool:
@@ -128,12 +147,15 @@ def runs_on_for_mix(v: Verdict, mixable: bool, others: int) -> bool:
     return not v.behind and mixable and v.mix_gain > 0 and others < MIX_RUNS
 
 
-def _bootstrap_diff(metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, classes: int,
-                    seed: int) -> np.ndarray:
+def _bootstrap_diff(
+    metric: str, labels: np.ndarray, mine: np.ndarray, theirs: np.ndarray, classes: int, seed: int
+) -> np.ndarray:
     """`metric` of `mine` less that of `theirs` in each of RESAMPLES paired, class-stratified resamples."""
     rng = np.random.default_rng(seed)
-    draws = np.concatenate([rng.choice(np.flatnonzero(labels == c), (RESAMPLES, int((labels == c).sum())))
-                            for c in np.unique(labels)], axis=1)
+    draws = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), (RESAMPLES, int((labels == c).sum()))) for c in np.unique(labels)],
+        axis=1,
+    )
     y = labels[draws]
     cells = np.arange(RESAMPLES)[:, None] * classes * classes + y * classes
 

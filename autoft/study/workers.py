@@ -38,12 +38,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from ..exceptions import AutoftError, Terminated, one_line
+from ..heartbeat import Trials, requeue_once
 from ..results import records
-from ..exceptions import AutoftError, one_line, Terminated
-from ..heartbeat import requeue_once, Trials
+from ..storage import heartbeat_periods
 from ..system.interrupts import check_stopped
 from ..system.processes import gone, process_id, this_machine
-from ..storage import heartbeat_periods
 
 log = logging.getLogger("autoft")
 POLL_S = 1.0
@@ -69,8 +69,11 @@ class Ran:
         self.workers: set[str] = set()
 
     def trials(self, study: optuna.Study) -> list[FrozenTrial]:
-        return [t for t in study.get_trials(deepcopy=False)
-                if t.number in self.numbers or t.user_attrs.get(records.WORKER) in self.workers]
+        return [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.number in self.numbers or t.user_attrs.get(records.WORKER) in self.workers
+        ]
 
 
 class Worker:
@@ -80,10 +83,16 @@ class Worker:
     the progress line); `ran` collects the trials this process started; `before_trial(study)` runs once a slot is
     free, right before a trial is asked for (to queue the next portfolio recipe)."""
 
-    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                 objective: Callable[[optuna.Trial], float], callbacks: Sequence[Callback] = (),
-                 time_left: Callable[[], float] | None = None, ran: Ran | None = None,
-                 before_trial: Callable[[optuna.Study], None] | None = None):
+    def __init__(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        objective: Callable[[optuna.Trial], float],
+        callbacks: Sequence[Callback] = (),
+        time_left: Callable[[], float] | None = None,
+        ran: Ran | None = None,
+        before_trial: Callable[[optuna.Study], None] | None = None,
+    ):
         self.study, self.objective, self.callbacks, self.time_left = study, objective, list(callbacks), time_left
         self.ran, self.before_trial = ran or Ran(), before_trial
         self.trials = Trials(study, storage, *heartbeat_periods())
@@ -102,7 +111,9 @@ class Worker:
                     return
                 if done + running >= target:  # the last trials are running elsewhere; stay in case one dies
                     if not waiting:
-                        log.info("%d of %d trials finished; waiting for the %d running elsewhere", done, target, running)
+                        log.info(
+                            "%d of %d trials finished; waiting for the %d running elsewhere", done, target, running
+                        )
                     waiting = True
                     time.sleep(POLL_S)
                     continue
@@ -112,9 +123,11 @@ class Worker:
                 last = self.one()
                 crashes = crashes + 1 if last.state == TrialState.FAIL and not records.is_surplus(last) else 0
                 if crashes >= MAX_CRASHES:
-                    raise AutoftError(f"{crashes} trials in a row failed, the last with "
-                                      f"{records.reason(last) or 'no reason'}; see the trials' fail_reason (trials.csv) "
-                                      "and fix the cause")
+                    raise AutoftError(
+                        f"{crashes} trials in a row failed, the last with "
+                        f"{records.reason(last) or 'no reason'}; see the trials' fail_reason (trials.csv) "
+                        "and fix the cause"
+                    )
         finally:
             self.abandon()
 
@@ -186,8 +199,12 @@ class Worker:
 
     @staticmethod
     def _say_retry(t: FrozenTrial, why: str) -> None:
-        log.warning("trial %d: %s; %s", t.number, why,
-                    "it is not retried again" if t.system_attrs.get("retry_history") else "it runs again")
+        log.warning(
+            "trial %d: %s; %s",
+            t.number,
+            why,
+            "it is not retried again" if t.system_attrs.get("retry_history") else "it runs again",
+        )
 
     def dead_worker(self, t: FrozenTrial) -> str | None:
         """The worker (host:pid) of a RUNNING trial when it ran on this machine and its process is gone for sure;
@@ -207,14 +224,21 @@ def dead_worker(t: FrozenTrial, running_here: int | None = None) -> str | None:
     return who if gone(recorded) else None
 
 
-def work(study: optuna.Study, storage: optuna.storages.BaseStorage, objective: Callable[[optuna.Trial], float],
-         callbacks: Sequence[Callback] = (), time_left: Callable[[], float] | None = None, ran: Ran | None = None,
-         before_trial: Callable[[optuna.Study], None] | None = None) -> None:
+def work(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    objective: Callable[[optuna.Trial], float],
+    callbacks: Sequence[Callback] = (),
+    time_left: Callable[[], float] | None = None,
+    ran: Ran | None = None,
+    before_trial: Callable[[optuna.Study], None] | None = None,
+) -> None:
     """Run trials until the study holds exactly its goal (see Worker)."""
     Worker(study, storage, objective, callbacks, time_left, ran, before_trial).run()
 
 
 # --- several processes ----------------------------------------------------------------------------------------
+
 
 def gpu_ids() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries."""
@@ -253,8 +277,17 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="autoft-parent", daemon=True).start()
 
 
-def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: str, timeout: float | None,
-          progress: Callable[[], None] | None = None, ran: Ran | None = None) -> None:
+def spawn(
+    n: int,
+    storage: str,
+    study: str,
+    device: str,
+    out: str,
+    artifacts: str,
+    timeout: float | None,
+    progress: Callable[[], None] | None = None,
+    ran: Ran | None = None,
+) -> None:
     """Start `n` `autoft worker` processes on this machine and wait for them.
 
     The storage URL goes through the environment, not the command line, so `ps` never shows a password.
@@ -265,7 +298,19 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
     procs = []
     for i, slot in enumerate(slots):
         env = {**os.environ, "AUTOFT_STORAGE": storage, PARENT: str(os.getpid())}
-        cmd = [sys.executable, "-m", "autoft.cli", "-q", "worker", "--study", study, "--out", out, "--artifacts", artifacts]
+        cmd = [
+            sys.executable,
+            "-m",
+            "autoft.cli",
+            "-q",
+            "worker",
+            "--study",
+            study,
+            "--out",
+            out,
+            "--artifacts",
+            artifacts,
+        ]
         if "CUDA_VISIBLE_DEVICES" in slot:
             env["CUDA_VISIBLE_DEVICES"] = slot["CUDA_VISIBLE_DEVICES"]
             cmd += ["--device", "auto"]
@@ -276,8 +321,15 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         if ran is not None:
             ran.workers.add(f"{socket.gethostname()}:{procs[-1].pid}")  # as records.record_worker writes it
-        log.info("worker %d/%d: pid %d%s", i + 1, n, procs[-1].pid,
-                 f", GPU {slot['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in slot else f", {slot['threads']} CPU threads")
+        log.info(
+            "worker %d/%d: pid %d%s",
+            i + 1,
+            n,
+            procs[-1].pid,
+            f", GPU {slot['CUDA_VISIBLE_DEVICES']}"
+            if "CUDA_VISIBLE_DEVICES" in slot
+            else f", {slot['threads']} CPU threads",
+        )
     try:
         while any(p.poll() is None for p in procs):
             check_stopped()
@@ -298,8 +350,11 @@ def spawn(n: int, storage: str, study: str, device: str, out: str, artifacts: st
     codes = [p.returncode for p in procs]
     for i, code in enumerate(codes):
         if code < 0:
-            log.warning("worker %d (pid %d) was killed by signal %d; the other workers took over its trial",
-                        i + 1, procs[i].pid, -code)
+            log.warning(
+                "worker %d (pid %d) was killed by signal %d; the other workers took over its trial",
+                i + 1,
+                procs[i].pid,
+                -code,
+            )
     if 2 in codes:
         raise AutoftError(f"worker {codes.index(2) + 1} stopped on the error above")
-

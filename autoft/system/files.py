@@ -27,12 +27,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from ..exceptions import ConfigError, disk_full, DiskFullError
+from ..exceptions import ConfigError, DiskFullError, disk_full
 from .interrupts import deferred
 from .processes import start_time, this_machine
 
 STALE_TMP_S = 3600  # a temp file of another machine's untouched this long belongs to a dead writer
-_TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{6,16}(?:\.(?P<machine>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+))?\.tmp")
+_TEMP = re.compile(
+    r"\.(?P<name>.+)\.[A-Za-z0-9_]{6,16}(?:\.(?P<machine>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+))?\.tmp"
+)
 
 
 def _owner() -> str:
@@ -46,7 +48,8 @@ def _temp_name(path: Path) -> Path:
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new, empty temp file next to `path`, created with mode 0666 so that the umask applies (mkstemp's 0600 would not)."""
+    """A new, empty temp file next to `path`, created with mode 0666 so that the umask applies (mkstemp's 0600
+    would not)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = _temp_name(path)
@@ -161,7 +164,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
             _discard(tmp)
         full = disk_full(exc) if isinstance(exc, Exception) else None
         if full and not isinstance(exc, DiskFullError):
-            raise DiskFullError(f"cannot write {', '.join(map(str, targets))}: {full}; free space and run again") from exc
+            raise DiskFullError(
+                f"cannot write {', '.join(map(str, targets))}: {full}; free space and run again"
+            ) from exc
         raise
     for path in targets:
         sweep_temps(path.parent, path.name)
@@ -211,8 +216,9 @@ def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> I
         if writer.rows != shape[0]:
             kept = (writer.rows, *shape[1:])
             with open(tmp, "r+b") as fh:
-                npy.write_array_header_1_0(fh, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                                "shape": kept})
+                npy.write_array_header_1_0(
+                    fh, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": kept}
+                )
                 if fh.tell() != offset:  # numpy always pads the header this much; never written otherwise
                     raise OSError(f"cannot shrink {path} in place: its .npy header changed length")
                 fh.truncate(offset + int(np.prod(kept)) * np.dtype(dtype).itemsize)
@@ -229,8 +235,10 @@ def torch_load(source: str | os.PathLike | IO[bytes], name: str) -> Any:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():
-            raise ConfigError(f"{name} holds more than tensors (code to run on loading), so weights_only loading "
-                              "refused it; use a plain state dict or an autoft checkpoint") from None
+            raise ConfigError(
+                f"{name} holds more than tensors (code to run on loading), so weights_only loading "
+                "refused it; use a plain state dict or an autoft checkpoint"
+            ) from None
         raise ConfigError(f"{name} is damaged or not a PyTorch file ({_first_line(exc)})") from None
     except Exception as exc:  # a truncated zip, a text file, a folder of the wrong kind...
         raise ConfigError(f"{name} is truncated, damaged or not a PyTorch file ({_first_line(exc)})") from None
@@ -255,6 +263,7 @@ def versions() -> dict[str, str]:
 
 
 # --- output locations, checked before any work -----------------------------------------------------------
+
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """That `path` is a folder this process can write in, or one it can create; a one-line ConfigError otherwise.
@@ -289,9 +298,13 @@ def _writable_folder(folder: Path, where: str, is_folder: bool) -> None:
     while not nearest.exists() and nearest.parent != nearest:
         nearest = nearest.parent
     if not nearest.is_dir():
-        raise ConfigError(f"{where}{'' if is_folder and nearest == folder else ': ' + os.fspath(nearest)} is a file, not a folder")
+        raise ConfigError(
+            f"{where}{'' if is_folder and nearest == folder else ': ' + os.fspath(nearest)} is a file, not a folder"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ConfigError(f"{where}: {os.fspath(nearest)} is not writable (permission denied or a read-only file system)")
+        raise ConfigError(
+            f"{where}: {os.fspath(nearest)} is not writable (permission denied or a read-only file system)"
+        )
     try:
         fd, probe = tempfile.mkstemp(dir=nearest, prefix=".autoft-probe-")
         os.close(fd)

@@ -14,6 +14,7 @@ one decision.
 The CLI handles them from its first line to its last (scan, decode, trials, the final export), so every command
 ends on a signal with one line and exit 130 or 143, and leaves no temp file (files.atomic_path removes its own).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,9 +63,11 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     """sys.unraisablehook that keeps quiet about a signal's exception dropped in a weakref callback or __del__ (it
     is remembered, and raised at the next safe place); anything else goes to `hook`."""
+
     def quiet(unraisable: Any) -> None:
         if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _STOPPED):
             hook(unraisable)
+
     return quiet
 
 

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
+
 from ..backbones import BackboneSpec, Net
 from ..cache import Images, RunCache
 from ..config import Config
 from ..data.dataset import Dataset
-from .inference import eval_input, autocast, frozen_features
 from .checkpoint import checkpoint, checkpoint_from_bytes, members
-from .loop import Report, Result, cpu_copy, build_on_device, finetune, resolve_device
+from .inference import autocast, eval_input, frozen_features
+from .loop import Report, Result, build_on_device, cpu_copy, finetune, resolve_device
 
 log = logging.getLogger("autoft")
 Weights = dict[str, Any] | bytes  # a checkpoint, or a checkpoint file's bytes (a kept artifact, passed on as it is)
-
 
 
 def refit_config(cfg: Config, epochs: int, tau: float = 0.0, tta: str = "none") -> Config:
@@ -31,32 +32,45 @@ def refit_config(cfg: Config, epochs: int, tau: float = 0.0, tta: str = "none") 
     The schedule is a function of the epoch, not of the step, so the refit's last epoch ends where the
     validated run's epoch `epochs` ended (same warmup, same cosine period), not at a re-stretched cosine.
     """
-    return cfg.replace(epochs=epochs, t_max=cfg.cosine_t_max, head_only_epochs=min(cfg.head_only_epochs, epochs),
-                       patience=0, logit_adjustment=tau, tta=tta)
+    return cfg.replace(
+        epochs=epochs,
+        t_max=cfg.cosine_t_max,
+        head_only_epochs=min(cfg.head_only_epochs, epochs),
+        patience=0,
+        logit_adjustment=tau,
+        tta=tta,
+    )
 
 
-def ship(cfg: Config, data: Dataset, result: Result, report: Report | None = None,
-         cache: RunCache | None = None) -> Result:
+def ship(
+    cfg: Config, data: Dataset, result: Result, report: Report | None = None, cache: RunCache | None = None
+) -> Result:
     """What a validated run ships, as `final` says: `result` itself (its fold models, the ensemble the score
     validated); their uniform soup (`soup`); or the recipe retrained on every labelled image for the epochs the
     score chose (`refit`). Nothing validated (a refit itself): `result`."""
     if cfg.final == "ensemble" or not result.validated:
         return result
     if cfg.final == "soup":
-        return dataclasses.replace(result, members=[make_soup(cfg, data, result.members, cache)]) if len(result.members) > 1 \
+        return (
+            dataclasses.replace(result, members=[make_soup(cfg, data, result.members, cache)])
+            if len(result.members) > 1
             else result
+        )
     return refit(cfg, data, result.best["epoch"], report, cache, result.tau, result.tta)
 
 
 def soup(members: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The uniform model soup (Wortsman et al., ICML 2022): every floating-point tensor averaged over the members;
     integer counters (BatchNorm's num_batches_tracked) from the first member."""
-    return {k: torch.stack([m[k] for m in members]).mean(0) if v.is_floating_point() else v.clone()
-            for k, v in members[0].items()}
+    return {
+        k: torch.stack([m[k] for m in members]).mean(0) if v.is_floating_point() else v.clone()
+        for k, v in members[0].items()
+    }
 
 
-def make_soup(cfg: Config, data: Dataset, members: Sequence[Mapping[str, torch.Tensor]],
-              cache: RunCache | None = None) -> dict[str, torch.Tensor]:
+def make_soup(
+    cfg: Config, data: Dataset, members: Sequence[Mapping[str, torch.Tensor]], cache: RunCache | None = None
+) -> dict[str, torch.Tensor]:
     """The fold models as one model at one model's prediction cost: their uniform `soup`, then the BatchNorm
     statistics of the stages that trained recomputed on every labelled image (eval transform), as SWA does
     (Izmailov et al. 2018; torch.optim.swa_utils.update_bn): averaged weights change the activations, so
@@ -71,11 +85,14 @@ def make_soup(cfg: Config, data: Dataset, members: Sequence[Mapping[str, torch.T
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int,
-                        device: torch.device, cache: RunCache) -> None:
+def recompute_batchnorm(
+    model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int, device: torch.device, cache: RunCache
+) -> None:
     """Running statistics of every BatchNorm after stage `depth`: the plain average over batches of `images` of
     their batch statistics (momentum None, as torch.optim.swa_utils.update_bn), stages before `depth` in eval."""
-    norms = [m for s in model.stages[depth:] for m in s.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [
+        m for s in model.stages[depth:] for m in s.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     if not norms:
         return
     momenta = [m.momentum for m in norms]
@@ -90,8 +107,11 @@ def recompute_batchnorm(model: Net, spec: BackboneSpec, cfg: Config, images: Ima
     chunks = chunks[:-1] if len(chunks) > 1 and len(chunks[-1]) == 1 else chunks  # one image has no batch statistics
     pixels = images.batches(chunks) if feats is None else iter(())
     for chunk in chunks:
-        x = feats[chunk.to(feats.device)] if feats is not None else model.features(
-            eval_input(next(pixels).to(device), spec, cfg.image_size), depth)
+        x = (
+            feats[chunk.to(feats.device)]
+            if feats is not None
+            else model.features(eval_input(next(pixels).to(device), spec, cfg.image_size), depth)
+        )
         with autocast(device):
             model(x, start=depth)
     for m, momentum in zip(norms, momenta):
@@ -111,25 +131,56 @@ def shipped_kind(result: Result, shipped: Result) -> str:
     return f"refit on every labelled image for {shipped.config.epochs} epoch(s)"
 
 
-def refit(cfg: Config, data: Dataset, epochs: int, report: Report | None = None,
-          cache: RunCache | None = None, tau: float = 0.0, tta: str = "none") -> Result:
+def refit(
+    cfg: Config,
+    data: Dataset,
+    epochs: int,
+    report: Report | None = None,
+    cache: RunCache | None = None,
+    tau: float = 0.0,
+    tta: str = "none",
+) -> Result:
     """The recipe retrained on every labelled image for `epochs`, along its validated learning-rate curve, logit
     adjusted by the validated `tau`, with the validated test-time augmentation `tta`."""
     return finetune(refit_config(cfg, epochs, tau, tta), data, report, [data.everything()], cache)
 
 
-def result_checkpoint(cfg: Config, data: Dataset, result: Result, trial: int, study: str, final: str,
-                      kind: str) -> dict[str, Any]:
+def result_checkpoint(
+    cfg: Config, data: Dataset, result: Result, trial: int, study: str, final: str, kind: str
+) -> dict[str, Any]:
     """The checkpoint of a run's models (`result.members`) as trial `trial` of `study` shipped them (`final`, and
     `kind` in words)."""
-    metrics: dict[str, Any] = {**{k: v for k, v in result.best.items() if not isinstance(v, list)},
-                               "trial": trial, "study": study, "final": final, "shipped": kind}
-    return checkpoint(result.members, result.classes, cfg, metrics, result.shared_stages, result.tau, result.prior,
-                      data.fingerprint, tta=result.tta)
+    metrics: dict[str, Any] = {
+        **{k: v for k, v in result.best.items() if not isinstance(v, list)},
+        "trial": trial,
+        "study": study,
+        "final": final,
+        "shipped": kind,
+    }
+    return checkpoint(
+        result.members,
+        result.classes,
+        cfg,
+        metrics,
+        result.shared_stages,
+        result.tau,
+        result.prior,
+        data.fingerprint,
+        tta=result.tta,
+    )
 
 
-def shipped_model(cfg: Config, data: Dataset, kept: bytes | None, trial: int, study: str, best_epoch: int,
-                  tau: float, tta: str, cache: RunCache) -> Weights:
+def shipped_model(
+    cfg: Config,
+    data: Dataset,
+    kept: bytes | None,
+    trial: int,
+    study: str,
+    best_epoch: int,
+    tau: float,
+    tta: str,
+    cache: RunCache,
+) -> Weights:
     """A study's winner as its `final` says, from the fold models kept while it ran (`kept`: their checkpoint file,
     passed on as it is where `final` is the ensemble), so what ships is what was validated, bit for bit: `soup`
     averages their weights and recomputes BatchNorm statistics; `refit` retrains the recipe on every labelled image
@@ -137,13 +188,27 @@ def shipped_model(cfg: Config, data: Dataset, kept: bytes | None, trial: int, st
     from the config: the one case where a validated model trains twice."""
     if cfg.final == "refit":
         log.info("refit of trial %d on all %d labelled images for %d epoch(s)", trial, len(data.labelled), best_epoch)
-        return result_checkpoint(cfg, data, refit(cfg, data, best_epoch, cache=cache, tau=tau, tta=tta), trial, study,
-                                 "refit", f"refit on every labelled image for {best_epoch} epoch(s)")
+        return result_checkpoint(
+            cfg,
+            data,
+            refit(cfg, data, best_epoch, cache=cache, tau=tau, tta=tta),
+            trial,
+            study,
+            "refit",
+            f"refit on every labelled image for {best_epoch} epoch(s)",
+        )
     if kept is None:
         result = finetune(cfg, data, cache=cache)
         final = ship(cfg, data, result, cache=cache)
-        return result_checkpoint(cfg, data, final, trial, study, cfg.final if final is not result else "ensemble",
-                                 shipped_kind(result, final))
+        return result_checkpoint(
+            cfg,
+            data,
+            final,
+            trial,
+            study,
+            cfg.final if final is not result else "ensemble",
+            shipped_kind(result, final),
+        )
     if cfg.final != "soup":
         return kept
     ckpt = checkpoint_from_bytes(kept, f"the weights of trial {trial}")
@@ -152,13 +217,22 @@ def shipped_model(cfg: Config, data: Dataset, kept: bytes | None, trial: int, st
         return kept
     adjustment = ckpt.get("logit_adjustment") or {}
     kind = f"soup (uniform weight average) of {len(folds)} fold models at epoch {ckpt['metrics'].get('epoch')}"
-    return checkpoint([make_soup(cfg, data, folds, cache)], ckpt["classes"], cfg,
-                      ckpt["metrics"] | {"final": "soup", "shipped": kind}, 0, adjustment.get("tau", 0.0),
-                      adjustment.get("prior", ()), data.fingerprint, tta=ckpt.get("tta", "none"))
+    return checkpoint(
+        [make_soup(cfg, data, folds, cache)],
+        ckpt["classes"],
+        cfg,
+        ckpt["metrics"] | {"final": "soup", "shipped": kind},
+        0,
+        adjustment.get("tau", 0.0),
+        adjustment.get("prior", ()),
+        data.fingerprint,
+        tta=ckpt.get("tta", "none"),
+    )
 
 
-def mixed_models(cfg: Config, data: Dataset, kept: dict[str, Any] | None, trial: int, study: str,
-                 cache: RunCache) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+def mixed_models(
+    cfg: Config, data: Dataset, kept: dict[str, Any] | None, trial: int, study: str, cache: RunCache
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """A trial's models as they join an ensemble of trials, and the checkpoint they came from: its kept fold models
     (trained again when gone: None), averaged into one soup where its `final` is `soup` (a refit validated nothing,
     so it never joins)."""

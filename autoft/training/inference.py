@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ..backbones import BackboneSpec, Concatenated, FlipAveraged, Net
-from ..cache import as_images, Images, RunCache
+from ..cache import Images, RunCache, as_images
 from ..config import Config
 from ..data.augment import center_crop, normalize
 from ..data.dataset import Split
@@ -24,20 +26,33 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-
-
 @torch.no_grad()
-def evaluate_split(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, split: Split, depth: int,
-                   device: torch.device, cache: RunCache | None = None) -> tuple[float, np.ndarray]:
+def evaluate_split(
+    model: torch.nn.Module,
+    spec: BackboneSpec,
+    cfg: Config,
+    split: Split,
+    depth: int,
+    device: torch.device,
+    cache: RunCache | None = None,
+) -> tuple[float, np.ndarray]:
     """Loss and predicted classes on a split (test/, or new data); the frozen prefix's output comes from `cache`."""
     logits = predict_logits(model, spec, cfg, split, depth, device, cache=cache)
     return F.cross_entropy(logits, split.labels.to(device)).item(), logits.argmax(1).cpu().numpy()
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, images: torch.Tensor | Split | Images,
-                   depth: int, device: torch.device, index: torch.Tensor | None = None,
-                   cache: RunCache | None = None, flip: bool = False) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module,
+    spec: BackboneSpec,
+    cfg: Config,
+    images: torch.Tensor | Split | Images,
+    depth: int,
+    device: torch.device,
+    index: torch.Tensor | None = None,
+    cache: RunCache | None = None,
+    flip: bool = False,
+) -> torch.Tensor:
     """Logits for the images at `index` (all of them by default) through the eval transform (mirrored with
     `flip`), in batches.
 
@@ -46,8 +61,9 @@ def predict_logits(model: torch.nn.Module, spec: BackboneSpec, cfg: Config, imag
     model is its model's mean over the plain and the mirrored views, each of them cached so.
     """
     if isinstance(model, FlipAveraged):
-        views = [predict_logits(model.model, spec, cfg, images, depth, device, index, cache, f)
-                 for f in (flip, not flip)]
+        views = [
+            predict_logits(model.model, spec, cfg, images, depth, device, index, cache, f) for f in (flip, not flip)
+        ]
         return (views[0].float() + views[1].float()) / 2
     images = as_images(images, device)
     was_training = model.training
@@ -76,9 +92,18 @@ def eval_input(images: torch.Tensor, spec: BackboneSpec, size: int, flip: bool =
 
 # --- frozen-prefix features ------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images, depth: int, device: torch.device,
-                    cache: RunCache, flip: bool = False) -> torch.Tensor | None:
+def frozen_features(
+    model: Net,
+    spec: BackboneSpec,
+    cfg: Config,
+    images: Images,
+    depth: int,
+    device: torch.device,
+    cache: RunCache,
+    flip: bool = False,
+) -> torch.Tensor | None:
     """Output of the frozen stages[:depth] for every one of `images` (eval transform, mirrored with `flip`), computed
     once per `cache`.
 
@@ -94,19 +119,49 @@ def frozen_features(model: Net, spec: BackboneSpec, cfg: Config, images: Images,
     stage = model.stages[0] if depth == 1 else None
     view = ("flip",) if flip else ()
     if isinstance(stage, Concatenated):
-        parts = [_features(cache, ("features", name, cfg.weights, stage.view_key(i, cfg.image_size), stage.depths[i],
-                                   images.key, str(device), *view), stage.backbones[i:i + 1], images, cfg, device,
-                           functools.partial(lambda x, i: stage.part(i, eval_input(x, spec, cfg.image_size, flip)),
-                                             i=i))
-                 for i, name in enumerate(stage.names)]
+        parts = [
+            _features(
+                cache,
+                (
+                    "features",
+                    name,
+                    cfg.weights,
+                    stage.view_key(i, cfg.image_size),
+                    stage.depths[i],
+                    images.key,
+                    str(device),
+                    *view,
+                ),
+                stage.backbones[i : i + 1],
+                images,
+                cfg,
+                device,
+                functools.partial(lambda x, i: stage.part(i, eval_input(x, spec, cfg.image_size, flip)), i=i),
+            )
+            for i, name in enumerate(stage.names)
+        ]
         return None if any(p is None for p in parts) else torch.cat(parts, 1)
     key = ("features", spec.name, cfg.weights, cfg.image_size, depth, images.key, str(device), *view)
-    return _features(cache, key, model.stages[:depth], images, cfg, device,
-                     lambda x: model.features(eval_input(x, spec, cfg.image_size, flip), depth))
+    return _features(
+        cache,
+        key,
+        model.stages[:depth],
+        images,
+        cfg,
+        device,
+        lambda x: model.features(eval_input(x, spec, cfg.image_size, flip), depth),
+    )
 
 
-def _features(cache: RunCache, key: tuple, frozen: Sequence[torch.nn.Module], images: Images, cfg: Config,
-              device: torch.device, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+def _features(
+    cache: RunCache,
+    key: tuple,
+    frozen: Sequence[torch.nn.Module],
+    images: Images,
+    cfg: Config,
+    device: torch.device,
+    compute: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor | None:
     """`compute` (stored images -> features, through the `frozen` modules in eval mode) over every one of
     `images`, held in `cache` under `key`; each pass over the images is counted there (`feature_passes`)."""
     hit = cache.get(key)
@@ -128,9 +183,10 @@ def _features(cache: RunCache, key: tuple, frozen: Sequence[torch.nn.Module], im
                     if not cache.make_room(nbytes):
                         return None
                     fmt = torch.channels_last if part.dim() == 4 else torch.contiguous_format
-                    feats = torch.empty((len(images), *part.shape[1:]), dtype=part.dtype, device=part.device,
-                                        memory_format=fmt)
-                feats[chunk[0]:chunk[-1] + 1] = part
+                    feats = torch.empty(
+                        (len(images), *part.shape[1:]), dtype=part.dtype, device=part.device, memory_format=fmt
+                    )
+                feats[chunk[0] : chunk[-1] + 1] = part
     finally:
         for s, t in zip(frozen, was_training):
             s.train(t)

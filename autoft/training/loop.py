@@ -32,20 +32,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..backbones import BackboneSpec, build_model, Net, set_drop_path
+
+from ..backbones import BackboneSpec, Net, build_model, set_drop_path
 from ..cache import Images, RunCache
 from ..config import Config
 from ..data.augment import augment, normalize
 from ..data.dataset import Dataset, Fold
 from ..estimate import Estimate, fold_of, scores
 from ..exceptions import ConfigError, TrialFailure
-from .probe import applies as exact_probe, CHOSEN_C, EXACT, fit_heads
 from .inference import autocast, frozen_features, predict_logits
-
-
+from .probe import CHOSEN_C, EXACT, fit_heads
+from .probe import applies as exact_probe
 
 Report = Callable[[int, dict[str, Any]], Any]
 TAUS = tuple(i / 4 for i in range(9))  # logit_adjustment auto's grid: 0, 0.25, ..., 2 (Menon et al. found 1 best)
@@ -81,7 +82,9 @@ class Result:
     def tau(self) -> float:
         """The logit adjustment the kept epoch was scored with; unvalidated, the config's (`auto`: 0, nothing to
         choose it on)."""
-        return float(self.best.get("tau", 0.0 if self.config.logit_adjustment == "auto" else self.config.logit_adjustment))
+        return float(
+            self.best.get("tau", 0.0 if self.config.logit_adjustment == "auto" else self.config.logit_adjustment)
+        )
 
     @property
     def tta(self) -> str:
@@ -108,7 +111,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
 def lr_factor(epoch: float, warmup: int, t_max: int) -> float:
     """Linear warmup over `warmup` epochs, then torch's CosineAnnealingLR curve (eta_min=0, period t_max)."""
     if epoch < warmup:
@@ -132,7 +134,8 @@ def class_weights(kind: str, counts: torch.Tensor) -> torch.Tensor | None:
 
 
 def adjusted(log_probs: np.ndarray, log_prior: np.ndarray, tau: float) -> np.ndarray:
-    """Post-hoc logit adjustment (Menon et al., ICLR 2021): logits - tau * log prior; tau = 0 leaves them as they are."""
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021): logits - tau * log prior; tau = 0 leaves them as
+    they are."""
     return log_probs - tau * log_prior if tau else log_probs
 
 
@@ -176,9 +179,15 @@ Race = Callable[[Partial], Any]
 BatchHook = Callable[[int, int, float], Any]  # (batches done, batches in the epoch, training images/s so far)
 
 
-def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = None,
-             folds: Sequence[Fold] | None = None, cache: RunCache | None = None, race: Race | None = None,
-             on_batch: BatchHook | None = None) -> Result:
+def finetune(
+    cfg: Config,
+    data: Dataset | None = None,
+    report: Report | None = None,
+    folds: Sequence[Fold] | None = None,
+    cache: RunCache | None = None,
+    race: Race | None = None,
+    on_batch: BatchHook | None = None,
+) -> Result:
     """Fine-tune `cfg.backbone` on `data` (loaded from `cfg.data` when not given), one model per fold, fold after fold.
 
     `folds` defaults to `plan_folds`; `[data.everything()]` trains one model on every image (a refit).
@@ -206,8 +215,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
     prior = (counts / counts.sum()).tolist()
     log_prior = np.log(np.maximum(prior, 1e-12))
     folds_run = _Folds(cfg, folds, data.labelled.labels.numpy(), len(data.classes), log_prior)
-    make_run = functools.partial(_FoldRun, cfg, labels=data.labelled.labels, num_classes=len(data.classes),
-                                 device=device, cache=cache)
+    make_run = functools.partial(
+        _FoldRun, cfg, labels=data.labelled.labels, num_classes=len(data.classes), device=device, cache=cache
+    )
     first = make_run(folds[0], fold_seed(cfg.seed, 0))
     n_stages = len(first.model.stages)
     try:
@@ -224,8 +234,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             run = first if i == 0 else make_run(fold, fold_seed(cfg.seed, i))
             first = None  # each fold's model is dropped once its epochs are kept
             for epoch in range(epochs):
-                metrics = _train_and_score(run, cfg, images, labels, i, epoch, n_stages, device, cache, log_prior,
-                                           on_batch)
+                metrics = _train_and_score(
+                    run, cfg, images, labels, i, epoch, n_stages, device, cache, log_prior, on_batch
+                )
                 folds_run.add(i, run, metrics)
                 cut = report is not None and report(i * cfg.epochs + epoch, metrics) is True and i + 1 == len(folds)
                 if cut:
@@ -236,8 +247,9 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             del run
             if race is not None and i + 1 < len(folds):
                 race(folds_run.partial(i + 1))
-        result = folds_run.result(data.classes, device, time.perf_counter() - t0, prior,
-                                  stopped=epochs < cfg.epochs or cut)
+        result = folds_run.result(
+            data.classes, device, time.perf_counter() - t0, prior, stopped=epochs < cfg.epochs or cut
+        )
         return _test_time_augmentation(cfg, result, folds_run, images, device, cache)
     finally:
         del first, images
@@ -245,10 +257,19 @@ def finetune(cfg: Config, data: Dataset | None = None, report: Report | None = N
             torch.cuda.empty_cache()
 
 
-def _train_and_score(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, fold: int, epoch: int,
-                     n_stages: int,
-                     device: torch.device, cache: RunCache, log_prior: np.ndarray,
-                     on_batch: BatchHook | None) -> dict[str, Any]:
+def _train_and_score(
+    run: _FoldRun,
+    cfg: Config,
+    images: Images,
+    labels: torch.Tensor,
+    fold: int,
+    epoch: int,
+    n_stages: int,
+    device: torch.device,
+    cache: RunCache,
+    log_prior: np.ndarray,
+    on_batch: BatchHook | None,
+) -> dict[str, Any]:
     """One epoch of one fold's model, then its held-out images scored: the epoch's metrics for `report`."""
     depth = n_stages if epoch < cfg.head_only_epochs else cfg.freeze_depth  # freeze, then unfreeze
     features = None  # without augmentation, the frozen stages' output for the training images never changes
@@ -261,12 +282,24 @@ def _train_and_score(run: _FoldRun, cfg: Config, images: Images, labels: torch.T
         raise TrialFailure(f"training loss diverged ({train_loss}) in epoch {epoch + 1}")
     metrics: dict[str, Any] = {"fold": fold + 1, "epoch": epoch + 1, "train_loss": train_loss}
     metrics |= validate(run, cfg, images, labels, depth, device, log_prior, cache)
-    return metrics | {"images_per_s": seen / train_time, "epoch_time_s": time.perf_counter() - t_epoch,
-                      "lr_head": run.opt.param_groups[0]["lr"]}
+    return metrics | {
+        "images_per_s": seen / train_time,
+        "epoch_time_s": time.perf_counter() - t_epoch,
+        "lr_head": run.opt.param_groups[0]["lr"],
+    }
 
 
-def _fit_exactly(runs: Sequence[_FoldRun], cfg: Config, features: torch.Tensor, labels: torch.Tensor, images: Images,
-                 device: torch.device, cache: RunCache, folds_run: _Folds, report: Report | None) -> None:
+def _fit_exactly(
+    runs: Sequence[_FoldRun],
+    cfg: Config,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    images: Images,
+    device: torch.device,
+    cache: RunCache,
+    folds_run: _Folds,
+    report: Report | None,
+) -> None:
     """Every fold's head fitted exactly (probe.fit_heads) in one step, then each fold scored and reported once."""
     t_fit = time.perf_counter()
     heads = [(r.model.head, r.fold.train, r.loss_weight) for r in runs]
@@ -276,15 +309,19 @@ def _fit_exactly(runs: Sequence[_FoldRun], cfg: Config, features: torch.Tensor, 
     for i, run in enumerate(runs):
         metrics = {"fold": i + 1, "epoch": 1, "train_loss": train_loss} | fitted
         metrics |= validate(run, cfg, images, labels, depth, device, folds_run.log_prior, cache)
-        metrics |= {"images_per_s": seen / train_time, "epoch_time_s": train_time / len(runs),
-                    "lr_head": run.opt.param_groups[0]["lr"]}
+        metrics |= {
+            "images_per_s": seen / train_time,
+            "epoch_time_s": train_time / len(runs),
+            "lr_head": run.opt.param_groups[0]["lr"],
+        }
         folds_run.add(i, run, metrics)
         if report is not None:
             report(i * cfg.epochs, metrics)
 
 
-def _test_time_augmentation(cfg: Config, result: Result, folds_run: _Folds, images: Images, device: torch.device,
-                            cache: RunCache) -> Result:
+def _test_time_augmentation(
+    cfg: Config, result: Result, folds_run: _Folds, images: Images, device: torch.device, cache: RunCache
+) -> Result:
     """`tta` decided on the out-of-fold predictions at the kept epoch: every fold model predicts its held-out images
     mirrored, and the mean of the two views' logits replaces the plain ones when `tta` is flip, or when it is auto
     and that scores strictly higher (tau chosen again with it). The kept epoch's metrics (the trial's value), the
@@ -378,9 +415,12 @@ class _Folds:
         pred = adjusted(log_probs, self.log_prior, tau).argmax(1)
         fold = np.concatenate([np.full(len(f.val), i) for i, f in enumerate(held)])
         estimate = Estimate.measure(self.cfg.metric, y, pred, self.classes, fold)
-        return {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
-                **{f"val_{m}": v for m, v in scores(y, pred, self.classes).items()},
-                **estimate.epoch_metrics(), "tau": tau}
+        return {
+            "val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+            **{f"val_{m}": v for m, v in scores(y, pred, self.classes).items()},
+            **estimate.epoch_metrics(),
+            "tau": tau,
+        }
 
     def _history(self, upto: int) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray, float] | None]:
         epochs = min(len(lp) for lp in self.log_probs[:upto]) if all(self.log_probs[:upto]) else 0
@@ -392,8 +432,9 @@ class _Folds:
         _, index, log_probs, tau = history[e]
         return Partial(done, len(self.folds), index, log_probs, self.labels[index], tau, e + 1)
 
-    def result(self, classes: list[str], device: torch.device, seconds: float, prior: list[float],
-               stopped: bool = False) -> Result:
+    def result(
+        self, classes: list[str], device: torch.device, seconds: float, prior: list[float], stopped: bool = False
+    ) -> Result:
         """The kept epoch (the best pooled over every fold by `score_key`; the last when nothing is validated), every
         fold's weights at it and the out-of-fold probabilities."""
         cfg, n = self.cfg, len(self.labels)
@@ -403,9 +444,13 @@ class _Folds:
         history = []
         for e in range(epochs):
             steps = [s[e] for s in per_fold]
-            m = {"epoch": e + 1, "train_loss": float(np.mean([s["train_loss"] for s in steps])),
-                 "images_per_s": float(np.mean([s["images_per_s"] for s in steps])),
-                 "epoch_time_s": float(sum(s["epoch_time_s"] for s in steps)), "lr_head": steps[0]["lr_head"]}
+            m = {
+                "epoch": e + 1,
+                "train_loss": float(np.mean([s["train_loss"] for s in steps])),
+                "images_per_s": float(np.mean([s["images_per_s"] for s in steps])),
+                "epoch_time_s": float(sum(s["epoch_time_s"] for s in steps)),
+                "lr_head": steps[0]["lr_head"],
+            }
             m |= {k: v for k, v in steps[0].items() if k in (EXACT, CHOSEN_C)}
             if e < len(pooled) and pooled[e] is not None:
                 m |= pooled[e][0]
@@ -419,9 +464,24 @@ class _Folds:
             oof = np.full((n, self.classes), np.nan, dtype=np.float32)
             oof[index] = np.exp(log_probs)
         fold = fold_of([f.val.cpu().numpy() for f in self.folds], n)
-        return Result(history[kept], history[-1], history, members, cfg.freeze_depth, classes, cfg, str(device),
-                      seconds, peak_memory_mb(device), stopped, sum(len(f.val) for f in self.folds), oof, fold, prior,
-                      self.steps)
+        return Result(
+            history[kept],
+            history[-1],
+            history,
+            members,
+            cfg.freeze_depth,
+            classes,
+            cfg,
+            str(device),
+            seconds,
+            peak_memory_mb(device),
+            stopped,
+            sum(len(f.val) for f in self.folds),
+            oof,
+            fold,
+            prior,
+            self.steps,
+        )
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -433,8 +493,16 @@ class _FoldRun:
     """One fold's model, optimizer, schedule and random streams, trained an epoch at a time; with the loss weights
     (`class_weight`) and the sampling weights (`balanced_sampling`) of its training images' classes."""
 
-    def __init__(self, cfg: Config, fold: Fold, seed: int, labels: torch.Tensor, num_classes: int, device: torch.device,
-                 cache: RunCache):
+    def __init__(
+        self,
+        cfg: Config,
+        fold: Fold,
+        seed: int,
+        labels: torch.Tensor,
+        num_classes: int,
+        device: torch.device,
+        cache: RunCache,
+    ):
         self.cfg, self.fold = cfg, fold  # indices stay on the CPU: batches are cut from the store by them
         train_labels = labels.cpu()[fold.train]
         counts = torch.bincount(train_labels, minlength=num_classes)
@@ -457,26 +525,60 @@ class _FoldRun:
     @property
     def evaluated(self) -> Net:
         """The model validated and kept: the weight average once it has been stepped, else the model itself."""
-        return self.extra.ema.module if self.extra is not None and self.extra.ema is not None and self.extra.steps \
+        return (
+            self.extra.ema.module
+            if self.extra is not None and self.extra.ema is not None and self.extra.steps
             else self.model
+        )
 
-    def train_epoch(self, images: Images, labels: torch.Tensor, depth: int, features: torch.Tensor | None,
-                    on_batch: BatchHook | None = None) -> tuple[float, int]:
+    def train_epoch(
+        self,
+        images: Images,
+        labels: torch.Tensor,
+        depth: int,
+        features: torch.Tensor | None,
+        on_batch: BatchHook | None = None,
+    ) -> tuple[float, int]:
         _set_trainable(self.model, depth)
         n, k = len(self.fold.train), self.per_epoch
-        pick = (torch.randperm(n, generator=self.gen_cpu)[:k] if self.draw is None else
-                torch.multinomial(self.draw, k, replacement=True, generator=self.gen_cpu))
+        pick = (
+            torch.randperm(n, generator=self.gen_cpu)[:k]
+            if self.draw is None
+            else torch.multinomial(self.draw, k, replacement=True, generator=self.gen_cpu)
+        )
         order = self.fold.train[pick]
-        return train_one_epoch(self.model, self.spec, self.cfg, self.opt, self.sched, order.split(self.batch)[:self.steps],
-                               images, labels, depth, self.gen_dev, features, self.loss_weight, on_batch, self.extra)
+        return train_one_epoch(
+            self.model,
+            self.spec,
+            self.cfg,
+            self.opt,
+            self.sched,
+            order.split(self.batch)[: self.steps],
+            images,
+            labels,
+            depth,
+            self.gen_dev,
+            features,
+            self.loss_weight,
+            on_batch,
+            self.extra,
+        )
 
 
 _LOG_PROBS = "_log_probs"  # validate's (n_val, C) array, taken out of the metrics before they are recorded
 
 
 @torch.no_grad()
-def validate(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, depth: int, device: torch.device,
-             log_prior: np.ndarray, cache: RunCache | None = None) -> dict[str, Any]:
+def validate(
+    run: _FoldRun,
+    cfg: Config,
+    images: Images,
+    labels: torch.Tensor,
+    depth: int,
+    device: torch.device,
+    log_prior: np.ndarray,
+    cache: RunCache | None = None,
+) -> dict[str, Any]:
     """One fold's model on its own held-out images: the loss and every metric over them (`val_accuracy`,
     `val_balanced_accuracy`, `val_f1_macro`) after the logit adjustment `tau` (chosen here when `auto`), the interval
     of `cfg.metric`, and under `_LOG_PROBS` their (n, C) unadjusted log probabilities. Nothing held out: {}."""
@@ -488,22 +590,35 @@ def validate(run: _FoldRun, cfg: Config, images: Images, labels: torch.Tensor, d
     tau = choose_tau(cfg, log_probs, y, log_prior)
     pred = adjusted(log_probs, log_prior, tau).argmax(1)
     estimate = Estimate.measure(cfg.metric, y, pred, log_probs.shape[1])
-    return {"val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
-            **{f"val_{m}": v for m, v in scores(y, pred, log_probs.shape[1]).items()},
-            **estimate.epoch_metrics(), "tau": tau, "images": len(y), _LOG_PROBS: log_probs}
+    return {
+        "val_loss": float(-log_probs[np.arange(len(y)), y].mean()),
+        **{f"val_{m}": v for m, v in scores(y, pred, log_probs.shape[1]).items()},
+        **estimate.epoch_metrics(),
+        "tau": tau,
+        "images": len(y),
+        _LOG_PROBS: log_probs,
+    }
 
 
-def build_on_device(cfg: Config, num_classes: int, device: torch.device, seed: int | None = None,
-                    cache: RunCache | None = None) -> tuple[Net, BackboneSpec]:
+def build_on_device(
+    cfg: Config, num_classes: int, device: torch.device, seed: int | None = None, cache: RunCache | None = None
+) -> tuple[Net, BackboneSpec]:
     """The backbone with a new head (seeded), channels_last on `device`; a freeze depth past its stages is a config
     error. The pretrained stages come from `cache` (read once per run) when given."""
-    model, spec = build_model(cfg.backbone, num_classes, cfg.weights, cfg.seed if seed is None else seed,
-                              cache.pretrained_stages if cache is not None else None)
+    model, spec = build_model(
+        cfg.backbone,
+        num_classes,
+        cfg.weights,
+        cfg.seed if seed is None else seed,
+        cache.pretrained_stages if cache is not None else None,
+    )
     if cfg.drop_path_rate:
         set_drop_path(model, cfg.drop_path_rate)
     n_stages = len(model.stages)
     if cfg.freeze_depth > n_stages:
-        raise ConfigError(f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages")
+        raise ConfigError(
+            f"config key 'freeze_depth': {cfg.freeze_depth} is more than {cfg.backbone}'s {n_stages} stages"
+        )
     model = model.to(device, memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -520,14 +635,27 @@ def batch_plan(n_train: int, batch_size: int) -> tuple[int, int]:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped every batch, so warmup and cosine move smoothly within epochs (`lr_factor` of fractional epochs)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step / steps, cfg.warmup_epochs, cfg.cosine_t_max))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step / steps, cfg.warmup_epochs, cfg.cosine_t_max)
+    )
 
 
-def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, batches: Sequence[torch.Tensor], images: Images,
-                    labels: torch.Tensor, depth: int, generator: torch.Generator,
-                    features: torch.Tensor | None = None, class_weight: torch.Tensor | None = None,
-                    on_batch: BatchHook | None = None, extra: Regularizers | None = None) -> tuple[float, int]:
+def train_one_epoch(
+    model: Net,
+    spec: BackboneSpec,
+    cfg: Config,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    batches: Sequence[torch.Tensor],
+    images: Images,
+    labels: torch.Tensor,
+    depth: int,
+    generator: torch.Generator,
+    features: torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
+    on_batch: BatchHook | None = None,
+    extra: Regularizers | None = None,
+) -> tuple[float, int]:
     """One optimizer step per batch of indices into `images`/`labels`; returns the mean loss and the images seen.
 
     Stages before `depth` are frozen: their output comes from `features` (cached, when there is no
@@ -553,8 +681,12 @@ def train_one_epoch(model: Net, spec: BackboneSpec, cfg: Config, opt: torch.opti
                 with torch.no_grad(), autocast(device):
                     x = model.features(x, depth)
         with autocast(device):  # mixed targets carry their own label smoothing (timm's Mixup applies it)
-            loss = F.cross_entropy(model(x, start=depth).float(), target, weight=class_weight,
-                                   label_smoothing=cfg.label_smoothing if target.dim() == 1 else 0.0)
+            loss = F.cross_entropy(
+                model(x, start=depth).float(),
+                target,
+                weight=class_weight,
+                label_smoothing=cfg.label_smoothing if target.dim() == 1 else 0.0,
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -582,8 +714,16 @@ class Regularizers:
         from torchvision.transforms import v2
 
         self.trivial = v2.TrivialAugmentWide() if cfg.trivial_augment else None
-        self.mix = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                          num_classes=num_classes) if cfg.mixup or cfg.cutmix else None)
+        self.mix = (
+            Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=num_classes,
+            )
+            if cfg.mixup or cfg.cutmix
+            else None
+        )
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema_decay else None
         self.steps = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -620,8 +760,11 @@ def cpu_copy(model: Net) -> dict[str, torch.Tensor]:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory on a GPU; the process's peak resident memory elsewhere."""
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return peak / 2**20
 
 
@@ -632,16 +775,18 @@ def make_optimizer(model: Net, cfg: Config) -> torch.optim.Optimizer:
     Frozen stages get no group at all; stages that only wait out head_only_epochs are in a group but
     receive no gradient until they unfreeze, so the optimizer skips them until then.
     """
-    for p in (p for s in model.stages[:cfg.freeze_depth] for p in s.parameters()):
+    for p in (p for s in model.stages[: cfg.freeze_depth] for p in s.parameters()):
         p.requires_grad_(False)
     groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr, "name": "head"}]
-    trainable = list(enumerate(model.stages))[cfg.freeze_depth:]
+    trainable = list(enumerate(model.stages))[cfg.freeze_depth :]
     if cfg.layer_decay == 1.0:
         groups.append({"params": [p for _, s in trainable for p in s.parameters()], "lr": cfg.base_lr, "name": "base"})
     else:
         last = len(model.stages) - 1
-        groups += [{"params": list(s.parameters()), "lr": cfg.base_lr * cfg.layer_decay ** (last - i), "name": f"stage{i}"}
-                   for i, s in trainable]
+        groups += [
+            {"params": list(s.parameters()), "lr": cfg.base_lr * cfg.layer_decay ** (last - i), "name": f"stage{i}"}
+            for i, s in trainable
+        ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)

@@ -34,8 +34,23 @@ MAX_ITER = 2000
 EXACT = "exact_probe"  # in the metrics of the one epoch an exact probe reports
 CHOSEN_C = "probe_C"  # the C each fold's inner cross-validation chose
 # The config keys that shape training by epochs, which an exact probe never runs: its summary marks them unused.
-UNUSED = ("epochs", "head_only_epochs", "head_lr", "base_lr", "layer_decay", "optimizer", "momentum", "weight_decay",
-          "t_max", "warmup_epochs", "label_smoothing", "patience", "balanced_sampling", "ema_decay", "drop_path_rate")
+UNUSED = (
+    "epochs",
+    "head_only_epochs",
+    "head_lr",
+    "base_lr",
+    "layer_decay",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "t_max",
+    "warmup_epochs",
+    "label_smoothing",
+    "patience",
+    "balanced_sampling",
+    "ema_decay",
+    "drop_path_rate",
+)
 
 
 def applies(cfg: Config, n_stages: int) -> bool:
@@ -49,8 +64,9 @@ def exact(history: Sequence[dict[str, Any]]) -> bool:
     return any(h.get(EXACT) for h in history)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, weight: dict[int, float] | None = None
-                 ) -> tuple[LogisticRegression, float]:
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, seed: int, weight: dict[int, float] | None = None
+) -> tuple[LogisticRegression, float]:
     """scikit-learn's L-BFGS multinomial logistic regression on `x` (n, d), labels `y` (n,), with C chosen by a
     stratified inner `INNER_FOLDS`-fold cross-validation over `CS` by log loss (fewer inner folds when a class
     has fewer images; C=1 when one has a single image); `weight`: scikit-learn's class_weight, per class.
@@ -64,8 +80,13 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, weight: dict[int, floa
         if folds < 2:
             model = LogisticRegression(C=1.0, max_iter=MAX_ITER, class_weight=weight).fit(x, y)
             return model, 1.0
-        model = LogisticRegressionCV(Cs=CS, cv=StratifiedKFold(folds, shuffle=True, random_state=seed % 2**32),
-                                     scoring="neg_log_loss", max_iter=MAX_ITER, class_weight=weight).fit(x, y)
+        model = LogisticRegressionCV(
+            Cs=CS,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed % 2**32),
+            scoring="neg_log_loss",
+            max_iter=MAX_ITER,
+            class_weight=weight,
+        ).fit(x, y)
     return model, float(np.atleast_1d(model.C_)[0])
 
 
@@ -86,8 +107,12 @@ def linear_head(model: LogisticRegression, scaler: StandardScaler, num_classes: 
 
 
 @torch.no_grad()
-def fit_heads(heads: Sequence[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]], features: torch.Tensor,
-              labels: torch.Tensor, cfg: Config) -> tuple[float, int, dict[str, Any]]:
+def fit_heads(
+    heads: Sequence[tuple[nn.Linear, torch.Tensor, torch.Tensor | None]],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: Config,
+) -> tuple[float, int, dict[str, Any]]:
     """Fit each (head, training indices, class weights or None) exactly on `features[indices]` (pooled features,
     (N, d)), the classes weighted as the loss would weight them (`class_weight`), and write the solution into
     the head. Returns the mean training log loss, the images fitted, and metrics for the epoch (`EXACT`, the C
