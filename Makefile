@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # from wherever pip finds them. `make install TORCH_INDEX=` keeps PyPI's build; another URL picks another build.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,15 @@ install: $(VENV)/.installed  ## then .venv/bin/autoft, or `source .venv/bin/acti
 demo: install  ## the main job: a search on the bundled digits demo (8x8-pixel digits: 64 px is plenty, and fast on a CPU)
 	$(VENV)/bin/autoft search --image-size 64
 
-test: install
+test: install  ## the whole suite
 	$(PY) -m pytest
+
+test-fast: install  ## the fast subset while you work: nothing that trains for long or starts a CLI process
+	$(PY) -m pytest -m "not slow"
+
+lint: install  ## as CI runs it
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/artifacts runs
