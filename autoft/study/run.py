@@ -190,7 +190,7 @@ def run_search(
     )
     objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
-    records.record_class_counts(study, class_counts(objective.dataset()))
+    records.record_class_counts(study, dataset_class_counts(objective.dataset()))
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
@@ -280,7 +280,7 @@ def search_space(
     return base, space
 
 
-def class_counts(data: Dataset) -> list[int]:
+def dataset_class_counts(data: Dataset) -> list[int]:
     return torch.bincount(data.labelled.labels, minlength=len(data.classes)).tolist()
 
 
