@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .backbones import get_backbone, list_backbones, register_backbone
-from .config import Config, check_keys
+from .config import Config
 from .exceptions import AutoftError, ConfigError
 from .results.predict import Predictor, load_model
 from .training.loop import Result
@@ -31,17 +31,14 @@ def search(config: Config | None = None, options: "SearchOptions | None" = None,
     Exports land in studies/<study>/ as with `autoft search`. Returns the optuna.Study.
     """
     from .storage import quiet_optuna
-    from .study.run import SearchOptions, run_search, search_defaults
+    from .study.run import SearchOptions, run_search, search_settings
 
-    config_keys = {f.name for f in dataclasses.fields(Config)}
-    option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
-    check_keys(settings, config_keys | option_keys, "setting", where="autoft.search: ")
-    base = (config or Config()).replace(**{k: v for k, v in settings.items() if k in config_keys})
-    if config is None:  # nothing but keywords: the search's own defaults for the rest (a Config is taken as is)
-        base = search_defaults(base, settings)
-    opts = dataclasses.replace(options or SearchOptions(), **{k: v for k, v in settings.items() if k in option_keys})
+    given = [f.name for f in dataclasses.fields(Config)] if config is not None else []  # a Config is taken as is
+    base, opts, fixed = search_settings(
+        config or Config(), options or SearchOptions(), settings, given, where="autoft.search: "
+    )
     with quiet_optuna():  # the summary and progress bar are the output; Optuna's INFO lines are not
-        return run_search(base, opts, fixed=[k for k in settings if k in config_keys])
+        return run_search(base, opts, fixed=fixed)
 
 
 def train(

@@ -130,19 +130,15 @@ def _print_epoch(step: int, m: dict[str, Any]) -> None:
     )
 
 
-def search_options(args: argparse.Namespace, from_file: dict[str, Any]) -> SearchOptions:
-    """Search settings from flags, then the config file's `search:` block (checked by resolve_config), then
-    SearchOptions' defaults."""
-    known = [f.name for f in dataclasses.fields(SearchOptions)]
-    return SearchOptions(**(from_file | {name: getattr(args, name) for name in known if name in vars(args)}))
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from .study.run import run_search, search_defaults
+    from .study.run import run_search, search_settings
 
     config, from_file = resolve_config(args)
-    config = search_defaults(config, args.set_keys)
-    run_search(config, dataclasses.replace(search_options(args, from_file), started=args.started), fixed=args.given)
+    flags = [f.name for f in dataclasses.fields(SearchOptions) if f.name in vars(args)] + args.given
+    config, options, fixed = search_settings(
+        config, SearchOptions(**from_file), {k: getattr(args, k) for k in flags}, args.set_keys
+    )
+    run_search(config, dataclasses.replace(options, started=args.started), fixed=fixed)
     return 0
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial
 
 from ..backbones import AUTO, JOIN, auto_backbones, build_model
 from ..cache import RunCache, label_files
-from ..config import Config, check_field
+from ..config import Config, check_field, check_keys
 from ..data.dataset import Dataset
 from ..data.scan import Fingerprint, Found, scan
 from ..exceptions import AutoftError, ConfigError
@@ -253,6 +253,22 @@ def check_outputs(opts: SearchOptions) -> None:
     check_writable_dir(opts.out_dir, "--out")
     check_writable_dir(opts.artifacts, "--artifacts")
     check_writable_storage(opts.storage)
+
+
+def search_settings(
+    base: Config, options: SearchOptions, typed: Mapping[str, Any], set_keys: Collection[str], where: str = ""
+) -> tuple[Config, SearchOptions, list[str]]:
+    """THE merge of a search's settings, for the command line and the Python API alike: `typed` (flags, or
+    keywords: Config keys and SearchOptions fields, checked) over `base` and `options` (a config file's values and
+    its `search:` block, or the objects passed in), the search's own defaults (SEARCH_DEFAULTS) for the Config keys
+    nobody set (neither in `set_keys` nor typed), and the typed Config keys fixed: a search never overrules what
+    was typed for this run. Returns (config, options, fixed keys)."""
+    config_keys = {f.name for f in dataclasses.fields(Config)}
+    option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
+    check_keys(typed, config_keys | option_keys, "setting", where=where)
+    fixed = sorted(k for k in typed if k in config_keys)
+    config = search_defaults(base.replace(**{k: typed[k] for k in fixed}), set(set_keys) | set(fixed))
+    return config, dataclasses.replace(options, **{k: v for k, v in typed.items() if k in option_keys}), fixed
 
 
 def search_defaults(config: Config, set_keys: Collection[str]) -> Config:
