@@ -145,13 +145,16 @@ def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_noth
     files = _weights_files(artifacts)
     assert 1 <= len(files) <= len(kept) <= 2
     # the final export again, with training forbidden: it assembles best.pt from the kept models
-    exports = importlib.import_module("autoft.results.exports")
+    exports, finals = (
+        importlib.import_module("autoft.results.exports"),
+        importlib.import_module("autoft.training.finals"),
+    )
 
     def no_training(*a, **k):
         raise AssertionError("the final export trained")
 
-    monkeypatch.setattr(exports, "finetune", no_training)
-    monkeypatch.setattr(exports, "refit", no_training)
+    monkeypatch.setattr(finals, "finetune", no_training)  # the finals own all training an export may ask for
+    monkeypatch.setattr(finals, "refit", no_training)
     (tmp_path / "studies" / "autoft" / "best.pt").unlink()
     from autoft.cache import RunCache
 
