@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from collections.abc import Callable
@@ -116,19 +115,20 @@ class _WithProbes(_Guarded):
     """The guard before this version: any completed trial, an exact probe included, is the yardstick at a step."""
 
     @staticmethod
-    def yardsticks(finished):
-        return [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
+    def yardsticks(finished, step):
+        return [t for t in finished if t.state == TrialState.COMPLETE and step in t.intermediate_values]
 
 
 def guarded(kind: str, first_rung: int = 1) -> Callable[[int, str, int], optuna.pruners.BasePruner]:
     """A pruner as make_pruner builds it (successive halving, reduction 3, 1 startup trial), its first rung after
-    `first_rung` steps; `kind`: "with probes" (the guard before), "fine-tunes" (now), "best at step" or "none"."""
+    `first_rung` steps; `kind`: "with probes", "completed" (completed fine-tunes only), "best at step" (the product's
+    guard) or "none"."""
 
     def make(images: int, metric: str, epochs: int) -> optuna.pruners.BasePruner:
         if kind == "none":
             return optuna.pruners.NopPruner()
         inner = optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
-        cls = {"with probes": _WithProbes, "best at step": _BestAtStep}.get(kind, _Guarded)
+        cls = {"with probes": _WithProbes, "completed": _CompletedOnly}.get(kind, _Guarded)
         return cls(inner, 1, 1, images, metric, epochs)
 
     return make
@@ -153,26 +153,18 @@ class Race:
         return v.p_win < self.floor and (self.last is None or look <= self.last)
 
 
-class _BestAtStep(_Guarded):
-    """A guard whose yardstick is the best score at the step among the finished fine-tunes, stopped ones too."""
+class _CompletedOnly(_Guarded):
+    """A guard whose yardstick is the best completed fine-tune at the step (none until one completes)."""
 
-    def prune(self, study, trial):
-        step = trial.last_step
-        if step is None or step < self.min_epochs or not self.inner.prune(study, trial):
-            return False
-        finished = study.get_trials(deepcopy=False, states=records.FINISHED)
-        there = [t for t in finished if not probe.exact(records.steps(t)) and step in t.intermediate_values]
-        if not there:
-            return False
-        top = max(there, key=lambda t: t.intermediate_values[step])
-        theirs, now = top.intermediate_values[step], trial.intermediate_values[step]
-        return now + self.z * math.hypot(self._noise(trial, step, now), self._noise(top, step, theirs)) < theirs
+    @staticmethod
+    def yardsticks(finished, step):
+        return [t for t in _Guarded.yardsticks(finished, step) if t.state == TrialState.COMPLETE]
 
 
 PRUNERS = {
     "sha, probe as yardstick (before)": guarded("with probes"),
-    "sha, completed fine-tunes as yardstick": guarded("fine-tunes"),
-    "sha, best finished fine-tune at the step as yardstick": guarded("best at step"),
+    "sha, completed fine-tunes as yardstick": guarded("completed"),
+    "sha, best finished fine-tune at the step as yardstick (the product)": guarded("best at step"),
     "sha, first rung at fold 1's end": None,  # filled per file: first_rung = epochs
     "no pruner": guarded("none"),
 }

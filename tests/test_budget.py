@@ -462,21 +462,37 @@ def test_one_near_tie_runs_on_for_the_ensemble_of_trials(tmp_path, monkeypatch):
 
 
 def test_a_probe_never_prunes_a_fine_tune_at_its_first_epoch(tmp_path, monkeypatch):
-    """An exact probe (0.96 at every step it reports) leads; two fine-tunes start at 0.70 and 0.50 after their
-    first epoch. Successive halving's first rung asks to prune the second; against the probe's fitted score it
-    would have been (0.50 + noise < 0.96); no completed fine-tune is there to measure it by, so it trains on, and
-    it meets the probe in the fold race, on whole folds."""
+    """An exact probe (0.96 at every step it reports) leads; a fine-tune starts at 0.50 after its first epoch.
+    Against the probe's fitted score it would be pruned there (0.50 + noise < 0.96); no fine-tune has reached that
+    step to measure it by, so it trains on, and it meets the probe in the fold race, on whole folds."""
     probe_right = _right(200, 0.96, seed=1)
-    tune = _right(200, 0.9, seed=2)
     study = _ask_tell(
         tmp_path,
         monkeypatch,
-        [{"right": probe_right, "exact": True}, {"right": tune, "first": 0.70}, {"right": tune, "first": 0.50}],
+        [{"right": probe_right, "exact": True}, {"right": _right(200, 0.9, seed=2), "first": 0.50}],
     )
-    probe_trial, _, slow = study.trials
+    probe_trial, slow = study.trials
     assert probe_trial.state == TrialState.COMPLETE
     assert len(records.steps(slow)) >= EPOCHS  # it trained fold 1 to its end
     assert not slow.user_attrs.get("prune_reason", "").startswith("pruned after fold 1/5 epoch 1")
+
+
+def test_a_fine_tune_behind_a_stopped_fine_tune_at_the_same_epoch_is_pruned(tmp_path, monkeypatch):
+    """The yardstick is the best finished fine-tune at the step, stopped ones too: behind a probe, the first
+    fine-tune (0.85 after one epoch) is stopped by the fold race, and still measures a later one at 0.30 there
+    (beyond noise: pruned at its first epoch), so a search whose probe leads still prunes."""
+    probe_right = _right(200, 0.98, seed=1)
+    study = _ask_tell(
+        tmp_path,
+        monkeypatch,
+        [
+            {"right": probe_right, "exact": True},
+            {"right": _right(200, 0.8, seed=4), "first": 0.85},
+            {"right": _right(200, 0.5, seed=3), "first": 0.30},
+        ],
+    )
+    assert study.trials[1].state == TrialState.PRUNED and "fold racing" in study.trials[1].user_attrs["prune_reason"]
+    assert study.trials[2].user_attrs["prune_reason"].startswith("pruned after fold 1/5 epoch 1")
 
 
 def test_a_fine_tune_behind_the_leading_fine_tune_at_the_same_epoch_is_still_pruned(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from ..estimate import Estimate
 from ..results import records
@@ -37,15 +37,15 @@ class _Guarded(optuna.pruners.BasePruner):
     A step is one epoch of one fold (folds train one after another), so at a given step every fine-tune has scored
     the same fold's images at the same epoch: the trial is spared while its score there, `z` standard errors of the
     difference up (binomial on the fold's images for accuracy, the step's bootstrap for the other metrics), reaches
-    the leading completed fine-tune's score at that step. The inner pruner (Optuna's) is asked first, so its
-    bookkeeping (successive halving's rungs) sees every step; the guard only vetoes its "prune". With z = 1 it spares
-    the trials that a one-standard-error tie could make the winner, and lets successive halving prune the rest.
+    the best score at that step among the finished fine-tunes (stopped ones too: they reached the step). The inner
+    pruner (Optuna's) is asked first, so its bookkeeping (successive halving's rungs) sees every step; the guard
+    only vetoes its "prune". With z = 1 it spares the trials that a one-standard-error tie could make the winner.
 
-    Exact probes are no yardstick here: fitted in one step, a probe reports its final score at every step of its
-    folds, which a fine-tune's first epochs would be measured against (on a 245-image set, three sampled fine-tunes
-    were pruned after one epoch at 0.88-0.90 against a probe's fitted 0.96). They never ask the pruner, so they hold
-    no rung of successive halving either; until a fine-tune has completed, nothing is pruned here (fold racing
-    compares every trial with the leader, a probe included, on whole folds).
+    Exact probes are no yardstick: fitted in one step, a probe reports its final score at every step of its folds,
+    which a fine-tune's first epochs would be measured against. They never ask the pruner, so they hold no rung of
+    successive halving either; fold racing compares every trial with the leader, a probe included, on whole folds.
+    Replayed on recorded curves (benchmarks/pruning.py), this yardstick bought about twice the trials per budget of
+    completed fine-tunes alone (which a search whose probe leads may never have), and stopped no eventual winner.
     """
 
     def __init__(
@@ -67,25 +67,20 @@ class _Guarded(optuna.pruners.BasePruner):
         if step is None or step < self.min_epochs:
             return False
         finished = study.get_trials(deepcopy=False, states=records.FINISHED)  # one storage read per epoch
-        if len(finished) < self.startup:
+        if len(finished) < self.startup or not self.inner.prune(study, trial):
             return False
-        done = self.yardsticks(finished)
-        if not done or not self.inner.prune(study, trial):
+        there = self.yardsticks(finished, step)
+        if not there:
             return False
-        top = max(done, key=lambda t: t.value)
-        theirs = top.intermediate_values.get(step, top.value)
-        now = trial.intermediate_values[step]
+        top = max(there, key=lambda t: t.intermediate_values[step])
+        theirs, now = top.intermediate_values[step], trial.intermediate_values[step]
         noise = math.hypot(self._noise(trial, step, now), self._noise(top, step, theirs))
         return now + self.z * noise < theirs
 
     @staticmethod
-    def yardsticks(finished: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-        """The trials a step is measured against: the completed fine-tunes (no exact probe)."""
-        return [
-            t
-            for t in finished
-            if t.state == TrialState.COMPLETE and t.value is not None and not probe.exact(records.steps(t))
-        ]
+    def yardsticks(finished: Sequence[FrozenTrial], step: int) -> list[FrozenTrial]:
+        """The trials a step is measured against: the finished fine-tunes that reached it (no exact probe)."""
+        return [t for t in finished if step in t.intermediate_values and not probe.exact(records.steps(t))]
 
     def _noise(self, t: FrozenTrial, step: int, value: float) -> float:
         """The standard error of a trial's score at `step`: on its fold's images (all of them for an exact probe's
