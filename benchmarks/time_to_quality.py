@@ -7,8 +7,8 @@ portfolio recipe's 5-fold cross-validation estimate, on the same data, in one ru
 Both sides score every trial the same way: pooled out-of-fold accuracy of stratified 5-fold cross-validation
 over every labelled image (train/ and val/; scikit-learn's StratifiedKFold, seed 0), best epoch, so one bar
 fits both. The bar is the best estimate among autoft's portfolio recipes (its first trials).
-  * autoft: `run_search` with the product's defaults (portfolio first, TPE, guarded median pruning, the
-    decoded image store, cached frozen features), `--timeout BUDGET`, trials unbounded.
+  * autoft: `run_search` with the product's defaults (portfolio first, TPE, guarded successive halving and fold
+    racing, the decoded image store, cached frozen features), `--timeout BUDGET`, trials unbounded.
   * plain: what a user writes from the Optuna and PyTorch tutorials: TPE (same seed) over the same space (no
     portfolio: that is autoft's), each trial 5 folds of an ImageFolder + DataLoader loop
     (benchmarks/search.py's `tutorial_fit`), no pruning, until the same budget is spent.
