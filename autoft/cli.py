@@ -130,14 +130,20 @@ def _print_epoch(step: int, m: dict[str, Any]) -> None:
     )
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from .study.run import run_search, search_settings
+def search_args(args: argparse.Namespace) -> tuple[Config, SearchOptions, list[str]]:
+    """A search's config, options and fixed keys from the command line: flags over the config file (and its
+    `search:` block) over the defaults, merged as the Python API merges keywords (study.run.search_settings)."""
+    from .study.run import search_settings
 
     config, from_file = resolve_config(args)
     flags = [f.name for f in dataclasses.fields(SearchOptions) if f.name in vars(args)] + args.given
-    config, options, fixed = search_settings(
-        config, SearchOptions(**from_file), {k: getattr(args, k) for k in flags}, args.set_keys
-    )
+    return search_settings(config, SearchOptions(**from_file), {k: getattr(args, k) for k in flags}, args.set_keys)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .study.run import run_search
+
+    config, options, fixed = search_args(args)
     run_search(config, dataclasses.replace(options, started=args.started), fixed=fixed)
     return 0
 

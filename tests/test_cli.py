@@ -210,14 +210,14 @@ def test_skip_bad_images_from_a_file_can_be_turned_off(in_tmp):
 
 
 def test_search_settings_take_numbers_as_people_write_them(in_tmp):
-    from autoft.cli import build_parser, resolve_config, search_options
+    from autoft.cli import build_parser, search_args
 
     (in_tmp / "autoft.yaml").write_text("search: {trials: 1e1, timeout: 1_800, startup_trials: '2'}\n")
     args = build_parser().parse_args(["search", "--min-epochs", "2.0", "--workers", "+2"])
-    opts = search_options(args, resolve_config(args)[1])
+    opts = search_args(args)[1]
     assert (opts.trials, opts.timeout, opts.startup_trials, opts.min_epochs, opts.workers) == (10, 1800.0, 2, 2, 2)
     args = build_parser().parse_args(["search", "--timeout", "none", "--trials", "3"])
-    assert search_options(args, resolve_config(args)[1]).timeout is None
+    assert search_args(args)[1].timeout is None
 
 
 def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
