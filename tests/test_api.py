@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_api_calls_work_in_a_script(tmp_path):
     make_image_folder(tmp_path / "data")
     (tmp_path / "use_autoft.py").write_text(SCRIPT)
@@ -73,6 +74,7 @@ QUIET_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_api_prints_no_optuna_lines_or_blank_lines(tmp_path):
     """A script's output is the summary (stdout) and the progress bar (stderr): no Optuna INFO lines, no blank lines."""
     make_image_folder(tmp_path / "data")

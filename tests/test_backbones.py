@@ -124,6 +124,7 @@ def _patterns(size: int) -> torch.Tensor:
     return (torch.stack([stripes, checker])[:, None].expand(-1, 3, -1, -1) - 0.5) / 0.5  # mean = std = 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", LITES)
 def test_lite_weights_reproduce_the_imagenet_model_and_recognise_simple_patterns(n):
     import timm

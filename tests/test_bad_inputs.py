@@ -398,6 +398,7 @@ def offline(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input(case, baseline, tmp_path, monkeypatch, capsys, read_only):
     setup, expected = CASES[case]

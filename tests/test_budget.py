@@ -31,6 +31,7 @@ def test_a_trial_behind_beyond_noise_after_one_fold_is_stopped():
         assert v.behind and v.stop and v.mine < v.theirs and v.threshold == pytest.approx(ALPHA / 4), metric
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
 def test_a_trial_as_good_as_the_leader_is_rarely_found_behind_over_the_whole_race(metric):
     """Simulated: two trials of the same true accuracy (80 %), errors independent; the race looks after folds 1-4 of
@@ -134,6 +135,7 @@ def _weights_files(artifacts):
     return out
 
 
+@pytest.mark.slow
 def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_nothing(tmp_path, tiny_config, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(records, "KEEP", 1)  # the winner and the best by value: at most two trials' models
@@ -165,6 +167,7 @@ def test_the_artifact_folder_holds_the_kept_set_and_the_final_export_trains_noth
         assert all(torch.equal(shipped["state_dict"][k], v) for k, v in mine["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_a_winner_whose_kept_models_were_deleted_is_trained_again_and_said(tmp_path, tiny_config, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     study = run_search(tiny_config.replace(epochs=1), _opts(trials=2, pruner="none"))

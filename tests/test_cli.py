@@ -67,6 +67,7 @@ def test_full_retrains_on_train_plus_val(in_tmp):
     assert metrics["shipped"] == "one model at epoch 2 (nothing validated)"
 
 
+@pytest.mark.slow
 def test_best_yaml_round_trips_into_train(in_tmp, capsys):
     data = make_image_folder(in_tmp / "data")
     assert main(["search", "--data", str(data), "--trials", "2", "--epochs", "2", "--sampler", "random", *TINY]) == 0
@@ -97,6 +98,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
     data = make_image_folder(in_tmp / "data")
     assert main(["search", "--data", str(data), "--trials", "1", "--epochs", "1", "--study", "dash", *TINY]) == 0
@@ -131,6 +133,7 @@ def test_dashboard_serves_the_study_and_stops_cleanly(in_tmp):
     assert f"http://127.0.0.1:{port}/dashboard/studies/" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_finished_trials_and_a_valid_best_yaml(in_tmp):
     data = make_image_folder(in_tmp / "data", per_class=40)
     cmd = [
@@ -220,6 +223,7 @@ def test_search_settings_take_numbers_as_people_write_them(in_tmp):
     assert search_args(args)[1].timeout is None
 
 
+@pytest.mark.slow
 def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     """`--weights random`: retraining a trial's exported config (in a fresh process: nothing built yet, the global
     RNG anywhere) gives that trial's learning curve exactly, body and head alike."""
@@ -256,6 +260,7 @@ def test_random_init_backbone_retrains_to_the_trials_result(in_tmp):
     assert [h["val_loss"] for h in metrics["history"]] == [h["val_loss"] for h in trial.user_attrs["history"]]
 
 
+@pytest.mark.slow
 def test_a_searched_key_set_on_the_command_line_is_not_searched(in_tmp, capsys):
     data = make_image_folder(in_tmp / "data")
     args = [

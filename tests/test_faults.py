@@ -112,6 +112,7 @@ def data(tmp_path) -> Path:
 # --- 1. a study always resumes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lost", ["artifacts", "artifacts_elsewhere"])
 def test_1_a_study_whose_artifacts_are_gone_resumes_and_rebuilds_best_pt(tmp_path, monkeypatch, data, capsys, lost):
     monkeypatch.chdir(tmp_path)
@@ -138,6 +139,7 @@ def test_1_a_study_whose_artifacts_are_gone_resumes_and_rebuilds_best_pt(tmp_pat
 # --- 2. signals and kill -9 while images are decoded ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_2_a_signal_while_images_are_decoded_leaves_no_temp_file(tmp_path, data, sig, code):
     proc, marker = held(tmp_path, "autoft.system.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
@@ -148,6 +150,7 @@ def test_2_a_signal_while_images_are_decoded_leaves_no_temp_file(tmp_path, data,
     assert temps(cache(), tmp_path / "studies") == []
 
 
+@pytest.mark.slow
 def test_2_kill_9_while_images_are_decoded_is_swept_by_the_next_run(tmp_path, data, monkeypatch):
     proc, marker = held(tmp_path, "autoft.system.files:NpyWriter.__init__:after", search_args(data, "--trials", "1"))
     signal_when_held(proc, marker, signal.SIGKILL)
@@ -161,6 +164,7 @@ def test_2_kill_9_while_images_are_decoded_is_swept_by_the_next_run(tmp_path, da
 # --- 3. a signal during the final export ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_3_a_signal_during_the_final_export_keeps_consistent_files_and_trials_0_completes_it(
     tmp_path, data, sig, code, monkeypatch
@@ -211,6 +215,7 @@ def test_3_a_signal_during_the_renames_waits_for_all_of_them(tmp_path, monkeypat
 # --- 4. kill -9 between the new best's weights and the trial's end -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_4_kill_9_before_a_trial_completes_never_ships_it_and_its_weights_go(tmp_path, data, monkeypatch, capsys):
     proc, marker = held(
         tmp_path,
@@ -241,6 +246,7 @@ def test_4_kill_9_before_a_trial_completes_never_ships_it_and_its_weights_go(tmp
 # --- 5. workers end with their parent ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_5_workers_end_with_a_killed_parent_and_the_study_resumes(tmp_path, data, monkeypatch):
     proc = subprocess.Popen(
         [
@@ -299,6 +305,7 @@ def _alive(pid: int) -> bool:
 # --- 6. the budget includes everything ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_6_the_clock_starts_at_process_start(tmp_path):
     code = (
         "import time; time.sleep(1.0); from autoft.system.processes import started_monotonic; "
@@ -409,6 +416,7 @@ def test_7_a_truncated_model_file_is_called_what_it_is(tmp_path, monkeypatch, ca
 # --- 8. no wasted work ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_8_an_image_size_fixed_in_the_space_decodes_that_size_only(tmp_path, data, monkeypatch):
     from autoft.backbones import get_backbone
     from autoft.data.store import store_size_for

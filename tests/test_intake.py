@@ -388,6 +388,7 @@ def test_a_file_replaced_in_place_is_decoded_again(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_study_knows_its_data_by_content_not_spelling(tmp_path, monkeypatch, capsys):
     make_image_folder(tmp_path / "2024", per_class=4)  # a folder named like a number stays a folder name
     monkeypatch.chdir(tmp_path)
@@ -537,6 +538,7 @@ def test_data_with_labels_must_be_the_csv_folder(tmp_path):
 # --- evaluate on new data ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_scores_new_data_whole_and_says_seen_only_when_it_is(tmp_path, monkeypatch, capsys):
     from autoft.results.predict import evaluate
 
@@ -638,6 +640,7 @@ def test_an_exact_column_name_wins_over_one_equal_only_case_folded(tmp_path, mon
     assert scan(None, root / "upper.csv").classes == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_the_kaggle_layout_trains_as_shipped_with_column_flags_and_three_split_files(tmp_path, monkeypatch, capsys):
     from autoft.results.predict import evaluate
 

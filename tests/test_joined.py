@@ -80,6 +80,7 @@ def _cfg(data):
     )
 
 
+@pytest.mark.slow
 def test_joined_probe_is_scikit_learns_fit_on_the_concatenated_features_and_shares_the_first_probes(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=16)
     _mislabel(root)
@@ -157,6 +158,7 @@ def _mislabel(root, share=0.3):
             shutil.move(src, dst)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_a_joined_probe_ships_as_one_model_that_predicts_evaluates_and_exports(tmp_path, fmt):
     pytest.importorskip("onnxruntime") if fmt == "onnx" else None
@@ -194,6 +196,7 @@ def test_shares_follow_the_evidence_and_the_next_backbone_keeps_to_them():
     assert counts.get("c", 0) == 0 and abs(counts["a"] - 20 * ahead["a"]) <= 1
 
 
+@pytest.mark.slow
 def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twice(tmp_path, monkeypatch):
     import autoft.study.run as study_module
 
@@ -232,6 +235,7 @@ def test_auto_search_probes_each_backbone_then_all_then_extracts_no_features_twi
     assert {k[1] for k in passes} == {"tiny_cnn", OTHER}
 
 
+@pytest.mark.slow
 def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf
     from test_backbones import _cache_timm_weights

@@ -62,6 +62,7 @@ def _one_error(capsys, expected: str) -> str:
 # --- item 5: outputs checked before any work ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_out_that_is_a_file_fails_before_training(project, monkeypatch, capsys):
     (project / "taken").write_text("not a folder\n")
     monkeypatch.setattr(
@@ -151,6 +152,7 @@ def test_export_out_folder_gets_the_default_name(project, capsys):
     assert "wrote deploy/best.torchscript.pt" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_in_memory_sqlite_runs_a_search_without_tracebacks(project, url):
     """A study that lives only as long as the process: it runs (in a process of its own, so that a heartbeat
@@ -184,6 +186,7 @@ def test_in_memory_sqlite_runs_a_search_without_tracebacks(project, url):
 # --- item 6: atomic writes with normal permissions ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_output_is_0644_under_umask_022(project, capsys):
     old = os.umask(0o022)
     try:

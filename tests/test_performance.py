@@ -129,6 +129,7 @@ def _live_tensor_bytes(cache: RunCache) -> int:
     return sum(storages.values()) - cache.held_bytes()
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_from_trial_to_trial(tmp_path, tiny_config, monkeypatch):
     """The CPU proxy for 'GPU memory is released between trials': live tensor bytes at each trial's start."""
     import autoft.study.objective as objective_module
@@ -250,6 +251,7 @@ def _peak_anonymous_bytes(root) -> int:
 ALLOWANCE = 600 * 2**20  # tiny_cnn at 96 px, batch 16: the framework and one step's buffers, whatever the images
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
 def test_anonymous_memory_of_a_run_does_not_grow_with_the_images(tmp_path):
     """Decoded pixels live in the memory-mapped store (file-backed pages), never in the process's own memory:

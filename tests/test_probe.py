@@ -46,6 +46,7 @@ def _noisy_labels(root, share: float = 0.3, seed: int = 0):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [("cat", "dog"), ("a", "b", "c")])
 def test_exact_probe_is_scikit_learns_fit_on_the_same_features(tmp_path, tiny_config, classes):
     root = _noisy_labels(make_image_folder(tmp_path / "noisy", classes=classes, per_class=16))
@@ -100,6 +101,7 @@ def test_search_runs_the_portfolio_probe_exactly_and_ships_it(in_tmp, tiny_confi
     assert model.predict(paths) == [p.split("/")[-2] for p in paths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("final", ["ensemble", "refit"])
 def test_a_shipped_probe_predicts(tmp_path, tiny_config, final):
     cfg = tiny_config.replace(freeze_depth=3, aug_strength=0.0, final=final)

@@ -111,6 +111,7 @@ def report(tmp_path_factory):
         return write_report("s", STORAGE), root
 
 
+@pytest.mark.slow
 def test_report_writes_every_plot_as_a_png_of_the_expected_size(report):
     rep, root = report
     assert rep.html == Path("studies/s/report.html") and (root / rep.html).stat().st_size > 0
@@ -232,6 +233,7 @@ def test_publish_trial_never_fails_the_trial(tmp_path, caplog):
     assert "could not publish" in caplog.text
 
 
+@pytest.mark.slow
 def test_search_publishes_each_trial(tiny_config, tmp_path, monkeypatch):
     """The hook in the objective: finished and pruned trials both get their note and learning curve."""
     from autoft.study.run import SearchOptions, run_search

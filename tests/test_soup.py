@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autoft.backbones import build_model
@@ -59,6 +60,7 @@ def test_fine_tuned_soup_ships_one_model_that_predicts(tmp_path, tiny_config):
     assert sum(p == t.split("/")[-2] for p, t in zip(predicted, paths)) >= 0.9 * len(paths)
 
 
+@pytest.mark.slow
 def test_search_with_final_soup_ships_the_winners_soup(tmp_path, monkeypatch, tiny_config):
     monkeypatch.chdir(tmp_path)
     run_search(tiny_config.replace(final="soup"), SearchOptions(trials=2, progress=False, sampler="random"))

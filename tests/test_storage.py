@@ -73,6 +73,7 @@ def test_dashboard_binds_loopback_unless_told():
     assert build_parser().parse_args(["dashboard", "--host", "0.0.0.0"]).host == "0.0.0.0"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_stale_trial_is_failed_and_requeued_once(tmp_path, fast_heartbeat, kind):
     """A trial whose worker stopped beating becomes FAIL and comes back WAITING with the same params, once: through
@@ -110,6 +111,7 @@ def _hammer(url: str) -> None:
         study.tell(t, t.suggest_float("x", 0, 1))
 
 
+@pytest.mark.slow
 def test_sqlite_many_writers_never_locked(tmp_path):
     """Three processes writing trials as fast as they can to one SQLite file: none fails on the lock."""
     url = f"sqlite:///{tmp_path}/busy.db"
@@ -147,6 +149,7 @@ def _search_args(data, storage, study, *more):
     ]
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, monkeypatch, capfd):
     """`autoft search --workers 2` on a real PostgreSQL server: exactly the trials asked for, password never shown."""
     monkeypatch.chdir(tmp_path)
@@ -161,6 +164,7 @@ def test_two_workers_on_postgresql(postgres_url, image_folder, tmp_path, monkeyp
     assert "postgresql://autoft:***@127.0.0.1" in err  # the log line naming the storage, masked
 
 
+@pytest.mark.slow
 def test_worker_joins_postgresql_study_from_its_attrs(postgres_url, image_folder, tmp_path, monkeypatch):
     """A second worker needs only storage and study name; it meets the study's goal and stops."""
     monkeypatch.chdir(tmp_path)

@@ -26,6 +26,7 @@ def _opts(**kw):
     return SearchOptions(**{"trials": 4, "progress": False, "sampler": "random", "pruner": "none", **kw})
 
 
+@pytest.mark.slow
 def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     study = run_search(tiny_config, _opts())
     trials = study.get_trials()
@@ -78,6 +79,7 @@ def test_four_trial_search_writes_all_exports(in_tmp, tiny_config):
     assert (in_tmp / "studies" / "artifacts" / artifact).is_file()
 
 
+@pytest.mark.slow
 def test_portfolio_runs_first_in_order(in_tmp, tiny_config):
     study = run_search(tiny_config, _opts(trials=4))
     base = tiny_config
@@ -144,6 +146,7 @@ def test_a_trial_far_behind_the_leader_at_the_same_step_is_pruned_and_one_within
     assert near.state == TrialState.COMPLETE and near.value == 0.90  # a contender, not a loss
 
 
+@pytest.mark.slow
 def test_second_run_resumes_and_runs_the_portfolio_once(in_tmp, tiny_config):
     first = run_search(tiny_config, _opts(trials=2))  # two of the four recipes, none left waiting
     assert [t.state for t in first.trials] == [TrialState.COMPLETE] * 2
@@ -251,6 +254,7 @@ def test_pruner_spares_every_trial_that_could_still_end_within_noise_of_the_best
     assert isinstance(make_pruner("hyperband", 9, 1, 3, 600).inner, optuna.pruners.HyperbandPruner)
 
 
+@pytest.mark.slow
 def test_portfolio_recipe_is_run_again_if_its_trial_never_finished(in_tmp, tiny_config):
     from autoft.results.records import enqueue_portfolio
 
@@ -284,6 +288,7 @@ def test_a_dead_workers_trial_is_retried_before_the_next_recipe(in_tmp, tiny_con
     ]
 
 
+@pytest.mark.slow
 def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monkeypatch):
     import importlib
 
@@ -327,6 +332,7 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(in_tmp, tiny_config, monke
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # its only epoch was its last
 
 
+@pytest.mark.slow
 def test_timeout_is_a_budget_a_running_trial_stops_at_its_next_epoch(in_tmp, tiny_config, monkeypatch):
     import importlib
     import time
@@ -380,6 +386,7 @@ def second_backbone():
     _REGISTRY.pop("tiny_two")
 
 
+@pytest.mark.slow
 def test_two_backbone_search_exports_a_config_that_round_trips(in_tmp, tiny_config, second_backbone):
     from autoft.cli import main
     from autoft.results.predict import evaluate, export, load_model

@@ -82,6 +82,7 @@ def test_tta_is_chosen_on_out_of_fold_predictions_and_off_where_a_flip_changes_t
     assert tta_line(forced.best).startswith("test-time augmentation: flip")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_a_tta_model_predicts_evaluates_and_exports_as_its_checkpoint_says(tmp_path, tiny_config, fmt):
     pytest.importorskip("onnxruntime") if fmt == "onnx" else None

@@ -138,6 +138,7 @@ def test_surplus_trial_gives_its_slot_up_without_training(tmp_path):
     assert not ran and last.state == TrialState.FAIL and last.user_attrs["fail_reason"].startswith("surplus")
 
 
+@pytest.mark.slow
 def test_two_workers_one_killed_mid_trial_still_exact(tmp_path, fast_heartbeat):
     """`--workers 2` on SQLite, one worker SIGKILLed mid-trial: its trial is failed by heartbeat and retried,
     and the study ends with exactly the trials asked for; nothing crashes on the database lock."""
@@ -172,6 +173,7 @@ def _try_load(url: str):
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_dead_runs_zombie_is_retried_by_the_next_search(tmp_path, monkeypatch, image_folder, fast_heartbeat):
     monkeypatch.chdir(tmp_path)
@@ -187,6 +189,7 @@ def test_dead_runs_zombie_is_retried_by_the_next_search(tmp_path, monkeypatch, i
     assert n_finished(study) == 3
 
 
+@pytest.mark.slow
 def test_killed_runs_trial_is_failed_at_once_with_its_reason_and_retried(tmp_path, monkeypatch, capsys):
     """kill -9 of a search mid-trial, then a new search at once: with the default 60 s grace, the dead process's
     trial is failed as "worker died (host:pid)" without waiting, run again exactly once, and the goal is met."""
@@ -254,6 +257,7 @@ def test_dead_worker_is_told_from_a_live_one_and_from_a_reused_pid(tmp_path):
     assert this_machine().count("|") == 2
 
 
+@pytest.mark.slow
 def test_summary_counts_this_runs_trials_only(tmp_path, monkeypatch, image_folder, capsys):
     """Resumed, and with another process finishing a trial of the same study meanwhile, a run counts its own."""
     monkeypatch.chdir(tmp_path)
@@ -294,6 +298,7 @@ def _patched_finetune(monkeypatch, fault):
     return calls
 
 
+@pytest.mark.slow
 def test_crashing_trial_is_recorded_memory_released_and_study_goes_on(tmp_path, monkeypatch, image_folder):
     monkeypatch.chdir(tmp_path)
 
@@ -312,6 +317,7 @@ def test_crashing_trial_is_recorded_memory_released_and_study_goes_on(tmp_path, 
     assert "image file is truncated" in (tmp_path / "studies" / "autoft" / "trials.csv").read_text()
 
 
+@pytest.mark.slow
 def test_trials_crashing_again_and_again_stop_with_one_line(tmp_path, monkeypatch, image_folder, capsys):
     monkeypatch.chdir(tmp_path)
 
@@ -325,6 +331,7 @@ def test_trials_crashing_again_and_again_stop_with_one_line(tmp_path, monkeypatc
     assert states(load()) == [TrialState.FAIL] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("twice", [False, True])
 def test_out_of_memory_is_retried_once_at_half_batch(tmp_path, monkeypatch, image_folder, twice):
     monkeypatch.chdir(tmp_path)
@@ -344,6 +351,7 @@ def test_out_of_memory_is_retried_once_at_half_batch(tmp_path, monkeypatch, imag
         assert trial.state == TrialState.COMPLETE and trial.user_attrs["config"]["batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_study_none_of_whose_trials_finished_takes_a_new_space(tmp_path, monkeypatch, image_folder, capsys):
     """A space whose trials all fail must not lock the study name: with nothing finished, a new space (or base
     config) replaces the stored one. Once a trial finished, another space is refused (test_bad_inputs)."""
@@ -385,6 +393,7 @@ def test_diverged_loss_is_pruned_with_its_reason(tmp_path, monkeypatch, image_fo
 # --- signals ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_trial_keeps_finished_work_and_resumes(tmp_path, monkeypatch, sig, code):
     data = make_image_folder(tmp_path / "data", per_class=24)
@@ -423,6 +432,7 @@ def test_signal_mid_trial_keeps_finished_work_and_resumes(tmp_path, monkeypatch,
 # --- reproducibility ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_folder):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
@@ -434,6 +444,7 @@ def test_same_seed_same_trials_and_scores_on_cpu(tmp_path, monkeypatch, image_fo
     assert runs["a"][4][0] != runs["c"][4][0]  # trials 0-3 are the portfolio; the sampled ones follow the seed
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception, reported
 def test_sigterm_dropped_where_python_ignores_exceptions_still_stops_the_run(tmp_path, monkeypatch, image_folder):
     """A signal handler runs wherever the main thread is; raised inside a weakref callback (or a __del__), its
