@@ -252,3 +252,21 @@ def test_onnx_hint_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # not installed
     with pytest.raises(AutoftError, match=r"pip install 'autoft\[onnx\]'"):
         _export_onnx(torch.nn.Identity(), torch.zeros(1, 3), tmp_path / "m.onnx")
+
+
+def test_trials_csv_names_each_column_once_when_the_backbone_is_searched():
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from autoft.config import Config
+    from autoft.results import records
+
+    searched = CategoricalDistribution(["tiny_cnn", "other"])
+    trial = optuna.trial.create_trial(
+        params={"backbone": "tiny_cnn"},
+        distributions={"backbone": searched},
+        value=0.5,
+        user_attrs={"config": Config(backbone="tiny_cnn").to_dict()},
+    )
+    header, rows = records.trial_rows([trial])
+    assert len(header) == len(set(header)) and rows[0][header.index("backbone")] == "tiny_cnn"

@@ -655,8 +655,9 @@ COLUMNS: list[tuple[str, Callable[[FrozenTrial], Any]]] = [
 
 def trial_rows(trials: Sequence[FrozenTrial]) -> tuple[list[str], list[list[Any]]]:
     """(header, one row per trial): the values as stored, for a CSV writer or `fmt`."""
-    params = sorted({p for t in trials for p in t.params})
-    header = [name for name, _ in COLUMNS] + params + ["reason"]
+    columns = [name for name, _ in COLUMNS]
+    params = sorted({p for t in trials for p in t.params} - set(columns))  # a searched backbone is a column already
+    header = columns + params + ["reason"]
     rows = [[read(t) for _, read in COLUMNS] + [t.params.get(p) for p in params] + [reason(t)] for t in trials]
     return header, rows
 
