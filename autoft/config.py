@@ -69,8 +69,7 @@ class Config:
         default="efficientnet_lite0",
         metadata={
             "help": "registered backbone, torchvision name or timm/NAME; autoft search: auto (compare the "
-            "offline ones) "
-            "unless one is set (default: efficientnet_lite0)"
+            "offline ones) unless one is set (default: efficientnet_lite0)"
         },
     )
     weights: str | None = field(
@@ -147,8 +146,7 @@ class Config:
         metadata=_rng(0, 1, hi_open=True)
         | {
             "help": "an exponential moving average of the weights (timm.utils.ModelEmaV3, with its warmup) is "
-            "validated "
-            "and shipped; its decay per step, 0 = off"
+            "validated and shipped; its decay per step, 0 = off"
         },
     )
     drop_path_rate: float = field(
@@ -193,7 +191,6 @@ class Config:
             "cross-validation chose"
         },
     )
-
     metric: str = field(
         default="accuracy",
         metadata=_rng(choices=METRICS)
@@ -222,8 +219,7 @@ class Config:
         | {
             "words": ("auto",),
             "help": "tau of post-hoc logit adjustment, logits - tau * log(class prior) (Menon et al. 2021); "
-            "auto = chosen on "
-            "the out-of-fold predictions from 0, 0.25, ..., 2",
+            "auto = chosen on the out-of-fold predictions from 0, 0.25, ..., 2",
         },
     )
     tta: str = field(
@@ -231,8 +227,7 @@ class Config:
         metadata=_rng(choices=TTA)
         | {
             "help": "test-time augmentation: flip = the mean of the logits on the image and on its mirror image "
-            "(not for "
-            "data where a mirror image is another class); auto = flip where it scores better out of fold"
+            "(not for data where a mirror image is another class); auto = flip where it scores better out of fold"
         },
     )
 

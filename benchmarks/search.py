@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out))
     print(
-        f"{args.trials} trials x {args.epochs} epochs at {args.image_size} px on {args.device}: autoft "
-        f"{a['seconds']:.0f} s "
-        f"(best {a['best']:.4f}, {a['pruned']} pruned) vs plain Optuna {b['seconds']:.0f} s (best {b['best']:.4f}): "
+        f"{args.trials} trials x {args.epochs} epochs at {args.image_size} px on {args.device}: "
+        f"autoft {a['seconds']:.0f} s (best {a['best']:.4f}, {a['pruned']} pruned) "
+        f"vs plain Optuna {b['seconds']:.0f} s (best {b['best']:.4f}): "
         f"{out['speedup']:.2f}x faster, best accuracy "
         f"{'at least as good' if out['autoft_best'] >= out['plain_best'] else 'lower'}"
     )

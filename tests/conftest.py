@@ -103,3 +103,24 @@ def read_only():
     yield lambda path: undo.append(make_read_only(Path(path)))
     for u in reversed(undo):
         u()
+
+
+def search_args(data: Path, *more: str, epochs: int = 2) -> list[str]:
+    """`autoft search` on `data` with tiny_cnn at 32 px on the CPU, small batches: seconds a trial."""
+    return [
+        "-q",
+        "search",
+        "--data",
+        str(data),
+        "--backbone",
+        "tiny_cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        str(epochs),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+        *more,
+    ]

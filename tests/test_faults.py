@@ -17,7 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import make_image_folder
+from conftest import make_image_folder, search_args
 from optuna.trial import TrialState
 
 from autoft.cli import main
@@ -27,26 +27,6 @@ from autoft.training.checkpoint import load_checkpoint
 
 HOLD = str(Path(__file__).with_name("hold.py"))
 STUDY_DIR = Path("studies") / "autoft"
-
-
-def search_args(data: Path, *more: str, epochs: int = 2) -> list[str]:
-    return [
-        "-q",
-        "search",
-        "--data",
-        str(data),
-        "--backbone",
-        "tiny_cnn",
-        "--image-size",
-        "32",
-        "--epochs",
-        str(epochs),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "8",
-        *more,
-    ]
 
 
 def env() -> dict[str, str]:

@@ -269,16 +269,13 @@ def test_a_timm_model_with_cached_weights_is_probed_and_ranked_like_the_others(t
 
 def test_a_search_compares_the_backbones_unless_one_is_set(tmp_path, monkeypatch):
     import autoft
-    from autoft.cli import build_parser, resolve_config
+    from autoft.cli import build_parser, resolve_config, search_args
     from autoft.config import Config
-    from autoft.study.run import search_defaults
 
     monkeypatch.chdir(tmp_path)
 
     def searched(*argv):
-        args = build_parser().parse_args(["search", *argv])
-        config, _ = resolve_config(args)
-        return search_defaults(config, args.set_keys).backbone
+        return search_args(build_parser().parse_args(["search", *argv]))[0].backbone
 
     assert searched("--data", "d") == "auto"
     assert searched("--data", "d", "--backbone", "tiny_cnn") == "tiny_cnn"

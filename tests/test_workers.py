@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import make_image_folder, search_args
 from optuna.trial import TrialState
 
 import autoft.results.records
@@ -33,26 +32,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def one_thread() -> dict[str, str]:
     """The environment for a subprocess, at one CPU thread so it stays quick on a shared, busy machine."""
     return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def search_args(data: Path, *more: str, epochs: int = 2) -> list[str]:
-    return [
-        "-q",
-        "search",
-        "--data",
-        str(data),
-        "--backbone",
-        "tiny_cnn",
-        "--image-size",
-        "32",
-        "--epochs",
-        str(epochs),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "8",
-        *more,
-    ]
 
 
 def load(url: str = "sqlite:///studies/autoft.db", name: str = "autoft") -> optuna.Study:

@@ -87,6 +87,11 @@ class Dataset:
     def val(self) -> Split:
         return self.labelled.subset(self.holdout.val)
 
+    @functools.cached_property
+    def class_counts(self) -> list[int]:
+        """Labelled images per class, in the order of `classes` (the images that could be read)."""
+        return np.bincount(self.labelled.labels.numpy(), minlength=len(self.classes)).tolist()
+
     def everything(self) -> Fold:
         """Train on every labelled image, validate on none: a refit."""
         return Fold(torch.arange(len(self.labelled)), torch.zeros(0, dtype=torch.long))
@@ -109,7 +114,7 @@ class Dataset:
 
     def cv_notice(self, k: int) -> str | None:
         """What `cv_folds(k)` changes, in one line, when a class has fewer than k labelled images; else None."""
-        counts = np.bincount(self.labelled.labels.numpy(), minlength=len(self.classes))
+        counts = np.asarray(self.class_counts)
         small = int(counts.argmin())
         n = int(counts[small])
         if n >= k:

@@ -121,6 +121,10 @@ class Fingerprint:
     hashes: dict[str, str]  # split -> hex SHA-256
     value_range: tuple[float, float] | None = field(default=None, compare=False)  # None: no such image, or scanned
 
+    def labelled(self) -> list[int]:
+        """Labelled (train and val) images per class."""
+        return [sum(c) for c in zip(*(self.counts.get(s, [0] * len(self.classes)) for s in ("train", "val")))]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "classes": list(self.classes),

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial
@@ -24,8 +23,7 @@ from optuna.trial import FrozenTrial
 from ..backbones import AUTO, JOIN, auto_backbones, build_model
 from ..cache import RunCache, label_files
 from ..config import Config, check_field, check_keys
-from ..data.dataset import Dataset
-from ..data.scan import Fingerprint, Found, scan
+from ..data.scan import Fingerprint, scan
 from ..exceptions import AutoftError, ConfigError
 from ..results import records
 from ..results.exports import Exporter
@@ -190,7 +188,7 @@ def run_search(
     )
     objective.say_folds()
     records.set_goal(study, opts.trials, opts.settings())
-    records.record_class_counts(study, dataset_class_counts(objective.dataset()))
+    records.record_class_counts(study, objective.dataset().class_counts)
     held = sorted(k for k in fixed if k in space.params and space.params[k].kind == "fixed")
     if held:
         log.info("not searched, as you set them: %s", ", ".join(f"{k}={space.params[k].value}" for k in held))
@@ -267,14 +265,9 @@ def search_settings(
     option_keys = {f.name for f in dataclasses.fields(SearchOptions)}
     check_keys(typed, config_keys | option_keys, "setting", where=where)
     fixed = sorted(k for k in typed if k in config_keys)
-    config = search_defaults(base.replace(**{k: typed[k] for k in fixed}), set(set_keys) | set(fixed))
+    unset = {k: v for k, v in SEARCH_DEFAULTS.items() if k not in set(set_keys) | set(fixed)}
+    config = base.replace(**{k: typed[k] for k in fixed}, **unset)
     return config, dataclasses.replace(options, **{k: v for k, v in typed.items() if k in option_keys}), fixed
-
-
-def search_defaults(config: Config, set_keys: Collection[str]) -> Config:
-    """`config` with SEARCH_DEFAULTS for the keys not in `set_keys` (those set by flag, config file or keyword):
-    a search compares the offline backbones unless one is named (docs/models-and-finals.md has the evidence)."""
-    return config.replace(**{k: v for k, v in SEARCH_DEFAULTS.items() if k not in set_keys})
 
 
 def search_space(
@@ -290,20 +283,10 @@ def search_space(
     if backbones:  # `--backbone auto` asks for the search, it does not hold the backbone
         base, fixed = base.replace(backbone=backbones[0]), [k for k in fixed if k != "backbone"]
     if space is None:
-        uneven = imbalanced(labelled_counts(scan(base.data, label_files(base), say=False)))
+        uneven = imbalanced(scan(base.data, label_files(base), say=False).fingerprint.labelled())
         return base, SearchSpace.from_yaml(opts.space, base, backbones, fixed, uneven)
     space.validate(base)
     return base, space
-
-
-def dataset_class_counts(data: Dataset) -> list[int]:
-    return torch.bincount(data.labelled.labels, minlength=len(data.classes)).tolist()
-
-
-def labelled_counts(found: Found) -> list[int]:
-    """Labelled (train and val) images per class, as a scan found them."""
-    labels = [y for split in ("train", "val") for y in found.splits.get(split, ((), ()))[1]]
-    return np.bincount(labels, minlength=len(found.classes)).tolist()
 
 
 def _objective(base: Config, opts: SearchOptions, space: SearchSpace, cache: RunCache) -> Objective:

@@ -211,7 +211,7 @@ def finetune(
     folds = plan_folds(cfg, data) if folds is None else folds
     images = cache.images(data.labelled, device)
     labels = data.labelled.labels.to(device)
-    counts = torch.bincount(data.labelled.labels, minlength=len(data.classes))
+    counts = torch.tensor(data.class_counts)
     prior = (counts / counts.sum()).tolist()
     log_prior = np.log(np.maximum(prior, 1e-12))
     folds_run = _Folds(cfg, folds, data.labelled.labels.numpy(), len(data.classes), log_prior)
